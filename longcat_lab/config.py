@@ -1,0 +1,136 @@
+"""`ModelConfig`: the shape of a LongCat-Flash model, with the Hugging Face field names.
+
+Field names follow `transformers.LongcatFlashConfig` (spec section 8) so that export is a rename. The defaults are
+a small CPU-trainable model, not the 560B release; `presets.released()` holds the release for accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+LAYER_STYLES = ("scmoe", "vanilla", "dense")
+
+
+def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Raise a ValueError naming `name` unless `value` is a (non-negative / positive) int."""
+    lowest = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        allowed = "an integer >= 0" if allow_zero else "a positive integer"
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes a model's parameters and forward pass (not how it is trained)."""
+
+    # Byte-level BPE over our three corpora; 4096 keeps the embedding a small share of a CPU-sized model.
+    vocab_size: int = 4096
+    # Model width d; the released model uses 6144.
+    hidden_size: int = 256
+    # LongCat "layers": each holds two attention blocks, two dense FFNs and one MoE (spec section 1).
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    # Low-rank query latent d_q; the release has d/d_q = 4, so alpha_q = 2.
+    q_lora_rank: int = 128
+    # Compressed KV latent d_kv, the part of the KV cache that is not RoPE; the release has d/d_kv = 12.
+    kv_lora_rank: int = 64
+    # Per-head query/key dims without and with RoPE, and the value dim (the release: 128 / 64 / 128).
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # transformers uses head_dim for the RoPE frequencies, so it must equal qk_rope_head_dim (spec decision 1).
+    head_dim: int = 16
+    # Width of the two dense SwiGLU FFNs per layer; the release has 12288 = 2d.
+    ffn_hidden_size: int = 512
+    # N FFN experts and Z zero (identity) experts; the release has N:Z = 2:1.
+    n_routed_experts: int = 16
+    zero_expert_num: int = 8
+    # K experts chosen per token out of N + Z; uniform routing then picks K*N/(N+Z) FFN experts on average.
+    moe_topk: int = 6
+    # Expert width; fine-grained experts are 1/m of the dense FFN (the release: 12288 / 2048 = 6).
+    expert_ffn_hidden_size: int = 128
+    # gamma of Eq. 8, = m (dense width / expert width) as in the release; multiplies every chosen weight.
+    routed_scaling_factor: float = 4.0
+    # Longest sequence (prompt + generation) the model accepts.
+    max_position_embeddings: int = 1024
+    # RoPE base; the release uses 1e7 for 128k contexts, 1e4 is the usual choice for short ones.
+    rope_theta: float = 10000.0
+    # Hidden-size RMSNorm eps as in the release (the MLA latent norms use 1e-6, fixed, as transformers does).
+    rms_norm_eps: float = 1e-5
+    # Std of the normal init of every weight matrix, as transformers' LongcatFlashPreTrainedModel.
+    initializer_range: float = 0.02
+    # "scmoe" (the paper), or the ablation baselines "vanilla" (MoE after the second attention) and "dense".
+    layer_style: str = "scmoe"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank",
+                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "head_dim",
+                     "ffn_hidden_size", "n_routed_experts", "moe_topk", "expert_ffn_hidden_size",
+                     "max_position_embeddings"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("zero_expert_num", self.zero_expert_num, allow_zero=True)
+        for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"):
+            check_positive_float(name, getattr(self, name))
+        total = self.n_routed_experts + self.zero_expert_num
+        if self.moe_topk > total:
+            raise ValueError(
+                f"moe_topk={self.moe_topk} is not allowed: it must be between 1 and "
+                f"n_routed_experts + zero_expert_num = {total}")
+        if self.head_dim != self.qk_rope_head_dim:
+            raise ValueError(
+                f"head_dim={self.head_dim} is not allowed: it must equal qk_rope_head_dim={self.qk_rope_head_dim} "
+                "(transformers takes the RoPE frequencies from head_dim)")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"qk_rope_head_dim={self.qk_rope_head_dim} is not allowed: RoPE rotates pairs, so it must be even")
+        if self.layer_style not in LAYER_STYLES:
+            raise ValueError(f"layer_style={self.layer_style!r} is not allowed: it must be one of {LAYER_STYLES}")
+
+    # Derived sizes ---------------------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        """N + Z: the router scores FFN and zero experts together."""
+        return self.n_routed_experts + self.zero_expert_num
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def uniform_ffn_experts(self) -> float:
+        """FFN experts per token under uniform routing, K*N/(N+Z); 8 for the release (the paper's ~27B average)."""
+        return self.moe_topk * self.n_routed_experts / self.num_experts
+
+    @property
+    def dense_moe_width(self) -> int:
+        """Width of the dense FFN that replaces the MoE in layer_style="dense": the MoE's activated width under
+        uniform routing, so the ablation compares equal activated compute."""
+        return max(1, round(self.uniform_ffn_experts * self.expert_ffn_hidden_size))
+
+    # Serialisation ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a dict, refusing keys that are not ModelConfig fields (typos would otherwise vanish)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; allowed fields are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["ModelConfig", "LAYER_STYLES"]

@@ -1,0 +1,464 @@
+"""A scaled-down LongCat-Flash, read top-down like the paper (arXiv 2509.01322; spec: shared/spec/longcat_flash.md).
+
+Notable features, with the paper section each implements:
+- MLA attention with the scale correction alpha_q = sqrt(d/d_q), alpha_kv = sqrt(d/d_kv), applied after the latent
+  RMSNorms as transformers does (paper 2.3.1, Eq. 6-7; spec 1.1). Interleaved-pair RoPE as in transformers.
+- Zero-computation experts: Z identity experts scored beside N SwiGLU experts, so the number of FFN experts a token
+  uses varies (paper 2.1, Eq. 1). They own no weights and cost no FLOPs.
+- Expert bias: a buffer added to the router probabilities for top-k *selection only*; weights are
+  routed_scaling_factor * probability (paper 2.1.1 Eq. 2, 2.3.2 Eq. 8; spec decision 2). The controller that moves
+  the bias lives outside forward (`longcat_lab.control`); forward only counts tokens per expert while training.
+- Shortcut-connected MoE layer: two attention blocks, two dense FFNs, and one MoE that reads the normalised output
+  of the first attention and joins at the end of the layer (paper 2.2; spec 1), with "vanilla" and "dense" ablations.
+- Sort-based expert dispatch: one host sync per MoE block (the slice sizes), none per expert.
+- A KV cache that stores the MLA latent (c_KV and the rotated shared key) rather than full keys and values.
+
+Shape legend inside the MoE code: B batch, S sequence, T tokens (B*S), D model dim, F expert hidden, E = N + Z experts,
+N FFN experts, Z zero experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import accounting
+from .config import ModelConfig
+
+# transformers hard-codes this eps for the MLA latent norms (spec decision 1, open question 3).
+LATENT_NORM_EPS = 1e-6
+IGNORE_INDEX = -100
+
+
+# Norms and positions -------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 (as transformers' LongcatFlashRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [S, rope_dim/2] for the given positions, in fp32 whatever the model dtype."""
+    dim = config.qk_rope_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=positions.device) / dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... and emit them de-interleaved as [even' | odd'], exactly as
+    transformers' `apply_rotary_pos_emb_interleave` does (dot products do not care; parity does)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# Attention -----------------------------------------------------------------------------------------------------
+class LatentCache:
+    """The MLA KV cache: per attention block, the normalised, scaled latent c_KV [B, S, kv_lora_rank] and the rotated
+    shared RoPE key k_R [B, S, qk_rope_head_dim]. Keys and values are re-expanded from these at every step."""
+
+    def __init__(self, num_blocks: int):
+        self.latents: list[torch.Tensor | None] = [None] * num_blocks
+        self.rope_keys: list[torch.Tensor | None] = [None] * num_blocks
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.latents[0] is None else self.latents[0].shape[1]
+
+    def update(self, block: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.latents[block] is not None:
+            c_kv = torch.cat([self.latents[block], c_kv], dim=1)
+            k_rope = torch.cat([self.rope_keys[block], k_rope], dim=1)
+        self.latents[block], self.rope_keys[block] = c_kv, k_rope
+        return c_kv, k_rope
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token per sequence: (kv_lora_rank + qk_rope_head_dim) * blocks * dtype size."""
+        return sum(c.shape[-1] * c.element_size() + k.shape[-1] * k.element_size()
+                   for c, k in zip(self.latents, self.rope_keys) if c is not None)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention with scale correction (paper Eq. 6-7, spec 1.1):
+    c_Q = RMSNorm(W_DQ h); q = alpha_q W_UQ c_Q; [c, k_R] = W_DKV h; c_KV = alpha_kv RMSNorm(c); [k_C, v] = W_UKV c_KV;
+    score = [q_C; RoPE(q_R)] . [k_C; RoPE(k_R)] / sqrt(qk_head_dim), causal softmax, out = W_O o."""
+
+    def __init__(self, config: ModelConfig, block_index: int):
+        super().__init__()
+        c = config
+        self.block_index = block_index  # 2 * layer + i: this block's slot in the KV cache, as transformers
+        self.num_heads = c.num_attention_heads
+        self.nope, self.rope, self.v_dim, self.kv_rank = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+                                                          c.kv_lora_rank)
+        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.scale_q = math.sqrt(c.hidden_size / c.q_lora_rank)
+        self.scale_kv = math.sqrt(c.hidden_size / c.kv_lora_rank)
+        self.softmax_scale = c.qk_head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        B, S, _ = x.shape
+        H = self.num_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) * self.scale_q
+        q = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)            # [B, H, S, nope + rope]
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv) * self.scale_kv                       # [B, S, kv_rank]
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope, cos, sin)                                  # [B, S, rope], shared by all heads
+        if cache is not None:
+            c_kv, k_rope = cache.update(self.block_index, c_kv, k_rope)
+        total = c_kv.shape[1]
+        past = total - S
+        kv = self.kv_b_proj(c_kv).view(B, total, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, None].expand(B, H, total, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        if past == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:  # queries sit at positions past..past+S-1 and may see every key up to their own position
+            allowed = torch.ones(S, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+
+# Dense FFN -----------------------------------------------------------------------------------------------------
+class SwiGLU(nn.Module):
+    """FFN(x) = W_down (silu(W_gate x) * W_up x)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# Router --------------------------------------------------------------------------------------------------------
+@dataclass
+class LayerRouting:
+    """What one MoE block decided, for every token (shapes [B, S, ...])."""
+
+    topk_ids: torch.Tensor               # [B, S, K] chosen experts; ids >= n_routed_experts are zero experts
+    topk_weights: torch.Tensor           # [B, S, K] fp32, routed_scaling_factor * probability
+    ffn_experts_per_token: torch.Tensor  # [B, S] how many of the K choices are FFN experts
+    router_logits: torch.Tensor          # [B, S, E] fp32, attached to the graph (for z-losses)
+    router_probs: torch.Tensor           # [B, S, E] fp32 softmax, attached to the graph (for the balance loss)
+
+
+@dataclass
+class Routing:
+    """Per-layer routing (None for dense layers) and the last hidden state before the final norm (hidden z-loss)."""
+
+    layers: list[LayerRouting | None]
+    last_hidden: torch.Tensor
+    n_routed_experts: int
+
+
+class Router(nn.Module):
+    """p = softmax(W_r u) in fp32; S = TopK(p + b); weights = gamma * p_S (paper Eq. 1, 8; spec decision 2).
+
+    `e_score_correction_bias` (b, over FFN and zero experts) is a persistent buffer that changes selection only.
+    `expert_counts` is a non-persistent buffer of selections per expert that only training forwards add to; the
+    controller reads and clears it once per optimizer step. `force_balanced` (for tests) makes token t choose
+    experts (t*K + j) mod E, so every expert is used while weights still come from the router."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.moe_topk
+        self.num_experts = config.num_experts
+        self.scale = config.routed_scaling_factor
+        self.classifier = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
+        self.register_buffer("expert_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+        self.force_balanced = False
+
+    def forward(self, u_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_TE = F.linear(u_TD.float(), self.classifier.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        with torch.no_grad():
+            if self.force_balanced:
+                T = u_TD.shape[0]
+                slots_TK = torch.arange(T, device=u_TD.device)[:, None] * self.top_k + torch.arange(
+                    self.top_k, device=u_TD.device)
+                topk_ids_TK = slots_TK % self.num_experts
+            else:
+                topk_ids_TK = torch.topk(probs_TE + self.e_score_correction_bias, self.top_k, dim=-1).indices
+            if self.training:
+                self.expert_counts += torch.bincount(topk_ids_TK.flatten(), minlength=self.num_experts)
+        topk_weights_TK = probs_TE.gather(1, topk_ids_TK) * self.scale
+        return topk_ids_TK, topk_weights_TK, logits_TE, probs_TE
+
+
+# Experts -------------------------------------------------------------------------------------------------------
+class Experts(nn.Module):
+    """N SwiGLU experts as stacked weights (gate and up fused, as transformers 5.x) and Z identity experts with none.
+
+    Dispatch: sort the T*K (token, expert) pairs by expert, run each FFN expert on its contiguous slice, scale by the
+    pair's weight and scatter-add back; the zero experts add weight * x in one elementwise step."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        N, D, F_ = config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size
+        self.n_ffn = N
+        self.gate_up_proj = nn.Parameter(torch.empty(N, 2 * F_, D))  # per expert [gate ; up], Linear layout
+        self.down_proj = nn.Parameter(torch.empty(N, D, F_))
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        K = topk_ids_TK.shape[1]
+        N = self.n_ffn
+        ids_P = topk_ids_TK.reshape(-1)                               # P = T*K pairs
+        order_P = torch.argsort(ids_P, stable=True)                   # FFN experts (ids < N) sort first
+        counts_N = torch.bincount(ids_P, minlength=N + 1)[:N]
+        sizes = counts_N.tolist()                                     # the block's one host sync: slice sizes
+        n_pairs = sum(sizes)
+        pair_idx = order_P[:n_pairs]
+        token_idx = pair_idx // K
+        x_sorted = x_TD[token_idx]                                    # [n_pairs, D]
+        outs = []
+        start = 0
+        for e, size in enumerate(sizes):
+            if size:
+                gate, up = (x_sorted[start:start + size] @ self.gate_up_proj[e].t()).chunk(2, dim=-1)
+                outs.append((F.silu(gate) * up) @ self.down_proj[e].t())
+                start += size
+        out_TD = torch.zeros_like(x_TD)
+        if outs:
+            weights = topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
+            out_TD = out_TD.index_add(0, token_idx, torch.cat(outs) * weights[:, None])
+        zero_weight_T = (topk_weights_TK * (topk_ids_TK >= N)).sum(dim=-1)
+        return out_TD + zero_weight_T[:, None].to(x_TD.dtype) * x_TD
+
+
+class MoE(nn.Module):
+    """MoE(u) = sum over chosen i of gamma * p_i * E_i(u), E_i a SwiGLU expert (i < N) or the identity (paper Eq. 1)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_ffn = config.n_routed_experts
+        self.router = Router(config)
+        self.experts = Experts(config)
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+        B, S, D = u.shape
+        u_TD = u.reshape(B * S, D)
+        topk_ids_TK, topk_weights_TK, logits_TE, probs_TE = self.router(u_TD)
+        out_TD = self.experts(u_TD, topk_ids_TK, topk_weights_TK)
+        routing = LayerRouting(
+            topk_ids=topk_ids_TK.view(B, S, -1),
+            topk_weights=topk_weights_TK.view(B, S, -1),
+            ffn_experts_per_token=(topk_ids_TK < self.n_ffn).sum(-1).view(B, S),
+            router_logits=logits_TE.view(B, S, -1),
+            router_probs=probs_TE.view(B, S, -1),
+        )
+        return out_TD.view(B, S, D), routing
+
+
+# The shortcut-connected layer ----------------------------------------------------------------------------------
+class LongCatLayer(nn.Module):
+    """One LongCat layer (spec section 1), for layer_style "scmoe":
+        h1 = x + MLA_0(N_in0(x));  u = N_post0(h1);  m = MoE(u);  h2 = h1 + FFN_0(u)
+        h3 = h2 + MLA_1(N_in1(h2));  y = h3 + FFN_1(N_post1(h3)) + m
+    "vanilla" uses the same parts in the conventional order: the MoE reads N_post1(h3), after the second attention,
+    so nothing but FFN_1 can run beside it. "dense" replaces the MoE by a SwiGLU of the MoE's activated width."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.style = config.layer_style
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = nn.ModuleList([RMSNorm(D, eps) for _ in range(2)])
+        self.post_attention_layernorm = nn.ModuleList([RMSNorm(D, eps) for _ in range(2)])
+        self.self_attn = nn.ModuleList([MLA(config, 2 * layer_index + i) for i in range(2)])
+        self.mlps = nn.ModuleList([SwiGLU(D, config.ffn_hidden_size) for _ in range(2)])
+        self.mlp = SwiGLU(D, config.dense_moe_width) if self.style == "dense" else MoE(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None) -> tuple[torch.Tensor, LayerRouting | None]:
+        h1 = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, cache)
+        u = self.post_attention_layernorm[0](h1)
+        routing = None
+        if self.style == "scmoe":
+            m, routing = self.mlp(u)                   # the shortcut: starts right after the first attention
+        h2 = h1 + self.mlps[0](u)
+        h3 = h2 + self.self_attn[1](self.input_layernorm[1](h2), cos, sin, cache)
+        v = self.post_attention_layernorm[1](h3)
+        if self.style == "vanilla":
+            m, routing = self.mlp(v)                   # conventional: must wait for the second attention
+        elif self.style == "dense":
+            m = self.mlp(v)
+        return h3 + self.mlps[1](v) + m, routing
+
+
+# The model -----------------------------------------------------------------------------------------------------
+class LongCatLM(nn.Module):
+    """Embedding -> num_layers LongCat layers -> RMSNorm -> untied LM head.
+
+    `logits, loss = model(idx, targets)`; with `return_routing=True` also the `Routing` record."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([LongCatLayer(config, i) for i in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero router bias (as transformers)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or ".input_layernorm." in name or ".post_attention_layernorm." in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.router.e_score_correction_bias.zero_()
+                layer.mlp.router.expert_counts.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def moe_blocks(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    # Input checks ----------------------------------------------------------------------------------------------
+    def _check_ids(self, name: str, ids: torch.Tensor, past: int = 0, allow_ignore: bool = False) -> None:
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected 2 dims (batch, sequence)")
+        if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"{name} has dtype {ids.dtype}: expected an integer dtype such as torch.long")
+        if ids.shape[1] == 0:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}: the sequence is empty")
+        limit = self.config.max_position_embeddings
+        if past + ids.shape[1] > limit:
+            raise ValueError(f"{name}: {past} cached + {ids.shape[1]} new positions exceed "
+                             f"max_position_embeddings={limit}")
+        lo, hi = (int(v) for v in torch.aminmax(ids.long()))
+        low_ok = lo >= 0 or (allow_ignore and lo == IGNORE_INDEX and not bool((ids < -100).any()))
+        if not low_ok or hi >= self.config.vocab_size:
+            allowed = f"0..{self.config.vocab_size - 1}" + (f" (or {IGNORE_INDEX} to ignore)" if allow_ignore else "")
+            raise ValueError(f"{name} holds token ids from {lo} to {hi}; allowed ids are {allowed}")
+
+    # Forward ---------------------------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_routing: bool = False,
+                cache: LatentCache | None = None, logits_to_keep: int = 0):
+        past = cache.seq_len if cache is not None else 0
+        self._check_ids("idx", idx, past)
+        if targets is not None:
+            self._check_ids("targets", targets, allow_ignore=True)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets has shape {tuple(targets.shape)}: expected idx's {tuple(idx.shape)}")
+        idx = idx.long()
+        positions = torch.arange(past, past + idx.shape[1], device=idx.device)
+        cos, sin = rope_angles(self.config, positions)
+        x = self.embed_tokens(idx)
+        layer_routing = []
+        for layer in self.layers:
+            x, r = layer(x, cos, sin, cache)
+            layer_routing.append(r)
+        last_hidden = x
+        h = self.norm(x)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.long().reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        if return_routing:
+            return logits, loss, Routing(layer_routing, last_hidden, self.config.n_routed_experts)
+        return logits, loss
+
+    # Generation ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield each new token ([B, 1]) as it is decoded; greedy at temperature 0, else top-p sampling."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: it must be an integer >= 0")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature={temperature!r} is not allowed: it must be a finite number >= 0")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p={top_p!r} is not allowed: it must be in (0, 1]")
+        self._check_ids("idx", idx)
+        limit = self.config.max_position_embeddings
+        if idx.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds "
+                             f"max_position_embeddings={limit}")
+        was_training = self.training
+        self.eval()
+        try:
+            cache = LatentCache(2 * self.config.num_layers) if use_cache else None
+            seq, step_input = idx.long(), idx.long()
+            for _ in range(max_new_tokens):
+                logits, _ = self(step_input if use_cache else seq, cache=cache, logits_to_keep=1)
+                token = sample_next(logits[:, -1], temperature, top_p, generator)
+                seq = torch.cat([seq, token], dim=1)
+                step_input = token
+                yield token
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Return idx followed by max_new_tokens decoded tokens ([B, S + max_new_tokens])."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_p, generator, use_cache))
+        return torch.cat([idx.long(), *new], dim=1)
+
+    # Accounting ------------------------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Every parameter, counted from the module (tests compare it with the closed form in `accounting`)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def activated_params(self, ffn_experts_per_token: float | None = None) -> dict[str, float]:
+        """Activated parameters per token in the paper's convention; see `accounting.activated_params`."""
+        return accounting.activated_params(self.config, ffn_experts_per_token)
+
+    def flops_per_token(self, seq_len: int, ffn_experts_per_token: float | None = None,
+                        training: bool = True) -> float:
+        return accounting.flops_per_token(self.config, seq_len, ffn_experts_per_token, training)
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax at temperature 0; otherwise sample from the smallest set of tokens whose probability mass
+    reaches top_p (always at least the most likely one). Returns [B, 1] token ids."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)
