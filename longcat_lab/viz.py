@@ -1,0 +1,623 @@
+"""Figures for seeing expert activation: which experts every token uses and how much compute it gets.
+
+Each figure builder returns a plotly `go.Figure`; the numbers behind it come from a separate function that returns
+numpy arrays, so that notebooks and tests assert on the data rather than on the picture. Inputs are plain: the
+`Routing` record of `model(idx, return_routing=True)`, token strings, the `ModelConfig`, and a run folder's
+`metrics.jsonl`.
+
+- `expert_load` / `expert_load_heatmap`: layer x expert load relative to the ideal share, dead and hot experts marked.
+- `token_compute` / `token_compute_map`: a text with each token coloured by the FFN experts it used.
+- `token_table` / `ffn_experts_by_group` / `class_domain_heatmap`: FFN experts per token by domain and token class
+  (the paper's Appendix A.1 findings, spec section 2).
+- `activated_params_per_token` / `activated_params_histogram`: activated parameters per token, paper convention.
+- `read_metrics` / `controller_traces`: the budget controller over a training run.
+- `coactivation` / `router_similarity` and their heatmaps: which experts fire together, how alike router rows are.
+- `show(fig)` displays a figure in a notebook without FigureWidget; `figure_controls` puts ipywidgets around one.
+
+Shape legend: B batch, S sequence, L MoE layers, E = N + Z experts, N FFN experts, Z zero experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from . import accounting
+from .config import ModelConfig
+from .model import LayerRouting, MoE, Routing
+from .tokenclass import TOKEN_CLASSES, token_class
+
+# One colour per domain and per token class, so that every figure of a notebook speaks the same colours.
+DOMAIN_COLOURS = {"prose": "#4c78a8", "code": "#f58518", "reasoning": "#54a24b"}
+CLASS_COLOURS = {"whitespace": "#bab0ac", "punctuation": "#e45756", "digits": "#72b7b2", "code keyword": "#b279a2",
+                 "word": "#4c78a8"}
+# Sequential scale for "how many FFN experts": light = little compute, dark = much.
+COMPUTE_SCALE = "Viridis"
+
+
+# Input checks --------------------------------------------------------------------------------------------------
+def _moe_layers(routing: Any, name: str = "routing") -> list[tuple[int, LayerRouting]]:
+    """(model layer index, LayerRouting) for every MoE layer of a Routing record."""
+    if not isinstance(routing, Routing):
+        raise ValueError(f"{name} must be the Routing record of model(idx, return_routing=True), "
+                         f"got {type(routing).__name__}")
+    layers = [(i, r) for i, r in enumerate(routing.layers) if r is not None]
+    if not layers:
+        raise ValueError(f"{name} holds no MoE layers (all {len(routing.layers)} are dense): nothing was routed")
+    return layers
+
+
+def _check_layer(layer: Any, available: Sequence[int], name: str = "layer") -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer not in available:
+        raise ValueError(f"{name}={layer!r} is not allowed: it must be one of the MoE layers {list(available)}")
+    return layer
+
+
+def _check_batch_index(batch_index: Any, batch: int) -> int:
+    if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not 0 <= batch_index < batch:
+        raise ValueError(f"batch_index={batch_index!r} is not allowed: the routing holds sequences 0..{batch - 1}")
+    return batch_index
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").numpy()
+
+
+def _expert_names(n_ffn: int, n_total: int) -> list[str]:
+    """F0..F{N-1} for FFN experts, Z0..Z{Z-1} for zero (identity) experts."""
+    return [f"F{i}" for i in range(n_ffn)] + [f"Z{i}" for i in range(n_total - n_ffn)]
+
+
+def _scale(values: np.ndarray | float) -> tuple[float, str]:
+    """A divisor and unit for parameter counts: the paper speaks in billions, our small models in millions."""
+    top = float(np.max(np.abs(values)))
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if top >= div:
+            return div, unit
+    return 1.0, ""
+
+
+# Expert load ---------------------------------------------------------------------------------------------------
+@dataclass
+class ExpertLoad:
+    """Selections per expert and layer, and how far each is from its ideal share.
+
+    The ideal share follows the controller's target (spec section 3): an FFN expert should take K_e/N selections per
+    token and a zero expert (K - K_e)/Z, so with K_e = K*N/(N+Z) (uniform routing) every expert's ideal is K/(N+Z)."""
+
+    counts: np.ndarray       # [L, E] selections per expert
+    ideal: np.ndarray        # [L, E] selections each expert would get at its ideal share
+    relative: np.ndarray     # [L, E] counts / ideal; nan where the ideal is 0
+    dead: np.ndarray         # [L, E] bool: never selected
+    hot: np.ndarray          # [L, E] bool: selected at least `hot_factor` times its ideal share
+    layers: list[int]        # model layer index of each row
+    tokens: np.ndarray       # [L] tokens routed in each layer
+    n_routed_experts: int
+    target_ffn_experts: float
+    hot_factor: float
+
+
+def router_counts(model: torch.nn.Module) -> np.ndarray:
+    """The routers' training-time selection counts (`router.expert_counts`), stacked to [L, E]. Only training
+    forwards add to them and the controller clears them every optimizer step, so this is the current step's load."""
+    blocks = model.moe_blocks()
+    if not blocks:
+        raise ValueError("model has no MoE blocks (layer_style='dense'): there are no router counts")
+    return np.stack([_numpy(b.router.expert_counts) for b in blocks])
+
+
+def expert_load(source: Routing | np.ndarray | torch.Tensor, config: ModelConfig,
+                target_ffn_experts: float | None = None, hot_factor: float = 2.0) -> ExpertLoad:
+    """Load per layer and expert from a Routing record (every token of every sequence) or from counts [L, E]
+    such as `router_counts(model)`. `target_ffn_experts` is K_e (default: uniform routing, K*N/(N+Z))."""
+    N, E, K = config.n_routed_experts, config.num_experts, config.moe_topk
+    if isinstance(source, Routing):
+        moe = _moe_layers(source, "source")
+        layers = [i for i, _ in moe]
+        counts = np.stack([np.bincount(_numpy(r.topk_ids).reshape(-1), minlength=E) for _, r in moe])
+    elif isinstance(source, (np.ndarray, torch.Tensor, list)):
+        counts = _numpy(source) if isinstance(source, torch.Tensor) else np.asarray(source)
+        layers = list(range(counts.shape[0])) if counts.ndim == 2 else []
+    else:
+        raise ValueError(f"source must be the Routing record of model(idx, return_routing=True) or counts [L, E] "
+                         f"such as router_counts(model), got {type(source).__name__}")
+    if counts.ndim != 2 or counts.shape[1] != E:
+        raise ValueError(f"source has shape {counts.shape}: expected [layers, n_routed_experts + zero_expert_num] "
+                         f"= [L, {E}]")
+    if (counts < 0).any():
+        raise ValueError("source holds negative counts: expected selections per expert (>= 0)")
+    lo, hi = max(0, K - config.zero_expert_num), min(K, N)
+    k_e = config.uniform_ffn_experts if target_ffn_experts is None else float(target_ffn_experts)
+    if not lo <= k_e <= hi:
+        raise ValueError(f"target_ffn_experts={target_ffn_experts!r} is not allowed: with moe_topk={K}, "
+                         f"n_routed_experts={N}, zero_expert_num={config.zero_expert_num} it must be in [{lo}, {hi}]")
+    if not (isinstance(hot_factor, (int, float)) and hot_factor > 1):
+        raise ValueError(f"hot_factor={hot_factor!r} is not allowed: it must be a number > 1 (times the ideal share)")
+    counts = counts.astype(np.int64)
+    tokens = counts.sum(axis=1) / K             # every token makes exactly K selections per layer
+    if (tokens == 0).any():
+        empty = [layers[i] for i in np.flatnonzero(tokens == 0)]
+        raise ValueError(f"source has no selections in layer(s) {empty}: nothing to measure")
+    share = np.concatenate([np.full(N, k_e / N), np.full(E - N, (K - k_e) / max(E - N, 1))])  # per token
+    ideal = tokens[:, None] * share[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(ideal > 0, counts / np.where(ideal > 0, ideal, 1.0), np.nan)
+    dead = counts == 0
+    hot = np.nan_to_num(relative, nan=0.0) >= hot_factor
+    return ExpertLoad(counts, ideal, relative, dead, hot, layers, tokens, N, k_e, float(hot_factor))
+
+
+def expert_load_heatmap(load: ExpertLoad, title: str | None = None) -> go.Figure:
+    """Layer x expert heatmap of load / ideal share (1 = ideal, white), dead experts marked x, hot ones ▲."""
+    L, E = load.counts.shape
+    names = _expert_names(load.n_routed_experts, E)
+    rows = [f"layer {i}" for i in load.layers]
+    top = max(2.0, float(np.nanmax(load.relative)) if np.isfinite(load.relative).any() else 2.0)
+    hover = [[f"{rows[l]} · {names[e]}<br>selections {load.counts[l, e]} (ideal {load.ideal[l, e]:.1f})<br>"
+              f"load {load.relative[l, e]:.2f}× ideal" for e in range(E)] for l in range(L)]
+    fig = go.Figure(go.Heatmap(
+        z=load.relative, x=names, y=rows, zmin=0, zmid=1, zmax=top, colorscale="RdBu_r",
+        hovertext=hover, hoverinfo="text", colorbar=dict(title="load / ideal"), name="load / ideal"))
+    for mask, symbol, label in ((load.dead, "x", "dead (never selected)"),
+                                (load.hot, "triangle-up", f"hot (≥ {load.hot_factor:g}× ideal)")):
+        ll, ee = np.nonzero(mask)
+        fig.add_trace(go.Scatter(x=[names[e] for e in ee], y=[rows[l] for l in ll], mode="markers", name=label,
+                                 marker=dict(symbol=symbol, size=11, color="black"), hoverinfo="skip"))
+    if E > load.n_routed_experts:  # a line between the FFN experts and the zero experts
+        fig.add_vline(x=load.n_routed_experts - 0.5, line=dict(color="black", dash="dot"))
+    fig.update_layout(
+        title=title or f"Expert load relative to the ideal share (K_e = {load.target_ffn_experts:.2f} FFN experts "
+                       f"per token; F = FFN experts, Z = zero experts)",
+        xaxis_title="expert", yaxis=dict(autorange="reversed"), height=160 + 40 * L,
+        legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+# Token compute map ---------------------------------------------------------------------------------------------
+def token_compute(routing: Routing, batch_index: int = 0) -> np.ndarray:
+    """FFN experts each token of one sequence used, per MoE layer: [S, L] ints."""
+    moe = _moe_layers(routing)
+    _check_batch_index(batch_index, moe[0][1].topk_ids.shape[0])
+    return np.stack([_numpy(r.ffn_experts_per_token[batch_index]) for _, r in moe], axis=1).astype(np.int64)
+
+
+def display_token(token: str) -> str:
+    """A token's text made visible in a figure: newlines and tabs as symbols, a leading space as a dot."""
+    shown = token.replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
+    if shown.startswith(" "):
+        shown = "·" + shown[1:]
+    # plotly renders text as HTML: escape the characters that would otherwise start or break a tag.
+    return shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") or "∅"
+
+
+def token_compute_map(tokens: Sequence[str], routing: Routing, layer: int | None = None, batch_index: int = 0,
+                      per_row: int = 12, title: str | None = None) -> go.Figure:
+    """The text as a grid of tokens, each coloured by the FFN experts it used (summed over MoE layers, or in one
+    `layer`); hovering shows the chosen experts of every layer."""
+    moe = _moe_layers(routing)
+    layers = [i for i, _ in moe]
+    per_layer = token_compute(routing, batch_index)                        # [S, L]
+    S = per_layer.shape[0]
+    if len(tokens) != S or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"tokens has {len(tokens)} entries: expected {S} strings, one per routed position")
+    if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
+        raise ValueError(f"per_row={per_row!r} is not allowed: it must be a positive integer")
+    if layer is None:
+        values = per_layer.sum(axis=1)
+        what = f"FFN experts summed over {len(layers)} MoE layers"
+    else:
+        values = per_layer[:, layers.index(_check_layer(layer, layers))]
+        what = f"FFN experts in layer {layer}"
+    K = moe[0][1].topk_ids.shape[-1]
+    N = routing.n_routed_experts
+    zmax = min(K, N) * (len(layers) if layer is None else 1)
+    ids = [_numpy(r.topk_ids[batch_index]) for _, r in moe]                 # L x [S, K]
+    rows = math.ceil(S / per_row)
+    z = np.full((rows, per_row), np.nan)
+    text = [[""] * per_row for _ in range(rows)]
+    hover = [[""] * per_row for _ in range(rows)]
+    for s in range(S):
+        r, c = divmod(s, per_row)
+        z[r, c] = values[s]
+        text[r][c] = display_token(tokens[s])
+        lines = []
+        for (li, _), chosen in zip(moe, ids):
+            ffn = sorted(int(e) for e in chosen[s] if e < N)
+            lines.append(f"layer {li}: {len(ffn)} FFN {ffn} + {K - len(ffn)} zero")
+        hover[r][c] = f"#{s} {text[r][c]}<br>{values[s]} {what}<br>" + "<br>".join(lines)
+    fig = go.Figure(go.Heatmap(
+        z=z, text=text, texttemplate="%{text}", hovertext=hover, hoverinfo="text", zmin=0, zmax=zmax,
+        colorscale=COMPUTE_SCALE, xgap=2, ygap=2, colorbar=dict(title="FFN experts")))
+    fig.update_layout(title=title or f"Compute per token: {what}", height=120 + 34 * rows,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"),
+                      plot_bgcolor="white")
+    return fig
+
+
+# FFN experts by domain and token class -------------------------------------------------------------------------
+@dataclass
+class TokenTable:
+    """One row per routed token of a set of samples: where it came from, its class, and its FFN experts per layer."""
+
+    domain: np.ndarray        # [T] str
+    sample: np.ndarray        # [T] int, index of the sample the token belongs to
+    position: np.ndarray      # [T] int, position within its sample
+    token: np.ndarray         # [T] str
+    token_class: np.ndarray   # [T] str, one of tokenclass.TOKEN_CLASSES
+    ffn_experts: np.ndarray   # [T, L] int
+    layers: list[int]         # model layer index of each column of ffn_experts
+    moe_topk: int
+    n_routed_experts: int
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    def values(self, layer: int | None = None) -> np.ndarray:
+        """FFN experts per token, summed over MoE layers or in one layer: [T]."""
+        if layer is None:
+            return self.ffn_experts.sum(axis=1)
+        return self.ffn_experts[:, self.layers.index(_check_layer(layer, self.layers))]
+
+    def groups(self, by: str) -> np.ndarray:
+        """The grouping key of every token: "domain", "class", or "domain/class"."""
+        if by == "domain":
+            return self.domain
+        if by == "class":
+            return self.token_class
+        if by == "domain/class":
+            return np.array([f"{d}/{c}" for d, c in zip(self.domain, self.token_class)], dtype=object)
+        raise ValueError(f"by={by!r} is not allowed: it must be 'domain', 'class' or 'domain/class'")
+
+    def stats(self, by: str = "domain", layer: int | None = None) -> dict[str, dict[str, float]]:
+        """Per group: token count, mean and std of FFN experts per token, over every token of the group."""
+        keys, vals = self.groups(by), self.values(layer)
+        out = {}
+        for g in _ordered(keys):
+            v = vals[keys == g]
+            out[g] = {"count": int(v.size), "mean": float(v.mean()), "std": float(v.std())}
+        return out
+
+
+def _ordered(keys: np.ndarray) -> list[str]:
+    """Group names in a stable, readable order: known domains and classes first, the rest in first-seen order."""
+    seen = list(dict.fromkeys(keys.tolist()))
+    rank = {name: i for i, name in enumerate([*DOMAIN_COLOURS, *TOKEN_CLASSES])}
+    return sorted(seen, key=lambda g: (*(rank.get(part, len(rank)) for part in g.split("/")), seen.index(g)))
+
+
+def token_table(samples: Iterable[tuple[str, Sequence[str], Routing]],
+                code_domains: Sequence[str] = ("code",)) -> TokenTable:
+    """Build a TokenTable from `(domain, tokens, routing)` triples, one per sample, each routing from a forward of
+    that sample alone (batch 1). Python keywords count as "code keyword" only in `code_domains`."""
+    cols: dict[str, list] = {k: [] for k in ("domain", "sample", "position", "token", "token_class", "ffn")}
+    layers, K, N = None, None, None
+    for n, item in enumerate(samples):
+        if not (isinstance(item, tuple) and len(item) == 3):
+            raise ValueError(f"samples[{n}] must be a (domain, tokens, routing) tuple, got {type(item).__name__}")
+        domain, tokens, routing = item
+        if not isinstance(domain, str) or not domain:
+            raise ValueError(f"samples[{n}] domain={domain!r} is not allowed: it must be a non-empty str")
+        moe = _moe_layers(routing, f"samples[{n}] routing")
+        if moe[0][1].topk_ids.shape[0] != 1:
+            raise ValueError(f"samples[{n}] routing has batch {moe[0][1].topk_ids.shape[0]}: expected 1 sequence "
+                             "per sample")
+        these = [i for i, _ in moe]
+        if layers is None:
+            layers, K, N = these, moe[0][1].topk_ids.shape[-1], routing.n_routed_experts
+        elif these != layers:
+            raise ValueError(f"samples[{n}] routes through MoE layers {these}, the first sample through {layers}")
+        per_layer = token_compute(routing)
+        if len(tokens) != per_layer.shape[0] or not all(isinstance(t, str) for t in tokens):
+            raise ValueError(f"samples[{n}] tokens has {len(tokens)} entries: expected {per_layer.shape[0]} strings")
+        code = domain in code_domains
+        cols["domain"] += [domain] * len(tokens)
+        cols["sample"] += [n] * len(tokens)
+        cols["position"] += list(range(len(tokens)))
+        cols["token"] += list(tokens)
+        cols["token_class"] += [token_class(t, code) for t in tokens]
+        cols["ffn"].append(per_layer)
+    if layers is None:
+        raise ValueError("samples is empty: expected at least one (domain, tokens, routing) tuple")
+    return TokenTable(
+        domain=np.array(cols["domain"], dtype=object), sample=np.array(cols["sample"]),
+        position=np.array(cols["position"]), token=np.array(cols["token"], dtype=object),
+        token_class=np.array(cols["token_class"], dtype=object), ffn_experts=np.concatenate(cols["ffn"]),
+        layers=layers, moe_topk=K, n_routed_experts=N)
+
+
+def ffn_experts_by_group(table: TokenTable, by: str = "domain", layer: int | None = None,
+                         title: str | None = None) -> go.Figure:
+    """Left: the share of a group's tokens that used 0, 1, 2, ... FFN experts. Right: each group's mean ± std."""
+    keys, vals = table.groups(by), table.values(layer)
+    stats = table.stats(by, layer)
+    top = min(table.moe_topk, table.n_routed_experts) * (len(table.layers) if layer is None else 1)
+    xs = np.arange(top + 1)
+    colours = {**DOMAIN_COLOURS, **CLASS_COLOURS}
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35],
+                        subplot_titles=("share of tokens", "mean ± std"))
+    for g, s in stats.items():
+        v = vals[keys == g]
+        share = np.bincount(v, minlength=top + 1)[: top + 1] / v.size
+        colour = colours.get(g.split("/")[-1])
+        fig.add_trace(go.Bar(x=xs, y=share, name=f"{g} (n={s['count']})", marker_color=colour, legendgroup=g,
+                             hovertemplate=f"{g}<br>%{{x}} FFN experts: %{{y:.1%}} of tokens<extra></extra>"), 1, 1)
+        fig.add_trace(go.Bar(x=[g], y=[s["mean"]], error_y=dict(type="data", array=[s["std"]]), marker_color=colour,
+                             legendgroup=g, showlegend=False,
+                             hovertemplate=f"{g}: mean %{{y:.2f}} ± {s['std']:.2f} over {s['count']} tokens"
+                                           "<extra></extra>"), 1, 2)
+    where = f"layer {layer}" if layer is not None else f"summed over {len(table.layers)} MoE layers"
+    fig.update_layout(title=title or f"FFN experts per token by {by} ({where})", barmode="group", height=380,
+                      legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(title_text="FFN experts per token", row=1, col=1)
+    return fig
+
+
+def class_domain_heatmap(table: TokenTable, layer: int | None = None, title: str | None = None) -> go.Figure:
+    """Mean FFN experts per token for each (domain, token class), with the token count in every cell."""
+    domains = _ordered(table.domain)
+    classes = [c for c in TOKEN_CLASSES if c in set(table.token_class.tolist())]
+    stats = table.stats("domain/class", layer)
+    z = np.full((len(domains), len(classes)), np.nan)
+    text = [[""] * len(classes) for _ in domains]
+    for i, d in enumerate(domains):
+        for j, c in enumerate(classes):
+            s = stats.get(f"{d}/{c}")
+            if s:
+                z[i, j] = s["mean"]
+                text[i][j] = f"{s['mean']:.2f}<br>n={s['count']}"
+    where = f"layer {layer}" if layer is not None else f"summed over {len(table.layers)} MoE layers"
+    fig = go.Figure(go.Heatmap(z=z, x=classes, y=domains, text=text, texttemplate="%{text}", colorscale=COMPUTE_SCALE,
+                               colorbar=dict(title="mean FFN experts"),
+                               hovertemplate="%{y} / %{x}: %{z:.2f} FFN experts per token<extra></extra>"))
+    fig.update_layout(title=title or f"Mean FFN experts per token by domain and token class ({where})",
+                      height=140 + 60 * len(domains), yaxis=dict(autorange="reversed"))
+    return fig
+
+
+# Activated parameters ------------------------------------------------------------------------------------------
+def activated_params_per_token(source: Routing | TokenTable, config: ModelConfig) -> np.ndarray:
+    """Activated parameters of every token (all sequences of a Routing, or every row of a TokenTable), in the
+    paper's convention (`accounting.activated_params`): everything but the input embedding, plus the FFN experts the
+    token actually used in each layer (3 * hidden * expert width each); zero experts cost nothing."""
+    if isinstance(source, TokenTable):
+        per_token, K = source.ffn_experts.sum(axis=1), source.moe_topk
+        n_layers = len(source.layers)
+    else:
+        moe = _moe_layers(source, "source")
+        per_token = sum(_numpy(r.ffn_experts_per_token).reshape(-1) for _, r in moe).astype(np.int64)
+        K, n_layers = moe[0][1].topk_ids.shape[-1], len(moe)
+    if (K, n_layers) != (config.moe_topk, config.num_layers):
+        raise ValueError(f"config (moe_topk={config.moe_topk}, num_layers={config.num_layers}) does not match the "
+                         f"routing (top-{K} over {n_layers} MoE layers): pass the model's own config")
+    counts = accounting.param_counts(config)
+    always = counts["total"] - counts["embedding"] - counts["experts"]
+    per_pick = 3 * config.hidden_size * config.expert_ffn_hidden_size
+    return always + per_token.astype(np.float64) * per_pick
+
+
+def activated_params_histogram(source: Routing | TokenTable, config: ModelConfig,
+                               title: str | None = None) -> go.Figure:
+    """Histogram of activated parameters per token, with the model's min, max, uniform-routing and measured mean."""
+    values = activated_params_per_token(source, config)
+    bounds = accounting.activated_params(config)
+    div, unit = _scale(bounds["max"])
+    uniq, count = np.unique(values, return_counts=True)
+    fig = go.Figure(go.Bar(x=uniq / div, y=count / values.size, name="tokens",
+                           hovertemplate=f"%{{x:.3f}}{unit}: %{{y:.1%}} of tokens<extra></extra>"))
+    marks = [(bounds["min"], "min (fewest FFN picks)", "grey", "dot"),
+             (bounds["max"], "max (all picks FFN)", "grey", "dot"),
+             (bounds["mean"], "uniform routing", "black", "dash"),
+             (float(values.mean()), "measured mean", "#e45756", "solid")]
+    for x, label, colour, dash in marks:
+        fig.add_trace(go.Scatter(x=[x / div, x / div], y=[0, 1], mode="lines", name=f"{label}: {x / div:.3f}{unit}",
+                                 line=dict(color=colour, dash=dash), yaxis="y2", hoverinfo="name"))
+    fig.update_layout(
+        title=title or f"Activated parameters per token over {values.size} tokens (paper convention: all but the "
+                       "input embedding, plus the FFN experts used)",
+        xaxis_title=f"activated parameters ({unit})", yaxis_title="share of tokens", height=380,
+        yaxis2=dict(overlaying="y", range=[0, 1], visible=False), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+# Training metrics and the controller ---------------------------------------------------------------------------
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's `metrics.jsonl` (a run folder or the file itself). A last line that does not parse is
+    skipped, since a trainer may be writing it right now; a bad line anywhere else is an error."""
+    path = Path(path)
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        where = f"run folder {str(path)!r} has no metrics.jsonl yet" if path.is_dir() else \
+            f"{str(path)!r} does not exist"
+        raise ValueError(f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
+                         "longcat_lab.train (or its metrics.jsonl)")
+    lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{file}: line {n + 1} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}: line {n + 1} is a {type(row).__name__}, expected a JSON object per line")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"path={str(path)!r} holds no metrics rows yet: the run has not logged a step")
+    return rows
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, list]:
+    """(steps, values) of the rows that carry `key`."""
+    have = [r for r in rows if key in r and r[key] is not None]
+    return np.array([r.get("step", i) for i, r in enumerate(have)]), [r[key] for r in have]
+
+
+CONTROLLER_KEYS = {
+    "error": "controller_error",
+    "spread": "bias_spread",
+    "per_layer": "ffn_experts_per_token_per_layer",
+    "mean": "ffn_experts_per_token",
+    "target": "target_ffn_experts",
+}
+
+
+def controller_traces(source: str | Path | Sequence[Mapping[str, Any]], title: str | None = None) -> go.Figure:
+    """Three panels over training steps: the controller's error signal, the spread of the expert bias, and FFN
+    experts per token in every layer against the target K_e. Reads `metrics.jsonl` rows (or a run folder)."""
+    rows = read_metrics(source) if isinstance(source, (str, Path)) else list(source)
+    if not rows:
+        raise ValueError("source holds no metrics rows: expected a run folder or a non-empty list of rows")
+    keys = CONTROLLER_KEYS
+    if not any(keys["per_layer"] in r or keys["mean"] in r for r in rows):
+        raise ValueError(f"source rows carry neither {keys['per_layer']!r} nor {keys['mean']!r}; keys present: "
+                         f"{sorted(set().union(*rows))}")
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07,
+                        subplot_titles=("controller error (target share − measured share)",
+                                        "expert-bias spread (max − min over FFN experts)",
+                                        "FFN experts per token per layer"))
+    for row, key in ((1, keys["error"]), (2, keys["spread"])):
+        steps, vals = _series(rows, key)
+        vals = np.asarray(vals, dtype=float)
+        if vals.ndim == 2:   # one value per layer
+            for l in range(vals.shape[1]):
+                fig.add_trace(go.Scatter(x=steps, y=vals[:, l], mode="lines", name=f"{key} layer {l}",
+                                         legendgroup=f"layer {l}", showlegend=False), row, 1)
+        elif vals.size:
+            fig.add_trace(go.Scatter(x=steps, y=vals, mode="lines", name=key, showlegend=False), row, 1)
+    steps, per_layer = _series(rows, keys["per_layer"])
+    if per_layer:
+        arr = np.asarray(per_layer, dtype=float)
+        for l in range(arr.shape[1]):
+            fig.add_trace(go.Scatter(x=steps, y=arr[:, l], mode="lines", name=f"layer {l}",
+                                     legendgroup=f"layer {l}"), 3, 1)
+    else:
+        steps, mean = _series(rows, keys["mean"])
+        fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines", name="mean over layers"), 3, 1)
+    steps, target = _series(rows, keys["target"])
+    if target:
+        fig.add_trace(go.Scatter(x=steps, y=target, mode="lines", name="target K_e",
+                                 line=dict(color="black", dash="dash")), 3, 1)
+    fig.update_xaxes(title_text="optimizer step", row=3, col=1)
+    fig.update_layout(title=title or "The budget controller over training", height=640,
+                      legend=dict(orientation="h", y=-0.12))
+    return fig
+
+
+# Expert co-activation and router similarity --------------------------------------------------------------------
+def coactivation(routing: Routing, layer: int) -> np.ndarray:
+    """[E, E]: the share of tokens (all sequences) that chose both expert i and expert j in `layer`; the diagonal is
+    the share of tokens that chose i."""
+    moe = dict(_moe_layers(routing))
+    ids = _numpy(moe[_check_layer(layer, list(moe))].topk_ids)
+    E = moe[layer].router_probs.shape[-1]
+    onehot = np.zeros((ids.shape[0] * ids.shape[1], E))
+    np.put_along_axis(onehot, ids.reshape(-1, ids.shape[-1]), 1.0, axis=1)
+    return onehot.T @ onehot / onehot.shape[0]
+
+
+def coactivation_heatmap(routing: Routing, layer: int, title: str | None = None) -> go.Figure:
+    co = coactivation(routing, layer)
+    names = _expert_names(routing.n_routed_experts, co.shape[0])
+    fig = go.Figure(go.Heatmap(z=co, x=names, y=names, colorscale="Blues", colorbar=dict(title="share of tokens"),
+                               hovertemplate="%{y} and %{x}: %{z:.1%} of tokens<extra></extra>"))
+    fig.update_layout(title=title or f"Expert co-activation in layer {layer} (diagonal: share of tokens choosing "
+                                     "the expert)", yaxis=dict(autorange="reversed"), height=480, width=560)
+    return fig
+
+
+def router_similarity(model: torch.nn.Module, layer: int) -> np.ndarray:
+    """[E, E] cosine similarity between the router's rows (one per expert) in `layer`. Rows that grow alike mean the
+    router cannot tell experts apart (spec section 3: high similarity is the sign of a balance loss that dominates)."""
+    moe_layers = [i for i, blk in enumerate(model.layers) if isinstance(blk.mlp, MoE)]
+    _check_layer(layer, moe_layers)
+    weight = model.layers[layer].mlp.router.classifier.weight.detach().float().cpu()
+    unit = torch.nn.functional.normalize(weight, dim=1)
+    return (unit @ unit.t()).numpy()
+
+
+def router_similarity_heatmap(model: torch.nn.Module, layer: int, title: str | None = None) -> go.Figure:
+    sim = router_similarity(model, layer)
+    E = sim.shape[0]
+    names = _expert_names(model.config.n_routed_experts, E)
+    off = sim[~np.eye(E, dtype=bool)]
+    fig = go.Figure(go.Heatmap(z=sim, x=names, y=names, zmin=-1, zmid=0, zmax=1, colorscale="RdBu_r",
+                               colorbar=dict(title="cosine"),
+                               hovertemplate="%{y} · %{x}: cosine %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title or f"Router-row cosine similarity in layer {layer} (mean off-diagonal "
+                                     f"{off.mean():.3f})", yaxis=dict(autorange="reversed"), height=480, width=560)
+    return fig
+
+
+# Showing figures in notebooks ----------------------------------------------------------------------------------
+def figure_bundle(fig: go.Figure) -> dict[str, Any]:
+    """The MIME bundle a notebook stores for a figure: plotly's own JSON type (JupyterLab, VS Code), HTML that loads
+    plotly.js from its CDN (classic notebooks), and a one-line text fallback; no FigureWidget, no embedded plotly.js."""
+    if not isinstance(fig, go.Figure):
+        raise ValueError(f"fig must be a plotly go.Figure, got {type(fig).__name__}")
+    title = fig.layout.title.text or "untitled"
+    return {
+        "application/vnd.plotly.v1+json": json.loads(fig.to_json()),
+        "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
+        "text/plain": f"<plotly figure: {title}>",
+    }
+
+
+def show(fig: go.Figure) -> None:
+    """Display a figure in a notebook (see `figure_bundle`); outside IPython, print its one-line summary."""
+    bundle = figure_bundle(fig)
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(bundle["text/plain"])
+        return
+    display(bundle, raw=True)
+
+
+def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> go.Figure:
+    """Show `make_figure(**defaults)` as a static figure (an executed notebook keeps no live widget state), then the
+    ipywidgets `controls` (name -> widget) above an output area that redraws the figure on every change.
+    Returns the static figure."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    for name, w in controls.items():
+        if not isinstance(w, widgets.ValueWidget):
+            raise ValueError(f"control {name}={type(w).__name__} is not allowed: it must be an ipywidgets value widget")
+    static = make_figure(**{name: w.value for name, w in controls.items()})
+    show(static)
+    out = widgets.Output()
+
+    def redraw(_change=None) -> None:
+        with out:
+            out.clear_output(wait=True)
+            try:
+                show(make_figure(**{name: w.value for name, w in controls.items()}))
+            except ValueError as err:  # e.g. an empty prompt typed into a text box
+                print(f"cannot draw: {err}")
+
+    for w in controls.values():
+        w.observe(redraw, names="value")
+    display(widgets.VBox([widgets.HBox(list(controls.values())), out]))
+    return static
+
+
+__all__ = [
+    "ExpertLoad", "TokenTable", "router_counts", "expert_load", "expert_load_heatmap", "token_compute",
+    "display_token", "token_compute_map", "token_table", "ffn_experts_by_group", "class_domain_heatmap",
+    "activated_params_per_token", "activated_params_histogram", "read_metrics", "controller_traces",
+    "coactivation", "coactivation_heatmap", "router_similarity", "router_similarity_heatmap", "figure_bundle",
+    "show", "figure_controls", "CONTROLLER_KEYS",
+]

@@ -1,0 +1,359 @@
+"""Tests for longcat_lab.viz (routing figures) and longcat_lab.tokenclass, on a tiny random-init model and on
+hand-made routing: a dead expert, routing entirely onto zero experts, a one-token prompt, non-ASCII text, and a run
+folder with no metrics yet. The numbers behind each figure are checked against slow, obviously-correct loops.
+
+Run: `/work/main/.venv/bin/python -m pytest tests/test_viz.py -q`
+"""
+
+import json
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from longcat_lab import LongCatLM, presets, viz
+from longcat_lab.model import LayerRouting, Routing
+from longcat_lab.tokenclass import TOKEN_CLASSES, token_class, token_classes
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = LongCatLM(presets.tiny())
+    m.reset_parameters(torch.Generator().manual_seed(0))
+    return m.eval()
+
+
+def routed(model, length=20, batch=1, seed=1):
+    idx = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        _, _, routing = model(idx, return_routing=True)
+    return routing
+
+
+def synthetic_routing(ids_LBSK, n_ffn, n_total):
+    """A Routing record with the given expert choices in every layer (weights and probabilities uniform)."""
+    layers = []
+    for ids in ids_LBSK:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        B, S, K = ids.shape
+        probs = torch.full((B, S, n_total), 1.0 / n_total)
+        layers.append(LayerRouting(topk_ids=ids, topk_weights=torch.full((B, S, K), 1.0 / n_total),
+                                   ffn_experts_per_token=(ids < n_ffn).sum(-1), router_logits=probs.log(),
+                                   router_probs=probs))
+    return Routing(layers, torch.zeros(1, 1, 1), n_ffn)
+
+
+def tokens_for(n):
+    return [f" t{i}" for i in range(n)]
+
+
+# Token classes -------------------------------------------------------------------------------------------------
+def test_token_classes():
+    assert token_class(" ") == token_class("\n\t") == "whitespace"
+    assert token_class(",") == token_class("):") == token_class(" ==") == token_class("_") == "punctuation"
+    assert token_class("42") == token_class(" 3.") == token_class("٣") == "digits"
+    assert token_class(" the") == token_class("é") == token_class("中文") == token_class("(self") == "word"
+    assert token_class(" def", code=True) == token_class("in", code=True) == "code keyword"
+    assert token_class(" and") == "word"  # in prose a keyword is a function word, not code
+    assert token_classes(["a", "1", " "]) == ["word", "digits", "whitespace"]
+    assert set(TOKEN_CLASSES) == {"whitespace", "punctuation", "digits", "code keyword", "word"}
+    with pytest.raises(ValueError, match="token=3"):
+        token_class(3)
+
+
+# Expert load ---------------------------------------------------------------------------------------------------
+def test_expert_load_matches_a_count_loop(model):
+    c = model.config
+    routing = routed(model, length=24, batch=2)
+    load = viz.expert_load(routing, c)
+    for row, l in enumerate(load.layers):
+        ref = np.zeros(c.num_experts)
+        for e in routing.layers[l].topk_ids.reshape(-1).tolist():
+            ref[e] += 1
+        np.testing.assert_array_equal(load.counts[row], ref)
+    assert (load.tokens == 48).all()
+    # uniform target: every expert's ideal is K/(N+Z) selections per token, and the ideals add up to K per token
+    np.testing.assert_allclose(load.ideal, 48 * c.moe_topk / c.num_experts)
+    np.testing.assert_allclose(load.relative, load.counts / load.ideal)
+    assert isinstance(viz.expert_load_heatmap(load), go.Figure)
+
+
+def test_expert_load_from_router_counts_agrees_with_routing(model):
+    routing = routed(model, length=16, seed=3)
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
+    model.train()
+    try:
+        for b in model.moe_blocks():
+            b.router.expert_counts.zero_()
+        with torch.no_grad():
+            model(idx)
+        counts = viz.router_counts(model)
+    finally:
+        for b in model.moe_blocks():
+            b.router.expert_counts.zero_()
+        model.eval()
+    np.testing.assert_array_equal(viz.expert_load(counts, model.config).counts,
+                                  viz.expert_load(routing, model.config).counts)
+
+
+def test_dead_and_hot_experts_are_marked(model):
+    c = model.config  # 4 FFN + 2 zero experts, top-2
+    # 8 tokens; expert F1 never chosen; F0 chosen by every token (8 vs ideal 8*2/6 = 2.67 -> 3x: hot)
+    ids = np.array([[0, 2], [0, 3], [0, 4], [0, 5], [0, 2], [0, 3], [0, 4], [0, 5]])[None]
+    routing = synthetic_routing([ids, ids], c.n_routed_experts, c.num_experts)
+    load = viz.expert_load(routing, c)
+    assert load.dead[:, 1].all() and load.dead.sum() == 2
+    assert load.hot[:, 0].all() and load.hot.sum() == 2
+    fig = viz.expert_load_heatmap(load)
+    dead = next(t for t in fig.data if t.name.startswith("dead"))
+    hot = next(t for t in fig.data if t.name.startswith("hot"))
+    assert list(dead.x) == ["F1", "F1"] and list(hot.x) == ["F0", "F0"]
+
+
+def test_expert_load_with_a_target_and_bad_inputs(model):
+    c = model.config
+    routing = routed(model)
+    load = viz.expert_load(routing, c, target_ffn_experts=2.0)   # every pick should be an FFN expert
+    assert np.isnan(load.relative[:, c.n_routed_experts:]).all()
+    np.testing.assert_allclose(load.ideal[:, :c.n_routed_experts].sum(1), 2.0 * load.tokens)
+    with pytest.raises(ValueError, match="target_ffn_experts=5"):
+        viz.expert_load(routing, c, target_ffn_experts=5)
+    with pytest.raises(ValueError, match="hot_factor"):
+        viz.expert_load(routing, c, hot_factor=0.5)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
+        viz.expert_load(np.ones((2, 3)), c)
+    with pytest.raises(ValueError, match="no selections"):
+        viz.expert_load(np.zeros((2, c.num_experts)), c)
+    with pytest.raises(ValueError, match="Routing record"):
+        viz.expert_load("not routing", c)
+
+
+def test_everything_routed_to_zero_experts():
+    c = presets.tiny()
+    m = LongCatLM(c)
+    m.reset_parameters(torch.Generator().manual_seed(0))
+    for b in m.moe_blocks():
+        b.router.e_score_correction_bias[c.n_routed_experts:] = 10.0   # selection only: every pick a zero expert
+    routing = routed(m.eval(), length=10)
+    load = viz.expert_load(routing, c)
+    assert load.dead[:, :c.n_routed_experts].all() and not load.dead[:, c.n_routed_experts:].any()
+    assert (viz.token_compute(routing) == 0).all()
+    params = viz.activated_params_per_token(routing, c)
+    assert np.allclose(params, m.activated_params()["min"])
+    fig = viz.token_compute_map(tokens_for(10), routing)
+    assert np.nansum(fig.data[0].z) == 0
+    assert "0 FFN [] + 2 zero" in fig.data[0].hovertext[0][0]
+
+
+# Token compute map ---------------------------------------------------------------------------------------------
+def test_token_compute_map_values_and_hover(model):
+    routing = routed(model, length=15, batch=2)
+    per_layer = viz.token_compute(routing, batch_index=1)
+    assert per_layer.shape == (15, 2)
+    ref = np.stack([routing.layers[l].ffn_experts_per_token[1].numpy() for l in (0, 1)], axis=1)
+    np.testing.assert_array_equal(per_layer, ref)
+    fig = viz.token_compute_map(tokens_for(15), routing, batch_index=1, per_row=4)
+    z = fig.data[0].z
+    assert np.array(z).shape == (4, 4)
+    np.testing.assert_array_equal(np.array(z, dtype=float).reshape(-1)[:15], ref.sum(1))
+    assert np.isnan(np.array(z, dtype=float)[3, 3])
+    chosen = sorted(e for e in routing.layers[1].topk_ids[1, 5].tolist() if e < 4)
+    assert f"layer 1: {len(chosen)} FFN {chosen}" in fig.data[0].hovertext[1][1]
+    one = viz.token_compute_map(tokens_for(15), routing, layer=0, batch_index=1)
+    np.testing.assert_array_equal(np.array(one.data[0].z, dtype=float).reshape(-1)[:15], ref[:, 0])
+    assert one.data[0].zmax == 2 and fig.data[0].zmax == 4
+
+
+def test_token_compute_map_one_token_and_non_ascii(model):
+    text = ["é"]
+    fig = viz.token_compute_map(text, routed(model, length=1))
+    assert np.array(fig.data[0].z).shape == (1, 12) and fig.data[0].text[0][0] == "é"
+    tokens = ["中", "文", " naïve", "🙂", "\n", "<b>", " "]
+    fig = viz.token_compute_map(tokens, routed(model, length=len(tokens)))
+    assert [fig.data[0].text[0][i] for i in range(7)] == ["中", "文", "·naïve", "🙂", "⏎", "&lt;b&gt;", "·"]
+
+
+def test_token_compute_map_rejects_bad_inputs(model):
+    routing = routed(model, length=5)
+    with pytest.raises(ValueError, match="tokens has 4 entries"):
+        viz.token_compute_map(tokens_for(4), routing)
+    with pytest.raises(ValueError, match="layer=7"):
+        viz.token_compute_map(tokens_for(5), routing, layer=7)
+    with pytest.raises(ValueError, match="batch_index=1"):
+        viz.token_compute_map(tokens_for(5), routing, batch_index=1)
+    with pytest.raises(ValueError, match="per_row=0"):
+        viz.token_compute_map(tokens_for(5), routing, per_row=0)
+    dense = LongCatLM(presets.tiny(layer_style="dense")).eval()
+    with pytest.raises(ValueError, match="no MoE layers"):
+        viz.token_compute_map(tokens_for(5), routed(dense, length=5))
+
+
+# Domains and token classes -------------------------------------------------------------------------------------
+def make_table(model):
+    prose = [" The", " cat", ",", " and", " 42", " dogs", ".", "\n"]
+    code = ["def", " f", "(", "x", "):", "\n   ", " return", " x", " and", " 1"]
+    maths = ["12", " +", " 30", " =", " 42"]
+    samples = [(d, toks, routed(model, length=len(toks), seed=s))
+               for s, (d, toks) in enumerate([("prose", prose), ("code", code), ("reasoning", maths)])]
+    return viz.token_table(samples), samples
+
+
+def test_token_table_stats_cover_every_token(model):
+    table, samples = make_table(model)
+    assert len(table) == sum(len(t) for _, t, _ in samples) == 23
+    stats = table.stats("class")
+    assert sum(s["count"] for s in stats.values()) == len(table)
+    # reference: a loop over every token of every sample
+    ref: dict[str, list[int]] = {}
+    for domain, toks, routing in samples:
+        for s, tok in enumerate(toks):
+            total = sum(int(routing.layers[l].ffn_experts_per_token[0, s]) for l in (0, 1))
+            ref.setdefault(token_class(tok, code=domain == "code"), []).append(total)
+    assert set(ref) == set(stats)
+    for cls, vals in ref.items():
+        assert stats[cls]["count"] == len(vals) and stats[cls]["mean"] == pytest.approx(np.mean(vals))
+    assert table.token_class[list(table.token).index(" and")] == "word"             # prose
+    assert table.token_class[len(samples[0][1]) + 8] == "code keyword"               # " and" in code
+    assert table.stats("domain", layer=1)["reasoning"]["mean"] == pytest.approx(
+        samples[2][2].layers[1].ffn_experts_per_token.float().mean().item())
+    combo = table.stats("domain/class")
+    assert sum(s["count"] for s in combo.values()) == len(table)
+
+
+def test_group_figures(model):
+    table, _ = make_table(model)
+    fig = viz.ffn_experts_by_group(table, by="domain")
+    bars = [t for t in fig.data if t.xaxis == "x"]
+    assert len(bars) == 3
+    for t in bars:
+        assert sum(t.y) == pytest.approx(1.0)
+    means = {t.x[0]: t.y[0] for t in fig.data if t.xaxis == "x2"}
+    assert means == pytest.approx({g: s["mean"] for g, s in table.stats("domain").items()})
+    heat = viz.class_domain_heatmap(table, layer=0)
+    assert list(heat.data[0].y) == ["prose", "code", "reasoning"]
+    counts = sum(int(cell.split("n=")[1]) for row in heat.data[0].text for cell in row if cell)
+    assert counts == len(table)
+    with pytest.raises(ValueError, match="by='tokens'"):
+        viz.ffn_experts_by_group(table, by="tokens")
+
+
+def test_token_table_rejects_bad_samples(model):
+    with pytest.raises(ValueError, match="samples is empty"):
+        viz.token_table([])
+    with pytest.raises(ValueError, match=r"samples\[0\] tokens has 2 entries"):
+        viz.token_table([("prose", ["a", "b"], routed(model, length=3))])
+    with pytest.raises(ValueError, match="batch 2"):
+        viz.token_table([("prose", ["a"], routed(model, length=1, batch=2))])
+    with pytest.raises(ValueError, match="domain=''"):
+        viz.token_table([("", ["a"], routed(model, length=1))])
+
+
+# Activated parameters ------------------------------------------------------------------------------------------
+def test_activated_params_follow_accounting(model):
+    c = model.config
+    routing = routed(model, length=30, batch=2)
+    params = viz.activated_params_per_token(routing, c)
+    assert params.shape == (60,)
+    per_layer_mean = np.mean([routing.layers[l].ffn_experts_per_token.float().mean().item() for l in (0, 1)])
+    assert params.mean() == pytest.approx(model.activated_params(per_layer_mean)["mean"], rel=1e-9)
+    bounds = model.activated_params()
+    assert bounds["min"] <= params.min() and params.max() <= bounds["max"]
+    fig = viz.activated_params_histogram(routing, c)
+    assert sum(fig.data[0].y) == pytest.approx(1.0)
+    assert any(t.name.startswith("measured mean") for t in fig.data)
+    table, _ = make_table(model)
+    assert len(viz.activated_params_per_token(table, c)) == len(table)
+    with pytest.raises(ValueError, match="moe_topk=3"):
+        viz.activated_params_per_token(routing, c.replace(moe_topk=3))
+
+
+# Metrics and the controller ------------------------------------------------------------------------------------
+def test_run_folder_without_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="has no metrics.jsonl yet"):
+        viz.read_metrics(tmp_path)
+    with pytest.raises(ValueError, match="has no metrics.jsonl yet"):
+        viz.controller_traces(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no metrics rows yet"):
+        viz.read_metrics(tmp_path)
+
+
+def test_read_metrics_skips_a_half_written_last_line(tmp_path):
+    rows = [{"step": i, "loss": 5.0 - i} for i in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
+    assert viz.read_metrics(tmp_path) == rows
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n{"step": 1}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        viz.read_metrics(tmp_path / "metrics.jsonl")
+
+
+def test_controller_traces(tmp_path):
+    k = viz.CONTROLLER_KEYS
+    rows = [{"step": s, k["error"]: 0.1 / (s + 1), k["spread"]: 0.01 * s, k["per_layer"]: [1.0 + 0.1 * s, 1.5],
+             k["mean"]: 1.25 + 0.05 * s, k["target"]: 1.33} for s in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = viz.controller_traces(tmp_path)
+    layer0 = next(t for t in fig.data if t.name == "layer 0")
+    np.testing.assert_allclose(layer0.y, [1.0 + 0.1 * s for s in range(5)])
+    assert list(layer0.x) == list(range(5))
+    assert any(t.name == "target K_e" for t in fig.data)
+    with pytest.raises(ValueError, match="carry neither"):
+        viz.controller_traces([{"step": 0, "loss": 1.0}])
+
+
+# Co-activation and router similarity ---------------------------------------------------------------------------
+def test_coactivation_matches_a_pair_loop(model):
+    c = model.config
+    routing = routed(model, length=12, batch=2)
+    co = viz.coactivation(routing, 1)
+    ref = np.zeros((c.num_experts, c.num_experts))
+    ids = routing.layers[1].topk_ids.reshape(-1, c.moe_topk).tolist()
+    for chosen in ids:
+        for i in chosen:
+            for j in chosen:
+                ref[i, j] += 1
+    np.testing.assert_allclose(co, ref / len(ids))
+    assert np.trace(co) == pytest.approx(c.moe_topk)
+    assert isinstance(viz.coactivation_heatmap(routing, 1), go.Figure)
+    with pytest.raises(ValueError, match="layer=2"):
+        viz.coactivation(routing, 2)
+
+
+def test_router_similarity(model):
+    sim = viz.router_similarity(model, 0)
+    w = model.layers[0].mlp.router.classifier.weight.detach()
+    assert sim[1, 3] == pytest.approx(torch.cosine_similarity(w[1], w[3], dim=0).item(), abs=1e-6)
+    np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-6)
+    fig = viz.router_similarity_heatmap(model, 0)
+    assert "mean off-diagonal" in fig.layout.title.text
+    with pytest.raises(ValueError, match="layer=-1"):
+        viz.router_similarity(model, -1)
+
+
+# Showing figures -----------------------------------------------------------------------------------------------
+def test_figure_bundle_and_show(capsys):
+    fig = go.Figure(go.Bar(x=[1, 2], y=[3, 4]), layout=dict(title="bars"))
+    bundle = viz.figure_bundle(fig)
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["y"] == [3, 4]
+    json.dumps(bundle["application/vnd.plotly.v1+json"])
+    assert "cdn.plot.ly" in bundle["text/html"] and len(bundle["text/html"]) < 20_000
+    viz.show(fig)  # no IPython kernel here: prints the summary
+    assert capsys.readouterr().out.strip() == "<plotly figure: bars>"
+    with pytest.raises(ValueError, match="go.Figure"):
+        viz.figure_bundle({"data": []})
+
+
+def test_figure_controls_draws_static_then_redraws(monkeypatch):
+    widgets = pytest.importorskip("ipywidgets")
+    shown = []
+    monkeypatch.setattr(viz, "show", lambda fig: shown.append(fig.layout.title.text))
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    slider = widgets.IntSlider(value=1, min=0, max=3)
+    static = viz.figure_controls(lambda layer: go.Figure(layout=dict(title=f"layer {layer}")), layer=slider)
+    assert static.layout.title.text == "layer 1" and shown == ["layer 1"]
+    slider.value = 2
+    assert shown == ["layer 1", "layer 2"]
+    with pytest.raises(ValueError, match="control layer=int"):
+        viz.figure_controls(lambda layer: go.Figure(), layer=3)
