@@ -1,0 +1,186 @@
+"""Read torch.profiler Chrome/Perfetto traces of expert-parallel steps (written by `parallel.overlap_worker`), measure
+how much of the communication ran under compute, and draw per-rank timelines as plotly figures.
+
+What a trace holds, and how it is read:
+- "ep.<part>" user annotations on the rank's main thread (`longcat_lab.parallel` labels every region of a layer):
+  compute parts (attn0, ffn0, attn1, ffn1, router, experts, finish, embed, head), host-side exchange work
+  ("launch": gathering the rows and starting the exchange), and time spent blocked ("wait": dispatch.wait,
+  combine.wait, and counts, the small synchronous exchange of row counts).
+- Communication itself: on CPU, gloo runs each collective on its own worker thread and the profiler records it as a
+  "gloo:<op>" event there, so its start and end are on the same clock as the annotations. On GPU, NCCL kernels
+  ("nccl..." kernel events); other kernels are GPU compute. The GPU reading is written but untested (no GPU here).
+- "ep.step.<schedule>" brackets one whole forward step of a schedule.
+
+Hidden fraction = |communication intervals ∩ compute intervals| / |communication intervals|, unions taken within
+one step. On CPU "compute" is where the main thread was inside a compute region, which includes moments when the
+OS ran the gloo thread instead on a shared core: the fraction says what overlapped in time, not what was free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+
+COMPUTE_PARTS = ("embed", "attn0", "router", "ffn0", "attn1", "experts", "ffn1", "finish", "head")
+LAUNCH_PARTS = ("dispatch.launch", "combine.launch")
+WAIT_PARTS = ("counts", "dispatch.wait", "combine.wait")
+LANES = ("compute", "launch", "wait", "comm")
+COLORS = {"embed": "#7f7f7f", "head": "#7f7f7f", "attn0": "#1f77b4", "attn1": "#aec7e8", "ffn0": "#2ca02c",
+          "ffn1": "#98df8a", "router": "#9467bd", "experts": "#d62728", "finish": "#ff9896",
+          "dispatch.launch": "#c49c94", "combine.launch": "#c49c94", "counts": "#bcbd22",
+          "dispatch.wait": "#e377c2", "combine.wait": "#f7b6d2", "exchange": "#ff7f0e", "counts exchange": "#ffbb78",
+          "gpu kernel": "#17becf"}
+
+
+@dataclass(frozen=True)
+class Span:
+    """One interval of a trace, in microseconds on the trace clock (shared by ranks on one host)."""
+
+    rank: int
+    lane: str      # "compute", "launch", "wait", "comm", or "step"
+    name: str      # the part ("attn0", "dispatch.wait", ...), "exchange"/"counts exchange" for comm, or a schedule
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+def load_trace(path: str | os.PathLike, rank: int | None = None) -> list[Span]:
+    """Spans of one rank's Chrome trace. The rank comes from the trace's distributedInfo unless given."""
+    if not os.path.isfile(path):
+        raise ValueError(f"path={str(path)!r} is not a trace file: it must be a Chrome trace JSON that exists")
+    with open(path) as f:
+        trace = json.load(f)
+    if rank is None:
+        rank = int(trace.get("distributedInfo", {}).get("rank", 0))
+    spans, comm, kernels = [], [], []
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        name, start = e["name"], float(e["ts"])
+        end = start + float(e["dur"])
+        if name.startswith("ep.step."):
+            spans.append(Span(rank, "step", name[len("ep.step."):], start, end))
+        elif name.startswith("ep."):
+            part = name[3:]
+            lane = ("compute" if part in COMPUTE_PARTS else "launch" if part in LAUNCH_PARTS
+                    else "wait" if part in WAIT_PARTS else None)
+            if lane:
+                spans.append(Span(rank, lane, part, start, end))
+        elif name.startswith("gloo:") and name != "gloo:barrier":
+            comm.append((start, end))
+        elif e.get("cat") == "kernel":
+            (comm if "nccl" in name.lower() else kernels).append((start, end))
+    counts = _union([(s.start, s.end) for s in spans if s.name == "counts"])
+    for start, end in comm:
+        # The row-count exchange is the collective that runs inside a "counts" region; the rest move tokens.
+        is_counts = _overlap(_union([(start, end)]), counts) > 0.5 * (end - start)
+        spans.append(Span(rank, "comm", "counts exchange" if is_counts else "exchange", start, end))
+    if kernels:
+        # On GPU the compute lane is the kernels themselves; the host-side annotations only show launch order.
+        spans = [s for s in spans if s.lane != "compute"]
+        spans += [Span(rank, "compute", "gpu kernel", s, e) for s, e in kernels]
+    return sorted(spans, key=lambda s: (s.start, s.lane))
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sorted, disjoint interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def step_window(spans: list[Span], schedule: str) -> tuple[float, float]:
+    steps = [s for s in spans if s.lane == "step" and s.name == schedule]
+    if not steps:
+        found = sorted({s.name for s in spans if s.lane == "step"})
+        raise ValueError(f"schedule={schedule!r} has no 'ep.step.{schedule}' span in this trace; found {found}")
+    return steps[0].start, steps[0].end
+
+
+def overlap_stats(spans: list[Span], schedule: str) -> dict[str, float]:
+    """Per-step figures in microseconds for one rank: step time, token-exchange time (union of dispatch and combine
+    collectives), how much of it ran under compute and that fraction, the row-count exchange, and time blocked."""
+    lo, hi = step_window(spans, schedule)
+
+    def clipped(pred) -> list[tuple[float, float]]:
+        return _union([(max(s.start, lo), min(s.end, hi)) for s in spans if pred(s) and s.end > lo and s.start < hi])
+
+    exchange = clipped(lambda s: s.lane == "comm" and s.name == "exchange")
+    compute = clipped(lambda s: s.lane == "compute")
+    comm_us = _length(exchange)
+    hidden_us = _overlap(exchange, compute)
+    return {"step_us": hi - lo, "comm_us": comm_us, "hidden_us": hidden_us,
+            "hidden_fraction": hidden_us / comm_us if comm_us else 0.0,
+            "counts_us": _length(clipped(lambda s: s.lane == "comm" and s.name == "counts exchange")),
+            "wait_us": _length(clipped(lambda s: s.lane == "wait")),
+            "compute_us": _length(compute)}
+
+
+def timeline_figure(traces: list[list[Span]], schedule: str, title: str | None = None) -> go.Figure:
+    """A Gantt-style timeline of one step: for every rank, lanes for compute, launch, wait and communication,
+    bars coloured by part. Times in ms from the earliest start of that step over all ranks."""
+    windows = [step_window(spans, schedule) for spans in traces]
+    origin = min(w[0] for w in windows)
+    bars: dict[str, dict[str, list]] = {}
+    for spans, (lo, hi) in zip(traces, windows):
+        for s in spans:
+            if s.lane == "step" or s.end <= lo or s.start >= hi:
+                continue
+            start, end = max(s.start, lo), min(s.end, hi)
+            bar = bars.setdefault(s.name, {"y": [], "x": [], "base": []})
+            bar["y"].append(f"rank {s.rank} · {s.lane}")
+            bar["x"].append((end - start) / 1e3)
+            bar["base"].append((start - origin) / 1e3)
+    fig = go.Figure()
+    for name, bar in bars.items():   # one trace per part keeps the figure small and the legend clickable
+        fig.add_trace(go.Bar(y=bar["y"], x=bar["x"], base=bar["base"], orientation="h", name=name,
+                             marker_color=COLORS.get(name, "#333333"),
+                             hovertemplate=f"{name}<br>start %{{base:.2f}} ms, %{{x:.3f}} ms<extra>%{{y}}</extra>"))
+    ranks = sorted({s.rank for spans in traces for s in spans})
+    order = [f"rank {r} · {lane}" for r in reversed(ranks) for lane in reversed(LANES)]
+    fig.update_layout(barmode="overlay", title=title or f"{schedule} schedule, one forward step",
+                      xaxis_title="time since the step started (ms)", height=140 + 45 * len(order),
+                      yaxis=dict(categoryorder="array", categoryarray=order), legend_title="part")
+    return fig
+
+
+def stats_table(traces: list[list[Span]], schedules: tuple[str, ...] = ("sequential", "overlapped")) -> list[dict]:
+    """One row per (schedule, rank) of `overlap_stats`, in milliseconds, for printing or a DataFrame."""
+    rows = []
+    for schedule in schedules:
+        for spans in traces:
+            st = overlap_stats(spans, schedule)
+            rank = next(s.rank for s in spans)
+            rows.append({"schedule": schedule, "rank": rank,
+                         **{k.replace("_us", "_ms"): (v / 1e3 if k.endswith("_us") else v) for k, v in st.items()}})
+    return rows
+
+
+__all__ = ["Span", "load_trace", "overlap_stats", "step_window", "timeline_figure", "stats_table"]
