@@ -214,6 +214,61 @@ class Router(nn.Module):
 
 
 # Experts -------------------------------------------------------------------------------------------------------
+class GroupedSwiGLU(torch.autograd.Function):
+    """y_e = (silu(x_e W_gate,e^T) * x_e W_up,e^T) W_down,e^T for each expert's contiguous slice x_e of x_sorted.
+
+    Written by hand because plain autograd over per-expert slices spends a fifth of the block in glue: the backward
+    of each chunk, unbind and split concatenates or stacks full-size gradients. Here each expert's weight gradient is
+    written straight into its row of the stacked gradient and the input gradient into its slice. Computes in the
+    autocast dtype when autocast is on, as nn.Linear would."""
+
+    @staticmethod
+    def forward(ctx, x_sorted: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                sizes: list[int]) -> torch.Tensor:
+        device = x_sorted.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
+        with torch.autocast(device_type=device, enabled=False):
+            x, w_gu, w_d = x_sorted.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
+            out = x.new_empty(x.shape[0], w_d.shape[1])
+            hidden = []                                        # each expert's [gate | up] pre-activations
+            start = 0
+            for e, size in enumerate(sizes):
+                if size:
+                    h = x[start:start + size] @ w_gu[e].t()
+                    gate, up = h.chunk(2, dim=-1)
+                    torch.mm(F.silu(gate) * up, w_d[e].t(), out=out[start:start + size])
+                    hidden.append(h)
+                    start += size
+        ctx.sizes, ctx.param_dtype, ctx.x_dtype = sizes, gate_up_proj.dtype, x_sorted.dtype
+        ctx.save_for_backward(x, w_gu, w_d, *hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w_gu, w_d, *hidden = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype)
+        f = w_d.shape[2]
+        grad_x = torch.empty_like(x)
+        grad_gu, grad_d = torch.zeros_like(w_gu), torch.zeros_like(w_d)
+        start, i = 0, 0
+        for e, size in enumerate(ctx.sizes):
+            if not size:
+                continue
+            x_e, g_e, h = x[start:start + size], grad_out[start:start + size], hidden[i]
+            gate, up = h[:, :f], h[:, f:]
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            torch.mm(g_e.t(), silu * up, out=grad_d[e])
+            grad_act = g_e @ w_d[e]
+            grad_h = torch.empty_like(h)
+            torch.mul(grad_act, silu, out=grad_h[:, f:])
+            torch.mul(grad_act * up, sig * (1 + gate * (1 - sig)), out=grad_h[:, :f])
+            torch.mm(grad_h.t(), x_e, out=grad_gu[e])
+            torch.mm(grad_h, w_gu[e], out=grad_x[start:start + size])
+            start, i = start + size, i + 1
+        return grad_x.to(ctx.x_dtype), grad_gu.to(ctx.param_dtype), grad_d.to(ctx.param_dtype), None
+
+
 class Experts(nn.Module):
     """N SwiGLU experts as stacked weights (gate and up fused, as transformers 5.x) and Z identity experts with none.
 
@@ -237,18 +292,12 @@ class Experts(nn.Module):
         n_pairs = sum(sizes)
         pair_idx = order_P[:n_pairs]
         token_idx = pair_idx // K
-        x_sorted = x_TD[token_idx]                                    # [n_pairs, D]
-        outs = []
-        start = 0
-        for e, size in enumerate(sizes):
-            if size:
-                gate, up = (x_sorted[start:start + size] @ self.gate_up_proj[e].t()).chunk(2, dim=-1)
-                outs.append((F.silu(gate) * up) @ self.down_proj[e].t())
-                start += size
         out_TD = torch.zeros_like(x_TD)
-        if outs:
-            weights = topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
-            out_TD = out_TD.index_add(0, token_idx, torch.cat(outs) * weights[:, None])
+        if n_pairs:
+            x_sorted = x_TD[token_idx]                                # [n_pairs, D]
+            y_sorted = GroupedSwiGLU.apply(x_sorted, self.gate_up_proj, self.down_proj, sizes)
+            weights = topk_weights_TK.reshape(-1)[pair_idx].to(y_sorted.dtype)
+            out_TD = out_TD.index_add(0, token_idx, (y_sorted * weights[:, None]).to(x_TD.dtype))
         zero_weight_T = (topk_weights_TK * (topk_ids_TK >= N)).sum(dim=-1)
         return out_TD + zero_weight_T[:, None].to(x_TD.dtype) * x_TD
 
