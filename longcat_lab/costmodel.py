@@ -267,11 +267,12 @@ STAGE_COLORS = {"attn0": "#1f77b4", "dense0": "#2ca02c", "dispatch": "#ff7f0e", 
                 "combine": "#ffbb78", "dense1": "#98df8a"}
 
 
-def gantt_figure(times: LayerTimes, title: str = "one layer, one decode step") -> go.Figure:
-    """The sequential and the SBO schedule of one layer side by side, in microseconds."""
+def gantt_figure(times: LayerTimes, title: str = "one layer, one decode step",
+                 schedules: tuple[str, ...] = ("sequential", "sbo")) -> go.Figure:
+    """The sequential and/or the SBO schedule of one layer, one lane for compute and one for the network, in µs."""
     fig = go.Figure()
     shown = set()
-    for schedule in ("sequential", "sbo"):
+    for schedule in schedules:
         for lane, stage, start, end in layer_gantt(times, schedule):
             if end <= start:
                 continue
@@ -280,7 +281,7 @@ def gantt_figure(times: LayerTimes, title: str = "one layer, one decode step") -
                                  marker_color=STAGE_COLORS[stage],
                                  hovertemplate=f"{stage}: %{{x:.0f}} µs<extra>{schedule}</extra>"))
             shown.add(stage)
-    order = ["sbo · network", "sbo · compute", "sequential · network", "sequential · compute"]
+    order = [f"{s} · {lane}" for s in reversed(schedules) for lane in ("network", "compute")]
     fig.update_layout(barmode="overlay", title=title, xaxis_title="µs", height=320, legend_title="stage",
                       yaxis=dict(categoryorder="array", categoryarray=order))
     return fig

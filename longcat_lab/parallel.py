@@ -39,6 +39,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +370,28 @@ def side_stream_forward(model: LongCatLM, idx: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.norm(x)).float()
 
 
+def time_side_stream(model: LongCatLM, idx: torch.Tensor, reps: int = 20) -> dict:
+    """Inference forward seconds of `model` as written (one stream) and of `side_stream_forward`, interleaved
+    after one warm-up each, each step synchronised. Returns per-step times, medians and the ratio. CUDA only."""
+    if not idx.is_cuda:
+        raise ValueError(f"idx is on {idx.device}: time_side_stream needs CUDA tensors (one GPU)")
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps={reps!r} is not allowed: it must be a positive integer")
+    runs = {"sequential": lambda: model(idx), "side_stream": lambda: side_stream_forward(model, idx)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for i in range(reps + 1):
+            for name, run in runs.items():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                if i:                                               # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {"times": times, "median_s": median, "ratio": median["sequential"] / median["side_stream"]}
+
+
 # Spawning ranks --------------------------------------------------------------------------------------------------
 def _entry(rank: int, fn: Callable, world_size: int, backend: str, init_file: str, out_dir: str,
            threads: int, timeout_s: float, args: tuple) -> None:
@@ -518,10 +541,11 @@ def _gather_objects(obj: Any, group=None) -> list[Any]:
 
 
 def overlap_worker(rank: int, world: int, config_dict: dict, seed: int, batch: int, seq_len: int, reps: int,
-                   trace_dir: str | None, backend: str = "gloo", experts_after: str = "attn1") -> dict:
+                   trace_dir: str | None, backend: str = "gloo", experts_after: str = "attn1",
+                   profile_steps: int = 1) -> dict:
     """Time inference forward steps of the sequential and the overlapped schedule, interleaved (so drift from
-    other load hits both alike), and optionally write one profiled step of each into a Chrome/Perfetto trace
-    `trace_dir/rank{rank}.json`. Each timed step starts after a barrier; returns per-step seconds by schedule."""
+    other load hits both alike), and optionally write `profile_steps` profiled steps of each into a Chrome/Perfetto
+    trace `trace_dir/rank{rank}.json`. Each step starts after a barrier; returns per-step seconds by schedule."""
     device = _device(backend, rank)
     config = ModelConfig.from_dict(config_dict)
     ep = ExpertParallelLM(seeded_model(config, seed, device)).eval()
@@ -547,17 +571,25 @@ def overlap_worker(rank: int, world: int, config_dict: dict, seed: int, batch: i
                 times[schedule].append(step(schedule))
         trace = None
         if trace_dir is not None:
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+            trace = str(Path(trace_dir) / f"rank{rank}.json")
             activities = [torch.profiler.ProfilerActivity.CPU]
             if device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as prof:
-                for schedule in SCHEDULES:
-                    step(schedule)
-            Path(trace_dir).mkdir(parents=True, exist_ok=True)
-            trace = str(Path(trace_dir) / f"rank{rank}.json")
-            tmp = trace + ".tmp"
-            prof.export_chrome_trace(tmp)
-            os.replace(tmp, trace)
+
+            def export(prof) -> None:                                # atomic: a reader never sees half a trace
+                prof.export_chrome_trace(trace + ".tmp")
+                os.replace(trace + ".tmp", trace)
+
+            # One unrecorded round first: the profiler's own start-up would otherwise land in the first step.
+            warnings.filterwarnings("ignore", message=".*Profiler clears events")   # intended: skip the warm-up
+            with torch.profiler.profile(activities=activities, on_trace_ready=export,
+                                        schedule=torch.profiler.schedule(wait=0, warmup=1, active=1)) as prof:
+                for rounds in (1, profile_steps):
+                    for _ in range(rounds):
+                        for schedule in SCHEDULES:
+                            step(schedule)
+                    prof.step()
     return {"rank": rank, "times": times, "trace": trace, "tokens": idx.numel(),
             "moved": [layer.mlp.last_stats for layer in ep.layers],
             "median_s": {s: statistics.median(t) for s, t in times.items()}}
@@ -565,23 +597,29 @@ def overlap_worker(rank: int, world: int, config_dict: dict, seed: int, batch: i
 
 def measure_overlap(config: ModelConfig, seed: int = 0, batch: int = 4, seq_len: int = 64, reps: int = 5,
                     trace_dir: str | os.PathLike | None = None, world_size: int = 2, backend: str = "gloo",
-                    experts_after: str = "attn1") -> dict:
+                    experts_after: str = "attn1", profile_steps: int = 1) -> dict:
     """Spawn `world_size` ranks running `overlap_worker` and summarise: a step ends when its slowest rank ends, so
-    the step time of repetition i is the max over ranks; the ratio is median(sequential) / median(overlapped)."""
-    for name in ("batch", "seq_len", "reps"):
+    the step time of repetition i is the max over ranks. `ratio` is median(sequential) / median(overlapped);
+    `paired_ratios` are sequential_i / overlapped_i of the same round (run back to back, so they share the load
+    of the moment), summarised by their median and quartiles; `ratio_of_minima` is the least-disturbed view."""
+    for name in ("batch", "seq_len", "reps", "profile_steps"):
         value = locals()[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
     _check_choice("experts_after", experts_after, EXPERTS_AFTER)
     results = launch(overlap_worker, world_size, args=(config.to_dict(), seed, batch, seq_len, reps,
                                                        None if trace_dir is None else str(trace_dir), backend,
-                                                       experts_after), backend=backend)
+                                                       experts_after, profile_steps), backend=backend)
     step = {s: [max(r["times"][s][i] for r in results) for i in range(reps)] for s in SCHEDULES}
     median = {s: statistics.median(v) for s, v in step.items()}
+    paired = [a / b for a, b in zip(step["sequential"], step["overlapped"])]
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
     return {"step_s": step, "median_s": median, "ratio": median["sequential"] / median["overlapped"],
+            "paired_ratios": paired, "paired_ratio_quartiles": quartiles,
+            "ratio_of_minima": min(step["sequential"]) / min(step["overlapped"]),
             "ranks": results, "traces": [r["trace"] for r in results]}
 
 
 __all__ = ["ExpertParallelMoE", "ExpertParallelLayer", "ExpertParallelLM", "Exchange", "exchange", "launch",
-           "seeded_model", "side_stream_forward", "parity_worker", "overlap_worker", "measure_overlap",
-           "SCHEDULES", "EXPERTS_AFTER"]
+           "seeded_model", "side_stream_forward", "time_side_stream", "parity_worker", "overlap_worker",
+           "measure_overlap", "SCHEDULES", "EXPERTS_AFTER"]

@@ -12,8 +12,10 @@ What a trace holds, and how it is read:
 - "ep.step.<schedule>" brackets one whole forward step of a schedule.
 
 Hidden fraction = |communication intervals ∩ compute intervals| / |communication intervals|, unions taken within
-one step. On CPU "compute" is where the main thread was inside a compute region, which includes moments when the
-OS ran the gloo thread instead on a shared core: the fraction says what overlapped in time, not what was free.
+each profiled step, summed over steps. A gloo collective's span runs from when its thread picks it up until the
+data has arrived, so it includes waiting for the other rank to reach the same collective. On CPU "compute" is where
+the main thread was inside a compute region, which includes moments when the OS ran the gloo thread instead on a
+shared core: the fraction says what overlapped in time, not what was free.
 """
 
 from __future__ import annotations
@@ -116,37 +118,48 @@ def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
     return total
 
 
-def step_window(spans: list[Span], schedule: str) -> tuple[float, float]:
-    steps = [s for s in spans if s.lane == "step" and s.name == schedule]
+def step_windows(spans: list[Span], schedule: str) -> list[tuple[float, float]]:
+    """(start, end) of every profiled step of `schedule`, in trace order."""
+    steps = [(s.start, s.end) for s in spans if s.lane == "step" and s.name == schedule]
     if not steps:
         found = sorted({s.name for s in spans if s.lane == "step"})
         raise ValueError(f"schedule={schedule!r} has no 'ep.step.{schedule}' span in this trace; found {found}")
-    return steps[0].start, steps[0].end
+    return sorted(steps)
 
 
 def overlap_stats(spans: list[Span], schedule: str) -> dict[str, float]:
-    """Per-step figures in microseconds for one rank: step time, token-exchange time (union of dispatch and combine
-    collectives), how much of it ran under compute and that fraction, the row-count exchange, and time blocked."""
-    lo, hi = step_window(spans, schedule)
+    """One rank's figures in microseconds per step, averaged over its profiled steps of `schedule`: step time,
+    token-exchange time (union of the dispatch and combine collectives), how much of it ran under compute and that
+    fraction (total hidden / total exchange), the row-count exchange, time blocked, and time in compute regions."""
+    totals = dict.fromkeys(("step_us", "comm_us", "hidden_us", "counts_us", "wait_us", "compute_us"), 0.0)
+    windows = step_windows(spans, schedule)
+    for lo, hi in windows:
+        def clipped(pred) -> list[tuple[float, float]]:
+            return _union([(max(s.start, lo), min(s.end, hi)) for s in spans
+                           if pred(s) and s.end > lo and s.start < hi])
 
-    def clipped(pred) -> list[tuple[float, float]]:
-        return _union([(max(s.start, lo), min(s.end, hi)) for s in spans if pred(s) and s.end > lo and s.start < hi])
+        exchange = clipped(lambda s: s.lane == "comm" and s.name == "exchange")
+        compute = clipped(lambda s: s.lane == "compute")
+        totals["step_us"] += hi - lo
+        totals["comm_us"] += _length(exchange)
+        totals["hidden_us"] += _overlap(exchange, compute)
+        totals["counts_us"] += _length(clipped(lambda s: s.lane == "comm" and s.name == "counts exchange"))
+        totals["wait_us"] += _length(clipped(lambda s: s.lane == "wait"))
+        totals["compute_us"] += _length(compute)
+    out = {k: v / len(windows) for k, v in totals.items()}
+    out["hidden_fraction"] = totals["hidden_us"] / totals["comm_us"] if totals["comm_us"] else 0.0
+    out["steps"] = len(windows)
+    return out
 
-    exchange = clipped(lambda s: s.lane == "comm" and s.name == "exchange")
-    compute = clipped(lambda s: s.lane == "compute")
-    comm_us = _length(exchange)
-    hidden_us = _overlap(exchange, compute)
-    return {"step_us": hi - lo, "comm_us": comm_us, "hidden_us": hidden_us,
-            "hidden_fraction": hidden_us / comm_us if comm_us else 0.0,
-            "counts_us": _length(clipped(lambda s: s.lane == "comm" and s.name == "counts exchange")),
-            "wait_us": _length(clipped(lambda s: s.lane == "wait")),
-            "compute_us": _length(compute)}
 
-
-def timeline_figure(traces: list[list[Span]], schedule: str, title: str | None = None) -> go.Figure:
-    """A Gantt-style timeline of one step: for every rank, lanes for compute, launch, wait and communication,
-    bars coloured by part. Times in ms from the earliest start of that step over all ranks."""
-    windows = [step_window(spans, schedule) for spans in traces]
+def timeline_figure(traces: list[list[Span]], schedule: str, title: str | None = None, step: int = 0) -> go.Figure:
+    """A Gantt-style timeline of profiled step number `step` of `schedule`: for every rank, lanes for compute,
+    launch, wait and communication, bars coloured by part. Times in ms from that step's earliest start."""
+    all_windows = [step_windows(spans, schedule) for spans in traces]
+    if not all(0 <= step < len(w) for w in all_windows):
+        raise ValueError(f"step={step!r} is not allowed: it must be between 0 and "
+                         f"{min(len(w) for w in all_windows) - 1} (profiled steps of {schedule!r})")
+    windows = [w[step] for w in all_windows]
     origin = min(w[0] for w in windows)
     bars: dict[str, dict[str, list]] = {}
     for spans, (lo, hi) in zip(traces, windows):
@@ -183,4 +196,4 @@ def stats_table(traces: list[list[Span]], schedules: tuple[str, ...] = ("sequent
     return rows
 
 
-__all__ = ["Span", "load_trace", "overlap_stats", "step_window", "timeline_figure", "stats_table"]
+__all__ = ["Span", "load_trace", "overlap_stats", "step_windows", "timeline_figure", "stats_table"]
