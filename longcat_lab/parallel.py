@@ -51,7 +51,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.profiler import record_function
 
-from .config import ModelConfig
+from .config import ModelConfig, check_positive_int
 from .model import IGNORE_INDEX, Experts, LongCatLayer, LongCatLM, MoE, rope_angles
 
 SCHEDULES = ("sequential", "overlapped")
@@ -375,8 +375,7 @@ def time_side_stream(model: LongCatLM, idx: torch.Tensor, reps: int = 20) -> dic
     after one warm-up each, each step synchronised. Returns per-step times, medians and the ratio. CUDA only."""
     if not idx.is_cuda:
         raise ValueError(f"idx is on {idx.device}: time_side_stream needs CUDA tensors (one GPU)")
-    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
-        raise ValueError(f"reps={reps!r} is not allowed: it must be a positive integer")
+    check_positive_int("reps", reps)
     runs = {"sequential": lambda: model(idx), "side_stream": lambda: side_stream_forward(model, idx)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
@@ -416,8 +415,7 @@ def launch(fn: Callable, world_size: int = 2, args: tuple = (), backend: str = "
     `fn` must be importable (a module-level library function); a rank's exception is re-raised here, and a
     collective that hangs fails after `timeout_s`."""
     _check_choice("backend", backend, ("gloo", "nccl"))
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} is not allowed: it must be a positive integer")
+    check_positive_int("world_size", world_size)
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"backend='nccl' with world_size={world_size} needs that many GPUs; "
                          f"{torch.cuda.device_count()} visible")
@@ -602,10 +600,8 @@ def measure_overlap(config: ModelConfig, seed: int = 0, batch: int = 4, seq_len:
     the step time of repetition i is the max over ranks. `ratio` is median(sequential) / median(overlapped);
     `paired_ratios` are sequential_i / overlapped_i of the same round (run back to back, so they share the load
     of the moment), summarised by their median and quartiles; `ratio_of_minima` is the least-disturbed view."""
-    for name in ("batch", "seq_len", "reps", "profile_steps"):
-        value = locals()[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("reps", reps), ("profile_steps", profile_steps)):
+        check_positive_int(name, value)
     _check_choice("experts_after", experts_after, EXPERTS_AFTER)
     results = launch(overlap_worker, world_size, args=(config.to_dict(), seed, batch, seq_len, reps,
                                                        None if trace_dir is None else str(trace_dir), backend,
