@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import presets
 from .config import ModelConfig
 from .model import LongCatLM
 
@@ -53,14 +54,15 @@ class ControllerConfig:
     # K_e, FFN experts per token; None = the uniform share K*N/(N+Z), which is 8 for the release, i.e. the paper's
     # ~27B average activated parameters (spec 2). The paper never prints K_e.
     target_ffn_experts: float | None = None
-    # mu of Eq. 2 (unpublished). Settling time on our tiny and small models is a few tens of optimizer steps at 0.1,
-    # slow enough to average out per-batch noise (benchmarks/controller_tracking.py measures it).
+    # mu of Eq. 2 (unpublished). At 0.1 the per-expert balancing stays stable on a fresh tiny model, where 0.3
+    # already let one FFN expert run 20x hotter than another (benchmarks/controller_tracking.py).
     bias_update_rate: float = 0.1
     # mu is multiplied by this every optimizer step; the paper says a decay helps but gives no schedule, so it is off.
     bias_update_decay: float = 1.0
-    # (kp, ki, kd) in mu's units (see the module docstring); ki = mu keeps the paper's integral, kp adds the fast
-    # proportional kick that the paper's rule lacks, a little kd damps the overshoot kp would cause.
-    pid_gains: tuple[float, float, float] = (0.3, 0.1, 0.05)
+    # (kp, ki, kd) in mu's units (module docstring). ki = 5 mu runs the budget loop faster than the per-expert
+    # balancing, which mu = 0.1 keeps stable; kp and kd are 0 because, with one step of delay and the high plant gain
+    # of a fresh router, they only added oscillation in benchmarks/controller_tracking.py (README results).
+    pid_gains: tuple[float, float, float] = (0.0, 0.5, 0.0)
     # Anti-windup: the integral term's share of the offset, in bias units. Probabilities lie in [0, 1], so an offset
     # of 1 already makes every FFN expert beat every zero expert; integrating further only stores overshoot.
     integral_clamp: float = 1.0
@@ -81,7 +83,8 @@ class ControllerConfig:
         if not isinstance(gains, (tuple, list)) or len(gains) != 3:
             raise ValueError(f"pid_gains={gains!r} is not allowed: it must be three numbers (kp, ki, kd)")
         for name, g in zip(("kp", "ki", "kd"), gains):
-            _check_nonnegative(f"pid_gains {name}", g)
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+                raise ValueError(f"pid_gains={gains!r} is not allowed: {name}={g!r} must be a finite number >= 0")
         self.pid_gains = tuple(float(g) for g in gains)
         for name in ("integral_clamp", "output_clamp"):
             v = getattr(self, name)
@@ -252,4 +255,64 @@ class BiasController:
         self.step_count = step
 
 
-__all__ = ["CONTROLLER_MODES", "ControllerConfig", "BiasController", "resolve_target"]
+# A synthetic plant ---------------------------------------------------------------------------------------------
+class SyntheticRouting:
+    """Fixed, skewed router logits pushed through the real routers of a small model, with no training: the plant on
+    which the tests and benchmarks/controller_tracking.py compare controllers.
+
+    Each MoE block gets fixed inputs u_TD whose first coordinate is 1 and classifier rows whose first weight is a
+    skew: FFN experts' preferences fall linearly from +ffn_skew to -ffn_skew (some hot, some cold), zero experts all
+    get +zero_skew (at zero bias the FFN experts are then under-used for zero_skew > 0). The other coordinates add
+    per-token variety with logit std `logit_std`. `batch_tokens` < tokens draws a fresh random batch each step
+    (sampling noise, as in training); None routes all tokens every step (a noiseless plant)."""
+
+    def __init__(self, model_config: ModelConfig | None = None, tokens: int = 4096, ffn_skew: float = 1.0,
+                 zero_skew: float = 0.5, logit_std: float = 1.0, batch_tokens: int | None = None, seed: int = 0):
+        if model_config is None:
+            # The small preset's expert pool (16 FFN + 8 zero experts, top-6) behind the tiny preset's width.
+            model_config = presets.tiny(n_routed_experts=16, zero_expert_num=8, moe_topk=6)
+        if batch_tokens is not None and not (isinstance(batch_tokens, int) and 0 < batch_tokens <= tokens):
+            raise ValueError(f"batch_tokens={batch_tokens!r} is not allowed: it must be None or in [1, {tokens}]")
+        self.model = LongCatLM(model_config).train()
+        self.batch_tokens = batch_tokens
+        N, E, D = model_config.n_routed_experts, model_config.num_experts, model_config.hidden_size
+        g = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        skew_E = torch.cat([torch.linspace(ffn_skew, -ffn_skew, N), torch.full((E - N,), float(zero_skew))])
+        self.inputs = []
+        with torch.no_grad():
+            for block in self.model.moe_blocks():
+                u_TD = torch.randn(tokens, D, generator=g)
+                u_TD[:, 0] = 1.0
+                W_ED = torch.randn(E, D, generator=g) * logit_std / math.sqrt(D - 1)
+                W_ED[:, 0] = skew_E
+                block.router.classifier.weight.copy_(W_ED)
+                self.inputs.append(u_TD)
+
+    def reset(self) -> None:
+        """Zero every bias and count (a fresh start for the next controller)."""
+        for block in self.model.moe_blocks():
+            block.router.e_score_correction_bias.zero_()
+            block.router.expert_counts.zero_()
+        self.generator.manual_seed(self.generator.initial_seed())
+
+    @torch.no_grad()
+    def forward(self) -> None:
+        """One step's routing: every router counts its selections, as training forwards do."""
+        for block, u_TD in zip(self.model.moe_blocks(), self.inputs):
+            if self.batch_tokens is not None:
+                u_TD = u_TD[torch.randperm(u_TD.shape[0], generator=self.generator)[:self.batch_tokens]]
+            block.router(u_TD)
+
+    def run(self, config: ControllerConfig, steps: int) -> list[dict[str, Any]]:
+        """Reset, then `steps` optimizer steps of routing + controller update; the controller's reports."""
+        self.reset()
+        controller = BiasController(config, self.model)
+        reports = []
+        for _ in range(steps):
+            self.forward()
+            reports.append(controller.step())
+        return reports
+
+
+__all__ = ["CONTROLLER_MODES", "ControllerConfig", "BiasController", "SyntheticRouting", "resolve_target"]

@@ -1,0 +1,129 @@
+"""Auxiliary losses: the device-level load-balance loss (paper Eq. 3-5; spec 3), the hidden z-loss (paper Eq. 10;
+spec 4) and an optional router z-loss (ST-MoE). Each is computed per MoE layer and summed over layers (an aux loss
+over all layers at once lets one layer's imbalance hide behind another's), has its own coefficient, and is returned
+separately so the trainer can log it. They are added to the LM loss; the expert bias is steered elsewhere
+(`longcat_lab.control`) and no loss here touches it.
+
+Shape legend: B batch, S sequence, T = B*S tokens, E = N + Z experts, N FFN experts, K top-k, D groups of FFN experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .model import LayerRouting, Routing
+
+LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
+
+
+@dataclass
+class LossConfig:
+    """Coefficients of the auxiliary losses (training config)."""
+
+    # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (spec 3): on the tiny preset's training run R_g drops
+    # under 0.1 within ~20 steps at 1e-3 but only after ~60 at 1e-2 (benchmarks/controller_tracking.py).
+    balance_loss_coef: float = 1e-3
+    # D, the number of FFN-expert groups (EP groups in the paper); one group plus the zero group on a single device.
+    balance_groups: int = 1
+    # lambda of Eq. 10, "very small" and unpublished; 1e-7 (a secondary note's value) is negligible at O(1)
+    # activations and only bites once the last hidden state grows into the hundreds (the massive activations it is for).
+    hidden_z_loss_coef: float = 1e-7
+    # ST-MoE's router z-loss; LongCat-Flash does not use one, so it is off (0) unless an experiment turns it on.
+    router_z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("balance_loss_coef", "hidden_z_loss_coef", "router_z_loss_coef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}={v!r} is not allowed: it must be a finite number >= 0 (0 turns it off)")
+        g = self.balance_groups
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"balance_groups={g!r} is not allowed: it must be a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LossConfig":
+        """Build from a dict, refusing unknown keys (a typo would otherwise silently fall back to a default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LossConfig field(s) {unknown}; allowed fields are {sorted(known)}")
+        return cls(**data)
+
+
+def balance_loss_layer(layer: LayerRouting, n_ffn: int, top_k: int, target_ffn_experts: float,
+                       groups: int = 1) -> torch.Tensor:
+    """One layer's sum_j f_j P_j of Eq. 3 (without alpha), over D FFN-expert groups plus the zero group.
+
+    P_j = (1/T) sum_t sum_{i in group j} p_{t,i} carries the gradient; f_j is a constant from the selections:
+    f_j = D/(K_e T) * (selections of group j) for FFN groups, f_zero = 1/((K - K_e) T) * (zero-expert selections).
+    We count selections, not tokens (open question 11.5): with counts every f_j equals 1 exactly when the FFN groups
+    share K_e experts per token evenly and zero experts take the other K - K_e, which is what the normalisers encode.
+    A group whose normaliser is 0 (K_e = 0 for FFN groups, K_e = K for the zero group) is left out."""
+    N, D = n_ffn, groups
+    probs_TE = layer.router_probs.reshape(-1, layer.router_probs.shape[-1])
+    ids_P = layer.topk_ids.reshape(-1)
+    T, E = probs_TE.shape
+    if N % D:
+        raise ValueError(f"balance_groups={D} is not allowed: it must divide n_routed_experts={N}")
+    group_E = torch.arange(E, device=probs_TE.device) // (N // D)
+    group_E[N:] = D                                                    # every zero expert is group D+1
+    n_groups = D + 1 if E > N else D
+    P_G = torch.zeros(n_groups, dtype=probs_TE.dtype, device=probs_TE.device).index_add(
+        0, group_E, probs_TE.sum(0)) / T
+    with torch.no_grad():
+        picks_G = torch.bincount(group_E[ids_P], minlength=n_groups).to(probs_TE.dtype)
+        norm_G = torch.full((n_groups,), D / target_ffn_experts if target_ffn_experts > 0 else 0.0,
+                            dtype=probs_TE.dtype, device=probs_TE.device)
+        if E > N:
+            zero_share = top_k - target_ffn_experts
+            norm_G[D] = 1.0 / zero_share if zero_share > 0 else 0.0
+        f_G = norm_G * picks_G / T
+    return (f_G * P_G).sum()
+
+
+def hidden_z_loss(last_hidden: torch.Tensor) -> torch.Tensor:
+    """(1/T) sum_t (log sum_i exp|z_t,i|)^2 over the last hidden state before the final norm (paper Eq. 10), in fp32."""
+    z_TD = last_hidden.reshape(-1, last_hidden.shape[-1]).float()
+    return torch.logsumexp(z_TD.abs(), dim=-1).pow(2).mean()
+
+
+def router_z_loss_layer(layer: LayerRouting) -> torch.Tensor:
+    """(1/T) sum_t (log sum_e exp(logit_t,e))^2 of one router (ST-MoE, Zoph et al. 2022), in fp32."""
+    logits_TE = layer.router_logits.reshape(-1, layer.router_logits.shape[-1]).float()
+    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+
+
+def aux_losses(routing: Routing, loss_config: LossConfig, model_config: ModelConfig,
+               target_ffn_experts: float) -> dict[str, torch.Tensor]:
+    """{"balance_loss", "hidden_z_loss", "router_z_loss"}: 0-dim tensors, coefficients applied, per-layer losses
+    summed over MoE layers. A loss whose coefficient is 0 is a constant 0 (not computed)."""
+    K = model_config.moe_topk
+    if isinstance(target_ffn_experts, bool) or not isinstance(target_ffn_experts, (int, float)) or not (
+            0 <= target_ffn_experts <= K):
+        raise ValueError(f"target_ffn_experts={target_ffn_experts!r} is not allowed: it must lie in [0, moe_topk={K}]")
+    if model_config.n_routed_experts % loss_config.balance_groups:
+        raise ValueError(f"balance_groups={loss_config.balance_groups} is not allowed: it must divide "
+                         f"n_routed_experts={model_config.n_routed_experts}")
+    layers = [layer for layer in routing.layers if layer is not None]
+    out = {key: routing.last_hidden.new_zeros((), dtype=torch.float32) for key in LOSS_KEYS}
+    if loss_config.balance_loss_coef and layers:
+        out["balance_loss"] = loss_config.balance_loss_coef * sum(
+            balance_loss_layer(layer, model_config.n_routed_experts, K, float(target_ffn_experts),
+                               loss_config.balance_groups) for layer in layers)
+    if loss_config.hidden_z_loss_coef:
+        out["hidden_z_loss"] = loss_config.hidden_z_loss_coef * hidden_z_loss(routing.last_hidden)
+    if loss_config.router_z_loss_coef and layers:
+        out["router_z_loss"] = loss_config.router_z_loss_coef * sum(router_z_loss_layer(layer) for layer in layers)
+    return out
+
+
+__all__ = ["LOSS_KEYS", "LossConfig", "aux_losses", "balance_loss_layer", "hidden_z_loss", "router_z_loss_layer"]
