@@ -31,13 +31,14 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from . import accounting
+from . import accounting, metrics
 from .config import ModelConfig
 from .model import LayerRouting, MoE, Routing
 from .tokenclass import TOKEN_CLASSES, token_class
 
 # One colour per domain and per token class, so that every figure of a notebook speaks the same colours.
-DOMAIN_COLOURS = {"prose": "#4c78a8", "code": "#f58518", "reasoning": "#54a24b"}
+# Domain names are longcat_lab.data's: prose is Shakespeare, code the Python standard library.
+DOMAIN_COLOURS = {"shakespeare": "#4c78a8", "python": "#f58518", "reasoning": "#54a24b"}
 CLASS_COLOURS = {"whitespace": "#bab0ac", "punctuation": "#e45756", "digits": "#72b7b2", "code keyword": "#b279a2",
                  "word": "#4c78a8"}
 # Sequential scale for "how many FFN experts": light = little compute, dark = much.
@@ -89,21 +90,21 @@ def _scale(values: np.ndarray | float) -> tuple[float, str]:
 # Expert load ---------------------------------------------------------------------------------------------------
 @dataclass
 class ExpertLoad:
-    """Selections per expert and layer, and how far each is from its ideal share.
+    """Selections per expert and layer, and how far each is from its ideal share, as `metrics.routing_health` defines
+    it: an FFN expert's ideal is the FFN selections actually made spread evenly over the N FFN experts (so a budget
+    error does not show up as imbalance), a zero expert's the zero selections spread over the Z zero experts. FFN
+    experts below `metrics.DEAD_LOAD` of the ideal are dead, above `metrics.HOT_LOAD` hot; zero experts are never
+    flagged, since they are interchangeable identities."""
 
-    The ideal share follows the controller's target (spec section 3): an FFN expert should take K_e/N selections per
-    token and a zero expert (K - K_e)/Z, so with K_e = K*N/(N+Z) (uniform routing) every expert's ideal is K/(N+Z)."""
-
-    counts: np.ndarray       # [L, E] selections per expert
-    ideal: np.ndarray        # [L, E] selections each expert would get at its ideal share
-    relative: np.ndarray     # [L, E] counts / ideal; nan where the ideal is 0
-    dead: np.ndarray         # [L, E] bool: never selected
-    hot: np.ndarray          # [L, E] bool: selected at least `hot_factor` times its ideal share
-    layers: list[int]        # model layer index of each row
-    tokens: np.ndarray       # [L] tokens routed in each layer
+    counts: np.ndarray             # [L, E] selections per expert
+    ideal: np.ndarray              # [L, E] selections each expert would get at its ideal share
+    relative: np.ndarray           # [L, E] counts / ideal; 0 where the ideal is 0 (no FFN or no zero selections)
+    dead: np.ndarray               # [L, E] bool, FFN experts only
+    hot: np.ndarray                # [L, E] bool, FFN experts only
+    layers: list[int]              # model layer index of each row
+    tokens: np.ndarray             # [L] tokens routed in each layer
+    ffn_experts_per_token: np.ndarray  # [L] mean FFN experts per token in each layer
     n_routed_experts: int
-    target_ffn_experts: float
-    hot_factor: float
 
 
 def router_counts(model: torch.nn.Module) -> np.ndarray:
@@ -115,15 +116,21 @@ def router_counts(model: torch.nn.Module) -> np.ndarray:
     return np.stack([_numpy(b.router.expert_counts) for b in blocks])
 
 
-def expert_load(source: Routing | np.ndarray | torch.Tensor, config: ModelConfig,
-                target_ffn_experts: float | None = None, hot_factor: float = 2.0) -> ExpertLoad:
-    """Load per layer and expert from a Routing record (every token of every sequence) or from counts [L, E]
-    such as `router_counts(model)`. `target_ffn_experts` is K_e (default: uniform routing, K*N/(N+Z))."""
+def expert_load(source: Routing | np.ndarray | torch.Tensor, config: ModelConfig) -> ExpertLoad:
+    """Load per layer and expert from a Routing record (every token of every sequence), a list of them (counts
+    added up), or counts [L, E] such as `router_counts(model)`."""
     N, E, K = config.n_routed_experts, config.num_experts, config.moe_topk
     if isinstance(source, Routing):
-        moe = _moe_layers(source, "source")
-        layers = [i for i, _ in moe]
-        counts = np.stack([np.bincount(_numpy(r.topk_ids).reshape(-1), minlength=E) for _, r in moe])
+        source = [source]
+    if isinstance(source, (list, tuple)) and source and all(isinstance(r, Routing) for r in source):
+        counts, layers = 0, None
+        for n, routing in enumerate(source):
+            moe = _moe_layers(routing, f"source[{n}]")
+            if layers is not None and [i for i, _ in moe] != layers:
+                raise ValueError(f"source[{n}] routes through MoE layers {[i for i, _ in moe]}, source[0] through "
+                                 f"{layers}")
+            layers = [i for i, _ in moe]
+            counts = counts + np.stack([np.bincount(_numpy(r.topk_ids).reshape(-1), minlength=E) for _, r in moe])
     elif isinstance(source, (np.ndarray, torch.Tensor, list)):
         counts = _numpy(source) if isinstance(source, torch.Tensor) else np.asarray(source)
         layers = list(range(counts.shape[0])) if counts.ndim == 2 else []
@@ -135,51 +142,76 @@ def expert_load(source: Routing | np.ndarray | torch.Tensor, config: ModelConfig
                          f"= [L, {E}]")
     if (counts < 0).any():
         raise ValueError("source holds negative counts: expected selections per expert (>= 0)")
-    lo, hi = max(0, K - config.zero_expert_num), min(K, N)
-    k_e = config.uniform_ffn_experts if target_ffn_experts is None else float(target_ffn_experts)
-    if not lo <= k_e <= hi:
-        raise ValueError(f"target_ffn_experts={target_ffn_experts!r} is not allowed: with moe_topk={K}, "
-                         f"n_routed_experts={N}, zero_expert_num={config.zero_expert_num} it must be in [{lo}, {hi}]")
-    if not (isinstance(hot_factor, (int, float)) and hot_factor > 1):
-        raise ValueError(f"hot_factor={hot_factor!r} is not allowed: it must be a number > 1 (times the ideal share)")
     counts = counts.astype(np.int64)
     tokens = counts.sum(axis=1) / K             # every token makes exactly K selections per layer
     if (tokens == 0).any():
         empty = [layers[i] for i in np.flatnonzero(tokens == 0)]
         raise ValueError(f"source has no selections in layer(s) {empty}: nothing to measure")
-    share = np.concatenate([np.full(N, k_e / N), np.full(E - N, (K - k_e) / max(E - N, 1))])  # per token
-    ideal = tokens[:, None] * share[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(ideal > 0, counts / np.where(ideal > 0, ideal, 1.0), np.nan)
-    dead = counts == 0
-    hot = np.nan_to_num(relative, nan=0.0) >= hot_factor
-    return ExpertLoad(counts, ideal, relative, dead, hot, layers, tokens, N, k_e, float(hot_factor))
+    ffn, zero = counts[:, :N].sum(1), counts[:, N:].sum(1)
+    ideal = np.concatenate([np.repeat((ffn / N)[:, None], N, 1),
+                            np.repeat((zero / max(E - N, 1))[:, None], E - N, 1)], axis=1)
+    relative = counts / np.where(ideal > 0, ideal, 1.0)   # counts are 0 wherever the ideal is
+    dead = np.zeros_like(counts, dtype=bool)
+    hot = np.zeros_like(counts, dtype=bool)
+    dead[:, :N] = relative[:, :N] < metrics.DEAD_LOAD
+    hot[:, :N] = relative[:, :N] > metrics.HOT_LOAD
+    return ExpertLoad(counts, ideal, relative, dead, hot, layers, tokens, ffn / tokens, N)
 
 
 def expert_load_heatmap(load: ExpertLoad, title: str | None = None) -> go.Figure:
-    """Layer x expert heatmap of load / ideal share (1 = ideal, white), dead experts marked x, hot ones ▲."""
+    """Layer x expert heatmap of load / ideal share (1 = ideal, white), dead FFN experts marked x, hot ones ▲."""
     L, E = load.counts.shape
     names = _expert_names(load.n_routed_experts, E)
-    rows = [f"layer {i}" for i in load.layers]
-    top = max(2.0, float(np.nanmax(load.relative)) if np.isfinite(load.relative).any() else 2.0)
+    rows = [f"layer {i} ({k:.2f} FFN/token)" for i, k in zip(load.layers, load.ffn_experts_per_token)]
+    top = max(2.0, float(load.relative.max()))
     hover = [[f"{rows[l]} · {names[e]}<br>selections {load.counts[l, e]} (ideal {load.ideal[l, e]:.1f})<br>"
               f"load {load.relative[l, e]:.2f}× ideal" for e in range(E)] for l in range(L)]
     fig = go.Figure(go.Heatmap(
-        z=load.relative, x=names, y=rows, zmin=0, zmid=1, zmax=top, colorscale="RdBu_r",
-        hovertext=hover, hoverinfo="text", colorbar=dict(title="load / ideal"), name="load / ideal"))
-    for mask, symbol, label in ((load.dead, "x", "dead (never selected)"),
-                                (load.hot, "triangle-up", f"hot (≥ {load.hot_factor:g}× ideal)")):
+        z=load.relative, x=names, y=rows, zmin=0, zmid=1, zmax=top, colorscale="RdBu_r", name="load / ideal",
+        hovertext=hover, hoverinfo="text", colorbar=dict(title="load / ideal")))
+    for mask, symbol, label in ((load.dead, "x", f"dead (< {metrics.DEAD_LOAD:g}× ideal)"),
+                                (load.hot, "triangle-up", f"hot (> {metrics.HOT_LOAD:g}× ideal)")):
         ll, ee = np.nonzero(mask)
         fig.add_trace(go.Scatter(x=[names[e] for e in ee], y=[rows[l] for l in ll], mode="markers", name=label,
                                  marker=dict(symbol=symbol, size=11, color="black"), hoverinfo="skip"))
     if E > load.n_routed_experts:  # a line between the FFN experts and the zero experts
         fig.add_vline(x=load.n_routed_experts - 0.5, line=dict(color="black", dash="dot"))
     fig.update_layout(
-        title=title or f"Expert load relative to the ideal share (K_e = {load.target_ffn_experts:.2f} FFN experts "
-                       f"per token; F = FFN experts, Z = zero experts)",
-        xaxis_title="expert", yaxis=dict(autorange="reversed"), height=160 + 40 * L,
+        title=title or "Expert load relative to the ideal share (F = FFN experts vs the FFN selections made, "
+                       "Z = zero experts vs the zero selections made)",
+        xaxis_title="expert", yaxis=dict(autorange="reversed"), height=180 + 40 * L,
         legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+# Routing a text ------------------------------------------------------------------------------------------------
+def route_text(model: torch.nn.Module, tokenizer: Any, text: str, max_tokens: int | None = None
+               ) -> tuple[list[str], Routing]:
+    """Tokenise `text` with a `tokenizers.Tokenizer` (anything whose `encode(text)` has `.ids` and `.offsets`), route
+    it through `model` in eval mode under no_grad (router counts untouched) and return (token texts, Routing).
+
+    Token texts are the slices of `text` each token covers, so a character that byte-level BPE splits over several
+    tokens shows in each of them, rather than as replacement characters."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"text={text!r} is not allowed: it must be a non-empty str")
+    enc = tokenizer.encode(text)
+    ids, offsets = list(enc.ids), list(enc.offsets)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens!r} is not allowed: it must be a positive integer or None")
+        ids, offsets = ids[:max_tokens], offsets[:max_tokens]
+    limit = model.config.max_position_embeddings
+    if len(ids) > limit:
+        raise ValueError(f"text has {len(ids)} tokens: more than max_position_embeddings={limit}; pass max_tokens")
+    tokens = [text[a:b] for a, b in offsets]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, _, routing = model(torch.tensor([ids], device=model.device), return_routing=True)
+    finally:
+        model.train(was_training)
+    return tokens, routing
 
 
 # Token compute map ---------------------------------------------------------------------------------------------
@@ -295,7 +327,7 @@ def _ordered(keys: np.ndarray) -> list[str]:
 
 
 def token_table(samples: Iterable[tuple[str, Sequence[str], Routing]],
-                code_domains: Sequence[str] = ("code",)) -> TokenTable:
+                code_domains: Sequence[str] = ("python",)) -> TokenTable:
     """Build a TokenTable from `(domain, tokens, routing)` triples, one per sample, each routing from a forward of
     that sample alone (batch 1). Python keywords count as "code keyword" only in `code_domains`."""
     cols: dict[str, list] = {k: [] for k in ("domain", "sample", "position", "token", "token_class", "ffn")}
@@ -332,6 +364,25 @@ def token_table(samples: Iterable[tuple[str, Sequence[str], Routing]],
         position=np.array(cols["position"]), token=np.array(cols["token"], dtype=object),
         token_class=np.array(cols["token_class"], dtype=object), ffn_experts=np.concatenate(cols["ffn"]),
         layers=layers, moe_topk=K, n_routed_experts=N)
+
+
+def contrast(table: TokenTable, group: str, reference: str, by: str = "class", layer: int | None = None
+             ) -> dict[str, Any]:
+    """Mean FFN experts per token of `group` minus that of `reference` (groups of `by`), with Welch's standard error,
+    and a verdict: "fewer" or "more" when the difference is beyond two standard errors, else "no clear difference".
+    Tokens within a text are not independent, so the standard error is optimistic; read it as a rough guide."""
+    keys, vals = table.groups(by), table.values(layer).astype(np.float64)
+    present = sorted(set(keys.tolist()))
+    for name, g in (("group", group), ("reference", reference)):
+        if g not in present:
+            raise ValueError(f"{name}={g!r} is not allowed: the table's {by} groups are {present}")
+    a, b = vals[keys == group], vals[keys == reference]
+    diff = float(a.mean() - b.mean())
+    se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size) if a.size > 1 and b.size > 1 else math.inf
+    verdict = "no clear difference" if not abs(diff) > 2 * se else ("fewer" if diff < 0 else "more")
+    return {"group": group, "reference": reference, "by": by, "layer": layer, "group_mean": float(a.mean()),
+            "reference_mean": float(b.mean()), "group_count": int(a.size), "reference_count": int(b.size),
+            "difference": diff, "standard_error": se, "verdict": verdict}
 
 
 def ffn_experts_by_group(table: TokenTable, by: str = "domain", layer: int | None = None,
@@ -514,20 +565,28 @@ def controller_traces(source: str | Path | Sequence[Mapping[str, Any]], title: s
 
 
 # Expert co-activation and router similarity --------------------------------------------------------------------
-def coactivation(routing: Routing, layer: int) -> np.ndarray:
-    """[E, E]: the share of tokens (all sequences) that chose both expert i and expert j in `layer`; the diagonal is
-    the share of tokens that chose i."""
-    moe = dict(_moe_layers(routing))
-    ids = _numpy(moe[_check_layer(layer, list(moe))].topk_ids)
-    E = moe[layer].router_probs.shape[-1]
-    onehot = np.zeros((ids.shape[0] * ids.shape[1], E))
-    np.put_along_axis(onehot, ids.reshape(-1, ids.shape[-1]), 1.0, axis=1)
+def coactivation(routing: Routing | Sequence[Routing], layer: int) -> np.ndarray:
+    """[E, E]: the share of tokens (all sequences of one Routing record or of a list of them) that chose both expert
+    i and expert j in `layer`; the diagonal is the share of tokens that chose i."""
+    records = [routing] if isinstance(routing, Routing) else list(routing)
+    if not records:
+        raise ValueError("routing is an empty list: expected a Routing record or a list of them")
+    onehots = []
+    for n, record in enumerate(records):
+        moe = dict(_moe_layers(record, f"routing[{n}]"))
+        ids = _numpy(moe[_check_layer(layer, list(moe))].topk_ids)
+        E = moe[layer].router_probs.shape[-1]
+        onehot = np.zeros((ids.shape[0] * ids.shape[1], E))
+        np.put_along_axis(onehot, ids.reshape(-1, ids.shape[-1]), 1.0, axis=1)
+        onehots.append(onehot)
+    onehot = np.concatenate(onehots)
     return onehot.T @ onehot / onehot.shape[0]
 
 
-def coactivation_heatmap(routing: Routing, layer: int, title: str | None = None) -> go.Figure:
+def coactivation_heatmap(routing: Routing | Sequence[Routing], layer: int, title: str | None = None) -> go.Figure:
     co = coactivation(routing, layer)
-    names = _expert_names(routing.n_routed_experts, co.shape[0])
+    first = routing if isinstance(routing, Routing) else routing[0]
+    names = _expert_names(first.n_routed_experts, co.shape[0])
     fig = go.Figure(go.Heatmap(z=co, x=names, y=names, colorscale="Blues", colorbar=dict(title="share of tokens"),
                                hovertemplate="%{y} and %{x}: %{z:.1%} of tokens<extra></extra>"))
     fig.update_layout(title=title or f"Expert co-activation in layer {layer} (diagonal: share of tokens choosing "
@@ -549,12 +608,13 @@ def router_similarity_heatmap(model: torch.nn.Module, layer: int, title: str | N
     sim = router_similarity(model, layer)
     E = sim.shape[0]
     names = _expert_names(model.config.n_routed_experts, E)
-    off = sim[~np.eye(E, dtype=bool)]
+    moe_layers = [i for i, blk in enumerate(model.layers) if isinstance(blk.mlp, MoE)]
+    mean = metrics.router_cosine_similarity(model)[moe_layers.index(layer)]
     fig = go.Figure(go.Heatmap(z=sim, x=names, y=names, zmin=-1, zmid=0, zmax=1, colorscale="RdBu_r",
                                colorbar=dict(title="cosine"),
                                hovertemplate="%{y} · %{x}: cosine %{z:.3f}<extra></extra>"))
     fig.update_layout(title=title or f"Router-row cosine similarity in layer {layer} (mean off-diagonal "
-                                     f"{off.mean():.3f})", yaxis=dict(autorange="reversed"), height=480, width=560)
+                                     f"{mean:.3f})", yaxis=dict(autorange="reversed"), height=480, width=560)
     return fig
 
 
@@ -615,8 +675,8 @@ def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> g
 
 
 __all__ = [
-    "ExpertLoad", "TokenTable", "router_counts", "expert_load", "expert_load_heatmap", "token_compute",
-    "display_token", "token_compute_map", "token_table", "ffn_experts_by_group", "class_domain_heatmap",
+    "ExpertLoad", "TokenTable", "route_text", "router_counts", "expert_load", "expert_load_heatmap", "token_compute",
+    "display_token", "token_compute_map", "token_table", "contrast", "ffn_experts_by_group", "class_domain_heatmap",
     "activated_params_per_token", "activated_params_histogram", "read_metrics", "controller_traces",
     "coactivation", "coactivation_heatmap", "router_similarity", "router_similarity_heatmap", "figure_bundle",
     "show", "figure_controls", "CONTROLLER_KEYS",

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from longcat_lab import LongCatLM, presets, viz
+from longcat_lab import LongCatLM, metrics, presets, viz
 from longcat_lab.model import LayerRouting, Routing
 from longcat_lab.tokenclass import TOKEN_CLASSES, token_class, token_classes
 
@@ -64,19 +64,24 @@ def test_token_classes():
 
 
 # Expert load ---------------------------------------------------------------------------------------------------
-def test_expert_load_matches_a_count_loop(model):
+def test_expert_load_matches_a_count_loop_and_routing_health(model):
     c = model.config
+    N = c.n_routed_experts
     routing = routed(model, length=24, batch=2)
     load = viz.expert_load(routing, c)
+    health = metrics.routing_health(routing, model)
     for row, l in enumerate(load.layers):
         ref = np.zeros(c.num_experts)
         for e in routing.layers[l].topk_ids.reshape(-1).tolist():
             ref[e] += 1
         np.testing.assert_array_equal(load.counts[row], ref)
+        # the same relative load and flags as the routing-health metrics the trainer logs
+        np.testing.assert_allclose(load.relative[row, :N], health["relative_load"][row])
+        np.testing.assert_allclose(load.relative[row, N:], health["zero_relative_load"][row])
+        assert load.dead[row, :N].tolist() == health["dead"][row] and load.hot[row, :N].tolist() == health["hot"][row]
+        assert load.ffn_experts_per_token[row] == pytest.approx(health["ffn_experts_mean"][row])
     assert (load.tokens == 48).all()
-    # uniform target: every expert's ideal is K/(N+Z) selections per token, and the ideals add up to K per token
-    np.testing.assert_allclose(load.ideal, 48 * c.moe_topk / c.num_experts)
-    np.testing.assert_allclose(load.relative, load.counts / load.ideal)
+    np.testing.assert_allclose(load.ideal.sum(1), 48 * c.moe_topk)
     assert isinstance(viz.expert_load_heatmap(load), go.Figure)
 
 
@@ -96,36 +101,33 @@ def test_expert_load_from_router_counts_agrees_with_routing(model):
         model.eval()
     np.testing.assert_array_equal(viz.expert_load(counts, model.config).counts,
                                   viz.expert_load(routing, model.config).counts)
+    both = viz.expert_load([routing, routed(model, length=5, seed=4)], model.config)
+    assert (both.tokens == 21).all()
 
 
 def test_dead_and_hot_experts_are_marked(model):
     c = model.config  # 4 FFN + 2 zero experts, top-2
-    # 8 tokens; expert F1 never chosen; F0 chosen by every token (8 vs ideal 8*2/6 = 2.67 -> 3x: hot)
-    ids = np.array([[0, 2], [0, 3], [0, 4], [0, 5], [0, 2], [0, 3], [0, 4], [0, 5]])[None]
+    # 8 tokens: F0 chosen by all (8 of 9 FFN selections, ideal 2.25: hot), F2 once, F1 and F3 never (dead)
+    ids = np.array([[0, 4], [0, 5], [0, 4], [0, 5], [0, 4], [0, 5], [0, 4], [0, 2]])[None]
     routing = synthetic_routing([ids, ids], c.n_routed_experts, c.num_experts)
     load = viz.expert_load(routing, c)
-    assert load.dead[:, 1].all() and load.dead.sum() == 2
+    assert load.dead[:, [1, 3]].all() and load.dead.sum() == 4
     assert load.hot[:, 0].all() and load.hot.sum() == 2
+    assert load.ffn_experts_per_token == pytest.approx([9 / 8, 9 / 8])
     fig = viz.expert_load_heatmap(load)
     dead = next(t for t in fig.data if t.name.startswith("dead"))
     hot = next(t for t in fig.data if t.name.startswith("hot"))
-    assert list(dead.x) == ["F1", "F1"] and list(hot.x) == ["F0", "F0"]
+    assert sorted(dead.x) == ["F1", "F1", "F3", "F3"] and list(hot.x) == ["F0", "F0"]
 
 
-def test_expert_load_with_a_target_and_bad_inputs(model):
+def test_expert_load_rejects_bad_inputs(model):
     c = model.config
-    routing = routed(model)
-    load = viz.expert_load(routing, c, target_ffn_experts=2.0)   # every pick should be an FFN expert
-    assert np.isnan(load.relative[:, c.n_routed_experts:]).all()
-    np.testing.assert_allclose(load.ideal[:, :c.n_routed_experts].sum(1), 2.0 * load.tokens)
-    with pytest.raises(ValueError, match="target_ffn_experts=5"):
-        viz.expert_load(routing, c, target_ffn_experts=5)
-    with pytest.raises(ValueError, match="hot_factor"):
-        viz.expert_load(routing, c, hot_factor=0.5)
     with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
         viz.expert_load(np.ones((2, 3)), c)
     with pytest.raises(ValueError, match="no selections"):
         viz.expert_load(np.zeros((2, c.num_experts)), c)
+    with pytest.raises(ValueError, match="negative"):
+        viz.expert_load(-np.ones((2, c.num_experts)), c)
     with pytest.raises(ValueError, match="Routing record"):
         viz.expert_load("not routing", c)
 
@@ -139,12 +141,48 @@ def test_everything_routed_to_zero_experts():
     routing = routed(m.eval(), length=10)
     load = viz.expert_load(routing, c)
     assert load.dead[:, :c.n_routed_experts].all() and not load.dead[:, c.n_routed_experts:].any()
+    assert (load.ffn_experts_per_token == 0).all() and not load.hot.any()
     assert (viz.token_compute(routing) == 0).all()
     params = viz.activated_params_per_token(routing, c)
     assert np.allclose(params, m.activated_params()["min"])
     fig = viz.token_compute_map(tokens_for(10), routing)
     assert np.nansum(fig.data[0].z) == 0
     assert "0 FFN [] + 2 zero" in fig.data[0].hovertext[0][0]
+
+
+# Routing a text ------------------------------------------------------------------------------------------------
+class ByteTokenizer:
+    """A stand-in for a tokenizers.Tokenizer: one token per UTF-8 byte, offsets in characters (as tokenizers gives),
+    so a multi-byte character is split over several tokens just as byte-level BPE splits rare characters."""
+
+    class Encoding:
+        def __init__(self, ids, offsets):
+            self.ids, self.offsets = ids, offsets
+
+    def encode(self, text):
+        ids, offsets = [], []
+        for i, ch in enumerate(text):
+            for b in ch.encode():
+                ids.append(b)
+                offsets.append((i, i + 1))
+        return self.Encoding(ids, offsets)
+
+
+def test_route_text_non_ascii_and_one_token(model):
+    model.train()
+    tokens, routing = viz.route_text(model, ByteTokenizer(), "né 中")
+    assert model.training  # the caller's mode is restored
+    model.eval()
+    assert tokens == ["n", "é", "é", " ", "中", "中", "中"]
+    assert routing.layers[0].topk_ids.shape[:2] == (1, 7)
+    assert all(int(b.router.expert_counts.sum()) == 0 for b in model.moe_blocks())  # eval: counts untouched
+    one, routing = viz.route_text(model, ByteTokenizer(), "x")
+    assert one == ["x"] and viz.token_compute(routing).shape == (1, 2)
+    assert len(viz.route_text(model, ByteTokenizer(), "abcdef", max_tokens=4)[0]) == 4
+    with pytest.raises(ValueError, match="text=''"):
+        viz.route_text(model, ByteTokenizer(), "")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        viz.route_text(model, ByteTokenizer(), "a" * 600)
 
 
 # Token compute map ---------------------------------------------------------------------------------------------
@@ -196,7 +234,7 @@ def make_table(model):
     code = ["def", " f", "(", "x", "):", "\n   ", " return", " x", " and", " 1"]
     maths = ["12", " +", " 30", " =", " 42"]
     samples = [(d, toks, routed(model, length=len(toks), seed=s))
-               for s, (d, toks) in enumerate([("prose", prose), ("code", code), ("reasoning", maths)])]
+               for s, (d, toks) in enumerate([("shakespeare", prose), ("python", code), ("reasoning", maths)])]
     return viz.token_table(samples), samples
 
 
@@ -210,7 +248,7 @@ def test_token_table_stats_cover_every_token(model):
     for domain, toks, routing in samples:
         for s, tok in enumerate(toks):
             total = sum(int(routing.layers[l].ffn_experts_per_token[0, s]) for l in (0, 1))
-            ref.setdefault(token_class(tok, code=domain == "code"), []).append(total)
+            ref.setdefault(token_class(tok, code=domain == "python"), []).append(total)
     assert set(ref) == set(stats)
     for cls, vals in ref.items():
         assert stats[cls]["count"] == len(vals) and stats[cls]["mean"] == pytest.approx(np.mean(vals))
@@ -232,20 +270,39 @@ def test_group_figures(model):
     means = {t.x[0]: t.y[0] for t in fig.data if t.xaxis == "x2"}
     assert means == pytest.approx({g: s["mean"] for g, s in table.stats("domain").items()})
     heat = viz.class_domain_heatmap(table, layer=0)
-    assert list(heat.data[0].y) == ["prose", "code", "reasoning"]
+    assert list(heat.data[0].y) == ["shakespeare", "python", "reasoning"]
     counts = sum(int(cell.split("n=")[1]) for row in heat.data[0].text for cell in row if cell)
     assert counts == len(table)
     with pytest.raises(ValueError, match="by='tokens'"):
         viz.ffn_experts_by_group(table, by="tokens")
 
 
+def test_contrast_against_a_hand_computation():
+    ffn = np.array([[1, 0], [0, 0], [1, 1], [2, 1], [2, 2], [1, 2]])      # 6 tokens, 2 layers
+    table = viz.TokenTable(
+        domain=np.array(["shakespeare"] * 6, dtype=object), sample=np.zeros(6, int), position=np.arange(6),
+        token=np.array([",", ".", "a", "b", "c", "d"], dtype=object),
+        token_class=np.array(["punctuation"] * 2 + ["word"] * 4, dtype=object), ffn_experts=ffn, layers=[0, 1],
+        moe_topk=2, n_routed_experts=4)
+    c = table.stats("class")
+    assert c["punctuation"] == {"count": 2, "mean": 0.5, "std": 0.5}
+    r = viz.contrast(table, "punctuation", "word")
+    totals_p, totals_w = np.array([1, 0]), np.array([2, 3, 4, 3])
+    se = np.sqrt(totals_p.var(ddof=1) / 2 + totals_w.var(ddof=1) / 4)
+    assert r["difference"] == pytest.approx(0.5 - 3.0) and r["standard_error"] == pytest.approx(se)
+    assert r["verdict"] == "fewer"
+    assert viz.contrast(table, "punctuation", "word", layer=0)["verdict"] == "no clear difference"  # -1 vs 2se 1.15
+    with pytest.raises(ValueError, match="group='digits'"):
+        viz.contrast(table, "digits", "word")
+
+
 def test_token_table_rejects_bad_samples(model):
     with pytest.raises(ValueError, match="samples is empty"):
         viz.token_table([])
     with pytest.raises(ValueError, match=r"samples\[0\] tokens has 2 entries"):
-        viz.token_table([("prose", ["a", "b"], routed(model, length=3))])
+        viz.token_table([("shakespeare", ["a", "b"], routed(model, length=3))])
     with pytest.raises(ValueError, match="batch 2"):
-        viz.token_table([("prose", ["a"], routed(model, length=1, batch=2))])
+        viz.token_table([("shakespeare", ["a"], routed(model, length=1, batch=2))])
     with pytest.raises(ValueError, match="domain=''"):
         viz.token_table([("", ["a"], routed(model, length=1))])
 
@@ -317,6 +374,9 @@ def test_coactivation_matches_a_pair_loop(model):
     np.testing.assert_allclose(co, ref / len(ids))
     assert np.trace(co) == pytest.approx(c.moe_topk)
     assert isinstance(viz.coactivation_heatmap(routing, 1), go.Figure)
+    other = routed(model, length=4, seed=9)
+    pooled = viz.coactivation([routing, other], 1)
+    np.testing.assert_allclose(pooled, (co * 24 + viz.coactivation(other, 1) * 4) / 28)
     with pytest.raises(ValueError, match="layer=2"):
         viz.coactivation(routing, 2)
 
