@@ -27,7 +27,7 @@ class LossConfig:
     """Coefficients of the auxiliary losses (training config)."""
 
     # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (spec 3): on the tiny preset's training run R_g drops
-    # under 0.1 within ~20 steps at 1e-3 but only after ~60 at 1e-2 (benchmarks/controller_tracking.py).
+    # under 0.1 within 20 steps at 1e-3 but only after 40-60 at 1e-2 (benchmarks/controller_tracking.py).
     balance_loss_coef: float = 1e-3
     # D, the number of FFN-expert groups (EP groups in the paper); one group plus the zero group on a single device.
     balance_groups: int = 1
