@@ -523,6 +523,39 @@ def loss_curves(rows: Sequence[dict[str, Any]], title: str = "Training and valid
     return fig
 
 
+def schedule_figure(cfg: TrainConfig, title: str = "The training schedule"):
+    """A plotly figure of the multi-stage schedule: LR per optimizer step (top) and each stage's data mixture
+    (bottom), so the stage-2 shift toward code and reasoning is visible next to the LR it comes with."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.18, row_heights=[0.55, 0.45],
+                        subplot_titles=("learning rate", "data mixture per stage"))
+    steps = list(range(cfg.total_steps))
+    fig.add_trace(go.Scatter(x=[s + 1 for s in steps], y=[lr_at(cfg.stages, s) for s in steps], mode="lines",
+                             name="lr", showlegend=False), 1, 1)
+    names = [f"{i + 1}: {s.name} ({s.steps} steps)" for i, s in enumerate(cfg.stages)]
+    for domain in cfg.data.domains:
+        shares = [check_mixture(s.mixture, cfg.data.domains)[domain] for s in cfg.stages]
+        fig.add_trace(go.Bar(x=names, y=shares, name=domain), 2, 1)
+    fig.update_layout(title=title, barmode="stack", height=520, legend=dict(orientation="h", y=-0.15))
+    fig.update_xaxes(title_text="optimizer step", row=1, col=1)
+    fig.update_yaxes(title_text="share of sequences", row=2, col=1)
+    return fig
+
+
+def baseline_figure(val_loss: dict[str, float], baselines: dict[str, float],
+                    title: str = "Validation loss against the unigram baseline"):
+    """Grouped bars per domain: the trained model's validation loss and the unigram baseline on the same tokens."""
+    import plotly.graph_objects as go
+
+    domains = list(val_loss)
+    fig = go.Figure([go.Bar(x=domains, y=[baselines[d] for d in domains], name="unigram baseline"),
+                     go.Bar(x=domains, y=[val_loss[d] for d in domains], name="trained model")])
+    fig.update_layout(title=title, barmode="group", yaxis_title="cross-entropy (nats/token)", height=380)
+    return fig
+
+
 class LivePlot:
     """A `train(callback=...)` that redraws figures in a notebook every `every` rows through one display handle
     (static plotly output, no FigureWidget). `figures(rows) -> list[go.Figure]` builds what is drawn."""
@@ -870,8 +903,10 @@ class Trainer:
         mem, mem_total = memory_in_use(self.device)
         alerts = self.alerts.check(loss_value if finite else None, tps, mem / mem_total if mem_total else 0.0)
         for a in alerts:
-            log.warning("alert at step %d: %s (loss %.4g, %.0f tokens/s, %.2f GB)", self.step, a, loss_value, tps,
-                        mem / 1e9)
+            n = self.alerts.counts[a]
+            if n == 10 ** round(math.log10(n)):   # the 1st, 10th, 100th ...: a warning, not a flood
+                log.warning("alert at step %d: %s (loss %.4g, %.0f tokens/s, %.2f GB); %d so far, every one is "
+                            "counted in metrics.jsonl", self.step, a, loss_value, tps, mem / 1e9, n)
         if sdc is not None and not sdc["match"]:
             self.alerts.counts["sdc_mismatch"] += 1
             alerts.append("sdc_mismatch")
@@ -1023,4 +1058,4 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | o
 
 __all__ = ["StageConfig", "TrainConfig", "TrainResult", "TrainingError", "train", "train_preset", "default_stages",
            "apply_overrides", "settable_fields", "lr_at", "stage_at", "evaluate", "sample_text", "loss_curves",
-           "LivePlot", "read_rows", "measure_matmul_flops"]
+           "LivePlot", "read_rows", "measure_matmul_flops", "schedule_figure", "baseline_figure"]
