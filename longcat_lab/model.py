@@ -68,28 +68,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # Attention -----------------------------------------------------------------------------------------------------
 class LatentCache:
-    """The MLA KV cache: per attention block, the normalised, scaled latent c_KV [B, S, kv_lora_rank] and the rotated
-    shared RoPE key k_R [B, S, qk_rope_head_dim]. Keys and values are re-expanded from these at every step."""
+    """The MLA KV cache: per attention block one buffer [B, capacity, kv_lora_rank + qk_rope_head_dim] holding the
+    normalised, scaled latent c_KV and the rotated shared RoPE key k_R side by side, never full keys and values.
+    Buffers are preallocated (`capacity`, or grown by doubling), so appending a token copies only that token.
 
-    def __init__(self, num_blocks: int):
-        self.latents: list[torch.Tensor | None] = [None] * num_blocks
-        self.rope_keys: list[torch.Tensor | None] = [None] * num_blocks
+    `update` serves `MLA.forward` (prefill: keys and values re-expanded from the latent); `attend` serves absorbed
+    decoding in `LongCatLM.stream` (queries already mapped into latent space, so nothing is re-expanded)."""
+
+    def __init__(self, num_blocks: int, capacity: int | None = None):
+        self.buffers: list[torch.Tensor | None] = [None] * num_blocks
+        self.lengths = [0] * num_blocks
+        self.capacity = capacity
 
     @property
     def seq_len(self) -> int:
-        return 0 if self.latents[0] is None else self.latents[0].shape[1]
+        return self.lengths[0]
+
+    def append(self, block: int, latent: torch.Tensor) -> torch.Tensor:
+        """Store latent [B, S, kv_lora_rank + rope] ([c_KV ; k_R]) after this block's cached positions; return the view
+        of every cached position [B, past + S, kv_lora_rank + rope]."""
+        start, buf = self.lengths[block], self.buffers[block]
+        end = start + latent.shape[1]
+        if buf is None or end > buf.shape[1]:
+            size = max(end, self.capacity or 0, 2 * buf.shape[1] if buf is not None else 0)
+            grown = latent.new_empty(latent.shape[0], size, latent.shape[2])
+            if buf is not None:
+                grown[:, :start] = buf[:, :start]
+            self.buffers[block] = buf = grown
+        buf[:, start:end] = latent
+        self.lengths[block] = end
+        return buf[:, :end]
 
     def update(self, block: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.latents[block] is not None:
-            c_kv = torch.cat([self.latents[block], c_kv], dim=1)
-            k_rope = torch.cat([self.rope_keys[block], k_rope], dim=1)
-        self.latents[block], self.rope_keys[block] = c_kv, k_rope
-        return c_kv, k_rope
+        """Append c_KV [B, S, kv_lora_rank] and k_R [B, S, rope]; return both over every cached position."""
+        cached = self.append(block, torch.cat([c_kv, k_rope], dim=-1))
+        return cached.split([c_kv.shape[-1], k_rope.shape[-1]], dim=-1)
+
+    def attend(self, block: int, q_BHC: torch.Tensor, latent_B1C: torch.Tensor, kv_rank: int) -> torch.Tensor:
+        """One decoding step of absorbed attention: append the new token's latent, then softmax(q . [c_KV ; k_R])
+        over all cached positions, weighted sum of c_KV. q_BHC [B, H, kv_lora_rank + rope] must already hold
+        W_UK^T q_C next to the rotated q_R, with the softmax scale folded in. Returns [B, H, kv_lora_rank]."""
+        cached = self.append(block, latent_B1C)                             # [B, T, kv_rank + rope]
+        probs_BHT = torch.bmm(q_BHC, cached.transpose(1, 2)).softmax(dim=-1)
+        return torch.bmm(probs_BHT, cached[..., :kv_rank])
 
     def bytes_per_token(self) -> int:
         """Cache bytes per token per sequence: (kv_lora_rank + qk_rope_head_dim) * blocks * dtype size."""
-        return sum(c.shape[-1] * c.element_size() + k.shape[-1] * k.element_size()
-                   for c, k in zip(self.latents, self.rope_keys) if c is not None)
+        return sum(b.shape[-1] * b.element_size() for b in self.buffers if b is not None)
 
 
 class MLA(nn.Module):
@@ -450,8 +475,17 @@ class LongCatLM(nn.Module):
     # Generation ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """Yield each new token ([B, 1]) as it is decoded; greedy at temperature 0, else top-p sampling."""
+               generator: torch.Generator | None = None, use_cache: bool = True,
+               return_logits: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Yield each new token ([B, 1]) as it is decoded; greedy at temperature 0, else top-p sampling. With
+        return_logits=True yield (token, logits [B, vocab] in fp32, before temperature) instead.
+
+        With the cache, the prompt goes through `forward` once, filling the latent cache; every later token takes an
+        absorbed-MLA decoding step (DeepSeek-V2's inference trick, valid for the paper's MLA, section 2.3.1): W_UK is
+        folded into the query projection and W_UV into the output projection, so attention runs directly against
+        the cached latent [c_KV ; k_R] and keys and values are never re-expanded. The step reads the layers' own
+        weights and follows `LongCatLayer.forward`'s wiring; tests hold its logits to the full forward (1e-5).
+        Without the cache every step recomputes the whole sequence (the slow, obviously-correct reference)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: it must be an integer >= 0")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -459,30 +493,142 @@ class LongCatLM(nn.Module):
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p={top_p!r} is not allowed: it must be in (0, 1]")
         self._check_ids("idx", idx)
-        limit = self.config.max_position_embeddings
+        c = self.config
+        limit = c.max_position_embeddings
         if idx.shape[1] + max_new_tokens > limit:
             raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds "
                              f"max_position_embeddings={limit}")
+        if max_new_tokens == 0:
+            return
+        H, r, rope, N = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.n_routed_experts
+        B = idx.shape[0]
+
+        # The decoding step below is LongCatLayer.forward for one new position, written flat: plain tensors and
+        # functional ops instead of module calls, because at one token per sequence the per-call overhead, not the
+        # arithmetic, is what costs (profiled in benchmarks/generate.py). Same math and dtypes as the modules;
+        # tests hold its logits to the full forward and to transformers.
+        def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:      # RMSNorm.forward
+            x32 = x.float()
+            y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+            return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+
+        def swiglu(x: torch.Tensor, ffn: SwiGLU) -> torch.Tensor:
+            return F.linear(F.silu(F.linear(x, ffn.gate_proj.weight)) * F.linear(x, ffn.up_proj.weight),
+                            ffn.down_proj.weight)
+
+        def absorb(attn: MLA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Decoding weights of one block, folded once in float64: [W_DQ ; W_DKV] (both read h), the query map
+            c_Q -> [W_UK^T q_C ; q_R] with alpha_q and the softmax scale inside, and W_O W_UV (latent -> output)."""
+            w_kv = attn.kv_b_proj.weight.double().view(H, c.qk_nope_head_dim + c.v_head_dim, r)
+            w_uk, w_uv = w_kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)     # [H, nope, r], [H, v, r]
+            w_q = attn.q_b_proj.weight.double().view(H, c.qk_head_dim, -1) * (attn.scale_q * attn.softmax_scale)
+            w_q_nope, w_q_rope = w_q.split([c.qk_nope_head_dim, rope], dim=1)
+            w_q_latent = torch.einsum("hnr,hnq->hrq", w_uk, w_q_nope)             # [H, r, q_lora_rank]
+            w_query = torch.cat([w_q_latent, w_q_rope], dim=1).reshape(H * (r + rope), -1)
+            w_out = torch.einsum("dhv,hvr->dhr", attn.o_proj.weight.double().view(-1, H, c.v_head_dim), w_uv)
+            w_down = torch.cat([attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight])
+            dtype = attn.o_proj.weight.dtype
+            return w_down, w_query.to(dtype), w_out.reshape(-1, H * r).to(dtype)
+
+        def attend(attn: MLA, x_BD: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+            """MLA.forward for one new position, in latent space (same norms, scales and RoPE)."""
+            w_down, w_query, w_out = absorbed[attn.block_index]
+            c_q, c_kv, k_rope = F.linear(x_BD, w_down).split([c.q_lora_rank, r, rope], dim=-1)
+            q = F.linear(norm(c_q, attn.q_a_layernorm.weight, attn.q_a_layernorm.eps), w_query).view(B, H, r + rope)
+            q = torch.cat([q[..., :r], q[..., r:] @ rot], dim=-1)               # RoPE as a matrix: one matmul
+            c_kv = norm(c_kv, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps) * attn.scale_kv
+            o_BHr = cache.attend(attn.block_index, q, torch.cat([c_kv, k_rope @ rot], dim=-1)[:, None], r)
+            return F.linear(o_BHr.reshape(B, H * r), w_out)
+
+        def moe(block: MoE, u_BD: torch.Tensor) -> torch.Tensor:
+            """Router.forward + Experts.forward for B tokens (a handful), without the autograd machinery."""
+            router, experts = block.router, block.experts
+
+            def expert(x: torch.Tensor, e: int) -> torch.Tensor:
+                gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                return F.linear(F.silu(gate) * up, experts.down_proj[e])
+
+            probs_BE = F.linear(u_BD.float(), router.classifier.weight.float()).softmax(dim=-1)
+            ids_BK = torch.topk(probs_BE + router.e_score_correction_bias, router.top_k, dim=-1).indices
+            weights_BK = probs_BE.gather(1, ids_BK) * router.scale
+            out_BD = (weights_BK * (ids_BK >= N)).sum(-1, keepdim=True).to(u_BD.dtype) * u_BD  # zero experts
+            if B == 1:  # each chosen FFN expert runs on the one token: nothing to sort, gather or scatter
+                for k, e in enumerate(ids_BK[0].tolist()):                    # the step's one host sync
+                    if e < N:
+                        out_BD = out_BD + expert(u_BD, e) * weights_BK[:, k:k + 1].to(u_BD.dtype)
+                return out_BD
+            K = router.top_k
+            ids_P = ids_BK.view(-1)                                           # P = B*K (token, expert) pairs
+            order_P = torch.argsort(ids_P, stable=True)                       # FFN experts (ids < N) first
+            sizes = torch.bincount(ids_P, minlength=N + 1)[:N].tolist()       # the step's one host sync
+            pairs = order_P[:sum(sizes)]
+            if pairs.numel() == 0:
+                return out_BD
+            rows = pairs // K
+            x_sorted, outs, start = u_BD[rows], [], 0
+            for e, size in enumerate(sizes):
+                if size:
+                    outs.append(expert(x_sorted[start:start + size], e))
+                    start += size
+            w = weights_BK.view(-1)[pairs].to(u_BD.dtype)
+            return out_BD.index_add(0, rows, torch.cat(outs) * w[:, None])
+
+        def mixer(layer: LongCatLayer, x_BD: torch.Tensor) -> torch.Tensor:
+            return swiglu(x_BD, layer.mlp) if layer.style == "dense" else moe(layer.mlp, x_BD)
+
+        def decode_step(token_B1: torch.Tensor, position: int) -> torch.Tensor:
+            angles = rope_angles(c, torch.tensor([position], device=token_B1.device))
+            rot = apply_rope(eye, *angles)                     # row i = RoPE(e_i), so x @ rot == apply_rope(x)
+            x = F.embedding(token_B1[:, 0], self.embed_tokens.weight)
+            for layer in self.layers:
+                n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
+                h1 = x + attend(layer.self_attn[0], norm(x, n_in[0].weight, n_in[0].eps), rot)
+                u = norm(h1, n_post[0].weight, n_post[0].eps)
+                m = mixer(layer, u) if layer.style == "scmoe" else None
+                h2 = h1 + swiglu(u, layer.mlps[0])
+                h3 = h2 + attend(layer.self_attn[1], norm(h2, n_in[1].weight, n_in[1].eps), rot)
+                v = norm(h3, n_post[1].weight, n_post[1].eps)
+                x = h3 + swiglu(v, layer.mlps[1]) + (m if m is not None else mixer(layer, v))
+            return F.linear(norm(x, self.norm.weight, self.norm.eps), self.lm_head.weight).float()
+
         was_training = self.training
         self.eval()
         try:
-            cache = LatentCache(2 * self.config.num_layers) if use_cache else None
-            seq, step_input = idx.long(), idx.long()
-            for _ in range(max_new_tokens):
-                logits, _ = self(step_input if use_cache else seq, cache=cache, logits_to_keep=1)
-                token = sample_next(logits[:, -1], temperature, top_p, generator)
-                seq = torch.cat([seq, token], dim=1)
-                step_input = token
-                yield token
+            if not use_cache:
+                seq = idx.long()
+                for _ in range(max_new_tokens):
+                    logits = self(seq, logits_to_keep=1)[0][:, -1]
+                    token = sample_next(logits, temperature, top_p, generator)
+                    seq = torch.cat([seq, token], dim=1)
+                    yield (token, logits) if return_logits else token
+                return
+            cache = LatentCache(2 * c.num_layers, capacity=idx.shape[1] + max_new_tokens)
+            logits = self(idx, cache=cache, logits_to_keep=1)[0][:, -1]
+            token = sample_next(logits, temperature, top_p, generator)
+            yield (token, logits) if return_logits else token
+            eye = torch.eye(rope, device=idx.device, dtype=self.lm_head.weight.dtype)
+            absorbed = [absorb(attn) for layer in self.layers for attn in layer.self_attn]
+            for position in range(idx.shape[1], idx.shape[1] + max_new_tokens - 1):
+                logits = decode_step(token, position)
+                token = sample_next(logits, temperature, top_p, generator)
+                yield (token, logits) if return_logits else token
         finally:
             self.train(was_training)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Return idx followed by max_new_tokens decoded tokens ([B, S + max_new_tokens])."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_p, generator, use_cache))
-        return torch.cat([idx.long(), *new], dim=1)
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Return idx followed by max_new_tokens decoded tokens ([B, S + max_new_tokens]); with return_logits=True
+        also the logits each token was drawn from ([B, max_new_tokens, vocab], fp32)."""
+        steps = list(self.stream(idx, max_new_tokens, temperature, top_p, generator, use_cache, return_logits))
+        tokens = [s[0] for s in steps] if return_logits else steps
+        ids = torch.cat([idx.long(), *tokens], dim=1)
+        if not return_logits:
+            return ids
+        vocab = self.config.vocab_size
+        logits = torch.stack([s[1] for s in steps], dim=1) if steps else ids.new_zeros(ids.shape[0], 0, vocab).float()
+        return ids, logits
 
     # Accounting ------------------------------------------------------------------------------------------------
     def num_params(self) -> int:

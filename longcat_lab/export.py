@@ -1,0 +1,334 @@
+"""Export to, and import from, the Hugging Face LongCat-Flash checkpoint layout (spec section 8).
+
+`save_hf(model, path)` writes a folder that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads as
+`LongcatFlashForCausalLM`, and that vLLM and SGLang serve under the same architecture string:
+- `config.json` with `model_type: "longcat_flash"`, `architectures`, `head_dim = qk_rope_head_dim`, and the RoPE base
+  both as `rope_parameters` (transformers 5.x) and as `rope_theta` (4.57), so either version reads it;
+- `model.safetensors` in the hub key layout: a `model.` prefix on everything but `lm_head`, and the experts unfused
+  into `experts.{e}.{gate,up,down}_proj.weight` for the N FFN experts, plus the zero-filled `gate_proj`/`up_proj`
+  of the Z zero experts that transformers 5.x allocates and refuses to load without (spec section 8, the 5.24 quirk).
+  Our model never holds those zeros (spec decision 3); only this file writes them.
+
+`load_hf(path)` reads such a folder back into a `LongCatLM`: ours, one saved by transformers' own
+`save_pretrained` (same layout), a sharded one (`model.safetensors.index.json`), or one with 5.x-style fused expert
+tensors. A missing file, a config that is not LongCat-Flash, or a tensor of the wrong shape raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import presets
+from .config import ModelConfig
+from .model import LongCatLM
+
+ARCHITECTURE = "LongcatFlashForCausalLM"
+MODEL_TYPE = "longcat_flash"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# ModelConfig fields that config.json stores under the same name (export is a rename; spec "style").
+SHARED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "head_dim", "ffn_hidden_size",
+                 "n_routed_experts", "zero_expert_num", "moe_topk", "expert_ffn_hidden_size",
+                 "routed_scaling_factor", "max_position_embeddings", "rms_norm_eps", "initializer_range")
+# Fused expert tensors in our state dict: layers.{l}.mlp.experts.{gate_up_proj [N, 2F, D], down_proj [N, D, F]}.
+FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight.
+HUB_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# Multi-token-prediction weights of the release; transformers ignores them on load too (spec sections 5 and 8).
+IGNORED_HUB_PREFIX = "model.mtp."
+
+
+# Config ----------------------------------------------------------------------------------------------------------
+def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_token_id: int | None = None,
+                   eos_token_id: int | None = None) -> dict[str, Any]:
+    """The config.json of an exported model. bos/eos default to None because the ids depend on the tokenizer the
+    model was trained with (transformers' own defaults, 1 and 2, would make its generate() stop at token 2)."""
+    if config.layer_style != "scmoe":
+        raise ValueError(
+            f"layer_style={config.layer_style!r} cannot be exported: transformers' LongcatFlashForCausalLM (and "
+            "vLLM/SGLang) implement only the shortcut-connected layer, layer_style='scmoe'")
+    out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
+    out.update({name: getattr(config, name) for name in SHARED_FIELDS})
+    out.update(
+        num_key_value_heads=config.num_attention_heads,
+        qk_head_dim=config.qk_head_dim,
+        hidden_act="silu",
+        attention_bias=False,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},  # transformers 5.x
+        rope_theta=config.rope_theta,                                                # transformers 4.57
+        rope_scaling=None,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+        use_cache=True,
+        # The release's extra keys (spec section 5): what our forward does, stated for the serving engines.
+        zero_expert_type="identity",
+        mla_scale_q_lora=True,
+        mla_scale_kv_lora=True,
+        router_bias=False,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return out
+
+
+def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConfig:
+    """A ModelConfig from a LongCat-Flash config.json dict; ValueError (naming `source`) for anything else.
+
+    Fields missing from the file take transformers' defaults, which are the released model's (spec section 8),
+    exactly as `LongcatFlashConfig` would fill them."""
+    model_type = data.get("model_type")
+    architectures = data.get("architectures") or []
+    # The Meituan hub config.json has no model_type but names the architecture (spec section 5).
+    if model_type != MODEL_TYPE and not (model_type is None and ARCHITECTURE in architectures):
+        raise ValueError(f"{source}: model_type={model_type!r}, architectures={architectures!r} does not describe a "
+                         f"LongCat-Flash model: expected model_type={MODEL_TYPE!r} or architectures [{ARCHITECTURE!r}]")
+
+    def require(field: str, value: Any, allowed: Any, why: str) -> None:
+        if value != allowed:
+            raise ValueError(f"{source}: {field}={value!r} is not supported: it must be {allowed!r} ({why})")
+
+    require("hidden_act", data.get("hidden_act", "silu"), "silu", "the experts and FFNs are SwiGLU")
+    require("attention_bias", bool(data.get("attention_bias", False)), False, "MLA projections have no bias")
+    require("router_bias", bool(data.get("router_bias", False)), False, "the router classifier has no bias")
+    require("zero_expert_type", data.get("zero_expert_type", "identity"), "identity", "zero experts are identities")
+    rope = data.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if data.get("rope_scaling"):
+        rope_type = data["rope_scaling"].get("rope_type", data["rope_scaling"].get("type"))
+    require("rope_type", rope_type, "default", "longcat_lab implements plain RoPE, no scaling")
+
+    defaults = presets.released()
+    fields: dict[str, Any] = {name: data.get(name, getattr(defaults, name)) for name in SHARED_FIELDS}
+    if "num_layers" not in data and "num_hidden_layers" in data:  # transformers counts attention blocks there
+        fields["num_layers"] = data["num_hidden_layers"] // 2
+    fields["rope_theta"] = rope.get("rope_theta", data.get("rope_theta", defaults.rope_theta))
+    qk_head_dim = data.get("qk_head_dim")
+    if qk_head_dim is not None and qk_head_dim != fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]:
+        raise ValueError(f"{source}: qk_head_dim={qk_head_dim!r} is not supported: it must equal qk_nope_head_dim + "
+                         f"qk_rope_head_dim = {fields['qk_nope_head_dim'] + fields['qk_rope_head_dim']}")
+    try:
+        return ModelConfig(**fields, layer_style="scmoe")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+# State dicts -----------------------------------------------------------------------------------------------------
+def to_hub_state_dict(model: LongCatLM) -> dict[str, torch.Tensor]:
+    """Our flat state dict renamed to the hub layout, experts unfused, zero experts' gate/up zero-filled."""
+    config = model.config
+    if config.layer_style != "scmoe":
+        hf_config_dict(config)  # raises the explanatory error
+    N, Z, F_ = config.n_routed_experts, config.zero_expert_num, config.expert_ffn_hidden_size
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        fused = FUSED_EXPERT_KEY.match(key)
+        if fused is None:
+            out[key if key.startswith("lm_head.") else f"model.{key}"] = tensor.contiguous()
+            continue
+        prefix = f"model.layers.{fused.group(1)}.mlp.experts"
+        if fused.group(2) == "gate_up_proj":                      # [N, 2F, D], rows [gate ; up]
+            for e in range(N):
+                out[f"{prefix}.{e}.gate_proj.weight"] = tensor[e, :F_].contiguous()
+                out[f"{prefix}.{e}.up_proj.weight"] = tensor[e, F_:].contiguous()
+            for e in range(N, N + Z):                             # transformers 5.x allocates these; never used
+                out[f"{prefix}.{e}.gate_proj.weight"] = torch.zeros_like(tensor[0, :F_])
+                out[f"{prefix}.{e}.up_proj.weight"] = torch.zeros_like(tensor[0, F_:])
+        else:                                                     # [N, D, F]
+            for e in range(N):
+                out[f"{prefix}.{e}.down_proj.weight"] = tensor[e].contiguous()
+    return out
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our state-dict keys and shapes for `config`, from a model on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = LongCatLM(config)
+    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
+
+
+def check_shape(source: str, key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)} "
+                         "for the config in config.json")
+
+
+def from_hub_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
+                        source: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hub_state_dict`: our flat state dict, every key and shape checked against `config`.
+
+    Zero experts' gate/up tensors and `model.mtp.*` are skipped (transformers does not use them either); 5.x-style
+    fused expert tensors (gate_up [N+Z or N, 2F, D], down [N, D, F]) are accepted as well."""
+    expected = expected_shapes(config)
+    N, D, F_ = config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (layer, proj) -> {expert: [F, D] or [D, F]}
+    unexpected = []
+    for key, tensor in tensors.items():
+        if key.startswith(IGNORED_HUB_PREFIX):
+            continue
+        if match := HUB_EXPERT_KEY.match(key):
+            layer, e, proj = match.group(1), int(match.group(2)), match.group(3)
+            if e < N:
+                check_shape(source, key, tensor, (D, F_) if proj == "down_proj" else (F_, D))
+                experts.setdefault((layer, proj), {})[e] = tensor
+            elif not (e < config.num_experts and proj != "down_proj"):
+                unexpected.append(key)                            # zero experts may own gate/up only
+        elif match := HUB_FUSED_KEY.match(key):
+            if match.group(2) == "gate_up_proj" and tensor.dim() == 3 and tensor.shape[0] == config.num_experts:
+                tensor = tensor[:N]                               # rows past N belong to the zero experts
+            out[f"layers.{match.group(1)}.mlp.experts.{match.group(2)}"] = tensor
+        elif key.startswith("lm_head."):
+            out[key] = tensor
+        elif key.startswith("model."):
+            out[key.removeprefix("model.")] = tensor
+        else:
+            unexpected.append(key)
+    for (layer, proj), by_expert in sorted(experts.items()):
+        missing = sorted(set(range(N)) - set(by_expert))
+        if missing:
+            raise ValueError(f"{source}: layer {layer} has {proj} for experts {sorted(by_expert)} but not for "
+                             f"{missing} (n_routed_experts={N})")
+        experts[layer, proj] = torch.stack([by_expert[e] for e in range(N)])
+    for layer, proj in sorted(experts):
+        prefix = f"layers.{layer}.mlp.experts"
+        if proj == "down_proj":
+            out[f"{prefix}.down_proj"] = experts[layer, proj]
+        elif proj == "gate_proj":
+            if (layer, "up_proj") not in experts:
+                raise ValueError(f"{source}: layer {layer} has expert gate_proj but no up_proj tensors")
+            out[f"{prefix}.gate_up_proj"] = torch.cat([experts[layer, "gate_proj"], experts[layer, "up_proj"]], 1)
+        elif (layer, "gate_proj") not in experts:
+            raise ValueError(f"{source}: layer {layer} has expert up_proj but no gate_proj tensors")
+    unexpected += [hub_name(k) for k in out if k not in expected]
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor(s) {sorted(unexpected)[:8]} ({len(unexpected)} in all) "
+                         "for the config in config.json")
+    missing = sorted(hub_name(k) for k in set(expected) - set(out))
+    if missing:
+        raise ValueError(f"{source}: missing tensor(s) {missing[:8]} ({len(missing)} in all)")
+    for key, shape in expected.items():
+        check_shape(source, hub_name(key), out[key], shape)
+    return out
+
+
+def hub_name(key: str) -> str:
+    """Our key as the hub spells it (for error messages)."""
+    return key if key.startswith("lm_head.") else f"model.{key}"
+
+
+# Folders -----------------------------------------------------------------------------------------------------------
+def save_hf(model: LongCatLM, path: str | os.PathLike, *, overwrite: bool = False, bos_token_id: int | None = None,
+            eos_token_id: int | None = None) -> Path:
+    """Write `model` as a Hugging Face LongCat-Flash folder (config.json + model.safetensors) at `path`.
+
+    Written atomically: everything goes to a temporary folder beside `path`, which is then renamed, so a crash
+    leaves either no folder or a complete one. An existing `path` is replaced only with overwrite=True."""
+    if not isinstance(model, LongCatLM):
+        raise ValueError(f"model must be a LongCatLM, got {type(model).__name__}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"path={str(path)!r} already exists; pass overwrite=True to replace it")
+    dtype = model.lm_head.weight.dtype
+    config = hf_config_dict(model.config, dtype, bos_token_id, eos_token_id)
+    tensors = to_hub_state_dict(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the complete folder `src` to `dst`; an old `dst` is moved aside first and deleted only afterwards."""
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:                                       # put the old folder back
+            os.replace(old / dst.name, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: model.safetensors, or the shards listed in model.safetensors.index.json."""
+    single, index = path / WEIGHTS_NAME, path / WEIGHTS_INDEX_NAME
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object naming the shard of each tensor")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{index} lists shard {file.name}, which is missing from {path}")
+    else:
+        raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
+            device: str | torch.device = "cpu") -> LongCatLM:
+    """Load a Hugging Face LongCat-Flash folder (ours or transformers' `save_pretrained`) into a `LongCatLM` in eval
+    mode, cast to `dtype` (None keeps the checkpoint's dtype)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder (expected a Hugging Face LongCat-Flash checkpoint folder)")
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing")
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file} holds a {type(data).__name__}, expected a JSON object")
+    config = config_from_hf(data, str(config_file))
+    tensors = read_hub_tensors(path)
+    if data.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # tied: stored once
+    state = from_hub_state_dict(tensors, config, str(path / WEIGHTS_NAME))
+    with torch.device("meta"):
+        model = LongCatLM(config)
+    model.load_state_dict(state, assign=True)
+    # Non-persistent buffers (the routers' token counters) are not in the file: rebuild them for real.
+    for moe in model.moe_blocks():
+        moe.router.expert_counts = torch.zeros(config.num_experts, dtype=torch.long)
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval()
+
+
+__all__ = ["save_hf", "load_hf", "hf_config_dict", "config_from_hf", "to_hub_state_dict", "from_hub_state_dict"]
