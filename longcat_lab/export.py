@@ -37,6 +37,8 @@ MODEL_TYPE = "longcat_flash"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
 # ModelConfig fields that config.json stores under the same name (export is a rename; spec "style").
 SHARED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
@@ -234,10 +236,12 @@ def hub_name(key: str) -> str:
 
 
 # Folders -----------------------------------------------------------------------------------------------------------
-def save_hf(model: LongCatLM, path: str | os.PathLike, *, overwrite: bool = False, bos_token_id: int | None = None,
-            eos_token_id: int | None = None) -> Path:
+def save_hf(model: LongCatLM, path: str | os.PathLike, *, tokenizer=None, eos_token: str | None = None,
+            overwrite: bool = False) -> Path:
     """Write `model` as a Hugging Face LongCat-Flash folder (config.json + model.safetensors) at `path`.
 
+    With a `tokenizers.Tokenizer`, also tokenizer.json and a tokenizer_config.json that `AutoTokenizer` (and so
+    vLLM and SGLang) read; `eos_token` (e.g. "<|endoftext|>") then becomes the model's end-of-sequence token.
     Written atomically: everything goes to a temporary folder beside `path`, which is then renamed, so a crash
     leaves either no folder or a complete one. An existing `path` is replaced only with overwrite=True."""
     if not isinstance(model, LongCatLM):
@@ -245,14 +249,29 @@ def save_hf(model: LongCatLM, path: str | os.PathLike, *, overwrite: bool = Fals
     path = Path(path)
     if path.exists() and not overwrite:
         raise ValueError(f"path={str(path)!r} already exists; pass overwrite=True to replace it")
-    dtype = model.lm_head.weight.dtype
-    config = hf_config_dict(model.config, dtype, bos_token_id, eos_token_id)
+    eos_token_id = None
+    if eos_token is not None:
+        if tokenizer is None:
+            raise ValueError(f"eos_token={eos_token!r} needs the tokenizer that defines it (tokenizer=None)")
+        eos_token_id = tokenizer.token_to_id(eos_token)
+        if eos_token_id is None:
+            raise ValueError(f"eos_token={eos_token!r} is not in the tokenizer's vocabulary")
+    if tokenizer is not None and tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
+                         f"vocab_size={model.config.vocab_size}")
+    config = hf_config_dict(model.config, model.lm_head.weight.dtype, eos_token_id=eos_token_id)
     tensors = to_hub_state_dict(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token,
+                                "model_max_length": model.config.max_position_embeddings,
+                                "clean_up_tokenization_spaces": False}
+            (tmp / TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -167,6 +168,36 @@ def test_bf16_export_keeps_dtype(tmp_path):
     assert kept.lm_head.weight.dtype == torch.bfloat16
     assert_same_state(model, kept)
     assert load_hf(tmp_path / "bf16").lm_head.weight.dtype == torch.float32
+
+
+def tiny_tokenizer():
+    from longcat_lab.data import train_tokenizer
+    texts = ["def add(a, b):\n    return a + b\n", "To be, or not to be, that is the question.", "12 + 34 = 46"]
+    return train_tokenizer(texts * 10, 300)
+
+
+@needs_hf
+def test_tokenizer_travels_with_the_export(tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = tiny_tokenizer()
+    save_hf(make_model(0), tmp_path / "export", tokenizer=tokenizer, eos_token="<|endoftext|>")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["eos_token_id"] == tokenizer.token_to_id("<|endoftext|>")
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    text = "def f(x):\n    return 12 * x  # to be"
+    assert hf_tokenizer.encode(text) == tokenizer.encode(text).ids
+    assert hf_tokenizer.decode(hf_tokenizer.encode(text)) == text
+    assert hf_tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_tokenizer_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("eos_token='<|endoftext|>' needs the tokenizer")):
+        save_hf(make_model(0), tmp_path / "a", eos_token="<|endoftext|>")
+    with pytest.raises(ValueError, match="eos_token='<eos>' is not in the tokenizer's vocabulary"):
+        save_hf(make_model(0), tmp_path / "b", tokenizer=tiny_tokenizer(), eos_token="<eos>")
+    with pytest.raises(ValueError, match="tokenizer has 298 tokens but the model's vocab_size=200"):
+        save_hf(make_model(0, presets.tiny(vocab_size=200)), tmp_path / "c", tokenizer=tiny_tokenizer())
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("style", ["vanilla", "dense"])
