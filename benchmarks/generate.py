@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from longcat_lab import LatentCache, LongCatLM, presets
-from longcat_lab.export import load_hf, save_hf
+from longcat_lab import LongCatLM, presets
+from longcat_lab.export import cache_bytes_per_token, load_hf, save_hf
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,24 +52,6 @@ def timed(fn) -> tuple[float, float, object]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
     return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
-def cache_bytes(ours: LongCatLM, hf, prompt: torch.Tensor) -> dict[str, int]:
-    """Bytes per token per sequence: our LatentCache, transformers' DynamicCache, the formula, and full K/V."""
-    c = ours.config
-    dtype_size = ours.lm_head.weight.element_size()
-    cache = LatentCache(2 * c.num_layers)
-    with torch.no_grad():
-        ours(prompt[:1], cache=cache)
-        hf_cache = hf(prompt[:1], use_cache=True).past_key_values
-    hf_bytes = sum(t.numel() * t.element_size() for layer in hf_cache.layers for t in (layer.keys, layer.values))
-    blocks = 2 * c.num_layers
-    return {
-        "ours": cache.bytes_per_token(),
-        "transformers": hf_bytes // prompt.shape[1],
-        "formula": (c.kv_lora_rank + c.qk_rope_head_dim) * blocks * dtype_size,
-        "full_kv": blocks * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * dtype_size,
-    }
 
 
 def main() -> None:
@@ -125,12 +107,12 @@ def main() -> None:
         same = torch.equal(outputs["ours"], outputs["hf"])
         print(f"{batch:>5} {tokens / best['ours'][0]:>11.1f} {tokens / best['hf'][0]:>9.1f} "
               f"{statistics.median(ratios):>6.2f} {statistics.median(cpu_ratios):>9.2f}  {same}")
-    sizes = cache_bytes(ours, hf, prompt)
-    print(f"KV cache bytes/token/sequence: ours {sizes['ours']}, transformers {sizes['transformers']}, "
-          f"(kv_lora_rank + qk_rope_head_dim) x {2 * config.num_layers} blocks x dtype = {sizes['formula']}; "
-          f"full K/V would be {sizes['full_kv']} ({sizes['full_kv'] / sizes['ours']:.1f}x)")
-    assert sizes["ours"] == sizes["formula"], "our latent cache does not have the MLA size"
-
+    sizes = cache_bytes_per_token(ours, prompt, hf)
+    ours_bytes, formula = sizes["longcat_lab LatentCache"], sizes["MLA formula"]
+    print(f"KV cache bytes/token/sequence: ours {ours_bytes}, transformers {sizes['transformers cache']}, "
+          f"(kv_lora_rank + qk_rope_head_dim) x {2 * config.num_layers} blocks x dtype = {formula}; "
+          f"full K/V would be {sizes['full K/V']} ({sizes['full K/V'] / ours_bytes:.1f}x)")
+    assert ours_bytes == formula, "our latent cache does not have the MLA size"
 
 if __name__ == "__main__":
     main()

@@ -332,3 +332,54 @@ def test_safetensors_metadata_marks_pytorch(tmp_path):
     save_hf(make_model(0), tmp_path / "export")
     with safe_open(tmp_path / "export" / "model.safetensors", framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+# Helpers the notebook shows ----------------------------------------------------------------------------------------
+def test_checkpoint_bytes_account_for_every_tensor(tmp_path):
+    model = make_model(0)
+    c = model.config
+    save_hf(model, tmp_path / "export")
+    sizes = export.checkpoint_bytes(tmp_path / "export")
+    tensors = load_file(tmp_path / "export" / "model.safetensors")
+    assert sum(sizes.values()) == sum(t.numel() * t.element_size() for t in tensors.values())
+    padding = c.num_layers * c.zero_expert_num * 2 * c.expert_ffn_hidden_size * c.hidden_size * 4
+    assert sizes[export.PADDING] == padding and sizes["other"] == 0
+    experts = c.num_layers * c.n_routed_experts * 3 * c.expert_ffn_hidden_size * c.hidden_size * 4
+    assert sizes["FFN experts"] == experts
+
+
+@needs_hf
+def test_cache_bytes_match_transformers_and_the_formula(tmp_path):
+    model = make_model(2)
+    c = model.config
+    save_hf(model, tmp_path / "export")
+    sizes = export.cache_bytes_per_token(model, torch.randint(0, c.vocab_size, (1, 9)), load_transformers(
+        tmp_path / "export"))
+    assert sizes["longcat_lab LatentCache"] == sizes["MLA formula"] == sizes["transformers cache"] == \
+        (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_layers * 4
+    assert sizes["full K/V"] == 2 * c.num_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 4
+
+
+def test_serve_commands_name_the_folder_and_the_tokenizer_choice(tmp_path):
+    save_hf(make_model(0), tmp_path / "ids")
+    commands = export.serve_commands(tmp_path / "ids", served_name="tiny")
+    assert commands["vllm"].startswith(f"vllm serve {(tmp_path / 'ids').resolve()} --served-model-name tiny")
+    assert "--skip-tokenizer-init" in commands["vllm"] and "--skip-tokenizer-init" in commands["sglang"]
+    assert "--context-length 512" in commands["sglang"] and '"prompt": [1, 2, 3]' in commands["query"]
+    save_hf(make_model(0), tmp_path / "text", tokenizer=tiny_tokenizer())
+    commands = export.serve_commands(tmp_path / "text")
+    assert "--skip-tokenizer-init" not in commands["vllm"] + commands["sglang"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("plotly") is None, reason="plotly (notebooks extra) is not installed")
+def test_figures_carry_the_numbers():
+    ours = torch.linspace(-3, 3, 50).view(5, 10)
+    fig = export.logits_parity_figure(ours, ours + 1e-6)
+    assert "max |difference| 1.0e-06" in fig.layout.title.text
+    assert len(fig.data[0].x) == 50
+    fig = export.cache_bytes_figure({"ours": 10, "full K/V": 40})
+    assert list(fig.data[0].y) == [10, 40]
+    fig = export.checkpoint_bytes_figure({"a": 3_000_000, export.PADDING: 1_000_000, "empty": 0})
+    assert list(fig.data[0].y) == ["a", export.PADDING]
+    with pytest.raises(ValueError, match="must match"):
+        export.logits_parity_figure(ours, ours[:2])
