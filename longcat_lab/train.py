@@ -116,7 +116,8 @@ class TrainConfig:
     """How a model is trained. Scalar fields (here and in `data`, `controller`, `losses`) are reachable by name
     through `--set FIELD=VALUE`; stages are set from Python (or scaled by `--steps`)."""
 
-    stages: list[StageConfig] = field(default_factory=lambda: default_stages(300, 3e-3, 128))
+    # The small preset's schedule (`train_preset` holds the others).
+    stages: list[StageConfig] = field(default_factory=lambda: default_stages(400, 3e-3, 128))
     # Sequences per micro-batch, and micro-batches per optimizer step (the controller sees all of them together).
     batch_size: int = 16
     grad_accum: int = 1
@@ -260,8 +261,8 @@ def train_preset(name: str, **overrides) -> TrainConfig:
                           ckpt_every=20, rg_every=5,
                           data=DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
     elif name == "small":
-        cfg = TrainConfig(stages=default_stages(300, 3e-3, 128), batch_size=16, eval_every=50, eval_windows=16,
-                          ckpt_every=50, rg_every=10)
+        cfg = TrainConfig(stages=default_stages(400, 3e-3, 128), batch_size=16, eval_every=50, eval_windows=16,
+                          ckpt_every=100, rg_every=10)
     elif name == "base":
         cfg = TrainConfig(stages=default_stages(5000, 1.5e-3, 512), batch_size=32, eval_every=250, eval_windows=32,
                           ckpt_every=500, rg_every=50, bf16=True,
@@ -569,10 +570,13 @@ class LivePlot:
             self.draw()
 
     def draw(self) -> None:
+        """Draw (first call) or redraw the figures from the rows seen so far; nothing before the first step."""
         from IPython.display import display
 
         from .viz import figure_bundle
 
+        if not any(r.get("kind") == "train" for r in self.rows):
+            return
         figs = self.figures(self.rows)
         if self.handles is None:
             self.handles = [display(figure_bundle(f), raw=True, display_id=True) for f in figs]

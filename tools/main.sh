@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # The README's main job: install into ./.venv, then run the real job on the built-in data.
 source "$(dirname "$0")/env.sh"
-exec longcat-lab notebooks --out build/notebooks "$@"
+exec longcat-lab train --preset small --out runs/small --resume "$@"
