@@ -11,7 +11,9 @@ Notable features, with the paper section each implements:
 - Shortcut-connected MoE layer: two attention blocks, two dense FFNs, and one MoE that reads the normalised output
   of the first attention and joins at the end of the layer (paper 2.2; spec 1), with "vanilla" and "dense" ablations.
 - Sort-based expert dispatch: one host sync per MoE block (the slice sizes), none per expert.
-- A KV cache that stores the MLA latent (c_KV and the rotated shared key) rather than full keys and values.
+- A KV cache that stores the MLA latent (c_KV and the rotated shared key) rather than full keys and values;
+  decoding one position attends in latent space with W_UK and W_UV absorbed (`MLA.decode`), inside the same
+  `forward`, so the layer wiring exists once.
 
 Shape legend inside the MoE code: B batch, S sequence, T tokens (B*S), D model dim, F expert hidden, E = N + Z experts,
 N FFN experts, Z zero experts, K top-k.
@@ -46,8 +48,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))  # no op call when already fp32 (decoding)
 
 
 def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +63,8 @@ def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Ten
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... and emit them de-interleaved as [even' | odd'], exactly as
     transformers' `apply_rotary_pos_emb_interleave` does (dot products do not care; parity does)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -72,13 +75,17 @@ class LatentCache:
     normalised, scaled latent c_KV and the rotated shared RoPE key k_R side by side, never full keys and values.
     Buffers are preallocated (`capacity`, or grown by doubling), so appending a token copies only that token.
 
-    `update` serves `MLA.forward` (prefill: keys and values re-expanded from the latent); `attend` serves absorbed
-    decoding in `LongCatLM.stream` (queries already mapped into latent space, so nothing is re-expanded)."""
+    `update` serves `MLA.forward` (prefill: keys and values re-expanded from the latent); `attend` serves
+    `MLA.decode`, absorbed decoding of one new position (queries already mapped into latent space, so nothing is
+    re-expanded). `absorbed` keeps each block's folded decoding weights (`MLA.absorbed_weights`), built on the
+    block's first decoding step: a cache belongs to the weights that wrote it, as its latents do, so a new cache
+    (one per `generate` call) is what picks up changed weights."""
 
     def __init__(self, num_blocks: int, capacity: int | None = None):
         self.buffers: list[torch.Tensor | None] = [None] * num_blocks
         self.lengths = [0] * num_blocks
         self.capacity = capacity
+        self.absorbed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def seq_len(self) -> int:
@@ -120,7 +127,12 @@ class LatentCache:
 class MLA(nn.Module):
     """Multi-head latent attention with scale correction (paper Eq. 6-7, spec 1.1):
     c_Q = RMSNorm(W_DQ h); q = alpha_q W_UQ c_Q; [c, k_R] = W_DKV h; c_KV = alpha_kv RMSNorm(c); [k_C, v] = W_UKV c_KV;
-    score = [q_C; RoPE(q_R)] . [k_C; RoPE(k_R)] / sqrt(qk_head_dim), causal softmax, out = W_O o."""
+    score = [q_C; RoPE(q_R)] . [k_C; RoPE(k_R)] / sqrt(qk_head_dim), causal softmax, out = W_O o.
+
+    Decoding one position against a `LatentCache` without gradients takes `decode`, the absorbed form (DeepSeek-V2's
+    inference trick, valid for the paper's MLA, section 2.3.1): since q_C . k_C = (W_UK^T q_C) . c_KV and
+    W_O (p . v) = (W_O W_UV)(p . c_KV), W_UK folds into the query map and W_UV into the output map, and attention
+    runs on the cached [c_KV ; k_R] without re-expanding keys and values. Same norms, scales and RoPE."""
 
     def __init__(self, config: ModelConfig, block_index: int):
         super().__init__()
@@ -144,6 +156,8 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape
+        if S == 1 and cache is not None and not torch.is_grad_enabled():
+            return self.decode(x, cos, sin, cache)
         H = self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) * self.scale_q
         q = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)            # [B, H, S, nope + rope]
@@ -166,6 +180,40 @@ class MLA(nn.Module):
             allowed = torch.ones(S, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+    @torch.no_grad()
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This block's decoding weights, folded once in float64 and stored in the model dtype: [W_DQ ; W_DKV] (both
+        read h), the query map c_Q -> [W_UK^T q_C ; q_R] with alpha_q and the softmax scale inside, and W_O W_UV
+        (latent -> output)."""
+        H, r = self.num_heads, self.kv_rank
+        w_kv = self.kv_b_proj.weight.double().view(H, self.nope + self.v_dim, r)
+        w_uk, w_uv = w_kv.split([self.nope, self.v_dim], dim=1)                  # [H, nope, r], [H, v, r]
+        w_q = self.q_b_proj.weight.double().view(H, self.nope + self.rope, -1) * (self.scale_q * self.softmax_scale)
+        w_q_nope, w_q_rope = w_q.split([self.nope, self.rope], dim=1)
+        w_q_latent = torch.einsum("hnr,hnq->hrq", w_uk, w_q_nope)                 # [H, r, q_lora_rank]
+        w_query = torch.cat([w_q_latent, w_q_rope], dim=1).reshape(H * (r + self.rope), -1)
+        w_out = torch.einsum("dhv,hvr->dhr", self.o_proj.weight.double().view(-1, H, self.v_dim), w_uv)
+        w_down = torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight])
+        dtype = self.o_proj.weight.dtype
+        return w_down, w_query.to(dtype), w_out.reshape(-1, H * r).to(dtype)
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """`forward` for one new position per sequence (x [B, 1, D]), in latent space: append this position's
+        [c_KV ; RoPE(k_R)] to the cache and attend with the absorbed query over every cached position."""
+        B, H, r = x.shape[0], self.num_heads, self.kv_rank
+        weights = cache.absorbed.get(self.block_index)
+        if weights is None:
+            weights = cache.absorbed[self.block_index] = self.absorbed_weights()
+        w_down, w_query, w_out = weights
+        c_q, c_kv, k_rope = F.linear(x[:, 0], w_down).split([w_down.shape[0] - r - self.rope, r, self.rope], dim=-1)
+        q_latent, q_rope = F.linear(self.q_a_layernorm(c_q), w_query).view(B, H, r + self.rope).split(
+            [r, self.rope], dim=-1)
+        rotated = apply_rope(torch.cat([q_rope, k_rope[:, None]], dim=1), cos, sin)   # H query heads + the key
+        q_BHC = torch.cat([q_latent, rotated[:, :H]], dim=-1)
+        latent_B1C = torch.cat([self.kv_a_layernorm(c_kv) * self.scale_kv, rotated[:, H]], dim=-1)[:, None]
+        o_BHr = cache.attend(self.block_index, q_BHC, latent_B1C, r)
+        return F.linear(o_BHr.reshape(B, 1, H * r), w_out)
 
 
 # Dense FFN -----------------------------------------------------------------------------------------------------
@@ -248,8 +296,11 @@ class GroupedSwiGLU(torch.autograd.Function):
     autocast dtype when autocast is on, as nn.Linear would."""
 
     @staticmethod
-    def forward(ctx, x_sorted: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                sizes: list[int]) -> torch.Tensor:
+    def compute(x_sorted: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                sizes: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The forward arithmetic: (y_sorted, (x, W_gate_up, W_down, each expert's [gate | up] pre-activations)),
+        the second item in the compute dtype, as backward needs it. `Experts` calls this directly when no gradient
+        is wanted (decoding), which skips the autograd.Function machinery."""
         device = x_sorted.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
         with torch.autocast(device_type=device, enabled=False):
@@ -264,8 +315,14 @@ class GroupedSwiGLU(torch.autograd.Function):
                     torch.mm(F.silu(gate) * up, w_d[e].t(), out=out[start:start + size])
                     hidden.append(h)
                     start += size
+        return out, (x, w_gu, w_d, *hidden)
+
+    @staticmethod
+    def forward(ctx, x_sorted: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                sizes: list[int]) -> torch.Tensor:
+        out, saved = GroupedSwiGLU.compute(x_sorted, gate_up_proj, down_proj, sizes)
         ctx.sizes, ctx.param_dtype, ctx.x_dtype = sizes, gate_up_proj.dtype, x_sorted.dtype
-        ctx.save_for_backward(x, w_gu, w_d, *hidden)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
@@ -298,7 +355,9 @@ class Experts(nn.Module):
     """N SwiGLU experts as stacked weights (gate and up fused, as transformers 5.x) and Z identity experts with none.
 
     Dispatch: sort the T*K (token, expert) pairs by expert, run each FFN expert on its contiguous slice, scale by the
-    pair's weight and scatter-add back; the zero experts add weight * x in one elementwise step."""
+    pair's weight and scatter-add back; the zero experts add weight * x in one elementwise step. Without gradients the
+    grouped kernel runs outside autograd, and a single token (batch-1 decoding) skips the sort: each chosen expert
+    runs on it directly, since at one token the dispatch glue, not the arithmetic, is what costs."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -310,6 +369,8 @@ class Experts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         K = topk_ids_TK.shape[1]
         N = self.n_ffn
+        if x_TD.shape[0] == 1 and not torch.is_grad_enabled():
+            return self.forward_one_token(x_TD, topk_ids_TK, topk_weights_TK)
         ids_P = topk_ids_TK.reshape(-1)                               # P = T*K pairs
         order_P = torch.argsort(ids_P, stable=True)                   # FFN experts (ids < N) sort first
         counts_N = torch.bincount(ids_P, minlength=N + 1)[:N]
@@ -320,11 +381,26 @@ class Experts(nn.Module):
         out_TD = torch.zeros_like(x_TD)
         if n_pairs:
             x_sorted = x_TD[token_idx]                                # [n_pairs, D]
-            y_sorted = GroupedSwiGLU.apply(x_sorted, self.gate_up_proj, self.down_proj, sizes)
+            if torch.is_grad_enabled():
+                y_sorted = GroupedSwiGLU.apply(x_sorted, self.gate_up_proj, self.down_proj, sizes)
+            else:
+                y_sorted = GroupedSwiGLU.compute(x_sorted, self.gate_up_proj, self.down_proj, sizes)[0]
             weights = topk_weights_TK.reshape(-1)[pair_idx].to(y_sorted.dtype)
             out_TD = out_TD.index_add(0, token_idx, (y_sorted * weights[:, None]).to(x_TD.dtype))
         zero_weight_T = (topk_weights_TK * (topk_ids_TK >= N)).sum(dim=-1)
         return out_TD + zero_weight_T[:, None].to(x_TD.dtype) * x_TD
+
+    def forward_one_token(self, x_1D: torch.Tensor, topk_ids_1K: torch.Tensor,
+                          topk_weights_1K: torch.Tensor) -> torch.Tensor:
+        """`forward` for T = 1 without the sort, gather and scatter: the same sum, expert by expert."""
+        N = self.n_ffn
+        out_1D = (topk_weights_1K * (topk_ids_1K >= N)).sum(dim=-1, keepdim=True).to(x_1D.dtype) * x_1D
+        for k, e in enumerate(topk_ids_1K[0].tolist()):                   # the block's one host sync
+            if e < N:
+                gate, up = F.linear(x_1D, self.gate_up_proj[e]).chunk(2, dim=-1)
+                y_1D = F.linear(F.silu(gate) * up, self.down_proj[e])
+                out_1D = out_1D + y_1D * topk_weights_1K[:, k:k + 1].to(y_1D.dtype)
+        return out_1D
 
 
 class MoE(nn.Module):
@@ -480,12 +556,10 @@ class LongCatLM(nn.Module):
         """Yield each new token ([B, 1]) as it is decoded; greedy at temperature 0, else top-p sampling. With
         return_logits=True yield (token, logits [B, vocab] in fp32, before temperature) instead.
 
-        With the cache, the prompt goes through `forward` once, filling the latent cache; every later token takes an
-        absorbed-MLA decoding step (DeepSeek-V2's inference trick, valid for the paper's MLA, section 2.3.1): W_UK is
-        folded into the query projection and W_UV into the output projection, so attention runs directly against
-        the cached latent [c_KV ; k_R] and keys and values are never re-expanded. The step reads the layers' own
-        weights and follows `LongCatLayer.forward`'s wiring; tests hold its logits to the full forward (1e-5).
-        Without the cache every step recomputes the whole sequence (the slow, obviously-correct reference)."""
+        With the cache, the prompt goes through `forward` once, filling the latent cache, and every later token is one
+        more `forward` of that single position against the cache, in which each MLA block takes its absorbed
+        decoding step (`MLA.decode`) and the MoE its no-grad expert path: the wiring is `LongCatLayer.forward`'s
+        own. Without the cache every step recomputes the whole sequence (the slow, obviously-correct reference)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: it must be an integer >= 0")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -493,125 +567,24 @@ class LongCatLM(nn.Module):
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p={top_p!r} is not allowed: it must be in (0, 1]")
         self._check_ids("idx", idx)
-        c = self.config
-        limit = c.max_position_embeddings
+        limit = self.config.max_position_embeddings
         if idx.shape[1] + max_new_tokens > limit:
             raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds "
                              f"max_position_embeddings={limit}")
-        if max_new_tokens == 0:
-            return
-        H, r, rope, N = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.n_routed_experts
-        B = idx.shape[0]
-
-        # The decoding step below is LongCatLayer.forward for one new position, written flat: plain tensors and
-        # functional ops instead of module calls, because at one token per sequence the per-call overhead, not the
-        # arithmetic, is what costs (profiled in benchmarks/generate.py). Same math and dtypes as the modules;
-        # tests hold its logits to the full forward and to transformers.
-        def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:      # RMSNorm.forward
-            x32 = x.float()
-            y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-            return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
-
-        def swiglu(x: torch.Tensor, ffn: SwiGLU) -> torch.Tensor:
-            return F.linear(F.silu(F.linear(x, ffn.gate_proj.weight)) * F.linear(x, ffn.up_proj.weight),
-                            ffn.down_proj.weight)
-
-        def absorb(attn: MLA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Decoding weights of one block, folded once in float64: [W_DQ ; W_DKV] (both read h), the query map
-            c_Q -> [W_UK^T q_C ; q_R] with alpha_q and the softmax scale inside, and W_O W_UV (latent -> output)."""
-            w_kv = attn.kv_b_proj.weight.double().view(H, c.qk_nope_head_dim + c.v_head_dim, r)
-            w_uk, w_uv = w_kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)     # [H, nope, r], [H, v, r]
-            w_q = attn.q_b_proj.weight.double().view(H, c.qk_head_dim, -1) * (attn.scale_q * attn.softmax_scale)
-            w_q_nope, w_q_rope = w_q.split([c.qk_nope_head_dim, rope], dim=1)
-            w_q_latent = torch.einsum("hnr,hnq->hrq", w_uk, w_q_nope)             # [H, r, q_lora_rank]
-            w_query = torch.cat([w_q_latent, w_q_rope], dim=1).reshape(H * (r + rope), -1)
-            w_out = torch.einsum("dhv,hvr->dhr", attn.o_proj.weight.double().view(-1, H, c.v_head_dim), w_uv)
-            w_down = torch.cat([attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight])
-            dtype = attn.o_proj.weight.dtype
-            return w_down, w_query.to(dtype), w_out.reshape(-1, H * r).to(dtype)
-
-        def attend(attn: MLA, x_BD: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-            """MLA.forward for one new position, in latent space (same norms, scales and RoPE)."""
-            w_down, w_query, w_out = absorbed[attn.block_index]
-            c_q, c_kv, k_rope = F.linear(x_BD, w_down).split([c.q_lora_rank, r, rope], dim=-1)
-            q = F.linear(norm(c_q, attn.q_a_layernorm.weight, attn.q_a_layernorm.eps), w_query).view(B, H, r + rope)
-            q = torch.cat([q[..., :r], q[..., r:] @ rot], dim=-1)               # RoPE as a matrix: one matmul
-            c_kv = norm(c_kv, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps) * attn.scale_kv
-            o_BHr = cache.attend(attn.block_index, q, torch.cat([c_kv, k_rope @ rot], dim=-1)[:, None], r)
-            return F.linear(o_BHr.reshape(B, H * r), w_out)
-
-        def moe(block: MoE, u_BD: torch.Tensor) -> torch.Tensor:
-            """Router.forward + Experts.forward for B tokens (a handful), without the autograd machinery."""
-            router, experts = block.router, block.experts
-
-            def expert(x: torch.Tensor, e: int) -> torch.Tensor:
-                gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-                return F.linear(F.silu(gate) * up, experts.down_proj[e])
-
-            probs_BE = F.linear(u_BD.float(), router.classifier.weight.float()).softmax(dim=-1)
-            ids_BK = torch.topk(probs_BE + router.e_score_correction_bias, router.top_k, dim=-1).indices
-            weights_BK = probs_BE.gather(1, ids_BK) * router.scale
-            out_BD = (weights_BK * (ids_BK >= N)).sum(-1, keepdim=True).to(u_BD.dtype) * u_BD  # zero experts
-            if B == 1:  # each chosen FFN expert runs on the one token: nothing to sort, gather or scatter
-                for k, e in enumerate(ids_BK[0].tolist()):                    # the step's one host sync
-                    if e < N:
-                        out_BD = out_BD + expert(u_BD, e) * weights_BK[:, k:k + 1].to(u_BD.dtype)
-                return out_BD
-            K = router.top_k
-            ids_P = ids_BK.view(-1)                                           # P = B*K (token, expert) pairs
-            order_P = torch.argsort(ids_P, stable=True)                       # FFN experts (ids < N) first
-            sizes = torch.bincount(ids_P, minlength=N + 1)[:N].tolist()       # the step's one host sync
-            pairs = order_P[:sum(sizes)]
-            if pairs.numel() == 0:
-                return out_BD
-            rows = pairs // K
-            x_sorted, outs, start = u_BD[rows], [], 0
-            for e, size in enumerate(sizes):
-                if size:
-                    outs.append(expert(x_sorted[start:start + size], e))
-                    start += size
-            w = weights_BK.view(-1)[pairs].to(u_BD.dtype)
-            return out_BD.index_add(0, rows, torch.cat(outs) * w[:, None])
-
-        def mixer(layer: LongCatLayer, x_BD: torch.Tensor) -> torch.Tensor:
-            return swiglu(x_BD, layer.mlp) if layer.style == "dense" else moe(layer.mlp, x_BD)
-
-        def decode_step(token_B1: torch.Tensor, position: int) -> torch.Tensor:
-            angles = rope_angles(c, torch.tensor([position], device=token_B1.device))
-            rot = apply_rope(eye, *angles)                     # row i = RoPE(e_i), so x @ rot == apply_rope(x)
-            x = F.embedding(token_B1[:, 0], self.embed_tokens.weight)
-            for layer in self.layers:
-                n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
-                h1 = x + attend(layer.self_attn[0], norm(x, n_in[0].weight, n_in[0].eps), rot)
-                u = norm(h1, n_post[0].weight, n_post[0].eps)
-                m = mixer(layer, u) if layer.style == "scmoe" else None
-                h2 = h1 + swiglu(u, layer.mlps[0])
-                h3 = h2 + attend(layer.self_attn[1], norm(h2, n_in[1].weight, n_in[1].eps), rot)
-                v = norm(h3, n_post[1].weight, n_post[1].eps)
-                x = h3 + swiglu(v, layer.mlps[1]) + (m if m is not None else mixer(layer, v))
-            return F.linear(norm(x, self.norm.weight, self.norm.eps), self.lm_head.weight).float()
-
         was_training = self.training
         self.eval()
         try:
-            if not use_cache:
-                seq = idx.long()
-                for _ in range(max_new_tokens):
-                    logits = self(seq, logits_to_keep=1)[0][:, -1]
-                    token = sample_next(logits, temperature, top_p, generator)
-                    seq = torch.cat([seq, token], dim=1)
-                    yield (token, logits) if return_logits else token
-                return
-            cache = LatentCache(2 * c.num_layers, capacity=idx.shape[1] + max_new_tokens)
-            logits = self(idx, cache=cache, logits_to_keep=1)[0][:, -1]
-            token = sample_next(logits, temperature, top_p, generator)
-            yield (token, logits) if return_logits else token
-            eye = torch.eye(rope, device=idx.device, dtype=self.lm_head.weight.dtype)
-            absorbed = [absorb(attn) for layer in self.layers for attn in layer.self_attn]
-            for position in range(idx.shape[1], idx.shape[1] + max_new_tokens - 1):
-                logits = decode_step(token, position)
+            # A fresh cache per call: it also holds the absorbed weights, folded from the weights as they are now.
+            cache = LatentCache(2 * self.config.num_layers, idx.shape[1] + max_new_tokens) if use_cache else None
+            seq = inputs = idx.long()
+            for _ in range(max_new_tokens):
+                logits = self(inputs, cache=cache, logits_to_keep=1)[0][:, -1]
                 token = sample_next(logits, temperature, top_p, generator)
                 yield (token, logits) if return_logits else token
+                if cache is None:
+                    seq = inputs = torch.cat([seq, token], dim=1)
+                else:
+                    inputs = token
         finally:
             self.train(was_training)
 
