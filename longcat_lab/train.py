@@ -8,8 +8,15 @@ Public API (other modules and the notebooks build on these names):
   `callback(row)` receives every metrics row as it is written (live plots: `LivePlot`);
 - `apply_overrides(model_config, train_config, ["FIELD=VALUE", ...])`: the CLI's `--set`, resolving a flat field
   name across ModelConfig, TrainConfig, ControllerConfig, LossConfig and DataConfig (or `section.field`);
-- `evaluate(model, dataset, ...)`, `lr_at(stages, step)`, `sample_text(...)`, `measure_matmul_flops(...)`,
-  `loss_curves(rows)` (a plotly figure), `TrainingError`.
+- `TrainResult` (run_dir, model, tokenizer, dataset, step, val_loss, checkpoint, counters; `.rows(kind)`),
+  `read_rows(run_dir, kind)`, `TrainingError`;
+- `evaluate(model, dataset, ...)`, `lr_at(stages, step)`, `sample_text(...)`, `measure_matmul_flops(...)`;
+- plotly figures `loss_curves(rows)`, `schedule_figure(train_config)`, `baseline_figure(val_loss, baselines)`, and
+  `LivePlot(figures, every)`, a callback that redraws figures in a notebook while training runs.
+
+Resume: `resume=True` continues from the newest checkpoint of `out_dir` (a fresh start when there is none) and
+logs exactly the losses of an uninterrupted run; it refuses a configuration that differs from the checkpoint's,
+except for fields that only change logging and saving (`RESUME_FREE_FIELDS`). A finished run trains nothing.
 
 `out_dir/metrics.jsonl` gets one JSON object per line:
 - `kind="train"`, one per optimizer step: step, stage, loss (LM + aux), lm_loss, balance_loss, hidden_z_loss,
@@ -813,12 +820,11 @@ class Trainer:
                                       *(aux[k].detach().float() for k in LOSS_KEYS)]))
         return torch.stack(parts), rg, rg_time, routing
 
-    def sdc_check(self, batches, losses: torch.Tensor) -> dict[str, Any]:
+    def sdc_check(self, batches, losses: torch.Tensor, counts_before: list[torch.Tensor]) -> dict[str, Any]:
         """Re-run this step's forward and backward from the same state and compare bit for bit (spec 4, SDC). The
         routers' counts and the gradients of the first run are restored afterwards, so nothing is counted twice."""
         blocks = self.model.moe_blocks()
         counts_after = [b.router.expert_counts.clone() for b in blocks]
-        counts_before = [c - self._step_counts[i] for i, c in enumerate(counts_after)]
         grads = [p.grad.clone() if p.grad is not None else None for p in self.params]
         for b, c in zip(blocks, counts_before):
             b.router.expert_counts.copy_(c)
@@ -858,17 +864,15 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.sampler.batch(stage.mixture, cfg.batch_size, stage.seq_len)
             batches.append((x.to(self.device), y.to(self.device)))
-        self._step_counts = [torch.zeros_like(b.router.expert_counts) for b in self.model.moe_blocks()]
-        counts0 = [b.router.expert_counts.clone() for b in self.model.moe_blocks()]
+        counts_before = [b.router.expert_counts.clone() for b in self.model.moe_blocks()]
         want_rg = bool(cfg.rg_every) and (index + 1) % cfg.rg_every == 0 and bool(self.model.moe_blocks())
         self.optimizer.zero_grad(set_to_none=True)
         # R_g's extra autograd pass and the SDC re-run are diagnostics: their time stays out of tokens/s and MFU.
         losses, rg, diag_time, routing = self.forward_backward(batches, want_rg)
-        self._step_counts = [b.router.expert_counts - c for b, c in zip(self.model.moe_blocks(), counts0)]
         sdc = None
         if cfg.sdc_check_every and (index + 1) % cfg.sdc_check_every == 0:
             t_sdc = time.perf_counter()
-            sdc = self.sdc_check(batches, losses)
+            sdc = self.sdc_check(batches, losses, counts_before)
             diag_time += time.perf_counter() - t_sdc
         mean = losses.mean(0)
         loss_value = float(mean[0])
