@@ -22,6 +22,16 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> No
         raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
 
 
+def from_known_fields(cls, data: dict[str, Any]):
+    """`cls(**data)` for a config dataclass, refusing keys that are not its fields (a typo would otherwise vanish
+    into a default). Every config's `from_dict` goes through here."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed fields are {sorted(known)}")
+    return cls(**data)
+
+
 def check_positive_float(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
@@ -121,12 +131,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Build from a dict, refusing keys that are not ModelConfig fields (typos would otherwise vanish)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; allowed fields are {sorted(known)}")
-        return cls(**data)
+        """Build from a dict, refusing keys that are not ModelConfig fields."""
+        return from_known_fields(cls, data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""

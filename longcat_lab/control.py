@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from . import presets
-from .config import ModelConfig
+from .config import ModelConfig, from_known_fields
 from .model import LongCatLM
 
 CONTROLLER_MODES = ("paper", "pid", "sign", "none")
@@ -98,12 +98,8 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ControllerConfig":
-        """Build from a dict, refusing unknown keys (a typo would otherwise silently fall back to a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ControllerConfig field(s) {unknown}; allowed fields are {sorted(known)}")
-        return cls(**data)
+        """Build from a dict, refusing unknown keys (`config.from_known_fields`)."""
+        return from_known_fields(cls, data)
 
 
 def resolve_target(config: ControllerConfig, model_config: ModelConfig) -> float:

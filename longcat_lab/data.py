@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import from_known_fields
+
 DOMAINS = ("shakespeare", "python", "reasoning")
 EOT = "<|endoftext|>"
 # Bump when anything that shapes the cached tokenizer or token streams changes, so old caches are not reused.
@@ -97,11 +99,8 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DataConfig field(s) {unknown}; allowed fields are {sorted(known)}")
-        return cls(**data)
+        """Build from a dict, refusing unknown keys (`config.from_known_fields`)."""
+        return from_known_fields(cls, data)
 
 
 def cache_root(config: DataConfig | None = None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, from_known_fields
 from .model import LayerRouting, Routing
 
 LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
@@ -51,12 +51,8 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LossConfig":
-        """Build from a dict, refusing unknown keys (a typo would otherwise silently fall back to a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LossConfig field(s) {unknown}; allowed fields are {sorted(known)}")
-        return cls(**data)
+        """Build from a dict, refusing unknown keys (`config.from_known_fields`)."""
+        return from_known_fields(cls, data)
 
 
 def balance_loss_layer(layer: LayerRouting, n_ffn: int, top_k: int, target_ffn_experts: float,

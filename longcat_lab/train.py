@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from . import accounting, checkpoint, growth, metrics
-from .config import ModelConfig
+from .config import ModelConfig, from_known_fields
 from .control import BiasController, ControllerConfig
 from .data import DOMAINS, DataConfig, Dataset, MixtureSampler, atomic_write_bytes, check_mixture, eval_windows, \
     load_dataset
@@ -250,11 +250,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; allowed fields are {sorted(known)}")
-        return cls(**data)
+        """Build from a dict, refusing unknown keys (`config.from_known_fields`)."""
+        return from_known_fields(cls, data)
 
 
 def train_preset(name: str, **overrides) -> TrainConfig:

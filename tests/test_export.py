@@ -31,14 +31,7 @@ except ImportError:
 needs_hf = pytest.mark.skipif(not HAS_TRANSFORMERS,
                               reason="transformers is not installed (pip install -e '.[hf]'); it is the parity oracle")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine every op that waits for a
-    busy core runs 20-50x slower (measured); restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # Three tiny shapes: the HF tester's (4 FFN + 2 zero experts, top-2), one without zero experts, one with more heads,

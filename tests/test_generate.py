@@ -24,14 +24,7 @@ except ImportError:
     HAS_TRANSFORMERS = False
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine every op that waits for a
-    busy core runs 20-50x slower (measured); restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(seed: int = 0, **overrides) -> LongCatLM:
