@@ -86,6 +86,17 @@ class LatentCache:
         self.lengths = [0] * num_blocks
         self.capacity = capacity
         self.absorbed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rotation(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """RoPE at one decoding position as a matrix R [rope, rope] with x @ R == apply_rope(x, cos, sin): built once
+        per step (keyed by the step's cos tensor, which every block receives) and shared by all blocks, so each block
+        rotates its queries and key with one matmul instead of a dozen elementwise ops. R is apply_rope of the
+        identity (in the model dtype), so the rotation is written once."""
+        if self._rotation is None or self._rotation[0] is not cos:
+            eye = torch.eye(cos.shape[-1] * 2, dtype=dtype, device=cos.device)
+            self._rotation = (cos, apply_rope(eye, cos, sin))
+        return self._rotation[1]
 
     @property
     def seq_len(self) -> int:
@@ -206,12 +217,11 @@ class MLA(nn.Module):
         if weights is None:
             weights = cache.absorbed[self.block_index] = self.absorbed_weights()
         w_down, w_query, w_out = weights
-        c_q, c_kv, k_rope = F.linear(x[:, 0], w_down).split([w_down.shape[0] - r - self.rope, r, self.rope], dim=-1)
-        q_latent, q_rope = F.linear(self.q_a_layernorm(c_q), w_query).view(B, H, r + self.rope).split(
-            [r, self.rope], dim=-1)
-        rotated = apply_rope(torch.cat([q_rope, k_rope[:, None]], dim=1), cos, sin)   # H query heads + the key
-        q_BHC = torch.cat([q_latent, rotated[:, :H]], dim=-1)
-        latent_B1C = torch.cat([self.kv_a_layernorm(c_kv) * self.scale_kv, rotated[:, H]], dim=-1)[:, None]
+        c_q, c_kv, k_rope = F.linear(x, w_down).split([w_down.shape[0] - r - self.rope, r, self.rope], dim=-1)
+        q_BHC = F.linear(self.q_a_layernorm(c_q), w_query).view(B, H, r + self.rope)
+        rotation = cache.rotation(cos, sin, x.dtype)
+        q_BHC[..., r:] = q_BHC[..., r:] @ rotation                             # RoPE(q_R), in place
+        latent_B1C = torch.cat([self.kv_a_layernorm(c_kv) * self.scale_kv, k_rope @ rotation], dim=-1)
         o_BHr = cache.attend(self.block_index, q_BHC, latent_B1C, r)
         return F.linear(o_BHr.reshape(B, 1, H * r), w_out)
 
@@ -394,12 +404,14 @@ class Experts(nn.Module):
                           topk_weights_1K: torch.Tensor) -> torch.Tensor:
         """`forward` for T = 1 without the sort, gather and scatter: the same sum, expert by expert."""
         N = self.n_ffn
-        out_1D = (topk_weights_1K * (topk_ids_1K >= N)).sum(dim=-1, keepdim=True).to(x_1D.dtype) * x_1D
-        for k, e in enumerate(topk_ids_1K[0].tolist()):                   # the block's one host sync
+        # The block's host syncs (ids and weights as Python numbers): each expert's weight then rides in addmm's
+        # alpha, so one op adds a weighted expert, and the zero experts' total weight scales x once.
+        choices = list(zip(topk_ids_1K[0].tolist(), topk_weights_1K[0].tolist()))
+        out_1D = x_1D * sum(w for e, w in choices if e >= N)
+        for e, w in choices:
             if e < N:
                 gate, up = F.linear(x_1D, self.gate_up_proj[e]).chunk(2, dim=-1)
-                y_1D = F.linear(F.silu(gate) * up, self.down_proj[e])
-                out_1D = out_1D + y_1D * topk_weights_1K[:, k:k + 1].to(y_1D.dtype)
+                out_1D = torch.addmm(out_1D, F.silu(gate) * up, self.down_proj[e].t(), alpha=w)
         return out_1D
 
 
@@ -412,11 +424,14 @@ class MoE(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config)
 
-    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+    def forward(self, u: torch.Tensor, return_routing: bool = True) -> tuple[torch.Tensor, LayerRouting | None]:
+        """(MoE(u), the block's `LayerRouting`, or None when return_routing is False: decoding skips building it)."""
         B, S, D = u.shape
         u_TD = u.reshape(B * S, D)
         topk_ids_TK, topk_weights_TK, logits_TE, probs_TE = self.router(u_TD)
         out_TD = self.experts(u_TD, topk_ids_TK, topk_weights_TK)
+        if not return_routing:
+            return out_TD.view(B, S, D), None
         routing = LayerRouting(
             topk_ids=topk_ids_TK.view(B, S, -1),
             topk_weights=topk_weights_TK.view(B, S, -1),
@@ -445,18 +460,18 @@ class LongCatLayer(nn.Module):
         self.mlps = nn.ModuleList([SwiGLU(D, config.ffn_hidden_size) for _ in range(2)])
         self.mlp = SwiGLU(D, config.dense_moe_width) if self.style == "dense" else MoE(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None) -> tuple[torch.Tensor, LayerRouting | None]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                return_routing: bool = True) -> tuple[torch.Tensor, LayerRouting | None]:
         h1 = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, cache)
         u = self.post_attention_layernorm[0](h1)
         routing = None
         if self.style == "scmoe":
-            m, routing = self.mlp(u)                   # the shortcut: starts right after the first attention
+            m, routing = self.mlp(u, return_routing)   # the shortcut: starts right after the first attention
         h2 = h1 + self.mlps[0](u)
         h3 = h2 + self.self_attn[1](self.input_layernorm[1](h2), cos, sin, cache)
         v = self.post_attention_layernorm[1](h3)
         if self.style == "vanilla":
-            m, routing = self.mlp(v)                   # conventional: must wait for the second attention
+            m, routing = self.mlp(v, return_routing)   # conventional: must wait for the second attention
         elif self.style == "dense":
             m = self.mlp(v)
         return h3 + self.mlps[1](v) + m, routing
@@ -527,13 +542,18 @@ class LongCatLM(nn.Module):
             self._check_ids("targets", targets, allow_ignore=True)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets has shape {tuple(targets.shape)}: expected idx's {tuple(idx.shape)}")
-        idx = idx.long()
+        return self._forward_checked(idx.long(), targets, return_routing, cache, logits_to_keep)
+
+    def _forward_checked(self, idx: torch.Tensor, targets: torch.Tensor | None, return_routing: bool,
+                         cache: LatentCache | None, logits_to_keep: int):
+        """`forward` after its input checks (`stream` calls it directly for tokens it generated itself)."""
+        past = cache.seq_len if cache is not None else 0
         positions = torch.arange(past, past + idx.shape[1], device=idx.device)
         cos, sin = rope_angles(self.config, positions)
         x = self.embed_tokens(idx)
         layer_routing = []
         for layer in self.layers:
-            x, r = layer(x, cos, sin, cache)
+            x, r = layer(x, cos, sin, cache, return_routing)
             layer_routing.append(r)
         last_hidden = x
         h = self.norm(x)
@@ -549,7 +569,7 @@ class LongCatLM(nn.Module):
         return logits, loss
 
     # Generation ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                generator: torch.Generator | None = None, use_cache: bool = True,
                return_logits: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
@@ -559,7 +579,10 @@ class LongCatLM(nn.Module):
         With the cache, the prompt goes through `forward` once, filling the latent cache, and every later token is one
         more `forward` of that single position against the cache, in which each MLA block takes its absorbed
         decoding step (`MLA.decode`) and the MoE its no-grad expert path: the wiring is `LongCatLayer.forward`'s
-        own. Without the cache every step recomputes the whole sequence (the slow, obviously-correct reference)."""
+        own. Without the cache every step recomputes the whole sequence (the slow, obviously-correct reference).
+        Runs in inference mode (cheaper per op than no_grad), so the yielded tensors are inference tensors: clone one
+        before modifying it in place outside inference mode. The prompt is checked once; later steps skip
+        `forward`'s id checks (their host syncs), since generated ids are in range by construction."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: it must be an integer >= 0")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -578,7 +601,7 @@ class LongCatLM(nn.Module):
             cache = LatentCache(2 * self.config.num_layers, idx.shape[1] + max_new_tokens) if use_cache else None
             seq = inputs = idx.long()
             for _ in range(max_new_tokens):
-                logits = self(inputs, cache=cache, logits_to_keep=1)[0][:, -1]
+                logits = self._forward_checked(inputs, None, False, cache, 1)[0][:, -1]
                 token = sample_next(logits, temperature, top_p, generator)
                 yield (token, logits) if return_logits else token
                 if cache is None:
