@@ -47,9 +47,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))  # no op call when already fp32 (decoding)
+        # torch.rms_norm is w * x * rsqrt(mean(x^2) + eps) in one call, bitwise equal (forward and gradient) to the
+        # elementwise ops it replaces, which matters when decoding spends its time in op calls. Below fp32 the weight
+        # stays outside, to keep transformers' order: normalise in fp32, cast, then scale.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
