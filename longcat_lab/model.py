@@ -348,20 +348,23 @@ class GroupedSwiGLU(torch.autograd.Function):
         grad_out = grad_out.to(x.dtype)
         f = w_d.shape[2]
         grad_x = torch.empty_like(x)
-        grad_gu, grad_d = torch.zeros_like(w_gu), torch.zeros_like(w_d)
+        # empty, not zeros: every used expert's rows are overwritten below, and zero-filling the whole stacked
+        # gradient cost ~8% of the block (profiled); only unused experts get explicit zeros.
+        grad_gu, grad_d = torch.empty_like(w_gu), torch.empty_like(w_d)
         start, i = 0, 0
         for e, size in enumerate(ctx.sizes):
             if not size:
+                grad_gu[e].zero_()
+                grad_d[e].zero_()
                 continue
             x_e, g_e, h = x[start:start + size], grad_out[start:start + size], hidden[i]
             gate, up = h[:, :f], h[:, f:]
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
+            silu = F.silu(gate)
             torch.mm(g_e.t(), silu * up, out=grad_d[e])
             grad_act = g_e @ w_d[e]
             grad_h = torch.empty_like(h)
             torch.mul(grad_act, silu, out=grad_h[:, f:])
-            torch.mul(grad_act * up, sig * (1 + gate * (1 - sig)), out=grad_h[:, :f])
+            grad_h[:, :f] = torch.ops.aten.silu_backward(grad_act * up, gate)   # fused d silu(g)/dg
             torch.mm(grad_h.t(), x_e, out=grad_gu[e])
             torch.mm(grad_h, w_gu[e], out=grad_x[start:start + size])
             start, i = start + size, i + 1
