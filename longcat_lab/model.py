@@ -359,12 +359,13 @@ class GroupedSwiGLU(torch.autograd.Function):
                 continue
             x_e, g_e, h = x[start:start + size], grad_out[start:start + size], hidden[i]
             gate, up = h[:, :f], h[:, f:]
-            silu = F.silu(gate)
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
             torch.mm(g_e.t(), silu * up, out=grad_d[e])
             grad_act = g_e @ w_d[e]
             grad_h = torch.empty_like(h)
             torch.mul(grad_act, silu, out=grad_h[:, f:])
-            grad_h[:, :f] = torch.ops.aten.silu_backward(grad_act * up, gate)   # fused d silu(g)/dg
+            torch.mul(grad_act * up, sig * (1 + gate * (1 - sig)), out=grad_h[:, :f])
             torch.mm(grad_h.t(), x_e, out=grad_gu[e])
             torch.mm(grad_h, w_gu[e], out=grad_x[start:start + size])
             start, i = start + size, i + 1
