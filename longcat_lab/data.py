@@ -5,7 +5,8 @@ Domains (spec 4, "Data"; the paper's stage 2 raises STEM + code to 70%):
   package itself is never imported: its dependencies are heavy and unused here), one document per scene.
 - "python": the Python standard library's own source (`sysconfig.get_paths()["stdlib"]`), one document per file.
 - "reasoning": generated multi-step arithmetic word problems with worked solutions. Every step is `a op b = c`, so
-  `check_solution` can verify a document without ever calling eval(); answers are computed in code.
+  `check_solution` verifies a document by parsing each step, never by running the text as Python; answers are
+  computed in code.
 
 Pipeline (each stage deterministic, so two machines with the same wheel and Python build the same data):
 1. read each domain (`read_domain`), capped at `DataConfig.max_bytes_per_domain`;
