@@ -32,8 +32,13 @@ def from_known_fields(cls, data: dict[str, Any]):
     return cls(**data)
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float, and not a bool (True would otherwise pass as 1)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not is_number(value) or value <= 0:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
 
 

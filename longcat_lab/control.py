@@ -34,14 +34,14 @@ from typing import Any
 import torch
 
 from . import presets
-from .config import ModelConfig, from_known_fields
+from .config import ModelConfig, from_known_fields, is_number
 from .model import LongCatLM
 
 CONTROLLER_MODES = ("paper", "pid", "sign", "none")
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or value < 0:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
 
 
@@ -77,18 +77,18 @@ class ControllerConfig:
             _check_nonnegative("target_ffn_experts", self.target_ffn_experts)
         _check_nonnegative("bias_update_rate", self.bias_update_rate)
         d = self.bias_update_decay
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
+        if not is_number(d) or not (0 < d <= 1):
             raise ValueError(f"bias_update_decay={d!r} is not allowed: it must be a number in (0, 1] (1 = no decay)")
         gains = self.pid_gains
         if not isinstance(gains, (tuple, list)) or len(gains) != 3:
             raise ValueError(f"pid_gains={gains!r} is not allowed: it must be three numbers (kp, ki, kd)")
         for name, g in zip(("kp", "ki", "kd"), gains):
-            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            if not is_number(g) or g < 0:
                 raise ValueError(f"pid_gains={gains!r} is not allowed: {name}={g!r} must be a finite number >= 0")
         self.pid_gains = tuple(float(g) for g in gains)
         for name in ("integral_clamp", "output_clamp"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not is_number(v) or v <= 0:
                 raise ValueError(f"{name}={v!r} is not allowed: it must be a finite number > 0 (bias units)")
 
     def to_dict(self) -> dict[str, Any]:

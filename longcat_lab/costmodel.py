@@ -32,13 +32,12 @@ datasheet, not figures from the paper.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
 
 from . import accounting
-from .config import ModelConfig, check_positive_float, check_positive_int
+from .config import ModelConfig, check_positive_float, check_positive_int, is_number
 
 SCHEDULES = ("sequential", "tbo", "sbo")
 SCHEDULE_NAMES = {"sequential": "sequential (vanilla MoE)", "tbo": "two-batch overlap (TBO)",
@@ -64,8 +63,7 @@ class Hardware:
     def __post_init__(self) -> None:
         for name in ("flops", "mem_bw", "net_bw", "price_per_hour"):
             check_positive_float(name, getattr(self, name))
-        if not (isinstance(self.net_latency, (int, float)) and math.isfinite(self.net_latency)
-                and self.net_latency >= 0):
+        if not is_number(self.net_latency) or self.net_latency < 0:
             raise ValueError(f"net_latency={self.net_latency!r} is not allowed: it must be a finite number >= 0")
 
 
@@ -127,7 +125,7 @@ class LayerTimes:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not is_number(v) or v < 0:
                 raise ValueError(f"{f.name}={v!r} is not allowed: a stage time must be a finite number >= 0 (s)")
 
     @property

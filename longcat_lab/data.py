@@ -31,7 +31,6 @@ import hashlib
 import importlib.metadata
 import itertools
 import json
-import math
 import operator
 import os
 import re
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import from_known_fields
+from .config import from_known_fields, is_number
 
 DOMAINS = ("shakespeare", "python", "reasoning")
 EOT = "<|endoftext|>"
@@ -88,7 +87,7 @@ class DataConfig:
         _check_int("tokenizer_sample_bytes", self.tokenizer_sample_bytes, 10_000)
         _check_int("data_seed", self.data_seed, 0)
         v = self.val_fraction
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5:
+        if not is_number(v) or not 0 < v < 0.5:
             raise ValueError(f"val_fraction={v!r} is not allowed: it must be a number in (0, 0.5)")
         if not isinstance(self.cache_dir, str):
             raise ValueError(f"cache_dir={self.cache_dir!r} is not allowed: it must be a path string ('' = default)")
@@ -599,7 +598,7 @@ def check_mixture(mixture: dict[str, float], domains: tuple[str, ...], name: str
     if unknown:
         raise ValueError(f"{name}={mixture!r} is not allowed: unknown domain(s) {unknown}; domains are {DOMAINS}")
     for d, w in mixture.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        if not is_number(w) or w < 0:
             raise ValueError(f"{name}[{d!r}]={w!r} is not allowed: weights must be finite numbers >= 0")
     weights = {d: float(mixture.get(d, 0.0)) for d in domains}
     total = sum(weights.values())

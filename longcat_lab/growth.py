@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from .config import is_number
 from .model import LongCatLM
 
 KINDS = ("embedding", "hidden", "unembedding")
@@ -35,7 +36,7 @@ def transfer_hparams(width_factor: float, init_std: float = 1.0, lr: float = 1.0
     """Per kind, the target model's init std and LR from the proxy's (spec 4, paper Table 1): embedding copied;
     hidden and unembedding sigma^2 / s (so std / sqrt(s)) and eta / s."""
     s = width_factor
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+    if not is_number(s) or s <= 0:
         raise ValueError(f"width_factor={s!r} is not allowed: it must be a finite number > 0 (target / proxy width)")
     return {"embedding": {"init_std": init_std, "lr": lr},
             "hidden": {"init_std": init_std / math.sqrt(s), "lr": lr / s},

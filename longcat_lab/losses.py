@@ -10,13 +10,12 @@ Shape legend: B batch, S sequence, T = B*S tokens, E = N + Z experts, N FFN expe
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .config import ModelConfig, from_known_fields
+from .config import ModelConfig, from_known_fields, is_number
 from .model import LayerRouting, Routing
 
 LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
@@ -40,7 +39,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         for name in ("balance_loss_coef", "hidden_z_loss_coef", "router_z_loss_coef"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not is_number(v) or v < 0:
                 raise ValueError(f"{name}={v!r} is not allowed: it must be a finite number >= 0 (0 turns it off)")
         g = self.balance_groups
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
@@ -103,8 +102,7 @@ def aux_losses(routing: Routing, loss_config: LossConfig, model_config: ModelCon
     """{"balance_loss", "hidden_z_loss", "router_z_loss"}: 0-dim tensors, coefficients applied, per-layer losses
     summed over MoE layers. A loss whose coefficient is 0 is a constant 0 (not computed)."""
     K = model_config.moe_topk
-    if isinstance(target_ffn_experts, bool) or not isinstance(target_ffn_experts, (int, float)) or not (
-            0 <= target_ffn_experts <= K):
+    if not is_number(target_ffn_experts) or not 0 <= target_ffn_experts <= K:
         raise ValueError(f"target_ffn_experts={target_ffn_experts!r} is not allowed: it must lie in [0, moe_topk={K}]")
     if model_config.n_routed_experts % loss_config.balance_groups:
         raise ValueError(f"balance_groups={loss_config.balance_groups} is not allowed: it must divide "

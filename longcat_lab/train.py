@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from . import accounting, checkpoint, growth, metrics
-from .config import ModelConfig, from_known_fields
+from .config import ModelConfig, from_known_fields, is_number
 from .control import BiasController, ControllerConfig
 from .data import DOMAINS, DataConfig, Dataset, MixtureSampler, atomic_write_bytes, check_mixture, eval_windows, \
     load_dataset
@@ -63,10 +63,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot continue (too many non-finite steps, an incompatible resume); the message says why."""
-
-
-def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
@@ -92,12 +88,12 @@ class StageConfig:
         p = f"stage {self.name!r}: "
         _check(p + "steps", self.steps, isinstance(self.steps, int) and not isinstance(self.steps, bool)
                and self.steps >= 1, "a positive integer")
-        _check(p + "lr", self.lr, _is_number(self.lr) and self.lr > 0, "a finite number > 0")
+        _check(p + "lr", self.lr, is_number(self.lr) and self.lr > 0, "a finite number > 0")
         _check(p + "warmup", self.warmup, isinstance(self.warmup, int) and not isinstance(self.warmup, bool)
                and 0 <= self.warmup <= self.steps, f"an integer in [0, steps={self.steps}]")
         _check(p + "seq_len", self.seq_len, isinstance(self.seq_len, int) and not isinstance(self.seq_len, bool)
                and self.seq_len >= 2, "an integer >= 2")
-        _check(p + "end_lr_ratio", self.end_lr_ratio, _is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
+        _check(p + "end_lr_ratio", self.end_lr_ratio, is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
                "a number in [0, 1]")
         self.mixture = dict(self.mixture)
         check_mixture(self.mixture, DOMAINS, p + "mixture")
@@ -194,17 +190,17 @@ class TrainConfig:
             _check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
         for name in ("weight_decay", "peak_flops"):
             v = getattr(self, name)
-            _check(name, v, _is_number(v) and v >= 0, "a finite number >= 0")
+            _check(name, v, is_number(v) and v >= 0, "a finite number >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
-            _check(name, v, _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
-        _check("adam_eps", self.adam_eps, _is_number(self.adam_eps) and self.adam_eps > 0, "a finite number > 0")
-        _check("grad_clip", self.grad_clip, _is_number(self.grad_clip) and self.grad_clip > 0, "a finite number > 0")
-        _check("alert_loss_spike", self.alert_loss_spike, _is_number(self.alert_loss_spike)
+            _check(name, v, is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check("adam_eps", self.adam_eps, is_number(self.adam_eps) and self.adam_eps > 0, "a finite number > 0")
+        _check("grad_clip", self.grad_clip, is_number(self.grad_clip) and self.grad_clip > 0, "a finite number > 0")
+        _check("alert_loss_spike", self.alert_loss_spike, is_number(self.alert_loss_spike)
                and self.alert_loss_spike > 1, "a number > 1")
         for name in ("alert_throughput_drop", "alert_memory_fraction"):
             v = getattr(self, name)
-            _check(name, v, _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+            _check(name, v, is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         _check("device", self.device, isinstance(self.device, str) and (
             self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")), "'auto', 'cpu', 'cuda[:N]'")
         for name in ("bf16", "deterministic", "init_keep_state"):
