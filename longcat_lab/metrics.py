@@ -7,8 +7,10 @@ Shape legend: B batch, S sequence, T = B*S tokens, E = N + Z experts, N FFN expe
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,3 +173,31 @@ def tracking_summary(values: Sequence[float], target: float, tol: float = 0.02, 
 
 __all__ = ["DEAD_LOAD", "HOT_LOAD", "routing_health", "balance_grad_ratio", "balance_grad_ratio_per_layer",
            "router_cosine_similarity", "tracking_summary"]
+
+
+def read_rows(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a run's `metrics.jsonl` (a run folder or the file itself), optionally only those of one kind
+    ("train", "eval", "start"). A last line that does not parse is skipped, since a trainer may be writing it right
+    now; a bad line anywhere else, a missing file or a file with no rows is a ValueError that says so."""
+    path = Path(path)
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        where = f"run folder {str(path)!r} has no metrics.jsonl yet" if path.is_dir() else \
+            f"{str(path)!r} does not exist"
+        raise ValueError(f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
+                         "longcat_lab.train (or its metrics.jsonl)")
+    lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{file}: line {n + 1} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}: line {n + 1} is a {type(row).__name__}, expected a JSON object per line")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"path={str(path)!r} holds no metrics rows yet: the run has not logged a step")
+    return [r for r in rows if kind is None or r.get("kind") == kind]

@@ -56,6 +56,7 @@ from .control import BiasController, ControllerConfig
 from .data import DOMAINS, DataConfig, Dataset, MixtureSampler, atomic_write_bytes, check_mixture, eval_windows, \
     load_dataset
 from .losses import LOSS_KEYS, LossConfig, aux_losses
+from .metrics import read_rows  # re-exported: train.read_rows is public
 from .model import LongCatLM
 
 log = logging.getLogger(__name__)
@@ -495,14 +496,6 @@ class TrainResult:
 
     def rows(self, kind: str | None = None) -> list[dict[str, Any]]:
         return read_rows(self.metrics_path, kind)
-
-
-def read_rows(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl (a run folder or the file), optionally of one kind ("train", "eval", "start")."""
-    path = Path(path)
-    file = path / "metrics.jsonl" if path.is_dir() else path
-    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
 def loss_curves(rows: Sequence[dict[str, Any]], title: str = "Training and validation loss"):

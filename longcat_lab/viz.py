@@ -481,30 +481,8 @@ def activated_params_histogram(source: Routing | TokenTable, config: ModelConfig
 
 # Training metrics and the controller ---------------------------------------------------------------------------
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's `metrics.jsonl` (a run folder or the file itself). A last line that does not parse is
-    skipped, since a trainer may be writing it right now; a bad line anywhere else is an error."""
-    path = Path(path)
-    file = path / "metrics.jsonl" if path.is_dir() else path
-    if not file.is_file():
-        where = f"run folder {str(path)!r} has no metrics.jsonl yet" if path.is_dir() else \
-            f"{str(path)!r} does not exist"
-        raise ValueError(f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
-                         "longcat_lab.train (or its metrics.jsonl)")
-    lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    rows = []
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if n == len(lines) - 1:
-                break
-            raise ValueError(f"{file}: line {n + 1} is not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{file}: line {n + 1} is a {type(row).__name__}, expected a JSON object per line")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"path={str(path)!r} holds no metrics rows yet: the run has not logged a step")
-    return rows
+    """The rows of a run's `metrics.jsonl` (a run folder or the file itself); see `metrics.read_rows`."""
+    return metrics.read_rows(path)
 
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, list]:
