@@ -22,6 +22,7 @@ N FFN experts, Z zero experts, K top-k.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -300,6 +301,34 @@ class Router(nn.Module):
 
 
 # Experts -------------------------------------------------------------------------------------------------------
+class _Scratch(threading.local):
+    """Reusable CPU buffers for the dispatch's large temporaries, one set per thread.
+
+    On CPU a fresh multi-megabyte tensor is returned to the OS when freed, so every step pays page faults to get it
+    back: filling a fresh [P, D] buffer cost about four times as long as filling a reused one (measured, one thread).
+    Only temporaries that die inside one forward or one backward live here, never tensors saved for backward, so
+    any number of forwards may run before their backwards. Other devices have caching allocators already, and
+    requests above `MAX_BYTES` are allocated normally, so a huge evaluation batch does not pin its memory."""
+
+    MAX_BYTES = 256 * 2**20
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        if like.device.type != "cpu" or numel * like.element_size() > self.MAX_BYTES:
+            return like.new_empty(shape)
+        key = (name, like.dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+
+_scratch = _Scratch()
+
+
 class ExpertDispatch(torch.autograd.Function):
     """out_TD[t] = sum over the pairs p of token t: w_p * SwiGLU_{e_p}(x_TD[t]), for pairs already sorted by expert.
 
@@ -335,7 +364,7 @@ class ExpertDispatch(torch.autograd.Function):
             silu_PF = F.silu(gate)
             scaled_PF = silu_PF * w_P1                                   # the routing weight, folded in at width F
             act_PF = scaled_PF * up
-            y_PD = x_PD.new_empty(x_PD.shape[0], w_d.shape[1])
+            y_PD = _scratch.get("y", (x_PD.shape[0], w_d.shape[1]), x_PD)
             for e, rows in slices:
                 torch.mm(act_PF[rows], down_t[e], out=y_PD[rows])
             out_TD = x_PD.new_zeros(x_TD.shape[0], w_d.shape[1]).index_add_(0, token_idx_P, y_PD)
@@ -356,7 +385,8 @@ class ExpertDispatch(torch.autograd.Function):
         x_dtype, w_dtype, param_dtype = ctx.dtypes
         f = w_d.shape[2]
         slices = expert_slices(ctx.sizes)
-        grad_y_PD = grad_out_TD.to(x_PD.dtype).index_select(0, token_idx_P)
+        grad_y_PD = torch.index_select(grad_out_TD.to(x_PD.dtype), 0, token_idx_P,
+                                       out=_scratch.get("grad_y", x_PD.shape, x_PD))
         # empty, not zeros: every used expert's rows are overwritten below, and zero-filling the whole stacked
         # gradient cost ~8% of the block (profiled); only unused experts get explicit zeros.
         grad_gu, grad_d = torch.empty_like(w_gu), torch.empty_like(w_d)
@@ -364,17 +394,18 @@ class ExpertDispatch(torch.autograd.Function):
             if not size:
                 grad_gu[e].zero_()
                 grad_d[e].zero_()
-        grad_act_PF = torch.empty_like(act_PF)
+        grad_act_PF = _scratch.get("grad_act", act_PF.shape, act_PF)
         for e, rows in slices:
             torch.mm(grad_y_PD[rows].t(), act_PF[rows], out=grad_d[e])
             torch.mm(grad_y_PD[rows], w_d[e], out=grad_act_PF[rows])
         gate, up = h_P2F[:, :f], h_P2F[:, f:]
-        grad_h_P2F = torch.empty_like(h_P2F)
-        torch.mul(grad_act_PF, scaled_PF, out=grad_h_P2F[:, f:])        # d/d up
+        grad_h_P2F = _scratch.get("grad_h", h_P2F.shape, h_P2F)
+        grad_gate, grad_up = grad_h_P2F[:, :f], grad_h_P2F[:, f:]
+        torch.mul(grad_act_PF, scaled_PF, out=grad_up)                  # d/d up
         grad_scaled_PF = grad_act_PF.mul_(up)                           # d/d (w * silu(gate)), in place
-        grad_w_P = torch.linalg.vecdot(grad_scaled_PF, silu_PF)         # d/d w
-        torch.ops.aten.silu_backward.grad_input(grad_scaled_PF.mul_(w_P1), gate, grad_input=grad_h_P2F[:, :f])
-        grad_x_PD = torch.empty_like(x_PD)
+        grad_w_P = torch.mul(grad_scaled_PF, silu_PF, out=grad_gate).sum(-1)  # d/d w (grad_gate as scratch)
+        torch.ops.aten.silu_backward.grad_input(grad_scaled_PF.mul_(w_P1), gate, grad_input=grad_gate)
+        grad_x_PD = grad_y_PD                                           # its rows are dead once read: reuse them
         for e, rows in slices:
             torch.mm(grad_h_P2F[rows].t(), x_PD[rows], out=grad_gu[e])
             torch.mm(grad_h_P2F[rows], w_gu[e], out=grad_x_PD[rows])
