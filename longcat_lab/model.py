@@ -322,7 +322,8 @@ class _Scratch(threading.local):
         key = (name, like.dtype)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[key] = like.new_empty(numel)
+            with torch.inference_mode(False):  # a normal tensor, usable both inside and outside inference mode
+                buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
         return buffer[:numel].view(shape)
 
 

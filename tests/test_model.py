@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_lab import LatentCache, LongCatLM, ModelConfig, accounting, presets
-from longcat_lab.model import MoE
+from longcat_lab.model import MoE, _scratch
 
 
 def make_model(seed=0, **overrides):
@@ -105,6 +105,31 @@ def test_bias_changes_selection_not_weights():
     torch.testing.assert_close(after.router_probs, probs)  # the bias never enters the probabilities...
     expected = moe.router.scale * probs.gather(-1, after.topk_ids)
     torch.testing.assert_close(after.topk_weights, expected)  # ...nor the weights
+
+
+@pytest.mark.parametrize("first", ["inference", "training"])
+def test_dispatch_scratch_buffers_survive_mode_switches(first):
+    """The dispatch reuses CPU scratch buffers across calls; one made under inference mode must not turn the next
+    training step into an error (inference tensors cannot be written outside it), nor the other way round."""
+    _scratch.buffers.clear()       # so that the first call below is the one that creates them
+    model = make_model()
+    moe = model.layers[0].mlp
+    u = torch.randn(1, 50, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    ref = reference_moe(moe, u[0])[None].detach()
+
+    def inference():
+        with torch.inference_mode():
+            torch.testing.assert_close(moe(u)[0], ref, rtol=1e-5, atol=1e-6)
+
+    def training():
+        x = u.clone().requires_grad_()
+        out = moe(x)[0]
+        out.sum().backward()
+        torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
+
+    steps = [inference, training] if first == "inference" else [training, inference]
+    for step in steps + steps:
+        step()
 
 
 def test_all_zero_experts_return_weighted_input():
