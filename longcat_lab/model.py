@@ -74,6 +74,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Attention -----------------------------------------------------------------------------------------------------
+class DecodingWeights:
+    """Weights rearranged for decoding, each built on first use and rebuilt when a weight it came from changes: a
+    different tensor, storage or version counter (every in-place update, an optimizer step included, bumps it).
+
+    What it holds: each MLA block's folded decoding weights (`MLA.absorbed_weights`) and the other weights
+    transposed (`transpose`), all as contiguous copies on CPU, where at decoding's few rows a matmul against the
+    transposed layout ran 1.5-2.5x faster than F.linear against nn.Linear's [out, in] layout (measured, one thread,
+    torch 2.13); elsewhere views, as GPU BLAS reads either layout. A `LongCatLM` keeps one store across `generate`
+    calls, so the copies are built once; `model.train()` drops them. They cost memory: on CPU about one more
+    model's worth of weights while they live."""
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple[tuple[tuple[torch.Tensor, int, int], ...], object]] = {}
+
+    def get(self, key: tuple, sources: tuple[torch.Tensor, ...], build):
+        """The value `build()` made from `sources` under `key`, rebuilt if any source changed since."""
+        stamp = tuple((s, s.data_ptr(), s._version) for s in sources)
+        entry = self.entries.get(key)
+        if entry is None or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(entry[0], stamp)):
+            with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors, usable outside generation too
+                entry = self.entries[key] = (stamp, build())
+        return entry[1]
+
+    @staticmethod
+    def transpose(*weights: torch.Tensor) -> torch.Tensor:
+        """The weights stacked along their output dim (-2) and transposed: x @ transpose(W) == F.linear(x, W), a
+        contiguous copy on CPU. Stacking the gate and up projections makes them one matmul."""
+        stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=-2)
+        stacked = stacked.detach().transpose(-2, -1)
+        return stacked.contiguous() if stacked.device.type == "cpu" else stacked
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class LatentCache:
     """The MLA KV cache: per attention block one buffer [B, capacity, kv_lora_rank + qk_rope_head_dim] holding the
     normalised, scaled latent c_KV and the rotated shared RoPE key k_R side by side, never full keys and values.
@@ -81,16 +116,35 @@ class LatentCache:
 
     `update` serves `MLA.forward` (prefill: keys and values re-expanded from the latent); `attend` serves
     `MLA.decode`, absorbed decoding of one new position (queries already mapped into latent space, so nothing is
-    re-expanded). `absorbed` keeps each block's folded decoding weights (`MLA.absorbed_weights`), built on the
-    block's first decoding step: a cache belongs to the weights that wrote it, as its latents do, so a new cache
-    (one per `generate` call) is what picks up changed weights."""
+    re-expanded). `weights` is the `DecodingWeights` store the decoding modules take their weights from: the model's
+    own when `LongCatLM.stream` made the cache, else a fresh one. The cache asks the store once per weight and then
+    keeps the answer: decoding steps pay a dict lookup, and a cache belongs to the weights it started with, as its
+    latents do (a new cache, one per `generate` call, picks up changed weights)."""
 
-    def __init__(self, num_blocks: int, capacity: int | None = None):
+    def __init__(self, num_blocks: int, capacity: int | None = None, weights: DecodingWeights | None = None):
         self.buffers: list[torch.Tensor | None] = [None] * num_blocks
         self.lengths = [0] * num_blocks
         self.capacity = capacity
-        self.absorbed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.weights = weights if weights is not None else DecodingWeights()
+        self._derived: dict[tuple, object] = {}
         self._rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def derived(self, key: tuple, sources, build):
+        """The store's value for `key` (built by `build()` from the tensors `sources()` returns), looked up in the
+        store on this cache's first request only."""
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = self.weights.get(key, sources(), build)
+        return value
+
+    def transposed(self, *items: nn.Module | torch.Tensor) -> torch.Tensor:
+        """`DecodingWeights.transpose` of the given weights (a module stands for its `.weight`), kept in the store."""
+        value = self._derived.get(tuple(map(id, items)))
+        if value is None:
+            weights = tuple(i.weight if isinstance(i, nn.Module) else i for i in items)
+            value = self.derived(tuple(map(id, items)), lambda: weights,
+                                 lambda: DecodingWeights.transpose(*weights))
+        return value
 
     def rotation(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """RoPE at one decoding position as a matrix R [rope, rope] with x @ R == apply_rope(x, cos, sin): built once
@@ -217,17 +271,18 @@ class MLA(nn.Module):
         """`forward` for one new position per sequence (x [B, 1, D]), in latent space: append this position's
         [c_KV ; RoPE(k_R)] to the cache and attend with the absorbed query over every cached position."""
         B, H, r = x.shape[0], self.num_heads, self.kv_rank
-        weights = cache.absorbed.get(self.block_index)
-        if weights is None:
-            weights = cache.absorbed[self.block_index] = self.absorbed_weights()
-        w_down, w_query, w_out = weights
-        c_q, c_kv, k_rope = F.linear(x, w_down).split([w_down.shape[0] - r - self.rope, r, self.rope], dim=-1)
-        q_BHC = F.linear(self.q_a_layernorm(c_q), w_query).view(B, H, r + self.rope)
+        w_down_t, w_query_t, w_out_t = cache.derived(   # transposed, for the reason `DecodingWeights` gives
+            ("absorbed", self.block_index),
+            lambda: (self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight, self.q_b_proj.weight,
+                     self.kv_b_proj.weight, self.o_proj.weight),
+            lambda: tuple(DecodingWeights.transpose(w) for w in self.absorbed_weights()))
+        c_q, c_kv, k_rope = (x @ w_down_t).split([w_down_t.shape[1] - r - self.rope, r, self.rope], dim=-1)
+        q_BHC = (self.q_a_layernorm(c_q) @ w_query_t).view(B, H, r + self.rope)
         rotation = cache.rotation(cos, sin, x.dtype)
         q_BHC[..., r:] = q_BHC[..., r:] @ rotation                             # RoPE(q_R), in place
         latent_B1C = torch.cat([self.kv_a_layernorm(c_kv) * self.scale_kv, k_rope @ rotation], dim=-1)
         o_BHr = cache.attend(self.block_index, q_BHC, latent_B1C, r)
-        return F.linear(o_BHr.reshape(B, 1, H * r), w_out)
+        return o_BHr.reshape(B, 1, H * r) @ w_out_t
 
 
 # Dense FFN -----------------------------------------------------------------------------------------------------
@@ -240,7 +295,10 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
         self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
+        if cache is not None and not torch.is_grad_enabled():  # decoding: gate and up in one matmul
+            gate, up = (x @ cache.transposed(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ cache.transposed(self.down_proj)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -343,38 +401,43 @@ class ExpertDispatch(torch.autograd.Function):
     Computes in the autocast dtype when autocast is on, as nn.Linear would."""
 
     @staticmethod
-    def compute(x_TD: torch.Tensor, token_idx_P: torch.Tensor, weights_P: torch.Tensor, gate_up_proj: torch.Tensor,
-                down_proj: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The forward arithmetic: (out_TD, what backward needs, in the compute dtype). `Experts` calls this directly
-        when no gradient is wanted (decoding), which skips the autograd.Function machinery."""
+    def compute(x_TD: torch.Tensor, token_idx_P: torch.Tensor, weights_P: torch.Tensor, gate_up_t: torch.Tensor,
+                down_t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The forward arithmetic: (out_TD, what backward needs, in the compute dtype). The expert weights come
+        transposed, gate_up_t [N, D, 2F] and down_t [N, F, D]: views of the parameters when training, contiguous
+        copies from a `LatentCache` when decoding. `Experts` calls this directly when no gradient is wanted, which
+        skips the autograd.Function machinery."""
         device = x_TD.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
         with torch.autocast(device_type=device, enabled=False):
             x_PD = x_TD.to(dtype).index_select(0, token_idx_P)           # each pair's input, sorted by expert
             w_P1 = weights_P.to(dtype)[:, None]
-            w_gu, w_d = gate_up_proj.to(dtype), down_proj.to(dtype)
-            f = w_d.shape[2]
-            # Every expert's transposed weights as views in two calls, not two select-and-transpose calls per expert:
-            # at decoding sizes the loop's op calls, not its arithmetic, are what costs.
-            gate_up_t, down_t = w_gu.transpose(1, 2).unbind(0), w_d.transpose(1, 2).unbind(0)
+            w_gu_t, w_d_t = gate_up_t.to(dtype), down_t.to(dtype)
+            f = w_d_t.shape[1]
+            # Every expert's weights in two calls, not two select calls per expert: at decoding sizes the loop's op
+            # calls, not its arithmetic, are what costs.
+            gate_up_e, down_e = w_gu_t.unbind(0), w_d_t.unbind(0)
             slices = expert_slices(sizes)
             h_P2F = x_PD.new_empty(x_PD.shape[0], 2 * f)                 # [gate | up] pre-activations
             for e, rows in slices:
-                torch.mm(x_PD[rows], gate_up_t[e], out=h_P2F[rows])
+                torch.mm(x_PD[rows], gate_up_e[e], out=h_P2F[rows])
             gate, up = h_P2F[:, :f], h_P2F[:, f:]
             silu_PF = F.silu(gate)
             scaled_PF = silu_PF * w_P1                                   # the routing weight, folded in at width F
             act_PF = scaled_PF * up
-            y_PD = _scratch.get("y", (x_PD.shape[0], w_d.shape[1]), x_PD)
+            y_PD = _scratch.get("y", (x_PD.shape[0], w_d_t.shape[2]), x_PD)
             for e, rows in slices:
-                torch.mm(act_PF[rows], down_t[e], out=y_PD[rows])
-            out_TD = x_PD.new_zeros(x_TD.shape[0], w_d.shape[1]).index_add_(0, token_idx_P, y_PD)
+                torch.mm(act_PF[rows], down_e[e], out=y_PD[rows])
+            out_TD = x_PD.new_zeros(x_TD.shape[0], w_d_t.shape[2]).index_add_(0, token_idx_P, y_PD)
+            # backward wants the weights in the parameters' own layout: [N, 2F, D] and [N, D, F]
+            w_gu, w_d = w_gu_t.transpose(1, 2), w_d_t.transpose(1, 2)
         return out_TD, (x_PD, token_idx_P, w_P1, w_gu, w_d, h_P2F, silu_PF, scaled_PF, act_PF)
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, token_idx_P: torch.Tensor, weights_P: torch.Tensor,
                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        out_TD, saved = ExpertDispatch.compute(x_TD, token_idx_P, weights_P, gate_up_proj, down_proj, sizes)
+        out_TD, saved = ExpertDispatch.compute(x_TD, token_idx_P, weights_P, gate_up_proj.transpose(1, 2),
+                                               down_proj.transpose(1, 2), sizes)
         ctx.sizes, ctx.n_tokens = sizes, x_TD.shape[0]
         ctx.dtypes = (x_TD.dtype, weights_P.dtype, gate_up_proj.dtype)
         ctx.save_for_backward(*saved)
@@ -431,7 +494,8 @@ class Experts(nn.Module):
     Dispatch: sort the T*K (token, expert) pairs by expert, run each FFN expert on its contiguous slice, scale by the
     pair's weight and scatter-add back; the zero experts add weight * x in one elementwise step. Without gradients the
     grouped kernel runs outside autograd, and a single token (batch-1 decoding) skips the sort: each chosen expert
-    runs on it directly, since at one token the dispatch glue, not the arithmetic, is what costs."""
+    runs on it directly, since at one token the dispatch glue, not the arithmetic, is what costs. Given a decoding
+    `LatentCache` (and no gradients), the weights come from its transposed copies (`LatentCache.transposed`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -440,11 +504,17 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(N, 2 * F_, D))  # per expert [gate ; up], Linear layout
         self.down_proj = nn.Parameter(torch.empty(N, D, F_))
 
-    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                cache: LatentCache | None = None) -> torch.Tensor:
         K = topk_ids_TK.shape[1]
         N = self.n_ffn
-        if x_TD.shape[0] == 1 and not torch.is_grad_enabled():
-            return self.forward_one_token(x_TD, topk_ids_TK, topk_weights_TK)
+        grad = torch.is_grad_enabled()
+        if cache is not None and not grad:
+            gate_up_t, down_t = cache.transposed(self.gate_up_proj), cache.transposed(self.down_proj)
+        else:
+            gate_up_t, down_t = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+        if x_TD.shape[0] == 1 and not grad:
+            return self.forward_one_token(x_TD, topk_ids_TK, topk_weights_TK, gate_up_t, down_t)
         ids_P = topk_ids_TK.reshape(-1)                               # P = T*K pairs
         order_P = torch.argsort(ids_P, stable=True)                   # FFN experts (ids < N) sort first
         counts_N = torch.bincount(ids_P, minlength=N + 1)[:N]
@@ -457,14 +527,14 @@ class Experts(nn.Module):
         if not n_pairs:
             return out_TD
         weights_P = topk_weights_TK.reshape(-1)[pair_idx]
-        args = (x_TD, token_idx, weights_P, self.gate_up_proj, self.down_proj, sizes)
-        if torch.is_grad_enabled():
-            return out_TD + ExpertDispatch.apply(*args)
-        return out_TD + ExpertDispatch.compute(*args)[0].to(x_TD.dtype)
+        if grad:
+            return out_TD + ExpertDispatch.apply(x_TD, token_idx, weights_P, self.gate_up_proj, self.down_proj, sizes)
+        return out_TD + ExpertDispatch.compute(x_TD, token_idx, weights_P, gate_up_t, down_t, sizes)[0].to(x_TD.dtype)
 
-    def forward_one_token(self, x_1D: torch.Tensor, topk_ids_1K: torch.Tensor,
-                          topk_weights_1K: torch.Tensor) -> torch.Tensor:
-        """`forward` for T = 1 without the sort, gather and scatter: the same sum, expert by expert."""
+    def forward_one_token(self, x_1D: torch.Tensor, topk_ids_1K: torch.Tensor, topk_weights_1K: torch.Tensor,
+                          gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+        """`forward` for T = 1 without the sort, gather and scatter: the same sum, expert by expert. The weights
+        come transposed, as `ExpertDispatch.compute` takes them."""
         N = self.n_ffn
         # The block's host syncs (ids and weights as Python numbers): each expert's weight then rides in addmm's
         # alpha, so one op adds a weighted expert, and the zero experts' total weight scales x once.
@@ -472,8 +542,8 @@ class Experts(nn.Module):
         out_1D = x_1D * sum(w for e, w in choices if e >= N)
         for e, w in choices:
             if e < N:
-                gate, up = F.linear(x_1D, self.gate_up_proj[e]).chunk(2, dim=-1)
-                out_1D = torch.addmm(out_1D, F.silu(gate) * up, self.down_proj[e].t(), alpha=w)
+                gate, up = (x_1D @ gate_up_t[e]).chunk(2, dim=-1)
+                out_1D = torch.addmm(out_1D, F.silu(gate) * up, down_t[e], alpha=w)
         return out_1D
 
 
@@ -486,12 +556,14 @@ class MoE(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config)
 
-    def forward(self, u: torch.Tensor, return_routing: bool = True) -> tuple[torch.Tensor, LayerRouting | None]:
-        """(MoE(u), the block's `LayerRouting`, or None when return_routing is False: decoding skips building it)."""
+    def forward(self, u: torch.Tensor, return_routing: bool = True,
+                cache: LatentCache | None = None) -> tuple[torch.Tensor, LayerRouting | None]:
+        """(MoE(u), the block's `LayerRouting`, or None when return_routing is False: decoding skips building it).
+        A decoding `cache` lends the experts its transposed weights."""
         B, S, D = u.shape
         u_TD = u.reshape(B * S, D)
         topk_ids_TK, topk_weights_TK, logits_TE, probs_TE = self.router(u_TD)
-        out_TD = self.experts(u_TD, topk_ids_TK, topk_weights_TK)
+        out_TD = self.experts(u_TD, topk_ids_TK, topk_weights_TK, cache)
         if not return_routing:
             return out_TD.view(B, S, D), None
         routing = LayerRouting(
@@ -528,15 +600,15 @@ class LongCatLayer(nn.Module):
         u = self.post_attention_layernorm[0](h1)
         routing = None
         if self.style == "scmoe":
-            m, routing = self.mlp(u, return_routing)   # the shortcut: starts right after the first attention
-        h2 = h1 + self.mlps[0](u)
+            m, routing = self.mlp(u, return_routing, cache)   # the shortcut: starts right after the first attention
+        h2 = h1 + self.mlps[0](u, cache)
         h3 = h2 + self.self_attn[1](self.input_layernorm[1](h2), cos, sin, cache)
         v = self.post_attention_layernorm[1](h3)
         if self.style == "vanilla":
-            m, routing = self.mlp(v, return_routing)   # conventional: must wait for the second attention
+            m, routing = self.mlp(v, return_routing, cache)   # conventional: must wait for the second attention
         elif self.style == "dense":
-            m = self.mlp(v)
-        return h3 + self.mlps[1](v) + m, routing
+            m = self.mlp(v, cache)
+        return h3 + self.mlps[1](v, cache) + m, routing
 
 
 # The model -----------------------------------------------------------------------------------------------------
@@ -552,7 +624,15 @@ class LongCatLM(nn.Module):
         self.layers = nn.ModuleList([LongCatLayer(config, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._decoding_weights = DecodingWeights()   # what `stream` decodes with; dropped by train()
         self.reset_parameters()
+
+    def train(self, mode: bool = True) -> LongCatLM:
+        """As nn.Module.train; entering training mode also drops the weights kept for decoding (`DecodingWeights`),
+        which would otherwise hold a second copy of the model through training."""
+        if mode:
+            self._decoding_weights.clear()
+        return super().train(mode)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -621,7 +701,10 @@ class LongCatLM(nn.Module):
         h = self.norm(x)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h).float()
+        if cache is not None and not torch.is_grad_enabled():
+            logits = (h @ cache.transposed(self.lm_head)).float()
+        else:
+            logits = self.lm_head(h).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.long().reshape(-1),
@@ -659,8 +742,9 @@ class LongCatLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            # A fresh cache per call: it also holds the absorbed weights, folded from the weights as they are now.
-            cache = LatentCache(2 * self.config.num_layers, idx.shape[1] + max_new_tokens) if use_cache else None
+            # A fresh cache per call, lending the model's decoding weights (rebuilt where a weight has changed).
+            cache = LatentCache(2 * self.config.num_layers, idx.shape[1] + max_new_tokens,
+                                self._decoding_weights) if use_cache else None
             seq = inputs = idx.long()
             for _ in range(max_new_tokens):
                 logits = self._forward_checked(inputs, None, False, cache, 1)[0][:, -1]
@@ -671,7 +755,7 @@ class LongCatLM(nn.Module):
                 else:
                     inputs = token
         finally:
-            self.train(was_training)
+            nn.Module.train(self, was_training)   # not self.train: keep the decoding weights for the next call
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
