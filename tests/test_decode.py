@@ -53,3 +53,34 @@ def test_one_token_expert_path_matches_the_sorted_dispatch():
         one_by_one = torch.cat([experts(x_TD[t:t + 1], ids_TK[t:t + 1], weights_TK[t:t + 1]) for t in range(16)])
     assert bool((ids_TK >= model.config.n_routed_experts).any())   # zero experts are exercised too
     torch.testing.assert_close(one_by_one, batched, rtol=0, atol=1e-6)
+
+
+def test_decoding_weights_are_rebuilt_when_weights_change():
+    """`generate` keeps transposed and folded weight copies in the model between calls; an optimizer step or an
+    in-place edit must be seen by the next call, exactly as a model that never decoded before sees it."""
+    model = make_model(4)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    before = model.generate(prompt, 4, return_logits=True)[1]
+    assert model._decoding_weights.entries                  # kept for the next call
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(prompt, prompt)[1].backward()
+    opt.step()                                              # bumps every weight's version counter
+    with torch.no_grad():
+        model.layers[0].self_attn[1].kv_b_proj.weight.mul_(1.5)   # and an edit by hand
+    after = model.generate(prompt, 4, return_logits=True)[1]
+    fresh = make_model(4)
+    fresh.load_state_dict(model.state_dict())
+    expected = fresh.generate(prompt, 4, return_logits=True)[1]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+def test_train_drops_the_decoding_weights_and_generate_keeps_the_mode():
+    model = make_model().train()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    model.generate(prompt, 2)
+    assert model.training and model._decoding_weights.entries
+    model.train()
+    assert model._decoding_weights.entries == {}
+    model.eval().generate(prompt, 2)
+    assert not model.training and model._decoding_weights.entries
