@@ -146,14 +146,23 @@ class LatentCache:
                                  lambda: DecodingWeights.transpose(*weights))
         return value
 
-    def rotation(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """RoPE at one decoding position as a matrix R [rope, rope] with x @ R == apply_rope(x, cos, sin): built once
-        per step (keyed by the step's cos tensor, which every block receives) and shared by all blocks, so each block
-        rotates its queries and key with one matmul instead of a dozen elementwise ops. R is apply_rope of the
-        identity (in the model dtype), so the rotation is written once."""
+    def rotations(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, kv_rank: int,
+                  scale_kv: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE at one decoding position as two matrices [kv_rank + rope, kv_rank + rope] for `MLA.decode`:
+        [q_C' ; q_R] @ M_q == [q_C' ; RoPE(q_R)] and [c ; k_R] @ M_k == [scale_kv * c ; RoPE(k_R)]. Each is the
+        identity (times scale_kv for M_k) with the rotation R in its last block, where x @ R == apply_rope(x, cos, sin)
+        (R is apply_rope of the identity, so the rotation is written once). Built once per step (keyed by the step's
+        cos tensor, which every block receives) and shared by all blocks, so each block rotates its query and its key
+        with one matmul each instead of slicing, rotating and writing back. The zeros off the diagonal add nothing,
+        so the kv_rank part comes out exactly as an elementwise product would."""
         if self._rotation is None or self._rotation[0] is not cos:
-            eye = torch.eye(cos.shape[-1] * 2, dtype=dtype, device=cos.device)
-            self._rotation = (cos, apply_rope(eye, cos, sin))
+            rope = cos.shape[-1] * 2
+            rotation = apply_rope(torch.eye(rope, dtype=dtype, device=cos.device), cos, sin)
+            m_q = torch.eye(kv_rank + rope, dtype=dtype, device=cos.device)
+            m_k = m_q * scale_kv
+            m_q[kv_rank:, kv_rank:] = rotation
+            m_k[kv_rank:, kv_rank:] = rotation
+            self._rotation = (cos, (m_q, m_k))
         return self._rotation[1]
 
     @property
@@ -277,10 +286,9 @@ class MLA(nn.Module):
                      self.kv_b_proj.weight, self.o_proj.weight),
             lambda: tuple(DecodingWeights.transpose(w) for w in self.absorbed_weights()))
         c_q, c_kv, k_rope = (x @ w_down_t).split([w_down_t.shape[1] - r - self.rope, r, self.rope], dim=-1)
-        q_BHC = (self.q_a_layernorm(c_q) @ w_query_t).view(B, H, r + self.rope)
-        rotation = cache.rotation(cos, sin, x.dtype)
-        q_BHC[..., r:] = q_BHC[..., r:] @ rotation                             # RoPE(q_R), in place
-        latent_B1C = torch.cat([self.kv_a_layernorm(c_kv) * self.scale_kv, k_rope @ rotation], dim=-1)
+        m_q, m_k = cache.rotations(cos, sin, x.dtype, r, self.scale_kv)
+        q_BHC = (self.q_a_layernorm(c_q) @ w_query_t).view(B, H, r + self.rope) @ m_q   # [W_UK^T q_C ; RoPE(q_R)]
+        latent_B1C = torch.cat([self.kv_a_layernorm(c_kv), k_rope], dim=-1) @ m_k     # [alpha_kv c_KV ; RoPE(k_R)]
         o_BHr = cache.attend(self.block_index, q_BHC, latent_B1C, r)
         return o_BHr.reshape(B, 1, H * r) @ w_out_t
 
@@ -414,20 +422,20 @@ class ExpertDispatch(torch.autograd.Function):
             w_P1 = weights_P.to(dtype)[:, None]
             w_gu_t, w_d_t = gate_up_t.to(dtype), down_t.to(dtype)
             f = w_d_t.shape[1]
-            # Every expert's weights in two calls, not two select calls per expert: at decoding sizes the loop's op
-            # calls, not its arithmetic, are what costs.
+            # Every expert's weights and rows by unbind and split, one call per tensor, not one slice per expert: at
+            # decoding sizes the loop's op calls, not its arithmetic, are what costs.
             gate_up_e, down_e = w_gu_t.unbind(0), w_d_t.unbind(0)
-            slices = expert_slices(sizes)
+            used, rows = used_experts(sizes)
             h_P2F = x_PD.new_empty(x_PD.shape[0], 2 * f)                 # [gate | up] pre-activations
-            for e, rows in slices:
-                torch.mm(x_PD[rows], gate_up_e[e], out=h_P2F[rows])
+            for e, x_e, h_e in zip(used, x_PD.split(rows), h_P2F.split(rows)):
+                torch.mm(x_e, gate_up_e[e], out=h_e)
             gate, up = h_P2F[:, :f], h_P2F[:, f:]
             silu_PF = F.silu(gate)
             scaled_PF = silu_PF * w_P1                                   # the routing weight, folded in at width F
             act_PF = scaled_PF * up
             y_PD = _scratch.get("y", (x_PD.shape[0], w_d_t.shape[2]), x_PD)
-            for e, rows in slices:
-                torch.mm(act_PF[rows], down_e[e], out=y_PD[rows])
+            for e, act_e, y_e in zip(used, act_PF.split(rows), y_PD.split(rows)):
+                torch.mm(act_e, down_e[e], out=y_e)
             out_TD = x_PD.new_zeros(x_TD.shape[0], w_d_t.shape[2]).index_add_(0, token_idx_P, y_PD)
             # backward wants the weights in the parameters' own layout: [N, 2F, D] and [N, D, F]
             w_gu, w_d = w_gu_t.transpose(1, 2), w_d_t.transpose(1, 2)
@@ -448,7 +456,7 @@ class ExpertDispatch(torch.autograd.Function):
         x_PD, token_idx_P, w_P1, w_gu, w_d, h_P2F, silu_PF, scaled_PF, act_PF = ctx.saved_tensors
         x_dtype, w_dtype, param_dtype = ctx.dtypes
         f = w_d.shape[2]
-        slices = expert_slices(ctx.sizes)
+        used, rows = used_experts(ctx.sizes)
         grad_y_PD = torch.index_select(grad_out_TD.to(x_PD.dtype), 0, token_idx_P,
                                        out=_scratch.get("grad_y", x_PD.shape, x_PD))
         # empty, not zeros: every used expert's rows are overwritten below, and zero-filling the whole stacked
@@ -458,10 +466,11 @@ class ExpertDispatch(torch.autograd.Function):
             if not size:
                 grad_gu[e].zero_()
                 grad_d[e].zero_()
+        w_gu_e, w_d_e, grad_gu_e, grad_d_e = w_gu.unbind(0), w_d.unbind(0), grad_gu.unbind(0), grad_d.unbind(0)
         grad_act_PF = _scratch.get("grad_act", act_PF.shape, act_PF)
-        for e, rows in slices:
-            torch.mm(grad_y_PD[rows].t(), act_PF[rows], out=grad_d[e])
-            torch.mm(grad_y_PD[rows], w_d[e], out=grad_act_PF[rows])
+        for e, g_e, act_e, grad_act_e in zip(used, grad_y_PD.split(rows), act_PF.split(rows), grad_act_PF.split(rows)):
+            torch.mm(g_e.t(), act_e, out=grad_d_e[e])
+            torch.mm(g_e, w_d_e[e], out=grad_act_e)
         gate, up = h_P2F[:, :f], h_P2F[:, f:]
         grad_h_P2F = _scratch.get("grad_h", h_P2F.shape, h_P2F)
         grad_gate, grad_up = grad_h_P2F[:, :f], grad_h_P2F[:, f:]
@@ -470,22 +479,18 @@ class ExpertDispatch(torch.autograd.Function):
         grad_w_P = torch.mul(grad_scaled_PF, silu_PF, out=grad_gate).sum(-1)  # d/d w (grad_gate as scratch)
         torch.ops.aten.silu_backward.grad_input(grad_scaled_PF.mul_(w_P1), gate, grad_input=grad_gate)
         grad_x_PD = grad_y_PD                                           # its rows are dead once read: reuse them
-        for e, rows in slices:
-            torch.mm(grad_h_P2F[rows].t(), x_PD[rows], out=grad_gu[e])
-            torch.mm(grad_h_P2F[rows], w_gu[e], out=grad_x_PD[rows])
+        for e, grad_h_e, x_e, grad_x_e in zip(used, grad_h_P2F.split(rows), x_PD.split(rows), grad_x_PD.split(rows)):
+            torch.mm(grad_h_e.t(), x_e, out=grad_gu_e[e])
+            torch.mm(grad_h_e, w_gu_e[e], out=grad_x_e)
         grad_x_TD = grad_x_PD.new_zeros(ctx.n_tokens, x_PD.shape[1]).index_add_(0, token_idx_P, grad_x_PD)
         return (grad_x_TD.to(x_dtype), None, grad_w_P.to(w_dtype), grad_gu.to(param_dtype), grad_d.to(param_dtype),
                 None)
 
 
-def expert_slices(sizes: list[int]) -> list[tuple[int, slice]]:
-    """(expert, its rows among the sorted pairs) for every expert with at least one row."""
-    slices, start = [], 0
-    for e, size in enumerate(sizes):
-        if size:
-            slices.append((e, slice(start, start + size)))
-            start += size
-    return slices
+def used_experts(sizes: list[int]) -> tuple[list[int], list[int]]:
+    """(the experts with at least one row, their row counts) from every expert's row count."""
+    used = [e for e, size in enumerate(sizes) if size]
+    return used, [sizes[e] for e in used]
 
 
 class Experts(nn.Module):
@@ -514,7 +519,11 @@ class Experts(nn.Module):
         else:
             gate_up_t, down_t = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
         if x_TD.shape[0] == 1 and not grad:
-            return self.forward_one_token(x_TD, topk_ids_TK, topk_weights_TK, gate_up_t, down_t)
+            def unbind():
+                return gate_up_t.unbind(0), down_t.unbind(0)
+            per_expert = unbind() if cache is None else cache.derived(
+                (id(self), "per expert"), lambda: (self.gate_up_proj, self.down_proj), unbind)
+            return self.forward_one_token(x_TD, topk_ids_TK, topk_weights_TK, *per_expert)
         ids_P = topk_ids_TK.reshape(-1)                               # P = T*K pairs
         order_P = torch.argsort(ids_P, stable=True)                   # FFN experts (ids < N) sort first
         counts_N = torch.bincount(ids_P, minlength=N + 1)[:N]
@@ -532,9 +541,9 @@ class Experts(nn.Module):
         return out_TD + ExpertDispatch.compute(x_TD, token_idx, weights_P, gate_up_t, down_t, sizes)[0].to(x_TD.dtype)
 
     def forward_one_token(self, x_1D: torch.Tensor, topk_ids_1K: torch.Tensor, topk_weights_1K: torch.Tensor,
-                          gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+                          gate_up_t: tuple[torch.Tensor, ...], down_t: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """`forward` for T = 1 without the sort, gather and scatter: the same sum, expert by expert. The weights
-        come transposed, as `ExpertDispatch.compute` takes them."""
+        come transposed, as `ExpertDispatch.compute` takes them, and already unbound into one tensor per expert."""
         N = self.n_ffn
         # The block's host syncs (ids and weights as Python numbers): each expert's weight then rides in addmm's
         # alpha, so one op adds a weighted expert, and the zero experts' total weight scales x once.
