@@ -127,7 +127,19 @@ class LatentCache:
         self.capacity = capacity
         self.weights = weights if weights is not None else DecodingWeights()
         self._derived: dict[tuple, object] = {}
-        self._rotation: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._angles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rotation: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def angles(self, config: ModelConfig, past: int, length: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope_angles` of positions past..past+length-1, sliced from a table over the cache's capacity (built on
+        first use) when the capacity is known: a decoding step then slices instead of recomputing them."""
+        if self.capacity is None or past + length > self.capacity:
+            return rope_angles(config, torch.arange(past, past + length, device=device))
+        if self._angles is None:
+            self._angles = rope_angles(config, torch.arange(self.capacity, device=device))
+        cos, sin = self._angles
+        return cos[past:past + length], sin[past:past + length]
 
     def derived(self, key: tuple, sources, build):
         """The store's value for `key` (built by `build()` from the tensors `sources()` returns), looked up in the
@@ -158,11 +170,14 @@ class LatentCache:
         if self._rotation is None or self._rotation[0] is not cos:
             rope = cos.shape[-1] * 2
             rotation = apply_rope(torch.eye(rope, dtype=dtype, device=cos.device), cos, sin)
-            m_q = torch.eye(kv_rank + rope, dtype=dtype, device=cos.device)
-            m_k = m_q * scale_kv
-            m_q[kv_rank:, kv_rank:] = rotation
-            m_k[kv_rank:, kv_rank:] = rotation
-            self._rotation = (cos, (m_q, m_k))
+            if self._rotation is None:
+                m_q = torch.eye(kv_rank + rope, dtype=dtype, device=cos.device)
+                matrices = (m_q, m_q * scale_kv)
+            else:  # the previous step's matrices: only their rotation block changes
+                matrices = self._rotation[1]
+            for m in matrices:
+                m[kv_rank:, kv_rank:] = rotation
+            self._rotation = (cos, matrices)
         return self._rotation[1]
 
     @property
@@ -698,9 +713,10 @@ class LongCatLM(nn.Module):
     def _forward_checked(self, idx: torch.Tensor, targets: torch.Tensor | None, return_routing: bool,
                          cache: LatentCache | None, logits_to_keep: int):
         """`forward` after its input checks (`stream` calls it directly for tokens it generated itself)."""
-        past = cache.seq_len if cache is not None else 0
-        positions = torch.arange(past, past + idx.shape[1], device=idx.device)
-        cos, sin = rope_angles(self.config, positions)
+        if cache is not None:
+            cos, sin = cache.angles(self.config, cache.seq_len, idx.shape[1], idx.device)
+        else:
+            cos, sin = rope_angles(self.config, torch.arange(idx.shape[1], device=idx.device))
         x = self.embed_tokens(idx)
         layer_routing = []
         for layer in self.layers:
