@@ -169,8 +169,8 @@ def main() -> None:
         print(fmt_row(label(mode, overrides), s, report["load_imbalance"], f" {loss:8.3f}"))
 
     if not args.quick:
-        print(f"\nBalance-loss gradient ratio R_g (spec 3, keep < 0.1) on the same training run, default controller "
-              f"and aux losses, per alpha: tangent R_g (raw R_g) at steps ...")
+        print("\nBalance-loss gradient ratio R_g (spec 3, keep < 0.1) on the same training run, default controller "
+              "and aux losses, per alpha: tangent R_g (raw R_g) at steps ...")
         for alpha in RG_ALPHAS:
             cfg = ControllerConfig(target_ffn_experts=train_target)
             *_, ratios = train_trace(cfg, batches, device, args.seed, LossConfig(balance_loss_coef=alpha),

@@ -4,7 +4,8 @@ Exports a freshly initialised model (default preset `small`, non-zero router bia
 loads the folder back with our `load_hf` and with `transformers.AutoModelForCausalLM`, then times greedy generation
 of the same prompts at batch 1 and 8, interleaving the two libraries and keeping each one's best of `--repeats`
 runs. Prints tokens/s, the speed ratio ours/transformers (goal: >= 2; the median of back-to-back pairs, in wall
-clock and in process CPU time), whether the greedy tokens agree, and the KV-cache bytes per token of both against full keys and values.
+clock and in process CPU time), whether the greedy tokens agree, and the KV-cache bytes per token of both against
+full keys and values.
 
 Run:  .venv/bin/python benchmarks/generate.py [--preset small] [--batch-sizes 1 8] [--new-tokens 64] [--threads 1]
       .venv/bin/python benchmarks/generate.py --smoke     # tiny preset, a few seconds (checks the script runs)

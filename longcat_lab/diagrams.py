@@ -57,7 +57,8 @@ def layer_dataflow(style: str = "scmoe") -> go.Figure:
     arrow((moe_x, moe_y + 0.8), (0.5, pos["+ y"][1]), colour="#cc0000")
     title = ("ScMoE layer: the MoE reads u right after MLA_0 and joins at the end"
              if style == "scmoe" else "Vanilla order: the MoE waits for MLA_1 (same parameters)")
-    fig.update_layout(title=title, title_font_size=14, width=620, height=620, plot_bgcolor="white", margin=dict(l=10, r=10, t=50, b=10),
+    fig.update_layout(title=title, title_font_size=14, width=620, height=620, plot_bgcolor="white",
+                      margin=dict(l=10, r=10, t=50, b=10),
                       xaxis=dict(visible=False, range=[-0.7, 2.2]),
                       yaxis=dict(visible=False, range=[12.8, -0.8]))
     return fig

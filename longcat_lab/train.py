@@ -933,7 +933,8 @@ class Trainer:
     # The run ---------------------------------------------------------------------------------------------------
     def save(self) -> Path:
         stage = self.cfg.stages[stage_at(self.cfg.stages, max(0, self.step - 1))[0]]
-        meta = {"seed": self.cfg.seed, "stage": stage.name, "tokens_seen": self.tokens_seen, "val_loss": self.val_loss, "val_loss_step": self.val_step,
+        meta = {"seed": self.cfg.seed, "stage": stage.name, "tokens_seen": self.tokens_seen,
+                "val_loss": self.val_loss, "val_loss_step": self.val_step,
                 "data_key": self.dataset.key, "total_steps": self.cfg.total_steps,
                 "num_params": self.model.num_params()}
         return checkpoint.save(self.run_dir, self.step, self.model, self.dataset.tokenizer, self.cfg.to_dict(),

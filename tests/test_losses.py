@@ -17,7 +17,7 @@ import torch
 from longcat_lab import LongCatLM, presets
 from longcat_lab.losses import (LOSS_KEYS, LossConfig, aux_losses, balance_loss_layer, hidden_z_loss,
                                 router_z_loss_layer)
-from longcat_lab.model import LayerRouting, Routing
+from longcat_lab.model import LayerRouting
 
 # Two tokens over N = 2 FFN experts + Z = 1 zero expert, top-2.
 PROBS = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]

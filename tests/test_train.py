@@ -312,7 +312,8 @@ def test_width_transfer_rules():
     rule = growth.transfer_hparams(8, init_std=0.02, lr=1e-3)
     assert rule["embedding"] == {"init_std": 0.02, "lr": 1e-3}
     for kind in ("hidden", "unembedding"):
-        assert rule[kind]["init_std"] ** 2 == pytest.approx(0.02 ** 2 / 8) and rule[kind]["lr"] == pytest.approx(1.25e-4)
+        assert rule[kind]["init_std"] ** 2 == pytest.approx(0.02 ** 2 / 8)
+        assert rule[kind]["lr"] == pytest.approx(1.25e-4)
     a, b = LongCatLM(presets.tiny()), LongCatLM(presets.tiny())
     growth.init_with_transfer(a, 4.0, torch.Generator().manual_seed(0))
     b.reset_parameters(generator=torch.Generator().manual_seed(0))
