@@ -365,7 +365,7 @@ class Router(nn.Module):
         self.force_balanced = False
 
     def forward(self, u_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits_TE = F.linear(u_TD.float(), self.classifier.weight.float())
+        logits_TE = F.linear(_cast(u_TD, torch.float32), _cast(self.classifier.weight, torch.float32))
         probs_TE = logits_TE.softmax(dim=-1)
         with torch.no_grad():
             if self.force_balanced:
@@ -425,17 +425,18 @@ class ExpertDispatch(torch.autograd.Function):
 
     @staticmethod
     def compute(x_TD: torch.Tensor, token_idx_P: torch.Tensor, weights_P: torch.Tensor, gate_up_t: torch.Tensor,
-                down_t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The forward arithmetic: (out_TD, what backward needs, in the compute dtype). The expert weights come
-        transposed, gate_up_t [N, D, 2F] and down_t [N, F, D]: views of the parameters when training, contiguous
-        copies from a `LatentCache` when decoding. `Experts` calls this directly when no gradient is wanted, which
-        skips the autograd.Function machinery."""
+                down_t: torch.Tensor, sizes: list[int],
+                save: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The forward arithmetic: (out_TD, with `save` what backward needs in the compute dtype, else ()). The
+        expert weights come transposed, gate_up_t [N, D, 2F] and down_t [N, F, D]: views of the parameters when
+        training, contiguous copies from a `LatentCache` when decoding. `Experts` calls this directly when no
+        gradient is wanted, which skips the autograd.Function machinery."""
         device = x_TD.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
         with torch.autocast(device_type=device, enabled=False):
-            x_PD = x_TD.to(dtype).index_select(0, token_idx_P)           # each pair's input, sorted by expert
-            w_P1 = weights_P.to(dtype)[:, None]
-            w_gu_t, w_d_t = gate_up_t.to(dtype), down_t.to(dtype)
+            x_PD = _cast(x_TD, dtype).index_select(0, token_idx_P)        # each pair's input, sorted by expert
+            w_P1 = _cast(weights_P, dtype)[:, None]
+            w_gu_t, w_d_t = _cast(gate_up_t, dtype), _cast(down_t, dtype)
             f = w_d_t.shape[1]
             # Every expert's weights and rows by unbind and split, one call per tensor, not one slice per expert: at
             # decoding sizes the loop's op calls, not its arithmetic, are what costs.
@@ -452,15 +453,17 @@ class ExpertDispatch(torch.autograd.Function):
             for e, act_e, y_e in zip(used, act_PF.split(rows), y_PD.split(rows)):
                 torch.mm(act_e, down_e[e], out=y_e)
             out_TD = x_PD.new_zeros(x_TD.shape[0], w_d_t.shape[2]).index_add_(0, token_idx_P, y_PD)
-            # backward wants the weights in the parameters' own layout: [N, 2F, D] and [N, D, F]
-            w_gu, w_d = w_gu_t.transpose(1, 2), w_d_t.transpose(1, 2)
+        if not save:
+            return out_TD, ()
+        # backward wants the weights in the parameters' own layout: [N, 2F, D] and [N, D, F]
+        w_gu, w_d = w_gu_t.transpose(1, 2), w_d_t.transpose(1, 2)
         return out_TD, (x_PD, token_idx_P, w_P1, w_gu, w_d, h_P2F, silu_PF, scaled_PF, act_PF)
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, token_idx_P: torch.Tensor, weights_P: torch.Tensor,
                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         out_TD, saved = ExpertDispatch.compute(x_TD, token_idx_P, weights_P, gate_up_proj.transpose(1, 2),
-                                               down_proj.transpose(1, 2), sizes)
+                                               down_proj.transpose(1, 2), sizes, save=True)
         ctx.sizes, ctx.n_tokens = sizes, x_TD.shape[0]
         ctx.dtypes = (x_TD.dtype, weights_P.dtype, gate_up_proj.dtype)
         ctx.save_for_backward(*saved)
@@ -500,6 +503,11 @@ class ExpertDispatch(torch.autograd.Function):
         grad_x_TD = grad_x_PD.new_zeros(ctx.n_tokens, x_PD.shape[1]).index_add_(0, token_idx_P, grad_x_PD)
         return (grad_x_TD.to(x_dtype), None, grad_w_P.to(w_dtype), grad_gu.to(param_dtype), grad_d.to(param_dtype),
                 None)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), skipping the call when it would be a no-op (decoding counts op calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def used_experts(sizes: list[int]) -> tuple[list[int], list[int]]:
@@ -546,14 +554,15 @@ class Experts(nn.Module):
         n_pairs = sum(sizes)
         pair_idx = order_P[:n_pairs]
         token_idx = pair_idx // K
-        zero_weight_T = (topk_weights_TK * (topk_ids_TK >= N)).sum(dim=-1)
-        out_TD = zero_weight_T[:, None].to(x_TD.dtype) * x_TD
+        zero_weight_T1 = topk_weights_TK.masked_fill(topk_ids_TK < N, 0.0).sum(dim=-1, keepdim=True)
+        out_TD = _cast(zero_weight_T1, x_TD.dtype) * x_TD
         if not n_pairs:
             return out_TD
         weights_P = topk_weights_TK.reshape(-1)[pair_idx]
         if grad:
             return out_TD + ExpertDispatch.apply(x_TD, token_idx, weights_P, self.gate_up_proj, self.down_proj, sizes)
-        return out_TD + ExpertDispatch.compute(x_TD, token_idx, weights_P, gate_up_t, down_t, sizes)[0].to(x_TD.dtype)
+        return out_TD + _cast(ExpertDispatch.compute(x_TD, token_idx, weights_P, gate_up_t, down_t, sizes)[0],
+                              x_TD.dtype)
 
     def forward_one_token(self, x_1D: torch.Tensor, topk_ids_1K: torch.Tensor, topk_weights_1K: torch.Tensor,
                           gate_up_t: tuple[torch.Tensor, ...], down_t: tuple[torch.Tensor, ...]) -> torch.Tensor:
