@@ -151,11 +151,11 @@ class LatentCache:
 
     def transposed(self, *items: nn.Module | torch.Tensor) -> torch.Tensor:
         """`DecodingWeights.transpose` of the given weights (a module stands for its `.weight`), kept in the store."""
-        value = self._derived.get(tuple(map(id, items)))
+        key = tuple(map(id, items))
+        value = self._derived.get(key)
         if value is None:
             weights = tuple(i.weight if isinstance(i, nn.Module) else i for i in items)
-            value = self.derived(tuple(map(id, items)), lambda: weights,
-                                 lambda: DecodingWeights.transpose(*weights))
+            value = self.derived(key, lambda: weights, lambda: DecodingWeights.transpose(*weights))
         return value
 
     def rotations(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, kv_rank: int,
