@@ -538,11 +538,9 @@ class Experts(nn.Module):
         K = topk_ids_TK.shape[1]
         N = self.n_ffn
         grad = torch.is_grad_enabled()
-        if cache is not None and not grad:
-            gate_up_t, down_t = cache.transposed(self.gate_up_proj), cache.transposed(self.down_proj)
-        else:
-            gate_up_t, down_t = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
         if x_TD.shape[0] == 1 and not grad:
+            gate_up_t, down_t = self._transposed(cache)
+
             def unbind():
                 return gate_up_t.unbind(0), down_t.unbind(0)
             per_expert = unbind() if cache is None else cache.derived(
@@ -562,8 +560,15 @@ class Experts(nn.Module):
         weights_P = topk_weights_TK.reshape(-1)[pair_idx]
         if grad:
             return out_TD + ExpertDispatch.apply(x_TD, token_idx, weights_P, self.gate_up_proj, self.down_proj, sizes)
-        return out_TD + _cast(ExpertDispatch.compute(x_TD, token_idx, weights_P, gate_up_t, down_t, sizes)[0],
+        return out_TD + _cast(ExpertDispatch.compute(x_TD, token_idx, weights_P, *self._transposed(cache), sizes)[0],
                               x_TD.dtype)
+
+    def _transposed(self, cache: LatentCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert weights transposed, [N, D, 2F] and [N, F, D], for the no-gradient paths: the decoding cache's
+        contiguous copies when there is a cache, else views of the parameters."""
+        if cache is not None:
+            return cache.transposed(self.gate_up_proj), cache.transposed(self.down_proj)
+        return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
 
     def forward_one_token(self, x_1D: torch.Tensor, topk_ids_1K: torch.Tensor, topk_weights_1K: torch.Tensor,
                           gate_up_t: tuple[torch.Tensor, ...], down_t: tuple[torch.Tensor, ...]) -> torch.Tensor:
