@@ -1,4 +1,4 @@
-"""How fast and how cleanly each expert-bias controller holds the compute budget (issue 3, spec section 3).
+"""How fast and how cleanly each expert-bias controller holds the compute budget (issue 3, docs/design.md §3).
 
 Two plants, every controller on the same data from the same start:
 1. the synthetic routing problem (`longcat_lab.control.SyntheticRouting`: fixed, skewed router logits, no training,
@@ -25,10 +25,11 @@ import time
 
 import torch
 
-from longcat_lab import LongCatLM, presets
-from longcat_lab.control import BiasController, ControllerConfig, SyntheticRouting
-from longcat_lab.losses import LossConfig, aux_losses
-from longcat_lab.metrics import balance_grad_ratio, tracking_summary
+from longcat_lab import LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.train.control import BiasController, ControllerConfig, SyntheticRouting
+from longcat_lab.train.losses import LossConfig, aux_losses
+from longcat_lab.train.metrics import balance_grad_ratio, tracking_summary
 
 DEFAULTS = ControllerConfig()
 
@@ -169,7 +170,7 @@ def main() -> None:
         print(fmt_row(label(mode, overrides), s, report["load_imbalance"], f" {loss:8.3f}"))
 
     if not args.quick:
-        print("\nBalance-loss gradient ratio R_g (spec 3, keep < 0.1) on the same training run, default controller "
+        print("\nBalance-loss gradient ratio R_g (docs/design.md §3, keep < 0.1) on the same training run, default controller "
               "and aux losses, per alpha: tangent R_g (raw R_g) at steps ...")
         for alpha in RG_ALPHAS:
             cfg = ControllerConfig(target_ffn_experts=train_target)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from longcat_lab import LongCatLM, presets
-from longcat_lab.export import cache_bytes_per_token, load_hf, save_hf
+from longcat_lab import LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.export.hf import cache_bytes_per_token, load_hf, save_hf
 
 
 def parse_args() -> argparse.Namespace:

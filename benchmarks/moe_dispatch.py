@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_lab import ModelConfig
-from longcat_lab.model import MoE
+from longcat_lab.model.model import MoE
 
 # (tokens, hidden, expert hidden, N FFN experts, Z zero experts, top-k)
 CONFIGS = [

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from longcat_lab import presets
-from longcat_lab.parallel import EXPERTS_AFTER, measure_overlap, seeded_model, time_side_stream
-from longcat_lab.profiling import load_trace, stats_table
+from longcat_lab.model import presets
+from longcat_lab.parallel.expert_parallel import EXPERTS_AFTER, measure_overlap, seeded_model, time_side_stream
+from longcat_lab.perf.trace import load_trace, stats_table
 
 
 def report_ranks(result: dict, label: str) -> None:

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longcat_lab import accounting, presets
-from longcat_lab.data import DataConfig
-from longcat_lab.train import Trainer, train, train_preset
+from longcat_lab.perf import accounting
+from longcat_lab.model import presets
+from longcat_lab.data.data import DataConfig
+from longcat_lab.train.trainer import Trainer, train, train_preset
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tiny_20_steps.json"
 

@@ -10,9 +10,11 @@ import json
 import pytest
 import torch
 
-from longcat_lab import LongCatLM, checkpoint, presets
-from longcat_lab.checkpoint import CheckpointError
-from longcat_lab.data import train_tokenizer
+from longcat_lab import LongCatLM
+from longcat_lab.train import checkpoint
+from longcat_lab.model import presets
+from longcat_lab.train.checkpoint import CheckpointError
+from longcat_lab.data.data import train_tokenizer
 
 
 @pytest.fixture(scope="module")

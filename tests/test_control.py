@@ -1,4 +1,4 @@
-"""Tests for the expert-bias controller (longcat_lab.control; spec section 3, decision 4).
+"""Tests for the expert-bias controller (longcat_lab.control; docs/design.md §3, D4).
 
 Checks the config validation, the paper's Eq. 2 and the sign rule against hand-computed updates, that every mode
 holds the budget on the synthetic routing problem, that counts come from training forwards only and add up across
@@ -15,8 +15,9 @@ import json
 import pytest
 import torch
 
-from longcat_lab import LongCatLM, presets
-from longcat_lab.control import BiasController, ControllerConfig, SyntheticRouting, resolve_target
+from longcat_lab import LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.train.control import BiasController, ControllerConfig, SyntheticRouting, resolve_target
 
 MODES = ("paper", "pid", "sign")
 

@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from longcat_lab import data
-from longcat_lab.data import DataConfig, Document
+from longcat_lab.data import data
+from longcat_lab.data.data import DataConfig, Document
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from longcat_lab import LatentCache, LongCatLM, presets
+from longcat_lab import LatentCache, LongCatLM
+from longcat_lab.model import presets
 
 
 def make_model(seed: int = 0) -> LongCatLM:

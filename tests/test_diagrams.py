@@ -2,7 +2,8 @@
 
 import pytest
 
-from longcat_lab import diagrams, presets
+from longcat_lab.viz import diagrams
+from longcat_lab.model import presets
 
 
 @pytest.mark.parametrize("style,source", [("scmoe", "N_post0 → u"), ("vanilla", "N_post1 → v")])

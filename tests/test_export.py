@@ -1,4 +1,4 @@
-"""Export to / import from the Hugging Face LongCat-Flash layout (longcat_lab.export; spec sections 8 and 9).
+"""Export to / import from the Hugging Face LongCat-Flash layout (longcat_lab.export; docs/design.md §8, §9).
 
 Parity with transformers' LongcatFlashForCausalLM (logits to 1e-5 in fp32, identical greedy generation) for tiny
 random configs with a non-zero router bias; exact round trips ours -> folder -> ours and ours -> transformers ->
@@ -19,9 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import longcat_lab.export as export
-from longcat_lab import LongCatLM, presets
-from longcat_lab.export import load_hf, save_hf
+import longcat_lab.export.hf as export
+from longcat_lab import LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.export.hf import load_hf, save_hf
 
 try:
     import transformers  # noqa: F401  (the parity oracle; optional)
@@ -168,7 +169,7 @@ def test_bf16_export_keeps_dtype(tmp_path):
 
 
 def tiny_tokenizer():
-    from longcat_lab.data import train_tokenizer
+    from longcat_lab.data.data import train_tokenizer
     texts = ["def add(a, b):\n    return a + b\n", "To be, or not to be, that is the question.", "12 + 34 = 46"]
     return train_tokenizer(texts * 10, 300)
 
@@ -316,7 +317,7 @@ def test_clear_errors_for_bad_folders(tmp_path):
 
 
 def test_config_reads_the_hub_release(tmp_path):
-    """The Meituan hub config.json names the architecture but has no model_type (spec section 5)."""
+    """The Meituan hub config.json names the architecture but has no model_type (docs/design.md §5)."""
     hub = {"architectures": ["LongcatFlashForCausalLM"], "hidden_size": 6144, "num_layers": 28,
            "rope_theta": 10000000.0, "zero_expert_type": "identity", "mla_scale_q_lora": True}
     config = export.config_from_hf(hub)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longcat_lab import LatentCache, LongCatLM, presets
-from longcat_lab.model import sample_next
+from longcat_lab import LatentCache, LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.model.model import sample_next
 
 try:
     import transformers  # noqa: F401  (the parity oracle; optional)
@@ -73,7 +74,7 @@ def test_greedy_generation_matches_transformers(tmp_path, batch):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from longcat_lab.export import save_hf
+    from longcat_lab.export.hf import save_hf
     hf_logging.disable_progress_bar()
     model = make_model(5)
     save_hf(model, tmp_path / "export")
@@ -178,7 +179,7 @@ def test_bf16_decoding_stays_as_close_to_fp32_as_the_bf16_forward():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decoding_matches_cpu(tmp_path):
-    from longcat_lab.export import load_hf, save_hf
+    from longcat_lab.export.hf import load_hf, save_hf
     model = make_model(6)
     idx = prompt(model, 3, 5)
     cpu_ids, cpu_logits = model.generate(idx, 12, return_logits=True)

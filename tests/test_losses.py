@@ -1,4 +1,4 @@
-"""Tests for the auxiliary losses (longcat_lab.losses; spec sections 3 and 4).
+"""Tests for the auxiliary losses (longcat_lab.losses; docs/design.md §3, §4).
 
 Each loss against a value computed by hand on a tiny input, the balance loss's gradient against its closed form,
 and aux_losses' contract with the trainer: exact keys, 0-dim tensors, coefficients applied, per-layer sums, the bias
@@ -14,10 +14,11 @@ import math
 import pytest
 import torch
 
-from longcat_lab import LongCatLM, presets
-from longcat_lab.losses import (LOSS_KEYS, LossConfig, aux_losses, balance_loss_layer, hidden_z_loss,
+from longcat_lab import LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.train.losses import (LOSS_KEYS, LossConfig, aux_losses, balance_loss_layer, hidden_z_loss,
                                 router_z_loss_layer)
-from longcat_lab.model import LayerRouting
+from longcat_lab.model.model import LayerRouting
 
 # Two tokens over N = 2 FFN experts + Z = 1 zero expert, top-2.
 PROBS = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]

@@ -1,4 +1,4 @@
-"""Tests for the routing-health metrics (longcat_lab.metrics; spec sections 3 and 4).
+"""Tests for the routing-health metrics (longcat_lab.metrics; docs/design.md §3, §4).
 
 routing_health on hand-made routings (relative loads, dead/hot flags, imbalance), the gradient ratio R_g against
 closed-form gradients (and that backward still works afterwards), router-row cosine similarity at its two extremes,
@@ -14,11 +14,12 @@ import json
 import pytest
 import torch
 
-from longcat_lab import LongCatLM, presets
-from longcat_lab.losses import LossConfig, aux_losses
-from longcat_lab.metrics import (balance_grad_ratio, balance_grad_ratio_per_layer, router_cosine_similarity,
+from longcat_lab import LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.train.losses import LossConfig, aux_losses
+from longcat_lab.train.metrics import (balance_grad_ratio, balance_grad_ratio_per_layer, router_cosine_similarity,
                                  routing_health, tracking_summary)
-from longcat_lab.model import LayerRouting, Routing
+from longcat_lab.model.model import LayerRouting, Routing
 
 
 def tiny_model() -> LongCatLM:

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longcat_lab import LatentCache, LongCatLM, ModelConfig, accounting, presets
-from longcat_lab.model import MoE, _scratch
+from longcat_lab import LatentCache, LongCatLM, ModelConfig
+from longcat_lab.perf import accounting
+from longcat_lab.model import presets
+from longcat_lab.model.model import MoE, _scratch
 
 
 def make_model(seed=0, **overrides):

@@ -14,9 +14,9 @@ import json
 import pytest
 import torch
 
-from longcat_lab import presets
-from longcat_lab.parallel import SCHEDULES, launch, measure_overlap, parity_worker, seeded_model, side_stream_forward
-from longcat_lab.profiling import load_trace, overlap_stats, stats_table, timeline_figure
+from longcat_lab.model import presets
+from longcat_lab.parallel.expert_parallel import SCHEDULES, launch, measure_overlap, parity_worker, seeded_model, side_stream_forward
+from longcat_lab.perf.trace import load_trace, overlap_stats, stats_table, timeline_figure
 
 CONFIG = presets.tiny()
 VARIANTS = ["sequential/attn1", "overlapped/attn1", "overlapped/ffn0"]

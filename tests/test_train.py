@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from longcat_lab import LongCatLM, checkpoint, growth, presets
-from longcat_lab.data import DataConfig
-from longcat_lab.train import (StageConfig, TrainConfig, TrainingError, apply_overrides, evaluate, lr_at,
+from longcat_lab import LongCatLM
+from longcat_lab.train import checkpoint
+from longcat_lab.train import growth
+from longcat_lab.model import presets
+from longcat_lab.data.data import DataConfig
+from longcat_lab.train.trainer import (StageConfig, TrainConfig, TrainingError, apply_overrides, evaluate, lr_at,
                                settable_fields, train, train_preset)
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_20_steps.json"

@@ -12,9 +12,12 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from longcat_lab import LongCatLM, metrics, presets, viz
-from longcat_lab.model import LayerRouting, Routing
-from longcat_lab.tokenclass import TOKEN_CLASSES, token_class, token_classes
+from longcat_lab import LongCatLM
+from longcat_lab.train import metrics
+from longcat_lab.model import presets
+from longcat_lab.viz import routing as viz
+from longcat_lab.model.model import LayerRouting, Routing
+from longcat_lab.data.tokenclass import TOKEN_CLASSES, token_class, token_classes
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .data import atomic_write_bytes
-from .export import replace_dir
-from .model import LongCatLM
+from longcat_lab.model.config import ModelConfig
+from longcat_lab.data.data import atomic_write_bytes
+from longcat_lab.export.hf import replace_dir
+from longcat_lab.model.model import LongCatLM
 
 CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "config.json", "train_config.json", "tokenizer.json", "trainer_state.pt")
@@ -114,7 +114,7 @@ def save(run_dir: str | os.PathLike, step: int, model: LongCatLM, tokenizer, tra
 
 
 def _version() -> str:
-    from . import __version__
+    from longcat_lab import __version__
 
     return __version__
 

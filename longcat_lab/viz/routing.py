@@ -8,7 +8,7 @@ numpy arrays, so that notebooks and tests assert on the data rather than on the 
 - `expert_load` / `expert_load_heatmap`: layer x expert load relative to the ideal share, dead and hot experts marked.
 - `token_compute` / `token_compute_map`: a text with each token coloured by the FFN experts it used.
 - `token_table` / `ffn_experts_by_group` / `class_domain_heatmap`: FFN experts per token by domain and token class
-  (the paper's Appendix A.1 findings, spec section 2).
+  (the paper's Appendix A.1 findings, docs/design.md §2).
 - `activated_params_per_token` / `activated_params_histogram`: activated parameters per token, paper convention.
 - `read_metrics` / `controller_traces`: the budget controller over a training run.
 - `coactivation` / `router_similarity` and their heatmaps: which experts fire together, how alike router rows are.
@@ -31,10 +31,12 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from . import accounting, metrics
-from .config import ModelConfig
-from .model import LayerRouting, MoE, Routing
-from .tokenclass import TOKEN_CLASSES, token_class
+from longcat_lab.perf import accounting
+
+from longcat_lab.train import metrics
+from longcat_lab.model.config import ModelConfig
+from longcat_lab.model.model import LayerRouting, MoE, Routing
+from longcat_lab.data.tokenclass import TOKEN_CLASSES, token_class
 
 # One colour per domain and per token class, so that every figure of a notebook speaks the same colours.
 # Domain names are longcat_lab.data's: prose is Shakespeare, code the Python standard library.
@@ -574,7 +576,7 @@ def coactivation_heatmap(routing: Routing | Sequence[Routing], layer: int, title
 
 def router_similarity(model: torch.nn.Module, layer: int) -> np.ndarray:
     """[E, E] cosine similarity between the router's rows (one per expert) in `layer`. Rows that grow alike mean the
-    router cannot tell experts apart (spec section 3: high similarity is the sign of a balance loss that dominates)."""
+    router cannot tell experts apart (docs/design.md §3: high similarity is the sign of a balance loss that dominates)."""
     moe_layers = [i for i, blk in enumerate(model.layers) if isinstance(blk.mlp, MoE)]
     _check_layer(layer, moe_layers)
     weight = model.layers[layer].mlp.router.classifier.weight.detach().float().cpu()

@@ -1,15 +1,15 @@
-"""A scaled-down LongCat-Flash, read top-down like the paper (arXiv 2509.01322; spec: shared/spec/longcat_flash.md).
+"""A scaled-down LongCat-Flash, read top-down like the paper (arXiv 2509.01322; design notes: docs/design.md).
 
 Notable features, with the paper section each implements:
 - MLA attention with the scale correction alpha_q = sqrt(d/d_q), alpha_kv = sqrt(d/d_kv), applied after the latent
-  RMSNorms as transformers does (paper 2.3.1, Eq. 6-7; spec 1.1). Interleaved-pair RoPE as in transformers.
+  RMSNorms as transformers does (paper 2.3.1, Eq. 6-7; docs/design.md §1.1). Interleaved-pair RoPE as in transformers.
 - Zero-computation experts: Z identity experts scored beside N SwiGLU experts, so the number of FFN experts a token
   uses varies (paper 2.1, Eq. 1). They own no weights and cost no FLOPs.
 - Expert bias: a buffer added to the router probabilities for top-k *selection only*; weights are
-  routed_scaling_factor * probability (paper 2.1.1 Eq. 2, 2.3.2 Eq. 8; spec decision 2). The controller that moves
+  routed_scaling_factor * probability (paper 2.1.1 Eq. 2, 2.3.2 Eq. 8; docs/design.md D2). The controller that moves
   the bias lives outside forward (`longcat_lab.control`); forward only counts tokens per expert while training.
 - Shortcut-connected MoE layer: two attention blocks, two dense FFNs, and one MoE that reads the normalised output
-  of the first attention and joins at the end of the layer (paper 2.2; spec 1), with "vanilla" and "dense" ablations.
+  of the first attention and joins at the end of the layer (paper 2.2; docs/design.md §1), with "vanilla" and "dense" ablations.
 - Sort-based expert dispatch: one host sync per MoE block (the slice sizes), none per expert.
 - A KV cache that stores the MLA latent (c_KV and the rotated shared key) rather than full keys and values;
   decoding one position attends in latent space with W_UK and W_UV absorbed (`MLA.decode`), inside the same
@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import accounting
-from .config import ModelConfig
+from longcat_lab.perf import accounting
+from longcat_lab.model.config import ModelConfig
 
-# transformers hard-codes this eps for the MLA latent norms (spec decision 1, open question 3).
+# transformers hard-codes this eps for the MLA latent norms (docs/design.md D1, open question 3).
 LATENT_NORM_EPS = 1e-6
 IGNORE_INDEX = -100
 
@@ -219,7 +219,7 @@ class LatentCache:
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention with scale correction (paper Eq. 6-7, spec 1.1):
+    """Multi-head latent attention with scale correction (paper Eq. 6-7, docs/design.md §1.1):
     c_Q = RMSNorm(W_DQ h); q = alpha_q W_UQ c_Q; [c, k_R] = W_DKV h; c_KV = alpha_kv RMSNorm(c); [k_C, v] = W_UKV c_KV;
     score = [q_C; RoPE(q_R)] . [k_C; RoPE(k_R)] / sqrt(qk_head_dim), causal softmax, out = W_O o.
 
@@ -348,7 +348,7 @@ class Routing:
 
 
 class Router(nn.Module):
-    """p = softmax(W_r u) in fp32; S = TopK(p + b); weights = gamma * p_S (paper Eq. 1, 8; spec decision 2).
+    """p = softmax(W_r u) in fp32; S = TopK(p + b); weights = gamma * p_S (paper Eq. 1, 8; docs/design.md D2).
 
     `e_score_correction_bias` (b, over FFN and zero experts) is a persistent buffer that changes selection only.
     `expert_counts` is a non-persistent buffer of selections per expert that only training forwards add to; the
@@ -617,7 +617,7 @@ class MoE(nn.Module):
 
 # The shortcut-connected layer ----------------------------------------------------------------------------------
 class LongCatLayer(nn.Module):
-    """One LongCat layer (spec section 1), for layer_style "scmoe":
+    """One LongCat layer (docs/design.md §1), for layer_style "scmoe":
         h1 = x + MLA_0(N_in0(x));  u = N_post0(h1);  m = MoE(u);  h2 = h1 + FFN_0(u)
         h3 = h2 + MLA_1(N_in1(h2));  y = h3 + FFN_1(N_post1(h3)) + m
     "vanilla" uses the same parts in the conventional order: the MoE reads N_post1(h3), after the second attention,

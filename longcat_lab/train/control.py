@@ -1,4 +1,4 @@
-"""The expert-bias controller that holds the compute budget (paper 2.1.1-2.1.2, Eq. 2; spec section 3, decision 4).
+"""The expert-bias controller that holds the compute budget (paper 2.1.1-2.1.2, Eq. 2; docs/design.md §3, D4).
 
 The router picks experts by top-K of p + b; b (`router.e_score_correction_bias`, over N FFN and Z zero experts) moves
 *which* experts are chosen, never their weights. Moving every FFN-expert bias up against the zero experts raises the
@@ -8,7 +8,7 @@ number of FFN experts a token uses (its compute); moving one FFN expert against 
 
 - "paper": Eq. 2 literally, Delta b_i = mu * (K_e/(K N) - T_i/(K T_all)) for FFN experts, zero-expert bias fixed.
   Summed over FFN experts this moves the FFN-vs-zero offset by mu * e/(K N), e = K_e - (measured FFN experts per
-  token): the budget is held by a pure integral controller (spec 11.1).
+  token): the budget is held by a pure integral controller (docs/design.md §11.1).
 - "pid": a real PID on the budget error e, acting on the FFN-vs-zero offset, u = (kp e + ki sum e + kd Delta e)/(K N)
   with anti-windup (integral clamp) and an output clamp; the FFN experts are balanced among themselves by Eq. 2 with
   its mean removed. The 1/(K N) puts the gains in mu's units: pid_gains (0, mu, 0) gives the paper's budget dynamics.
@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from . import presets
-from .config import ModelConfig, from_known_fields, is_number
-from .model import LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.model.config import ModelConfig, from_known_fields, is_number
+from longcat_lab.model.model import LongCatLM
 
 CONTROLLER_MODES = ("paper", "pid", "sign", "none")
 
@@ -49,10 +49,10 @@ def _check_nonnegative(name: str, value: Any) -> None:
 class ControllerConfig:
     """How the expert bias is steered (training config; the trainer wires these fields to the CLI)."""
 
-    # The paper's Eq. 2 is the reference (spec decision 4); "pid", "sign" and "none" are the variants we compare.
+    # The paper's Eq. 2 is the reference (docs/design.md D4); "pid", "sign" and "none" are the variants we compare.
     bias_controller: str = "paper"
     # K_e, FFN experts per token; None = the uniform share K*N/(N+Z), which is 8 for the release, i.e. the paper's
-    # ~27B average activated parameters (spec 2). The paper never prints K_e.
+    # ~27B average activated parameters (docs/design.md §2). The paper never prints K_e.
     target_ffn_experts: float | None = None
     # mu of Eq. 2 (unpublished). At 0.1 the per-expert balancing stays stable on a fresh tiny model, where 0.3
     # already let one FFN expert run 20x hotter than another (benchmarks/controller_tracking.py).

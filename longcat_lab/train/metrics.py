@@ -1,4 +1,4 @@
-"""Routing health (paper App. A.1, 2.1.2, 3.1.3; spec 3-4): how many FFN experts tokens use, how evenly FFN experts
+"""Routing health (paper App. A.1, 2.1.2, 3.1.3; docs/design.md §3-4): how many FFN experts tokens use, how evenly FFN experts
 share the load, the balance-loss gradient ratio R_g, router-row similarity, and how well a controller tracks its
 target over a run. Everything returns plain floats and lists, so it can be logged as JSON.
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .model import LongCatLM, Routing
+from longcat_lab.model.model import LongCatLM, Routing
 
 # An FFN expert below a tenth of its ideal share is dead, above three times it is hot (issue 3; paper App. A.1).
 DEAD_LOAD = 0.1
@@ -80,7 +80,7 @@ def balance_grad_ratio_per_layer(lm_loss: torch.Tensor, balance_loss: torch.Tens
 
 def balance_grad_ratio(lm_loss: torch.Tensor, balance_loss: torch.Tensor, routing: Routing,
                        tangent: bool = True) -> float:
-    """R_g = ||grad_P (alpha L_LB)|| / ||grad_P L_LM|| over all MoE layers together (spec 3; keep it below 0.1).
+    """R_g = ||grad_P (alpha L_LB)|| / ||grad_P L_LM|| over all MoE layers together (docs/design.md §3; keep it below 0.1).
 
     P is the batch-mean expert-probability vector. L_LB depends on the router probabilities only through P, so its
     gradient w.r.t. P is the sum over tokens of its gradient w.r.t. each token's probabilities; we use the same sum

@@ -1,4 +1,4 @@
-"""Model-growth initialisation and width hyperparameter transfer (paper 3.1.1-3.1.2; spec section 4).
+"""Model-growth initialisation and width hyperparameter transfer (paper 3.1.1-3.1.2; docs/design.md §4).
 
 - `grow_depth(model, r)`: a model r times as deep whose layer stack is the trained one repeated,
   L_target = L_small o L_small (r = 2 in the paper, 14 -> 28 layers); the embedding, final norm and LM head are kept
@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from .config import is_number
-from .model import LongCatLM
+from longcat_lab.model.config import is_number
+from longcat_lab.model.model import LongCatLM
 
 KINDS = ("embedding", "hidden", "unembedding")
 
@@ -33,7 +33,7 @@ def param_kind(name: str) -> str:
 
 
 def transfer_hparams(width_factor: float, init_std: float = 1.0, lr: float = 1.0) -> dict[str, dict[str, float]]:
-    """Per kind, the target model's init std and LR from the proxy's (spec 4, paper Table 1): embedding copied;
+    """Per kind, the target model's init std and LR from the proxy's (docs/design.md §4, paper Table 1): embedding copied;
     hidden and unembedding sigma^2 / s (so std / sqrt(s)) and eta / s."""
     s = width_factor
     if not is_number(s) or s <= 0:

@@ -3,7 +3,7 @@ CPU in minutes, `base()` for one GPU, and `released()`, the 560B LongCat-Flash c
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from longcat_lab.model.config import ModelConfig
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -40,7 +40,7 @@ def base(**overrides) -> ModelConfig:
 
 
 def released(**overrides) -> ModelConfig:
-    """The released LongCat-Flash (spec section 5). For parameter accounting; far too large to instantiate here."""
+    """The released LongCat-Flash (docs/design.md §5). For parameter accounting; far too large to instantiate here."""
     cfg = dict(
         vocab_size=131072, hidden_size=6144, num_layers=28, num_attention_heads=64,
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, head_dim=64,

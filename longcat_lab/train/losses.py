@@ -1,5 +1,5 @@
-"""Auxiliary losses: the device-level load-balance loss (paper Eq. 3-5; spec 3), the hidden z-loss (paper Eq. 10;
-spec 4) and an optional router z-loss (ST-MoE). Each is computed per MoE layer and summed over layers (an aux loss
+"""Auxiliary losses: the device-level load-balance loss (paper Eq. 3-5; docs/design.md §3), the hidden z-loss (paper Eq. 10;
+docs/design.md §4) and an optional router z-loss (ST-MoE). Each is computed per MoE layer and summed over layers (an aux loss
 over all layers at once lets one layer's imbalance hide behind another's), has its own coefficient, and is returned
 separately so the trainer can log it. They are added to the LM loss; the expert bias is steered elsewhere
 (`longcat_lab.control`) and no loss here touches it.
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, from_known_fields, is_number
-from .model import LayerRouting, Routing
+from longcat_lab.model.config import ModelConfig, from_known_fields, is_number
+from longcat_lab.model.model import LayerRouting, Routing
 
 LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
 
@@ -25,7 +25,7 @@ LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
 class LossConfig:
     """Coefficients of the auxiliary losses (training config)."""
 
-    # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (spec 3): on the tiny preset's training run R_g drops
+    # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (docs/design.md §3): on the tiny preset's training run R_g drops
     # under 0.1 within 20 steps at 1e-3 but only after 40-60 at 1e-2 (benchmarks/controller_tracking.py).
     balance_loss_coef: float = 1e-3
     # D, the number of FFN-expert groups (EP groups in the paper); one group plus the zero group on a single device.

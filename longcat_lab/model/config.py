@@ -1,6 +1,6 @@
 """`ModelConfig`: the shape of a LongCat-Flash model, with the Hugging Face field names.
 
-Field names follow `transformers.LongcatFlashConfig` (spec section 8) so that export is a rename. The defaults are
+Field names follow `transformers.LongcatFlashConfig` (docs/design.md §8) so that export is a rename. The defaults are
 a small CPU-trainable model, not the 560B release; `presets.released()` holds the release for accounting.
 """
 
@@ -50,7 +50,7 @@ class ModelConfig:
     vocab_size: int = 4096
     # Model width d; the released model uses 6144.
     hidden_size: int = 256
-    # LongCat "layers": each holds two attention blocks, two dense FFNs and one MoE (spec section 1).
+    # LongCat "layers": each holds two attention blocks, two dense FFNs and one MoE (docs/design.md §1).
     num_layers: int = 4
     num_attention_heads: int = 4
     # Low-rank query latent d_q; the release has d/d_q = 4, so alpha_q = 2.
@@ -61,7 +61,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
-    # transformers uses head_dim for the RoPE frequencies, so it must equal qk_rope_head_dim (spec decision 1).
+    # transformers uses head_dim for the RoPE frequencies, so it must equal qk_rope_head_dim (docs/design.md D1).
     head_dim: int = 16
     # Width of the two dense SwiGLU FFNs per layer; the release has 12288 = 2d.
     ffn_hidden_size: int = 512

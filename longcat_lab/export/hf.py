@@ -1,4 +1,4 @@
-"""Export to, and import from, the Hugging Face LongCat-Flash checkpoint layout (spec section 8).
+"""Export to, and import from, the Hugging Face LongCat-Flash checkpoint layout (docs/design.md §8).
 
 `save_hf(model, path)` writes a folder that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads as
 `LongcatFlashForCausalLM`, and that vLLM and SGLang serve under the same architecture string:
@@ -6,8 +6,8 @@
   both as `rope_parameters` (transformers 5.x) and as `rope_theta` (4.57), so either version reads it;
 - `model.safetensors` in the hub key layout: a `model.` prefix on everything but `lm_head`, and the experts unfused
   into `experts.{e}.{gate,up,down}_proj.weight` for the N FFN experts, plus the zero-filled `gate_proj`/`up_proj`
-  of the Z zero experts that transformers 5.x allocates and refuses to load without (spec section 8, the 5.24 quirk).
-  Our model never holds those zeros (spec decision 3); only this file writes them.
+  of the Z zero experts that transformers 5.x allocates and refuses to load without (docs/design.md §8, the 5.24 quirk).
+  Our model never holds those zeros (docs/design.md D3); only this file writes them.
 
 `load_hf(path)` reads such a folder back into a `LongCatLM`: ours, one saved by transformers' own
 `save_pretrained` (same layout), a sharded one (`model.safetensors.index.json`), or one with 5.x-style fused expert
@@ -28,9 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import presets
-from .config import ModelConfig
-from .model import LatentCache, LongCatLM
+from longcat_lab.model import presets
+from longcat_lab.model.config import ModelConfig
+from longcat_lab.model.model import LatentCache, LongCatLM
 
 ARCHITECTURE = "LongcatFlashForCausalLM"
 MODEL_TYPE = "longcat_flash"
@@ -40,7 +40,7 @@ CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
-# ModelConfig fields that config.json stores under the same name (export is a rename; spec "style").
+# ModelConfig fields that config.json stores under the same name (export is a rename, docs/design.md D1).
 SHARED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "head_dim", "ffn_hidden_size",
                  "n_routed_experts", "zero_expert_num", "moe_topk", "expert_ffn_hidden_size",
@@ -50,7 +50,7 @@ FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down
 # Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight.
 HUB_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-# Multi-token-prediction weights of the release; transformers ignores them on load too (spec sections 5 and 8).
+# Multi-token-prediction weights of the release; transformers ignores them on load too (docs/design.md §5, §8).
 IGNORED_HUB_PREFIX = "model.mtp."
 
 
@@ -79,7 +79,7 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_
         eos_token_id=eos_token_id,
         pad_token_id=None,
         use_cache=True,
-        # The release's extra keys (spec section 5): what our forward does, stated for the serving engines.
+        # The release's extra keys (docs/design.md §5): what our forward does, stated for the serving engines.
         zero_expert_type="identity",
         mla_scale_q_lora=True,
         mla_scale_kv_lora=True,
@@ -92,11 +92,11 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_
 def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConfig:
     """A ModelConfig from a LongCat-Flash config.json dict; ValueError (naming `source`) for anything else.
 
-    Fields missing from the file take transformers' defaults, which are the released model's (spec section 8),
+    Fields missing from the file take transformers' defaults, which are the released model's (docs/design.md §8),
     exactly as `LongcatFlashConfig` would fill them."""
     model_type = data.get("model_type")
     architectures = data.get("architectures") or []
-    # The Meituan hub config.json has no model_type but names the architecture (spec section 5).
+    # The Meituan hub config.json has no model_type but names the architecture (docs/design.md §5).
     if model_type != MODEL_TYPE and not (model_type is None and ARCHITECTURE in architectures):
         raise ValueError(f"{source}: model_type={model_type!r}, architectures={architectures!r} does not describe a "
                          f"LongCat-Flash model: expected model_type={MODEL_TYPE!r} or architectures [{ARCHITECTURE!r}]")

@@ -1,12 +1,12 @@
 """Parameter and FLOP accounting from a `ModelConfig` alone (no model needed, so the 560B release can be counted).
 
-Activated parameters follow the paper's convention (spec 2, open question 10): every parameter except the input
+Activated parameters follow the paper's convention (docs/design.md §2, open question 10): every parameter except the input
 embedding table, plus the FFN experts a token actually uses. Zero experts cost nothing.
 """
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from longcat_lab.model.config import ModelConfig
 
 
 def mla_params(c: ModelConfig) -> int:

@@ -1,5 +1,5 @@
 """Expert parallelism for the shortcut-connected MoE, and the overlapped layer schedule it exists for (paper 2.2,
-5.3; spec section 1, SBO).
+5.3; docs/design.md §1, SBO).
 
 - `ExpertParallelMoE`: the MoE of an existing `LongCatLayer` with its FFN experts sharded by expert across the ranks
   of a `torch.distributed` group (gloo on CPU, NCCL on GPUs). The router is replicated; each rank routes its own
@@ -51,8 +51,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.profiler import record_function
 
-from .config import ModelConfig, check_positive_int
-from .model import IGNORE_INDEX, Experts, LongCatLayer, LongCatLM, MoE, rope_angles
+from longcat_lab.model.config import ModelConfig, check_positive_int
+from longcat_lab.model.model import IGNORE_INDEX, Experts, LongCatLayer, LongCatLM, MoE, rope_angles
 
 SCHEDULES = ("sequential", "overlapped")
 EXPERTS_AFTER = ("attn1", "ffn0")
@@ -233,7 +233,7 @@ def _waited(ex: Exchange, name: str) -> torch.Tensor:
 
 
 class ExpertParallelLayer(nn.Module):
-    """One shortcut-connected LongCat layer (spec section 1) with an expert-parallel MoE:
+    """One shortcut-connected LongCat layer (docs/design.md §1) with an expert-parallel MoE:
         h1 = x + MLA_0(N_in0(x));  u = N_post0(h1);  m = MoE(u);  h2 = h1 + FFN_0(u)
         h3 = h2 + MLA_1(N_in1(h2));  y = h3 + FFN_1(N_post1(h3)) + m
     The dense modules are the source layer's own (shared, not copied); the experts are this rank's shard."""

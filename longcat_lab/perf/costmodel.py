@@ -1,8 +1,8 @@
-"""A serving cost model for LongCat-style decoding with wide expert parallelism (paper 5.3, Table 7; spec sections 1
-and 5): per-layer stage times, the time per output token (TPOT) under three schedules, and the cost per million
+"""A serving cost model for LongCat-style decoding with wide expert parallelism (paper 5.3, Table 7; docs/design.md §1
+and §5): per-layer stage times, the time per output token (TPOT) under three schedules, and the cost per million
 output tokens.
 
-Stages of one layer in one decode step, per device (spec section 1, SBO):
+Stages of one layer in one decode step, per device (docs/design.md §1, SBO):
     attn0     MLA_0, which everything after it needs
     dense0    FFN_0, the dense work the ScMoE order can run while dispatch is in flight
     dispatch  all-to-all of the tokens' hidden states to the ranks owning their FFN experts
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import plotly.graph_objects as go
 
-from . import accounting
-from .config import ModelConfig, check_positive_float, check_positive_int, is_number
+from longcat_lab.perf import accounting
+from longcat_lab.model.config import ModelConfig, check_positive_float, check_positive_int, is_number
 
 SCHEDULES = ("sequential", "tbo", "sbo")
 SCHEDULE_NAMES = {"sequential": "sequential (vanilla MoE)", "tbo": "two-batch overlap (TBO)",
@@ -57,7 +57,7 @@ class Hardware:
     net_bw: float = 50e9
     # Fixed cost of one all-to-all (launch and synchronisation), in seconds; a guess of the order DeepEP reports.
     net_latency: float = 20e-6
-    # $ per GPU-hour: the paper's assumption for its cost figures (spec section 5).
+    # $ per GPU-hour: the paper's assumption for its cost figures (docs/design.md §5).
     price_per_hour: float = 2.0
 
     def __post_init__(self) -> None:
@@ -140,7 +140,7 @@ class LayerTimes:
         return LayerTimes(**{f.name: getattr(self, f.name) * factor for f in dataclasses.fields(self)})
 
 
-# The paper's Table 7 row for LongCat-Flash (spec section 5): per-layer SBO stage times in microseconds, 28 layers,
+# The paper's Table 7 row for LongCat-Flash (docs/design.md §5): per-layer SBO stage times in microseconds, 28 layers,
 # MTP 1 token at 80% acceptance, batch 96 per device, EP 128, and its results: TPOT 16 ms, $0.09 per 1M tokens.
 PAPER_TABLE7 = {"attention_us": 264, "dispatch_us": 236, "moe_us": 60, "combine_us": 472, "num_layers": 28,
                 "mtp_tokens": 1, "mtp_acceptance": 0.8, "batch_per_device": 96, "expert_parallel": 128,

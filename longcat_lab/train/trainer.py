@@ -28,8 +28,8 @@ except for fields that only change logging and saving (`RESUME_FREE_FIELDS`). A 
 - `kind="eval"`: step, val_loss {domain: loss}, val_loss_mean;
 - `kind="start"` when a run starts or resumes: parameters, probe FLOP/s, data summary.
 
-Paper references: AdamW eps (spec 4), hidden z-loss and the balance loss (spec 3-4), multi-stage data (spec 4 "Data"),
-determinism and SDC checks (spec 4), growth init and width transfer (`longcat_lab.growth`).
+Paper references: AdamW eps (docs/design.md §4), hidden z-loss and the balance loss (docs/design.md §3-4), multi-stage data (docs/design.md §4 "Data"),
+determinism and SDC checks (docs/design.md §4), growth init and width transfer (`longcat_lab.growth`).
 """
 
 from __future__ import annotations
@@ -50,14 +50,20 @@ from typing import Any
 
 import torch
 
-from . import accounting, checkpoint, growth, metrics
-from .config import ModelConfig, from_known_fields, is_number
-from .control import BiasController, ControllerConfig
-from .data import DOMAINS, DataConfig, Dataset, MixtureSampler, atomic_write_bytes, check_mixture, eval_windows, \
+from longcat_lab.perf import accounting
+
+from longcat_lab.train import checkpoint
+
+from longcat_lab.train import growth
+
+from longcat_lab.train import metrics
+from longcat_lab.model.config import ModelConfig, from_known_fields, is_number
+from longcat_lab.train.control import BiasController, ControllerConfig
+from longcat_lab.data.data import DOMAINS, DataConfig, Dataset, MixtureSampler, atomic_write_bytes, check_mixture, eval_windows, \
     load_dataset
-from .losses import LOSS_KEYS, LossConfig, aux_losses
-from .metrics import read_rows  # re-exported: train.read_rows is public
-from .model import LongCatLM
+from longcat_lab.train.losses import LOSS_KEYS, LossConfig, aux_losses
+from longcat_lab.train.metrics import read_rows  # re-exported: train.read_rows is public
+from longcat_lab.model.model import LongCatLM
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,7 @@ def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
 @dataclass
 class StageConfig:
     """One training stage: its length, LR (linear warmup from the previous stage's final LR, then cosine down to
-    end_lr_ratio * lr), sequence length and data mixture (spec 4: stage 2 moves the mixture toward reasoning)."""
+    end_lr_ratio * lr), sequence length and data mixture (docs/design.md §4: stage 2 moves the mixture toward reasoning)."""
 
     name: str = "general"
     steps: int = 100
@@ -101,7 +107,7 @@ class StageConfig:
 
 
 def default_stages(steps: int, lr: float, seq_len: int) -> list[StageConfig]:
-    """Two stages as LongCat's pre-training (spec 4 "Data"): 85% general-heavy, then 15% where code and reasoning
+    """Two stages as LongCat's pre-training (docs/design.md §4 "Data"): 85% general-heavy, then 15% where code and reasoning
     rise to 70% of the mixture at a lower, decaying LR (an annealing phase)."""
     s2 = max(1, round(0.15 * steps))
     s1 = steps - s2
@@ -132,7 +138,7 @@ class TrainConfig:
     # The paper's betas (0.9, 0.95).
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    # The paper's eps (spec 4): loss degrades once eps nears the gradient RMS, which shrinks as models grow, so eps
+    # The paper's eps (docs/design.md §4): loss degrades once eps nears the gradient RMS, which shrinks as models grow, so eps
     # sits many orders below it. At our sizes gradient RMS is ~1e-4..1e-6, far above 1e-16.
     adam_eps: float = 1e-16
     # Global gradient-norm clip (pre-clip norm is logged).
@@ -155,7 +161,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # Stop after this many steps of the schedule (with a checkpoint), as if interrupted; 0 = run to the end.
     stop_after: int = 0
-    # R_g (spec 3) costs about one extra backward, so it is measured every this many steps (0 = never).
+    # R_g (docs/design.md §3) costs about one extra backward, so it is measured every this many steps (0 = never).
     rg_every: int = 10
     # Re-run a step from the same state every this many steps and compare loss and gradients bit for bit (0 = off).
     sdc_check_every: int = 0
@@ -168,9 +174,9 @@ class TrainConfig:
     alert_memory_fraction: float = 0.9
     # Model FLOP/s that MFU divides by; 0 = measure a matmul probe on this device at start.
     peak_flops: float = 0.0
-    # Hyperparameter transfer (spec 4): the width the init std and LRs were tuned at; 0 = no transfer.
+    # Hyperparameter transfer (docs/design.md §4): the width the init std and LRs were tuned at; 0 = no transfer.
     proxy_hidden_size: int = 0
-    # Growth init (spec 4): start from this checkpoint (or run folder), stacked to this model's depth.
+    # Growth init (docs/design.md §4): start from this checkpoint (or run folder), stacked to this model's depth.
     init_from: str = ""
     # With init_from: continue the source run's step counter, LR schedule and data position (fresh optimizer).
     init_keep_state: bool = False
@@ -566,7 +572,7 @@ class LivePlot:
         """Draw (first call) or redraw the figures from the rows seen so far; nothing before the first step."""
         from IPython.display import display
 
-        from .viz import figure_bundle
+        from longcat_lab.viz.routing import figure_bundle
 
         if not any(r.get("kind") == "train" for r in self.rows):
             return
@@ -751,7 +757,7 @@ class Trainer:
         self.step = self.resumed_from = st["step"]
 
     def init_from(self, source: str) -> None:
-        """Growth init (spec 4): the source checkpoint's model, stacked to this depth; optionally its position."""
+        """Growth init (docs/design.md §4): the source checkpoint's model, stacked to this depth; optionally its position."""
         src_model, _, meta = checkpoint.load(source)
         grown = growth.grow_depth(src_model, self.mc.num_layers // max(1, src_model.config.num_layers))
         if grown.config != self.mc:
@@ -807,7 +813,7 @@ class Trainer:
         return torch.stack(parts), rg, rg_time, routing
 
     def sdc_check(self, batches, losses: torch.Tensor, counts_before: list[torch.Tensor]) -> dict[str, Any]:
-        """Re-run this step's forward and backward from the same state and compare bit for bit (spec 4, SDC). The
+        """Re-run this step's forward and backward from the same state and compare bit for bit (docs/design.md §4, SDC). The
         routers' counts and the gradients of the first run are restored afterwards, so nothing is counted twice."""
         blocks = self.model.moe_blocks()
         counts_after = [b.router.expert_counts.clone() for b in blocks]
