@@ -1,7 +1,7 @@
-"""How fast and how cleanly each expert-bias controller holds the compute budget (issue 3, docs/design.md §3).
+"""How fast and how cleanly each expert-bias controller holds the compute budget (docs/design.md §3, D4).
 
 Two plants, every controller on the same data from the same start:
-1. the synthetic routing problem (`longcat_lab.control.SyntheticRouting`: fixed, skewed router logits, no training,
+1. the synthetic routing problem (`longcat_lab.testing.SyntheticRouting`: fixed, skewed router logits, no training,
    no noise): a step response from the skewed start (~3.4 FFN experts per token) to the uniform share 4.0;
 2. a short training run of the tiny preset (AdamW on a seeded Markov-chain token stream) with the target set to 1.0
    FFN experts per token against the uniform 1.33 at init, so the controller must pull the budget down while the
@@ -27,7 +27,8 @@ import torch
 
 from longcat_lab import LongCatLM
 from longcat_lab.model import presets
-from longcat_lab.train.control import BiasController, ControllerConfig, SyntheticRouting
+from longcat_lab.testing import SyntheticRouting
+from longcat_lab.train.control import BiasController, ControllerConfig
 from longcat_lab.train.losses import LossConfig, aux_losses
 from longcat_lab.train.metrics import balance_grad_ratio, tracking_summary
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from longcat_lab import LongCatLM
 from longcat_lab.model import presets
-from longcat_lab.export.hf import cache_bytes_per_token, load_hf, save_hf
+from longcat_lab.export import cache_bytes_per_token, load_hf, save_hf
+from longcat_lab.testing import random_ids, random_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,12 +67,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(args.seed)
     config = presets.get(args.preset)
-    model = LongCatLM(config)
-    model.reset_parameters(gen)
-    for moe in model.moe_blocks():  # a trained model's bias is not zero; make routing depend on it
-        moe.router.e_score_correction_bias.normal_(0.0, 0.05, generator=gen)
+    # A trained model's expert bias is not zero: draw one, so that routing depends on it.
+    model = random_model(config, args.seed, bias_std=0.05)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_hf(model, Path(tmp) / "export")
@@ -86,7 +83,7 @@ def main() -> None:
           "(wall clock; 'cpu' uses process CPU time)")
     print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'cpu ratio':>9}  same tokens")
     for batch in args.batch_sizes:
-        prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen)
+        prompt = random_ids(config, (batch, args.prompt_len), seed=args.seed + batch)
         runs = {
             "ours": lambda: ours.generate(prompt, args.new_tokens),
             "hf": lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,

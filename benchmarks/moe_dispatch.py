@@ -3,7 +3,7 @@
 Prints, per CPU-sized config and measured side by side in one run (the machines are shared and noisy):
 tokens/s and expert MFU (useful expert FLOPs / a matmul probe measured in the same run) for both dispatchers, then
 the block time when the FFN share of selections is 1.0, 0.5 and 0.25 (forced through the router bias).
-Goals (issue 2): ours >= the mask loop at every config; expert-block MFU >= 0.85 on one thread; time at FFN share
+Goals: ours >= the mask loop at every config; expert-block MFU >= 0.85 on one thread; time at FFN share
 0.5 <= 0.6 x time at share 1.0. The last line prints those three figures.
 
 Run: `.venv/bin/python benchmarks/moe_dispatch.py [--threads 1] [--repeats 7]`
@@ -18,8 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from longcat_lab import ModelConfig
-from longcat_lab.model.model import MoE
+from longcat_lab.model import ModelConfig, MoE
 
 # (tokens, hidden, expert hidden, N FFN experts, Z zero experts, top-k)
 CONFIGS = [

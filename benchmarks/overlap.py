@@ -1,13 +1,15 @@
 """Does the ScMoE order hide the MoE's all-to-all? Step time sequential ÷ overlapped, and the hidden fraction.
 
-CPU: two gloo ranks spawned on this machine, each running an inference forward of an expert-parallel model (one
-thread per rank) in the sequential and the overlapped schedule, interleaved, a barrier before every step; a step
-lasts as long as its slowest rank. Then a few profiled steps of each schedule per rank, written as Chrome/Perfetto
+CPU: two gloo ranks spawned on this machine, each running an inference forward of the model after
+`apply_expert_parallel` (one thread per rank) in the sequential and the overlapped schedule, interleaved, a barrier
+before every step; a step lasts as long as its slowest rank. Then a few profiled steps of each schedule per rank, written as Chrome/Perfetto
 traces under --trace-dir, from which the communication time and the fraction of it that ran under compute are read
-(`longcat_lab.profiling`). On loopback gloo the transfer itself is CPU work competing with compute for the same
+(`longcat_lab.perf.trace`). On loopback gloo the transfer itself is CPU work competing with compute for the same
 cores, so expect a ratio near 1 on a small shared machine.
-GPU, when present: the one-GPU side-stream path (one stream ÷ MoE on a side stream), and with two or more GPUs the
-same two-rank measurement over NCCL.
+Goal: the overlapped schedule hides part of the exchange under compute (hidden fraction > 0 in the traces) and, where
+the exchange does not compete with compute for the same cores, makes the step faster (ratio > 1).
+GPU, when present: the one-GPU side-stream path (experts on the main stream ÷ on a side stream), and with two or
+more GPUs the same two-rank measurement over NCCL.
 
 Run: `.venv/bin/python benchmarks/overlap.py [--preset small] [--batch 4] [--seq-len 64] [--reps 10]
       [--profile-steps 3] [--experts-after attn1] [--trace-dir build/traces/overlap]`
@@ -22,8 +24,11 @@ from pathlib import Path
 import torch
 
 from longcat_lab.model import presets
-from longcat_lab.parallel.expert_parallel import EXPERTS_AFTER, measure_overlap, seeded_model, time_side_stream
+from longcat_lab.model.model import EXPERTS_AFTER
+from longcat_lab.parallel import time_side_stream
+from longcat_lab.perf.overlap import measure_overlap
 from longcat_lab.perf.trace import load_trace, stats_table
+from longcat_lab.testing import random_model
 
 
 def report_ranks(result: dict, label: str) -> None:
@@ -70,11 +75,11 @@ def main() -> None:
         print("GPU: none visible, so the side-stream and NCCL measurements were not run")
         return
     name = torch.cuda.get_device_name()
-    model = seeded_model(config, 0, "cuda").eval()
+    model = random_model(config, 0, device="cuda")
     idx = torch.randint(0, config.vocab_size, (2 * args.batch, args.seq_len),
                         generator=torch.Generator().manual_seed(1)).cuda()
     gpu = time_side_stream(model, idx, reps=args.reps)
-    print(f"RESULT one GPU ({name}): one stream / MoE on a side stream = {gpu['ratio']:.3f} "
+    print(f"RESULT one GPU ({name}): experts on the main stream / on a side stream = {gpu['ratio']:.3f} "
           f"({gpu['median_s']['sequential'] * 1e3:.2f} ms vs {gpu['median_s']['side_stream'] * 1e3:.2f} ms)")
     if torch.cuda.device_count() >= 2:
         nccl = measure_overlap(config, batch=args.batch, seq_len=args.seq_len, reps=args.reps,

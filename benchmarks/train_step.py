@@ -5,10 +5,10 @@ Prints per thread count: tokens/s, model FLOP/s (`flops_per_token` at the measur
 against the probe: fwd + bwd of one dense SwiGLU on the step's tokens with the model's dense-FFN shapes, the rate
 this core reaches on the model's own best-case GEMMs. Steps and probes alternate, so both see the same machine load;
 medians over the repeats. Also peak memory (process RSS; CUDA allocator peak on a GPU).
-Goal (issue 4): MFU >= 0.5 of the probe on one thread. The last line prints it.
+Goal: MFU >= 0.5 of the probe on one thread. The last line prints it.
 
 `--write-golden` instead writes tests/golden/tiny_20_steps.json, the 20-step loss curve of the tiny preset that
-tests/test_train.py checks (`golden_run` below is the one definition of that run).
+tests/train/test_train.py checks (`golden_run` below is the one definition of that run).
 
 Run: `.venv/bin/python benchmarks/train_step.py [--threads 1 2] [--repeats 5]`
      `.venv/bin/python benchmarks/train_step.py --write-golden`
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from longcat_lab.perf import accounting
 from longcat_lab.model import presets
-from longcat_lab.data.data import DataConfig
-from longcat_lab.train.trainer import Trainer, train, train_preset
+from longcat_lab.data import DataConfig
+from longcat_lab.train import Trainer, train, train_preset
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tiny_20_steps.json"
 
@@ -84,19 +84,17 @@ def bench(threads: int, repeats: int, cache: str | None) -> float:
     cfg = dataclasses.replace(train_preset("small"), rg_every=0, peak_flops=1.0,
                               data=DataConfig(cache_dir=cache or ""))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(mc, cfg, Path(tmp), progress=False, callback=None)
-        trainer.build()
-        trainer.peak_flops, trainer.t_start = 1.0, time.perf_counter()
+        trainer = Trainer(mc, cfg, tmp, progress=False)
         seq = cfg.stages[0].seq_len
         tokens = cfg.batch_size * cfg.grad_accum * seq
-        trainer.train_step()                                    # warm-up
+        trainer.step()                                          # warm-up
         probe(tokens, mc.hidden_size, mc.ffn_hidden_size)
         steps, probes, ffn = [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            row = trainer.train_step()
+            result = trainer.step()
             steps.append(time.perf_counter() - t0)
-            ffn.append(row["ffn_experts_per_token"])
+            ffn.append(result.ffn_experts_per_token)
             seconds, probe_flops = probe(tokens, mc.hidden_size, mc.ffn_hidden_size)
             probes.append(seconds)
     step_s, probe_rate = statistics.median(steps), probe_flops / statistics.median(probes)

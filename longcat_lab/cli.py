@@ -28,7 +28,7 @@ def run_notebooks(out: Path, smoke: bool, only: list[str] | None = None) -> None
 def report_samples(model, tokenizer, val_texts: dict[str, list[str]], max_new_tokens: int, seed: int) -> list[str]:
     """One sample per domain, prompted with the start of that domain's first validation document (text, code and
     a reasoning problem up to its first step), so samples show what the model learned from each corpus."""
-    from longcat_lab.train.trainer import sample_text
+    from longcat_lab.train import sample_text
 
     out = []
     for domain, texts in val_texts.items():
@@ -43,9 +43,9 @@ def report_samples(model, tokenizer, val_texts: dict[str, list[str]], max_new_to
 
 
 def run_train(args) -> None:
-    from longcat_lab.data import data
+    import longcat_lab.data as data
     from longcat_lab.model import presets
-    from longcat_lab.train.trainer import apply_overrides, train, train_preset
+    from longcat_lab.train import apply_overrides, train, train_preset
 
     model_config = presets.get(args.preset)
     train_config = train_preset(args.preset)
@@ -73,8 +73,7 @@ def run_train(args) -> None:
 
 
 def run_sample(args) -> None:
-    from longcat_lab.train import checkpoint
-    from longcat_lab.train.trainer import sample_text
+    from longcat_lab.train import checkpoint, sample_text
 
     model, tokenizer, meta = checkpoint.load(args.ckpt)
     print(sample_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         run_notebooks(args.out, args.smoke, args.only)
     elif args.command in ("train", "sample"):
         from longcat_lab.train.checkpoint import CheckpointError
-        from longcat_lab.train.trainer import TrainingError
+        from longcat_lab.train import TrainingError
 
         try:
             (run_train if args.command == "train" else run_sample)(args)

@@ -1,12 +1,23 @@
-"""Helpers for tests, benchmarks and notebooks: seeded random models and token batches. Not used by training."""
+"""Helpers for tests, benchmarks and notebooks: seeded random models and token batches, the rank worker that
+checks expert parallelism against one process (`parity_worker`), and `SyntheticRouting`, the plant on which the
+budget controllers are compared. Not used by training."""
 
 from __future__ import annotations
 
+import copy
+import math
+from typing import Any
+
 import torch
+import torch.distributed as dist
 
 from longcat_lab.model import presets
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
+from longcat_lab.parallel.expert_parallel import (all_reduce_replicated_grads, apply_expert_parallel,
+                                                  expert_shard_parameters, set_schedule)
+from longcat_lab.parallel.launch import rank_device
+from longcat_lab.train.control import BiasController, ControllerConfig
 
 
 def random_model(config: ModelConfig | None = None, seed: int = 0, *, bias_std: float = 0.0,
@@ -28,3 +39,177 @@ def random_model(config: ModelConfig | None = None, seed: int = 0, *, bias_std: 
 def random_ids(config: ModelConfig, shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     """Uniform random token ids for `config`'s vocabulary, from their own seeded generator."""
     return torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# Expert-parallel rank workers (spawned by `longcat_lab.parallel.launch`, so they live in an importable module) ---
+EP_VARIANTS = ("sequential/attn1", "overlapped/attn1", "overlapped/ffn0")   # schedule/experts_after
+
+
+def local_rows(batch: int, world: int, rank: int) -> slice:
+    """This rank's share of the batch rows: contiguous, as even as possible (ranks may get different sizes)."""
+    bounds = [round(batch * r / world) for r in range(world + 1)]
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's x along dim 0. Sizes may differ; gloo's all_gather wants equal ones, so pad."""
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def gather_objects(obj: Any, group=None) -> list[Any]:
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _full(model: LongCatLM, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's expert shards gathered back to [N, ...]; replicated tensors as they are (on the CPU)."""
+    shards = {id(p) for p in expert_shard_parameters(model)}
+    return {name: (gather_rows(tensors[name]) if id(p) in shards else tensors[name]).detach().cpu()
+            for name, p in model.named_parameters()}
+
+
+def parity_worker(rank: int, world: int, config_dict: dict, seed: int, batch: int, seq_len: int,
+                  backend: str = "gloo") -> dict | None:
+    """Compare a model after `apply_expert_parallel` with the same single-process model on the same batch.
+
+    Checks, for each of `EP_VARIANTS`: full logits (gathered from all ranks) and loss, then every parameter's
+    gradient (replicated ones all-reduced, expert shards gathered back to [N, ...]) and each rank's own expert
+    shards' gradients; then one SGD step of both models and the logits after it; a forward with uneven per-rank
+    batches; and the forward again with routing skewed so that no rank sends anything to the last rank (empty
+    splits). Returns the tensors from rank 0 for the caller to compare (None on other ranks), plus every rank's
+    dispatch counts."""
+    device = rank_device(backend, rank)
+    config = ModelConfig.from_dict(config_dict)
+    ref = random_model(config, seed, device=device, train=True)
+    ep = apply_expert_parallel(copy.deepcopy(ref))
+    gen = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    rows = local_rows(batch, world, rank)
+    share = inputs[rows].numel() / inputs.numel()
+    ref_logits, ref_loss = ref(inputs, targets)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.detach().cpu() for n, p in ref.named_parameters()}
+    result: dict[str, Any] = {"ref_logits": ref_logits.detach().cpu(), "ref_loss": ref_loss.detach().cpu(),
+                              "ref_grads": ref_grads, "runs": {}}
+    with torch.no_grad():
+        _, _, routing = ref(inputs[rows], return_routing=True)
+    ffn_pairs = [int((r.topk_ids < config.n_routed_experts).sum()) for r in routing.layers]
+    for variant in EP_VARIANTS:
+        schedule, experts_after = variant.split("/")
+        set_schedule(ep, overlap=schedule == "overlapped", experts_after=experts_after)
+        ep.zero_grad(set_to_none=True)
+        logits, loss = ep(inputs[rows], targets[rows])
+        (loss * share).backward()               # the global mean = sum over ranks of local mean * local share
+        all_reduce_replicated_grads(ep)
+        global_loss = (loss.detach() * share).reshape(1)
+        dist.all_reduce(global_loss)
+        result["runs"][variant] = {"logits": gather_rows(logits.detach()).cpu(), "loss": global_loss[0].cpu(),
+                                   "grads": _full(ep, {n: p.grad for n, p in ep.named_parameters()})}
+    # Each rank's shards beside the slices of the single-process gradients they stand for (from the last variant).
+    dispatcher = ep.moe_blocks()[0].dispatcher
+    first, count = dispatcher.rank * dispatcher.local, dispatcher.local
+    result["shards"] = gather_objects([{"name": n, "grad": p.grad.detach().cpu(),
+                                        "ref_slice": ref_grads[n][first:first + count]}
+                                       for n, p in ep.named_parameters() if "mlp.experts." in n])
+    result["moved"] = gather_objects([{**moe.dispatcher.last_stats, "ref_ffn_pairs": n, "tokens": inputs[rows].numel()}
+                                      for moe, n in zip(ep.moe_blocks(), ffn_pairs)])
+    # One optimizer step of each model from its own gradients: the expert-parallel model trains as the real one.
+    for model in (ref, ep):
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        logits, _ = ep(inputs[rows])
+        result["step"] = {"logits": gather_rows(logits).cpu(), "ref_logits": ref(inputs)[0].cpu(),
+                          "params": _full(ep, dict(ep.named_parameters())),
+                          "ref_params": {n: p.detach().cpu() for n, p in ref.named_parameters()}}
+        # Uneven batches: rank r holds r + 1 sequences.
+        sizes = [r + 1 for r in range(world)]
+        lo = sum(sizes[:rank])
+        uneven = torch.randint(0, config.vocab_size, (sum(sizes), seq_len), generator=gen).to(device)
+        ep_uneven, _ = ep(uneven[lo:lo + sizes[rank]])
+        result["uneven"] = {"logits": gather_rows(ep_uneven).cpu(), "ref_logits": ref(uneven)[0].cpu()}
+        # Skewed routing: the last rank's experts are never chosen, so it receives nothing.
+        last = list(range(config.n_routed_experts - config.n_routed_experts // world, config.n_routed_experts))
+        for model in (ref, ep):
+            for moe in model.moe_blocks():
+                moe.router.e_score_correction_bias[last] = -10.0
+        result["skewed"] = {"ref_logits": ref(inputs)[0].cpu()}
+        for schedule in ("sequential", "overlapped"):
+            set_schedule(ep, overlap=schedule == "overlapped")
+            result["skewed"][schedule] = gather_rows(ep(inputs[rows])[0]).cpu()
+        result["skewed"]["moved"] = gather_objects([moe.dispatcher.last_stats for moe in ep.moe_blocks()])
+    try:
+        apply_expert_parallel(random_model(config.replace(n_routed_experts=2 * world + 1), seed))
+        result["uneven_experts_error"] = None
+    except ValueError as err:
+        result["uneven_experts_error"] = str(err)
+    return result if rank == 0 else None
+
+
+# A synthetic plant for the budget controller ------------------------------------------------------------------------
+class SyntheticRouting:
+    """Fixed, skewed router logits pushed through the real routers of a small model, with no training: the plant on
+    which the tests and benchmarks/controller_tracking.py compare controllers.
+
+    Each MoE block gets fixed inputs u_TD whose first coordinate is 1 and classifier rows whose first weight is a
+    skew: FFN experts' preferences fall linearly from +ffn_skew to -ffn_skew (some hot, some cold), zero experts all
+    get +zero_skew (at zero bias the FFN experts are then under-used for zero_skew > 0). The other coordinates add
+    per-token variety with logit std `logit_std`. `batch_tokens` < tokens draws a fresh random batch each step
+    (sampling noise, as in training); None routes all tokens every step (a noiseless plant)."""
+
+    def __init__(self, model_config: ModelConfig | None = None, tokens: int = 4096, ffn_skew: float = 1.0,
+                 zero_skew: float = 0.5, logit_std: float = 1.0, batch_tokens: int | None = None, seed: int = 0):
+        if model_config is None:
+            # The small preset's expert pool (16 FFN + 8 zero experts, top-6) behind the tiny preset's width.
+            model_config = presets.tiny(n_routed_experts=16, zero_expert_num=8, moe_topk=6)
+        if batch_tokens is not None and not (isinstance(batch_tokens, int) and 0 < batch_tokens <= tokens):
+            raise ValueError(f"batch_tokens={batch_tokens!r} is not allowed: it must be None or in [1, {tokens}]")
+        self.model = LongCatLM(model_config).train()
+        self.batch_tokens = batch_tokens
+        N, E, D = model_config.n_routed_experts, model_config.num_experts, model_config.hidden_size
+        g = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        skew_E = torch.cat([torch.linspace(ffn_skew, -ffn_skew, N), torch.full((E - N,), float(zero_skew))])
+        self.inputs = []
+        with torch.no_grad():
+            for block in self.model.moe_blocks():
+                u_TD = torch.randn(tokens, D, generator=g)
+                u_TD[:, 0] = 1.0
+                W_ED = torch.randn(E, D, generator=g) * logit_std / math.sqrt(D - 1)
+                W_ED[:, 0] = skew_E
+                block.router.classifier.weight.copy_(W_ED)
+                self.inputs.append(u_TD)
+
+    def reset(self) -> None:
+        """Zero every bias and count (a fresh start for the next controller)."""
+        for block in self.model.moe_blocks():
+            block.router.e_score_correction_bias.zero_()
+            block.router.expert_counts.zero_()
+        self.generator.manual_seed(self.generator.initial_seed())
+
+    @torch.no_grad()
+    def forward(self) -> None:
+        """One step's routing: every router counts its selections, as training forwards do."""
+        for block, u_TD in zip(self.model.moe_blocks(), self.inputs):
+            if self.batch_tokens is not None:
+                u_TD = u_TD[torch.randperm(u_TD.shape[0], generator=self.generator)[:self.batch_tokens]]
+            block.router(u_TD)
+
+    def run(self, config: ControllerConfig, steps: int) -> list[dict[str, Any]]:
+        """Reset, then `steps` optimizer steps of routing + controller update; the controller's reports."""
+        self.reset()
+        controller = BiasController(config, self.model)
+        reports = []
+        for _ in range(steps):
+            self.forward()
+            reports.append(controller.step())
+        return reports

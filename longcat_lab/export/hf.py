@@ -12,6 +12,8 @@
 `load_hf(path)` reads such a folder back into a `LongCatLM`: ours, one saved by transformers' own
 `save_pretrained` (same layout), a sharded one (`model.safetensors.index.json`), or one with 5.x-style fused expert
 tensors. A missing file, a config that is not LongCat-Flash, or a tensor of the wrong shape raises an error naming it.
+`serve_commands(path)` returns the commands that serve the folder with vLLM and SGLang. What an export weighs on
+disk and in the KV cache is counted in `export.sizes`.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from longcat_lab._util import json_bytes, replace_dir
 from longcat_lab.model import presets
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.model.model import LatentCache, LongCatLM
+from longcat_lab.model.model import LongCatLM
 
 ARCHITECTURE = "LongcatFlashForCausalLM"
 MODEL_TYPE = "longcat_flash"
@@ -265,7 +268,7 @@ def save_hf(model: LongCatLM, path: str | os.PathLike, *, tokenizer=None, eos_to
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_bytes(json_bytes(config))
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token,
@@ -277,22 +280,6 @@ def save_hf(model: LongCatLM, path: str | os.PathLike, *, tokenizer=None, eos_to
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename the complete folder `src` to `dst`; an old `dst` is moved aside first and deleted only afterwards."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        if old is not None:                                       # put the old folder back
-            os.replace(old / dst.name, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -350,114 +337,6 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float3
     return model.to(device).eval()
 
 
-# What an export costs and buys: on-disk bytes, KV-cache bytes, parity, serving ----------------------------------
-# Tensor groups of the hub layout, first match wins; zero experts' gate/up tensors are counted apart as padding.
-TENSOR_GROUPS = (
-    ("embedding + LM head", re.compile(r"embed_tokens|lm_head")),
-    ("FFN experts", re.compile(r"\.mlp\.experts\.")),
-    ("router + expert bias", re.compile(r"\.mlp\.router\.")),
-    ("attention (MLA)", re.compile(r"\.self_attn\.")),
-    ("dense FFNs", re.compile(r"\.mlps\.")),
-    ("norms", re.compile(r"norm")),
-)
-PADDING = "zero-expert padding (5.x)"
-DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def checkpoint_bytes(path: str | os.PathLike) -> dict[str, int]:
-    """Bytes of every tensor group in an exported folder, read from the safetensors headers only."""
-    path = Path(path)
-    config = config_from_hf(json.loads((path / CONFIG_NAME).read_text()), str(path / CONFIG_NAME))
-    files = [path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).is_file() else sorted(path.glob("model-*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor shards)")
-    sizes = {name: 0 for name, _ in TENSOR_GROUPS} | {PADDING: 0, "other": 0}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                part = f.get_slice(key)
-                nbytes = DTYPE_BYTES[part.get_dtype()]
-                for dim in part.get_shape():
-                    nbytes *= dim
-                expert = HUB_EXPERT_KEY.match(key)
-                if expert and int(expert.group(2)) >= config.n_routed_experts:
-                    group = PADDING
-                else:
-                    group = next((name for name, rx in TENSOR_GROUPS if rx.search(key)), "other")
-                sizes[group] += nbytes
-    return sizes
-
-
-def checkpoint_bytes_figure(sizes: dict[str, int], title: str = "Exported checkpoint: bytes on disk by tensor group"):
-    """Horizontal bars of `checkpoint_bytes`, with each group's share."""
-    import plotly.graph_objects as go
-
-    total = sum(sizes.values())
-    names = [n for n in sizes if sizes[n]]
-    fig = go.Figure(go.Bar(
-        y=names, x=[sizes[n] / 1e6 for n in names], orientation="h",
-        text=[f"{sizes[n] / 1e6:.2f} MB ({sizes[n] / total:.1%})" for n in names], textposition="auto",
-        marker_color=["#e45756" if n == PADDING else "#4c78a8" for n in names]))
-    fig.update_layout(title=title, xaxis_title="MB", yaxis_autorange="reversed", height=120 + 40 * len(names),
-                      margin=dict(l=10, r=10, t=50, b=40))
-    return fig
-
-
-def cache_bytes_per_token(model: LongCatLM, idx: torch.Tensor, hf_model=None) -> dict[str, int]:
-    """KV-cache bytes per token and sequence after a prefill of idx[:1]: our LatentCache (measured), transformers'
-    cache (measured, when `hf_model` is given), the MLA formula (kv_lora_rank + qk_rope_head_dim) x attention
-    blocks x dtype size, and what full per-head keys and values would take."""
-    c = model.config
-    blocks, dtype_size = 2 * c.num_layers, model.lm_head.weight.element_size()
-    cache = LatentCache(blocks)
-    was_training = model.training
-    with torch.no_grad():
-        model.eval()(idx[:1], cache=cache)
-        model.train(was_training)
-        out = {"longcat_lab LatentCache": cache.bytes_per_token()}
-        if hf_model is not None:
-            hf_cache = hf_model(idx[:1].to(hf_model.device), use_cache=True).past_key_values
-            total = sum(t.numel() * t.element_size() for layer in hf_cache.layers for t in (layer.keys, layer.values))
-            out["transformers cache"] = total // idx.shape[1]
-    out["MLA formula"] = (c.kv_lora_rank + c.qk_rope_head_dim) * blocks * dtype_size
-    out["full K/V"] = blocks * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * dtype_size
-    return out
-
-
-def cache_bytes_figure(sizes: dict[str, int], title: str = "KV cache per token and sequence"):
-    """Bars of `cache_bytes_per_token`."""
-    import plotly.graph_objects as go
-
-    names = list(sizes)
-    fig = go.Figure(go.Bar(x=names, y=[sizes[n] for n in names], text=[f"{sizes[n]:,} B" for n in names],
-                           textposition="auto",
-                           marker_color=["#bab0ac" if n == "full K/V" else "#4c78a8" for n in names]))
-    fig.update_layout(title=title, yaxis_title="bytes per token", height=380, margin=dict(l=10, r=10, t=50, b=40))
-    return fig
-
-
-def logits_parity_figure(ours: torch.Tensor, theirs: torch.Tensor, max_points: int = 4000,
-                         title: str = "Logits: longcat_lab vs transformers"):
-    """Scatter of matching logits (an evenly spaced sample of at most `max_points`) on the y = x line."""
-    import plotly.graph_objects as go
-
-    if ours.shape != theirs.shape:
-        raise ValueError(f"ours has shape {tuple(ours.shape)} but theirs {tuple(theirs.shape)}: they must match")
-    a, b = ours.detach().float().flatten().cpu(), theirs.detach().float().flatten().cpu()
-    pick = torch.linspace(0, a.numel() - 1, min(max_points, a.numel())).long()
-    lo, hi = float(torch.minimum(a.min(), b.min())), float(torch.maximum(a.max(), b.max()))
-    fig = go.Figure([
-        go.Scattergl(x=a[pick].numpy(), y=b[pick].numpy(), mode="markers", marker=dict(size=3, opacity=0.5),
-                     name="logits"),
-        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dash", color="grey"), name="y = x")])
-    diff = float((a - b).abs().max())
-    fig.update_layout(title=f"{title} (max |difference| {diff:.1e} over {a.numel():,} logits)",
-                      xaxis_title="longcat_lab", yaxis_title="transformers", height=420,
-                      margin=dict(l=10, r=10, t=50, b=40))
-    return fig
-
-
 def serve_commands(path: str | os.PathLike, served_name: str = "longcat-lab", dtype: str = "bfloat16",
                    port: int = 8000) -> dict[str, str]:
     """Shell commands that serve an exported folder with vLLM and SGLang (both register LongcatFlashForCausalLM)
@@ -478,8 +357,3 @@ def serve_commands(path: str | os.PathLike, served_name: str = "longcat-lab", dt
         "query": f"curl http://localhost:{port}/v1/completions -H 'Content-Type: application/json' "
                  f"-d '{{\"model\": \"{served_name}\", {prompt}, \"max_tokens\": 32, \"temperature\": 0}}'",
     }
-
-
-__all__ = ["save_hf", "load_hf", "hf_config_dict", "config_from_hf", "to_hub_state_dict", "from_hub_state_dict",
-           "checkpoint_bytes", "checkpoint_bytes_figure", "cache_bytes_per_token", "cache_bytes_figure",
-           "logits_parity_figure", "serve_commands", "replace_dir"]

@@ -1,45 +1,22 @@
 """`ModelConfig`: the shape of a LongCat-Flash model, with the Hugging Face field names.
 
 Field names follow `transformers.LongcatFlashConfig` (docs/design.md §8) so that export is a rename. The defaults are
-a small CPU-trainable model, not the 560B release; `presets.released()` holds the release for accounting.
+a small CPU-trainable model (the `small` preset), not the 560B release; `presets.released()` holds the release
+for accounting.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from longcat_lab._util import check_choice, check_positive_float, check_positive_int, from_known_fields
+
 LAYER_STYLES = ("scmoe", "vanilla", "dense")
-
-
-def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    """Raise a ValueError naming `name` unless `value` is a (non-negative / positive) int."""
-    lowest = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-        allowed = "an integer >= 0" if allow_zero else "a positive integer"
-        raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
-
-
-def from_known_fields(cls, data: dict[str, Any]):
-    """`cls(**data)` for a config dataclass, refusing keys that are not its fields (a typo would otherwise vanish
-    into a default). Every config's `from_dict` goes through here."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed fields are {sorted(known)}")
-    return cls(**data)
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float, and not a bool (True would otherwise pass as 1)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def check_positive_float(name: str, value: Any) -> None:
-    if not is_number(value) or value <= 0:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")
+IGNORE_INDEX = -100   # a target id that the loss skips (F.cross_entropy's default)
 
 
 @dataclass
@@ -106,8 +83,7 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ValueError(
                 f"qk_rope_head_dim={self.qk_rope_head_dim} is not allowed: RoPE rotates pairs, so it must be even")
-        if self.layer_style not in LAYER_STYLES:
-            raise ValueError(f"layer_style={self.layer_style!r} is not allowed: it must be one of {LAYER_STYLES}")
+        check_choice("layer_style", self.layer_style, LAYER_STYLES)
 
     # Derived sizes ---------------------------------------------------------------------------------------------
     @property
@@ -130,18 +106,41 @@ class ModelConfig:
         uniform routing, so the ablation compares equal activated compute."""
         return max(1, round(self.uniform_ffn_experts * self.expert_ffn_hidden_size))
 
+    # Inputs ----------------------------------------------------------------------------------------------------
+    def check_ids(self, name: str, ids: Any, past: int = 0, allow_ignore: bool = False) -> None:
+        """Raise a ValueError naming `name` unless `ids` is a 2-D integer tensor of token ids in this vocabulary
+        that fits after `past` cached positions (`allow_ignore`: targets may also hold IGNORE_INDEX). Costs one
+        host sync (the id range)."""
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected 2 dims (batch, sequence)")
+        if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"{name} has dtype {ids.dtype}: expected an integer dtype such as torch.long")
+        if ids.shape[1] == 0:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}: the sequence is empty")
+        limit = self.max_position_embeddings
+        if past + ids.shape[1] > limit:
+            raise ValueError(f"{name}: {past} cached + {ids.shape[1]} new positions exceed "
+                             f"max_position_embeddings={limit}")
+        lo, hi = (int(v) for v in torch.aminmax(ids.long()))
+        low_ok = lo >= 0 or (allow_ignore and lo == IGNORE_INDEX and not bool((ids < IGNORE_INDEX).any()))
+        if not low_ok or hi >= self.vocab_size:
+            allowed = f"0..{self.vocab_size - 1}" + (f" (or {IGNORE_INDEX} to ignore)" if allow_ignore else "")
+            raise ValueError(f"{name} holds token ids from {lo} to {hi}; allowed ids are {allowed}")
+
     # Serialisation ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict, refusing keys that are not ModelConfig fields."""
         return from_known_fields(cls, data)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "LAYER_STYLES"]
+__all__ = ["IGNORE_INDEX", "LAYER_STYLES", "ModelConfig"]

@@ -1,60 +1,63 @@
 """Model presets as plain functions (like torchtitan's flavors): `tiny()` for tests, `small()` to train on a laptop
-CPU in minutes, `base()` for one GPU, and `released()`, the 560B LongCat-Flash config, for accounting only."""
+CPU in minutes, `base()` for one GPU, and `released()`, the 560B LongCat-Flash config, for accounting only.
+
+Each preset states only the fields in which it differs from `ModelConfig()`'s defaults (which are `small`), and
+every preset takes keyword overrides on top: `presets.tiny(layer_style="vanilla")`.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from longcat_lab.model.config import ModelConfig
 
 
-def tiny(**overrides) -> ModelConfig:
+def _preset(differences: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**{**differences, **overrides})
+
+
+def tiny(**overrides: Any) -> ModelConfig:
     """Under 1M parameters: the shape of transformers' own LongCat tester (4 FFN + 2 zero experts, top-2)."""
-    cfg = dict(
-        vocab_size=512, hidden_size=64, num_layers=2, num_attention_heads=2,
-        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
-        ffn_hidden_size=128, n_routed_experts=4, zero_expert_num=2, moe_topk=2, expert_ffn_hidden_size=32,
-        routed_scaling_factor=4.0, max_position_embeddings=512,
-    )
-    return ModelConfig(**{**cfg, **overrides})
+    return _preset({
+        "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 2,
+        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "head_dim": 8, "ffn_hidden_size": 128, "n_routed_experts": 4, "zero_expert_num": 2, "moe_topk": 2,
+        "expert_ffn_hidden_size": 32, "max_position_embeddings": 512,
+    }, overrides)
 
 
-def small(**overrides) -> ModelConfig:
-    """About 12M parameters (about 6M activated): trains meaningfully on two CPU cores in about ten minutes."""
-    cfg = dict(
-        vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
-        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, head_dim=16,
-        ffn_hidden_size=512, n_routed_experts=16, zero_expert_num=8, moe_topk=6, expert_ffn_hidden_size=128,
-        routed_scaling_factor=4.0, max_position_embeddings=1024,
-    )
-    return ModelConfig(**{**cfg, **overrides})
+def small(**overrides: Any) -> ModelConfig:
+    """About 12M parameters (about 6M activated): trains meaningfully on two CPU cores in about ten minutes. These
+    are `ModelConfig()`'s defaults."""
+    return _preset({}, overrides)
 
 
-def base(**overrides) -> ModelConfig:
+def base(**overrides: Any) -> ModelConfig:
     """A few hundred million parameters for one GPU; same ratios as the release (N:Z = 2:1, d/d_q = 2, m = 4)."""
-    cfg = dict(
-        vocab_size=32768, hidden_size=1024, num_layers=8, num_attention_heads=16,
-        q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, head_dim=32,
-        ffn_hidden_size=2048, n_routed_experts=64, zero_expert_num=32, moe_topk=12, expert_ffn_hidden_size=512,
-        routed_scaling_factor=4.0, max_position_embeddings=4096,
-    )
-    return ModelConfig(**{**cfg, **overrides})
+    return _preset({
+        "vocab_size": 32768, "hidden_size": 1024, "num_layers": 8, "num_attention_heads": 16,
+        "q_lora_rank": 512, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
+        "head_dim": 32, "ffn_hidden_size": 2048, "n_routed_experts": 64, "zero_expert_num": 32, "moe_topk": 12,
+        "expert_ffn_hidden_size": 512, "max_position_embeddings": 4096,
+    }, overrides)
 
 
-def released(**overrides) -> ModelConfig:
-    """The released LongCat-Flash (docs/design.md §5). For parameter accounting; far too large to instantiate here."""
-    cfg = dict(
-        vocab_size=131072, hidden_size=6144, num_layers=28, num_attention_heads=64,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, head_dim=64,
-        ffn_hidden_size=12288, n_routed_experts=512, zero_expert_num=256, moe_topk=12, expert_ffn_hidden_size=2048,
-        routed_scaling_factor=6.0, max_position_embeddings=131072, rope_theta=1e7,
-    )
-    return ModelConfig(**{**cfg, **overrides})
+def released(**overrides: Any) -> ModelConfig:
+    """The released LongCat-Flash (docs/design.md §5). For parameter accounting; far too large to instantiate."""
+    return _preset({
+        "vocab_size": 131072, "hidden_size": 6144, "num_layers": 28, "num_attention_heads": 64,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "head_dim": 64, "ffn_hidden_size": 12288, "n_routed_experts": 512,
+        "zero_expert_num": 256, "moe_topk": 12, "expert_ffn_hidden_size": 2048, "routed_scaling_factor": 6.0,
+        "max_position_embeddings": 131072, "rope_theta": 1e7,
+    }, overrides)
 
 
 PRESETS = {"tiny": tiny, "small": small, "base": base}
 
 
-def get(name: str, **overrides) -> ModelConfig:
-    """Look a preset up by name, with a clear error for an unknown one."""
+def get(name: str, **overrides: Any) -> ModelConfig:
+    """The preset called `name` ("tiny", "small" or "base"), with overrides; a clear error for an unknown name."""
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is not allowed: it must be one of {sorted(PRESETS)}")
     return PRESETS[name](**overrides)

@@ -27,6 +27,8 @@ Stage times come either from the paper (`PAPER_TABLE7`, SBO stage times for Long
 estimate (`layer_times`): each compute stage takes max(FLOPs / peak FLOP/s, bytes / memory bandwidth), each
 exchange takes bytes / network bandwidth + a fixed latency. The hardware defaults are our reading of an H800 SXM
 datasheet, not figures from the paper.
+
+The figures that draw these numbers (`gantt_figure`, `tpot_figure`) live in `longcat_lab.viz.perf`.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import plotly.graph_objects as go
-
+from longcat_lab._util import check_nonnegative, check_positive_float, check_positive_int, is_number
+from longcat_lab.model.config import ModelConfig
 from longcat_lab.perf import accounting
-from longcat_lab.model.config import ModelConfig, check_positive_float, check_positive_int, is_number
 
 SCHEDULES = ("sequential", "tbo", "sbo")
 SCHEDULE_NAMES = {"sequential": "sequential (vanilla MoE)", "tbo": "two-batch overlap (TBO)",
@@ -63,8 +64,7 @@ class Hardware:
     def __post_init__(self) -> None:
         for name in ("flops", "mem_bw", "net_bw", "price_per_hour"):
             check_positive_float(name, getattr(self, name))
-        if not is_number(self.net_latency) or self.net_latency < 0:
-            raise ValueError(f"net_latency={self.net_latency!r} is not allowed: it must be a finite number >= 0")
+        check_nonnegative("net_latency", self.net_latency)
 
 
 @dataclass
@@ -238,7 +238,7 @@ def estimate(config: ModelConfig, hw: Hardware | None = None, serving: Serving |
     return out
 
 
-# Figures ---------------------------------------------------------------------------------------------------------
+# Schedules in time -----------------------------------------------------------------------------------------------
 def layer_gantt(times: LayerTimes, schedule: str) -> list[tuple[str, str, float, float]]:
     """(lane, stage, start s, end s) of one layer for "sequential" or "sbo": when each stage runs on the compute
     and the network lane. The last end equals `layer_time(times, schedule)`."""
@@ -261,42 +261,5 @@ def layer_gantt(times: LayerTimes, schedule: str) -> list[tuple[str, str, float,
             ("network", "combine", s4, s4 + t.combine), ("compute", "dense1", s4, s4 + t.dense1)]
 
 
-STAGE_COLORS = {"attn0": "#1f77b4", "dense0": "#2ca02c", "dispatch": "#ff7f0e", "moe": "#d62728",
-                "combine": "#ffbb78", "dense1": "#98df8a"}
-
-
-def gantt_figure(times: LayerTimes, title: str = "one layer, one decode step",
-                 schedules: tuple[str, ...] = ("sequential", "sbo")) -> go.Figure:
-    """The sequential and/or the SBO schedule of one layer, one lane for compute and one for the network, in µs."""
-    fig = go.Figure()
-    shown = set()
-    for schedule in schedules:
-        for lane, stage, start, end in layer_gantt(times, schedule):
-            if end <= start:
-                continue
-            fig.add_trace(go.Bar(y=[f"{schedule} · {lane}"], x=[(end - start) * 1e6], base=[start * 1e6],
-                                 orientation="h", name=stage, legendgroup=stage, showlegend=stage not in shown,
-                                 marker_color=STAGE_COLORS[stage],
-                                 hovertemplate=f"{stage}: %{{x:.0f}} µs<extra>{schedule}</extra>"))
-            shown.add(stage)
-    order = [f"{s} · {lane}" for s in reversed(schedules) for lane in ("network", "compute")]
-    fig.update_layout(barmode="overlay", title=title, xaxis_title="µs", height=320, legend_title="stage",
-                      yaxis=dict(categoryorder="array", categoryarray=order))
-    return fig
-
-
-def tpot_figure(results: dict[str, dict], title: str = "time per output token and cost") -> go.Figure:
-    """Bars of TPOT per schedule for one or more labelled `estimate`-like results
-    ({label: {schedule: {"tpot_s", "cost_per_million"}}}), cost in the bar text."""
-    fig = go.Figure()
-    for label, per_schedule in results.items():
-        names = [SCHEDULE_NAMES[s] for s in per_schedule]
-        fig.add_trace(go.Bar(x=names, y=[v["tpot_s"] * 1e3 for v in per_schedule.values()], name=label,
-                             text=[f"{v['tpot_s'] * 1e3:.1f} ms<br>${v['cost_per_million']:.3f}/M"
-                                   for v in per_schedule.values()], textposition="outside"))
-    fig.update_layout(barmode="group", title=title, yaxis_title="TPOT (ms)", height=420)
-    return fig
-
-
 __all__ = ["Hardware", "Serving", "LayerTimes", "PAPER_TABLE7", "paper_table7_times", "layer_times", "layer_time",
-           "tpot", "cost_per_million", "estimate", "layer_gantt", "gantt_figure", "tpot_figure", "SCHEDULES"]
+           "tpot", "cost_per_million", "estimate", "layer_gantt", "SCHEDULES", "SCHEDULE_NAMES"]

@@ -1,8 +1,8 @@
-"""Read torch.profiler Chrome/Perfetto traces of expert-parallel steps (written by `parallel.overlap_worker`), measure
-how much of the communication ran under compute, and draw per-rank timelines as plotly figures.
+"""Read torch.profiler Chrome/Perfetto traces of expert-parallel steps (written by `perf.overlap`) and
+measure how much of the communication ran under compute. `longcat_lab.viz.perf.timeline_figure` draws the spans.
 
 What a trace holds, and how it is read:
-- "ep.<part>" user annotations on the rank's main thread (`longcat_lab.parallel` labels every region of a layer):
+- "ep.<part>" user annotations on the rank's main thread (the model's layers and their dispatchers label every region):
   compute parts (attn0, ffn0, attn1, ffn1, router, experts, finish, embed, head), host-side exchange work
   ("launch": gathering the rows and starting the exchange), and time spent blocked ("wait": dispatch.wait,
   combine.wait, and counts, the small synchronous exchange of row counts).
@@ -24,17 +24,10 @@ import json
 import os
 from dataclasses import dataclass
 
-import plotly.graph_objects as go
-
 COMPUTE_PARTS = ("embed", "attn0", "router", "ffn0", "attn1", "experts", "ffn1", "finish", "head")
 LAUNCH_PARTS = ("dispatch.launch", "combine.launch")
 WAIT_PARTS = ("counts", "dispatch.wait", "combine.wait")
 LANES = ("compute", "launch", "wait", "comm")
-COLORS = {"embed": "#7f7f7f", "head": "#7f7f7f", "attn0": "#1f77b4", "attn1": "#aec7e8", "ffn0": "#2ca02c",
-          "ffn1": "#98df8a", "router": "#9467bd", "experts": "#d62728", "finish": "#ff9896",
-          "dispatch.launch": "#c49c94", "combine.launch": "#c49c94", "counts": "#bcbd22",
-          "dispatch.wait": "#e377c2", "combine.wait": "#f7b6d2", "exchange": "#ff7f0e", "counts exchange": "#ffbb78",
-          "gpu kernel": "#17becf"}
 
 
 @dataclass(frozen=True)
@@ -152,38 +145,6 @@ def overlap_stats(spans: list[Span], schedule: str) -> dict[str, float]:
     return out
 
 
-def timeline_figure(traces: list[list[Span]], schedule: str, title: str | None = None, step: int = 0) -> go.Figure:
-    """A Gantt-style timeline of profiled step number `step` of `schedule`: for every rank, lanes for compute,
-    launch, wait and communication, bars coloured by part. Times in ms from that step's earliest start."""
-    all_windows = [step_windows(spans, schedule) for spans in traces]
-    if not all(0 <= step < len(w) for w in all_windows):
-        raise ValueError(f"step={step!r} is not allowed: it must be between 0 and "
-                         f"{min(len(w) for w in all_windows) - 1} (profiled steps of {schedule!r})")
-    windows = [w[step] for w in all_windows]
-    origin = min(w[0] for w in windows)
-    bars: dict[str, dict[str, list]] = {}
-    for spans, (lo, hi) in zip(traces, windows):
-        for s in spans:
-            if s.lane == "step" or s.end <= lo or s.start >= hi:
-                continue
-            start, end = max(s.start, lo), min(s.end, hi)
-            bar = bars.setdefault(s.name, {"y": [], "x": [], "base": []})
-            bar["y"].append(f"rank {s.rank} · {s.lane}")
-            bar["x"].append((end - start) / 1e3)
-            bar["base"].append((start - origin) / 1e3)
-    fig = go.Figure()
-    for name, bar in bars.items():   # one trace per part keeps the figure small and the legend clickable
-        fig.add_trace(go.Bar(y=bar["y"], x=bar["x"], base=bar["base"], orientation="h", name=name,
-                             marker_color=COLORS.get(name, "#333333"),
-                             hovertemplate=f"{name}<br>start %{{base:.2f}} ms, %{{x:.3f}} ms<extra>%{{y}}</extra>"))
-    ranks = sorted({s.rank for spans in traces for s in spans})
-    order = [f"rank {r} · {lane}" for r in reversed(ranks) for lane in reversed(LANES)]
-    fig.update_layout(barmode="overlay", title=title or f"{schedule} schedule, one forward step",
-                      xaxis_title="time since the step started (ms)", height=140 + 45 * len(order),
-                      yaxis=dict(categoryorder="array", categoryarray=order), legend_title="part")
-    return fig
-
-
 def stats_table(traces: list[list[Span]], schedules: tuple[str, ...] = ("sequential", "overlapped")) -> list[dict]:
     """One row per (schedule, rank) of `overlap_stats`, in milliseconds, for printing or a DataFrame."""
     rows = []
@@ -196,4 +157,4 @@ def stats_table(traces: list[list[Span]], schedules: tuple[str, ...] = ("sequent
     return rows
 
 
-__all__ = ["Span", "load_trace", "overlap_stats", "step_windows", "timeline_figure", "stats_table"]
+__all__ = ["Span", "load_trace", "overlap_stats", "step_windows", "stats_table", "LANES"]

@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from longcat_lab._util import check_int, json_bytes, replace_dir
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.data.data import atomic_write_bytes
-from longcat_lab.export.hf import replace_dir
 from longcat_lab.model.model import LongCatLM
 
 CHECKPOINTS = "checkpoints"
@@ -57,10 +56,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The checkpoint folders of a run (including unverified ones), oldest step first."""
     folder = Path(run_dir) / CHECKPOINTS
@@ -81,8 +76,7 @@ def save(run_dir: str | os.PathLike, step: int, model: LongCatLM, tokenizer, tra
 
     Refuses (CheckpointError) to write a model with a non-finite parameter, so a diverged model can never replace
     the last good checkpoint. An existing folder for the same step is replaced only after the new one is complete."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep={keep!r} is not allowed: it must be a positive integer")
+    check_int("keep", keep)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -95,14 +89,14 @@ def save(run_dir: str | os.PathLike, step: int, model: LongCatLM, tokenizer, tra
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step_dir_name(step)}-", dir=folder))
     try:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_bytes(_json_bytes(model.config.to_dict()))
-        (tmp / "train_config.json").write_bytes(_json_bytes(train_config))
+        (tmp / "config.json").write_bytes(json_bytes(model.config.to_dict()))
+        (tmp / "train_config.json").write_bytes(json_bytes(train_config))
         (tmp / "tokenizer.json").write_text(tokenizer.to_str())
         torch.save(trainer_state, tmp / "trainer_state.pt")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
         full_meta = {**(meta or {}), "format": FORMAT, "step": step, "files": files,
                      "versions": {"torch": torch.__version__, "longcat_lab": _version()}}
-        (tmp / META).write_bytes(_json_bytes(full_meta))
+        (tmp / META).write_bytes(json_bytes(full_meta))
         verify(tmp)                               # read back what was written before it can replace anything
         replace_dir(tmp, folder / step_dir_name(step))
     except BaseException:
@@ -195,4 +189,4 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["CheckpointError", "save", "load", "latest", "list_checkpoints", "verify", "resolve", "read_trainer_state",
-           "load_model_state", "step_dir_name", "atomic_write_bytes"]
+           "load_model_state", "step_dir_name"]

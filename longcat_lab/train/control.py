@@ -27,22 +27,16 @@ Shape legend: L MoE layers, E = N + Z experts, N FFN experts, K top-k.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from longcat_lab.model import presets
-from longcat_lab.model.config import ModelConfig, from_known_fields, is_number
+from longcat_lab._util import check_nonnegative, check_positive_float, from_known_fields, is_number
+from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 
 CONTROLLER_MODES = ("paper", "pid", "sign", "none")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    if not is_number(value) or value < 0:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
 
 
 @dataclass
@@ -74,8 +68,8 @@ class ControllerConfig:
             raise ValueError(
                 f"bias_controller={self.bias_controller!r} is not allowed: it must be one of {CONTROLLER_MODES}")
         if self.target_ffn_experts is not None:
-            _check_nonnegative("target_ffn_experts", self.target_ffn_experts)
-        _check_nonnegative("bias_update_rate", self.bias_update_rate)
+            check_nonnegative("target_ffn_experts", self.target_ffn_experts)
+        check_nonnegative("bias_update_rate", self.bias_update_rate)
         d = self.bias_update_decay
         if not is_number(d) or not (0 < d <= 1):
             raise ValueError(f"bias_update_decay={d!r} is not allowed: it must be a number in (0, 1] (1 = no decay)")
@@ -87,9 +81,7 @@ class ControllerConfig:
                 raise ValueError(f"pid_gains={gains!r} is not allowed: {name}={g!r} must be a finite number >= 0")
         self.pid_gains = tuple(float(g) for g in gains)
         for name in ("integral_clamp", "output_clamp"):
-            v = getattr(self, name)
-            if not is_number(v) or v <= 0:
-                raise ValueError(f"{name}={v!r} is not allowed: it must be a finite number > 0 (bias units)")
+            check_positive_float(name, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -98,7 +90,7 @@ class ControllerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ControllerConfig":
-        """Build from a dict, refusing unknown keys (`config.from_known_fields`)."""
+        """Build from a dict, refusing unknown keys (`_util.from_known_fields`)."""
         return from_known_fields(cls, data)
 
 
@@ -251,64 +243,4 @@ class BiasController:
         self.step_count = step
 
 
-# A synthetic plant ---------------------------------------------------------------------------------------------
-class SyntheticRouting:
-    """Fixed, skewed router logits pushed through the real routers of a small model, with no training: the plant on
-    which the tests and benchmarks/controller_tracking.py compare controllers.
-
-    Each MoE block gets fixed inputs u_TD whose first coordinate is 1 and classifier rows whose first weight is a
-    skew: FFN experts' preferences fall linearly from +ffn_skew to -ffn_skew (some hot, some cold), zero experts all
-    get +zero_skew (at zero bias the FFN experts are then under-used for zero_skew > 0). The other coordinates add
-    per-token variety with logit std `logit_std`. `batch_tokens` < tokens draws a fresh random batch each step
-    (sampling noise, as in training); None routes all tokens every step (a noiseless plant)."""
-
-    def __init__(self, model_config: ModelConfig | None = None, tokens: int = 4096, ffn_skew: float = 1.0,
-                 zero_skew: float = 0.5, logit_std: float = 1.0, batch_tokens: int | None = None, seed: int = 0):
-        if model_config is None:
-            # The small preset's expert pool (16 FFN + 8 zero experts, top-6) behind the tiny preset's width.
-            model_config = presets.tiny(n_routed_experts=16, zero_expert_num=8, moe_topk=6)
-        if batch_tokens is not None and not (isinstance(batch_tokens, int) and 0 < batch_tokens <= tokens):
-            raise ValueError(f"batch_tokens={batch_tokens!r} is not allowed: it must be None or in [1, {tokens}]")
-        self.model = LongCatLM(model_config).train()
-        self.batch_tokens = batch_tokens
-        N, E, D = model_config.n_routed_experts, model_config.num_experts, model_config.hidden_size
-        g = torch.Generator().manual_seed(seed)
-        self.generator = torch.Generator().manual_seed(seed + 1)
-        skew_E = torch.cat([torch.linspace(ffn_skew, -ffn_skew, N), torch.full((E - N,), float(zero_skew))])
-        self.inputs = []
-        with torch.no_grad():
-            for block in self.model.moe_blocks():
-                u_TD = torch.randn(tokens, D, generator=g)
-                u_TD[:, 0] = 1.0
-                W_ED = torch.randn(E, D, generator=g) * logit_std / math.sqrt(D - 1)
-                W_ED[:, 0] = skew_E
-                block.router.classifier.weight.copy_(W_ED)
-                self.inputs.append(u_TD)
-
-    def reset(self) -> None:
-        """Zero every bias and count (a fresh start for the next controller)."""
-        for block in self.model.moe_blocks():
-            block.router.e_score_correction_bias.zero_()
-            block.router.expert_counts.zero_()
-        self.generator.manual_seed(self.generator.initial_seed())
-
-    @torch.no_grad()
-    def forward(self) -> None:
-        """One step's routing: every router counts its selections, as training forwards do."""
-        for block, u_TD in zip(self.model.moe_blocks(), self.inputs):
-            if self.batch_tokens is not None:
-                u_TD = u_TD[torch.randperm(u_TD.shape[0], generator=self.generator)[:self.batch_tokens]]
-            block.router(u_TD)
-
-    def run(self, config: ControllerConfig, steps: int) -> list[dict[str, Any]]:
-        """Reset, then `steps` optimizer steps of routing + controller update; the controller's reports."""
-        self.reset()
-        controller = BiasController(config, self.model)
-        reports = []
-        for _ in range(steps):
-            self.forward()
-            reports.append(controller.step())
-        return reports
-
-
-__all__ = ["CONTROLLER_MODES", "ControllerConfig", "BiasController", "SyntheticRouting", "resolve_target"]
+__all__ = ["CONTROLLER_MODES", "ControllerConfig", "BiasController", "resolve_target"]

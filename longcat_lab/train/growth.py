@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from longcat_lab.model.config import is_number
+from longcat_lab._util import is_number
 from longcat_lab.model.model import LongCatLM
 
 KINDS = ("embedding", "hidden", "unembedding")
@@ -33,8 +33,8 @@ def param_kind(name: str) -> str:
 
 
 def transfer_hparams(width_factor: float, init_std: float = 1.0, lr: float = 1.0) -> dict[str, dict[str, float]]:
-    """Per kind, the target model's init std and LR from the proxy's (docs/design.md §4, paper Table 1): embedding copied;
-    hidden and unembedding sigma^2 / s (so std / sqrt(s)) and eta / s."""
+    """Per kind, the target model's init std and LR from the proxy's (docs/design.md §4, paper Table 1): embedding
+    copied; hidden and unembedding sigma^2 / s (so std / sqrt(s)) and eta / s."""
     s = width_factor
     if not is_number(s) or s <= 0:
         raise ValueError(f"width_factor={s!r} is not allowed: it must be a finite number > 0 (target / proxy width)")

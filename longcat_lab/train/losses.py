@@ -1,8 +1,8 @@
-"""Auxiliary losses: the device-level load-balance loss (paper Eq. 3-5; docs/design.md §3), the hidden z-loss (paper Eq. 10;
-docs/design.md §4) and an optional router z-loss (ST-MoE). Each is computed per MoE layer and summed over layers (an aux loss
-over all layers at once lets one layer's imbalance hide behind another's), has its own coefficient, and is returned
-separately so the trainer can log it. They are added to the LM loss; the expert bias is steered elsewhere
-(`longcat_lab.control`) and no loss here touches it.
+"""Auxiliary losses: the device-level load-balance loss (paper Eq. 3-5; docs/design.md §3), the hidden z-loss
+(paper Eq. 10; docs/design.md §4) and an optional router z-loss (ST-MoE). Each is computed per MoE layer and summed
+over layers (an aux loss over all layers at once lets one layer's imbalance hide behind another's), has its own
+coefficient, and is returned separately so the trainer can log it. They are added to the LM loss; the expert bias
+is steered elsewhere (`longcat_lab.train.control`) and no loss here touches it.
 
 Shape legend: B batch, S sequence, T = B*S tokens, E = N + Z experts, N FFN experts, K top-k, D groups of FFN experts.
 """
@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from longcat_lab.model.config import ModelConfig, from_known_fields, is_number
-from longcat_lab.model.model import LayerRouting, Routing
+from longcat_lab._util import check_int, check_nonnegative, from_known_fields, is_number
+from longcat_lab.model.config import ModelConfig
+from longcat_lab.model.routing import LayerRouting, Routing
 
 LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
 
@@ -25,8 +26,8 @@ LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
 class LossConfig:
     """Coefficients of the auxiliary losses (training config)."""
 
-    # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (docs/design.md §3): on the tiny preset's training run R_g drops
-    # under 0.1 within 20 steps at 1e-3 but only after 40-60 at 1e-2 (benchmarks/controller_tracking.py).
+    # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (docs/design.md §3): on the tiny preset's training run
+    # R_g drops under 0.1 within 20 steps at 1e-3 but only after 40-60 at 1e-2 (benchmarks/controller_tracking.py).
     balance_loss_coef: float = 1e-3
     # D, the number of FFN-expert groups (EP groups in the paper); one group plus the zero group on a single device.
     balance_groups: int = 1
@@ -38,19 +39,15 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for name in ("balance_loss_coef", "hidden_z_loss_coef", "router_z_loss_coef"):
-            v = getattr(self, name)
-            if not is_number(v) or v < 0:
-                raise ValueError(f"{name}={v!r} is not allowed: it must be a finite number >= 0 (0 turns it off)")
-        g = self.balance_groups
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ValueError(f"balance_groups={g!r} is not allowed: it must be a positive integer")
+            check_nonnegative(name, getattr(self, name))       # 0 turns a loss off
+        check_int("balance_groups", self.balance_groups)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LossConfig":
-        """Build from a dict, refusing unknown keys (`config.from_known_fields`)."""
+        """Build from a dict, refusing unknown keys (`_util.from_known_fields`)."""
         return from_known_fields(cls, data)
 
 

@@ -1,23 +1,23 @@
-"""Routing health (paper App. A.1, 2.1.2, 3.1.3; docs/design.md §3-4): how many FFN experts tokens use, how evenly FFN experts
-share the load, the balance-loss gradient ratio R_g, router-row similarity, and how well a controller tracks its
-target over a run. Everything returns plain floats and lists, so it can be logged as JSON.
+"""Routing health (paper App. A.1, 2.1.2, 3.1.3; docs/design.md §3-4): how many FFN experts tokens use, how evenly
+FFN experts share the load, the balance-loss gradient ratio R_g, router-row similarity, and how well a controller
+tracks its target over a run. Everything returns plain floats and lists, so it can be logged as JSON.
 
 Shape legend: B batch, S sequence, T = B*S tokens, E = N + Z experts, N FFN experts, L MoE layers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from longcat_lab.model.model import LongCatLM, Routing
+from longcat_lab.model.model import LongCatLM
+from longcat_lab.model.routing import Routing
 
-# An FFN expert below a tenth of its ideal share is dead, above three times it is hot (issue 3; paper App. A.1).
+# An FFN expert below a tenth of its ideal share is dead, above three times it is hot (paper App. A.1;
+# docs/design.md §3).
 DEAD_LOAD = 0.1
 HOT_LOAD = 3.0
 
@@ -80,7 +80,8 @@ def balance_grad_ratio_per_layer(lm_loss: torch.Tensor, balance_loss: torch.Tens
 
 def balance_grad_ratio(lm_loss: torch.Tensor, balance_loss: torch.Tensor, routing: Routing,
                        tangent: bool = True) -> float:
-    """R_g = ||grad_P (alpha L_LB)|| / ||grad_P L_LM|| over all MoE layers together (docs/design.md §3; keep it below 0.1).
+    """R_g = ||grad_P (alpha L_LB)|| / ||grad_P L_LM|| over all MoE layers together (docs/design.md §3; keep it
+    below 0.1).
 
     P is the batch-mean expert-probability vector. L_LB depends on the router probabilities only through P, so its
     gradient w.r.t. P is the sum over tokens of its gradient w.r.t. each token's probabilities; we use the same sum
@@ -174,30 +175,3 @@ def tracking_summary(values: Sequence[float], target: float, tol: float = 0.02, 
 __all__ = ["DEAD_LOAD", "HOT_LOAD", "routing_health", "balance_grad_ratio", "balance_grad_ratio_per_layer",
            "router_cosine_similarity", "tracking_summary"]
 
-
-def read_rows(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The rows of a run's `metrics.jsonl` (a run folder or the file itself), optionally only those of one kind
-    ("train", "eval", "start"). A last line that does not parse is skipped, since a trainer may be writing it right
-    now; a bad line anywhere else, a missing file or a file with no rows is a ValueError that says so."""
-    path = Path(path)
-    file = path / "metrics.jsonl" if path.is_dir() else path
-    if not file.is_file():
-        where = f"run folder {str(path)!r} has no metrics.jsonl yet" if path.is_dir() else \
-            f"{str(path)!r} does not exist"
-        raise ValueError(f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
-                         "longcat_lab.train (or its metrics.jsonl)")
-    lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    rows = []
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if n == len(lines) - 1:
-                break
-            raise ValueError(f"{file}: line {n + 1} is not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{file}: line {n + 1} is a {type(row).__name__}, expected a JSON object per line")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"path={str(path)!r} holds no metrics rows yet: the run has not logged a step")
-    return [r for r in rows if kind is None or r.get("kind") == kind]

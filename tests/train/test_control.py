@@ -1,10 +1,10 @@
-"""Tests for the expert-bias controller (longcat_lab.control; docs/design.md §3, D4).
+"""Tests for the expert-bias controller (longcat_lab.train.control; docs/design.md §3, D4).
 
 Checks the config validation, the paper's Eq. 2 and the sign rule against hand-computed updates, that every mode
 holds the budget on the synthetic routing problem, that counts come from training forwards only and add up across
 micro-batches, the exact state round trip, anti-windup, and that the bias never enters the weights.
 
-Run: .venv/bin/python -m pytest tests/test_control.py -q
+Run: .venv/bin/python -m pytest tests/train/test_control.py -q
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ import torch
 
 from longcat_lab import LongCatLM
 from longcat_lab.model import presets
-from longcat_lab.train.control import BiasController, ControllerConfig, SyntheticRouting, resolve_target
+from longcat_lab.testing import SyntheticRouting, random_model
+from longcat_lab.train.control import BiasController, ControllerConfig, resolve_target
 
 MODES = ("paper", "pid", "sign")
 
 
 def tiny_model(seed: int = 0, **overrides) -> LongCatLM:
-    model = LongCatLM(presets.tiny(**overrides))
-    model.reset_parameters(torch.Generator().manual_seed(seed))
-    return model.train()
+    return random_model(presets.tiny(**overrides), seed, train=True)
 
 
 def tokens(model: LongCatLM, batch: int = 4, seq: int = 16, seed: int = 1) -> torch.Tensor:

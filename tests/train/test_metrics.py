@@ -1,10 +1,10 @@
-"""Tests for the routing-health metrics (longcat_lab.metrics; docs/design.md §3, §4).
+"""Tests for the routing-health metrics (longcat_lab.train.metrics; docs/design.md §3, §4).
 
 routing_health on hand-made routings (relative loads, dead/hot flags, imbalance), the gradient ratio R_g against
 closed-form gradients (and that backward still works afterwards), router-row cosine similarity at its two extremes,
 and tracking_summary on hand-made traces.
 
-Run: .venv/bin/python -m pytest tests/test_metrics.py -q
+Run: .venv/bin/python -m pytest tests/train/test_metrics.py -q
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import torch
 
 from longcat_lab import LongCatLM
 from longcat_lab.model import presets
+from longcat_lab.testing import random_model
 from longcat_lab.train.losses import LossConfig, aux_losses
 from longcat_lab.train.metrics import (balance_grad_ratio, balance_grad_ratio_per_layer, router_cosine_similarity,
                                  routing_health, tracking_summary)
-from longcat_lab.model.model import LayerRouting, Routing
+from longcat_lab.model.routing import LayerRouting, Routing
 
 
 def tiny_model() -> LongCatLM:
-    model = LongCatLM(presets.tiny())                            # N = 4 FFN + Z = 2 zero experts, top-2, 2 layers
-    model.reset_parameters(torch.Generator().manual_seed(0))
-    return model
+    return random_model(presets.tiny(), 0, train=True)          # N = 4 FFN + Z = 2 zero experts, top-2, 2 layers
 
 
 def routing_from_ids(ids_TK: torch.Tensor, E: int = 6, N: int = 4, logits: torch.Tensor | None = None):

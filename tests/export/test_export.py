@@ -5,12 +5,11 @@ random configs with a non-zero router bias; exact round trips ours -> folder -> 
 save_pretrained -> ours; the on-disk key layout; atomic writes; clear errors for bad folders. Tests that need
 transformers skip with a reason when it is not installed (CI installs it through the dev extra).
 
-Run:  .venv/bin/python -m pytest tests/test_export.py -q
+Run: `bash tools/test.sh tests/export/test_export.py`
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -19,10 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import longcat_lab.export.hf as export
+import longcat_lab.export as export
 from longcat_lab import LongCatLM
+from longcat_lab.export import hf, load_hf, save_hf
 from longcat_lab.model import presets
-from longcat_lab.export.hf import load_hf, save_hf
+from longcat_lab.testing import random_model
 
 try:
     import transformers  # noqa: F401  (the parity oracle; optional)
@@ -45,13 +45,9 @@ CONFIGS = {
 
 
 def make_model(seed: int, config=None) -> LongCatLM:
-    """A seeded random model whose router bias is far from zero, so that selection depends on it."""
-    g = torch.Generator().manual_seed(seed)
-    model = LongCatLM(config or CONFIGS[seed])
-    model.reset_parameters(g)
-    for moe in model.moe_blocks():
-        moe.router.e_score_correction_bias.normal_(0.0, 0.1, generator=g)
-    return model.eval()
+    """CONFIGS[seed] (or `config`) with seeded random weights and a router bias far from zero (N(0, 0.1)), so that
+    selection depends on the bias."""
+    return random_model(config or CONFIGS[seed], seed, bias_std=0.1)
 
 
 def load_transformers(path):
@@ -169,7 +165,7 @@ def test_bf16_export_keeps_dtype(tmp_path):
 
 
 def tiny_tokenizer():
-    from longcat_lab.data.data import train_tokenizer
+    from longcat_lab.data import train_tokenizer
     texts = ["def add(a, b):\n    return a + b\n", "To be, or not to be, that is the question.", "12 + 34 = 46"]
     return train_tokenizer(texts * 10, 300)
 
@@ -217,7 +213,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "save_file", crash)
+    monkeypatch.setattr(hf, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_hf(make_model(1, presets.tiny()), target, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
@@ -367,17 +363,3 @@ def test_serve_commands_name_the_folder_and_the_tokenizer_choice(tmp_path):
     save_hf(make_model(0), tmp_path / "text", tokenizer=tiny_tokenizer())
     commands = export.serve_commands(tmp_path / "text")
     assert "--skip-tokenizer-init" not in commands["vllm"] + commands["sglang"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("plotly") is None, reason="plotly (notebooks extra) is not installed")
-def test_figures_carry_the_numbers():
-    ours = torch.linspace(-3, 3, 50).view(5, 10)
-    fig = export.logits_parity_figure(ours, ours + 1e-6)
-    assert "max |difference| 1.0e-06" in fig.layout.title.text
-    assert len(fig.data[0].x) == 50
-    fig = export.cache_bytes_figure({"ours": 10, "full K/V": 40})
-    assert list(fig.data[0].y) == [10, 40]
-    fig = export.checkpoint_bytes_figure({"a": 3_000_000, export.PADDING: 1_000_000, "empty": 0})
-    assert list(fig.data[0].y) == ["a", export.PADDING]
-    with pytest.raises(ValueError, match="must match"):
-        export.logits_parity_figure(ours, ours[:2])

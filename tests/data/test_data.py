@@ -2,7 +2,7 @@
 mixture sampler, evaluation windows and the unigram baseline. Small data (a few hundred kB per domain) and a
 tokenizer cache in pytest's temporary folder keep the whole file to a few seconds.
 
-Run: `bash tools/test.sh tests/test_data.py` (or `.venv/bin/python -m pytest tests/test_data.py -q`).
+Run: `bash tools/test.sh tests/data/test_data.py` (or `.venv/bin/python -m pytest tests/data/test_data.py -q`).
 """
 
 import math
@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from longcat_lab.data import data
-from longcat_lab.data.data import DataConfig, Document
+import longcat_lab.data as data
+from longcat_lab.data import DataConfig, Document
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""Tests of the serving cost model (`longcat_lab.costmodel`): the paper's Table 7 figures for LongCat-Flash give its
-theoretical time per output token (about 16 ms) and cost ($0.09 per 1M output tokens); the schedules relate as
-they must; the roofline estimate responds to hardware and serving settings as hand arithmetic says; bad input
-names the field.
+"""Tests of the serving cost model (`longcat_lab.perf.costmodel`): the paper's Table 7 figures for LongCat-Flash
+give its theoretical time per output token (about 16 ms) and cost ($0.09 per 1M output tokens); the schedules
+relate as they must; the roofline estimate responds to hardware and serving settings as hand arithmetic says; bad
+input names the field.
 
-Run: `.venv/bin/python -m pytest tests/test_costmodel.py -q`
+Run: `bash tools/test.sh tests/perf/test_costmodel.py`
 """
 
 import dataclasses

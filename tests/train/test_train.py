@@ -1,11 +1,11 @@
-"""Tests of the trainer (longcat_lab.train) and of growth init / width transfer (longcat_lab.growth).
+"""Tests of the trainer (longcat_lab.train) and of growth init / width transfer (longcat_lab.train.growth).
 
 Every run is the tiny preset for 8-12 steps of 4 x 64 tokens on one thread (about a second each): metrics rows,
 bit-exact resume (stopped, and crashed), skipped non-finite steps, the SDC re-run check (clean, and with an injected
 perturbation), alerts, eval mode not counting, the LR schedule, `--set` resolution, and the golden 20-step loss
 curve in tests/golden/ (regenerate with `python benchmarks/train_step.py --write-golden` after an intended change).
 
-Run: `bash tools/test.sh tests/test_train.py`.
+Run: `bash tools/test.sh tests/train/test_train.py`.
 """
 
 import dataclasses
@@ -13,19 +13,21 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from longcat_lab import LongCatLM
-from longcat_lab.train import checkpoint
-from longcat_lab.train import growth
+from longcat_lab.data import DataConfig
 from longcat_lab.model import presets
-from longcat_lab.data.data import DataConfig
-from longcat_lab.train.trainer import (StageConfig, TrainConfig, TrainingError, apply_overrides, evaluate, lr_at,
-                               settable_fields, train, train_preset)
+from longcat_lab.train import (StageConfig, TrainConfig, TrainingError, apply_overrides, checkpoint, evaluate, growth,
+                               train, train_preset)
+from longcat_lab.train.config import lr_at
+from longcat_lab.train.overrides import settable_fields
+from longcat_lab.train.trainer import StepResult, Trainer, _check_token_streams
 
-GOLDEN = Path(__file__).parent / "golden" / "tiny_20_steps.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "tiny_20_steps.json"
 COMPARED = ("loss", "lm_loss", "balance_loss", "hidden_z_loss", "router_z_loss", "grad_norm", "lr",
             "ffn_experts_per_token_per_layer", "controller_error", "bias_spread", "R_g", "load_imbalance_per_layer")
 
@@ -110,6 +112,26 @@ def test_callback_sees_every_row(cache, tmp_path):
     seen = []
     res = run(config(cache, steps=3, eval_every=0, ckpt_every=0), tmp_path, callback=seen.append)
     assert seen == res.rows()
+
+
+def test_token_ids_are_checked_once_not_per_micro_batch(cache, tmp_path, monkeypatch):
+    """The trainer checks its token streams when it loads them, then runs every training forward with
+    validate=False (no host sync); evaluation still validates."""
+    bad = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab_size=lambda: 10), val={},
+                          train={"python": torch.tensor([1, 2, 12], dtype=torch.int32)})
+    with pytest.raises(ValueError, match="the train stream of 'python' holds token ids from 1 to 12; allowed ids are "
+                                         r"0\.\.11 \(vocab_size=12\)"):
+        _check_token_streams(bad, 12)
+    trainer = Trainer(presets.tiny(), config(cache, steps=2), tmp_path, progress=False)
+    checks = []
+    original = LongCatLM.check_ids
+    monkeypatch.setattr(LongCatLM, "check_ids", lambda self, name, *a, **k: checks.append(name) or
+                        original(self, name, *a, **k))
+    result = trainer.step()
+    assert checks == [] and isinstance(result, StepResult) and result.step == 1 and not result.skipped
+    assert set(result.losses) == {"loss", "lm_loss", "balance_loss", "hidden_z_loss", "router_z_loss"}
+    trainer.run_eval()
+    assert checks[:2] == ["idx", "targets"]
 
 
 # Resume ------------------------------------------------------------------------------------------------------------
@@ -333,10 +355,18 @@ def test_width_transfer_rules():
 # Golden loss curve -------------------------------------------------------------------------------------------------
 def test_golden_loss_curve(tmp_path):
     """20 steps of the tiny preset on Shakespeare + reasoning (the stdlib differs between Python versions), one
-    thread. On one machine the run is bit-exact; across CPUs the matmul kernels may sum in another order, which
-    moves fp32 results by ~1e-7 relative per op and by ~1e-6 after 20 steps of training. rtol 1e-5 tolerates
-    that and still fails on any real change (a different init, data order, loss term or optimizer setting moves
-    the curve by 1e-3 or more within a few steps)."""
+    thread. On one machine the run is bit-exact; across CPUs the kernels may sum in another order, which moves
+    fp32 results by ~1e-7 relative per op and the losses by ~1e-6 after 20 steps. rtol 1e-5 tolerates that and
+    still fails on any real change (a different init, data order, loss term or optimizer setting moves the curve
+    by 1e-3 or more within a few steps).
+
+    grad_norm gets rtol 1e-3. It is dominated on some steps by the embedding's gradient (up to 78% of the squared
+    norm), and each row of that gradient is a sum over every position of its token whose terms largely cancel, so
+    a different summation order moves that tensor by up to 6e-4 relative. Measured: the same run with 2 threads
+    instead of 1 moves grad_norm by up to 3.1e-4 relative (step 19) while the loss moves 1.7e-6, exactly the
+    difference between an AMD EPYC and the CPU that wrote the golden file (5 of 20 steps, at most 3.1e-4). 1e-3
+    still fails on a real change: weight_decay 0.1 -> 0.11 moves grad_norm by up to 15%, grad_clip 1 -> 0.9 by
+    68%, hidden_z_loss_coef 1e-7 -> 1e-6 by 78%."""
     spec = importlib.util.spec_from_file_location("train_step", GOLDEN.parents[2] / "benchmarks" / "train_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -346,4 +376,5 @@ def test_golden_loss_curve(tmp_path):
         f"the golden file was written with torch {golden['versions']['torch']}; regenerate it with "
         "`python benchmarks/train_step.py --write-golden` after checking the change is intended")
     for key in golden["series"]:
-        assert got["series"][key] == pytest.approx(golden["series"][key], rel=1e-5), key
+        rel = 1e-3 if key == "grad_norm" else 1e-5
+        assert got["series"][key] == pytest.approx(golden["series"][key], rel=rel), key

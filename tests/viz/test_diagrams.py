@@ -1,4 +1,4 @@
-"""Tests of the explanatory figures of notebook 01. Run: `bash tools/test.sh tests/test_diagrams.py`."""
+"""Tests of the explanatory figures of notebook 01. Run: `bash tools/test.sh tests/viz/test_diagrams.py`."""
 
 import pytest
 

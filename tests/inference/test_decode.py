@@ -1,31 +1,24 @@
 """Absorbed-MLA decoding lives inside the model's own forward: a single-position no-grad step against a LatentCache
-takes `MLA.decode` (folded weights kept in the cache), a step with gradients takes the re-expanding path, and both
-agree with the full forward; the no-grad one-token expert path matches the sorted dispatch.
+takes `inference.decode.absorbed_attention` (folded weights kept in the cache), a step with gradients takes the
+re-expanding path, and both agree with the full forward; the no-grad one-token expert path matches the sorted
+dispatch. Models come from `longcat_lab.testing.random_model` with a non-zero expert bias (bias_std=0.1), so that
+selection depends on it.
 
-Run:  .venv/bin/python -m pytest tests/test_decode.py -q
+Run:  .venv/bin/python -m pytest tests/inference/test_decode.py -q
 """
 
 from __future__ import annotations
 
 import torch
 
-from longcat_lab import LatentCache, LongCatLM
-from longcat_lab.model import presets
-
-
-def make_model(seed: int = 0) -> LongCatLM:
-    g = torch.Generator().manual_seed(seed)
-    model = LongCatLM(presets.tiny())
-    model.reset_parameters(g)
-    for moe in model.moe_blocks():
-        moe.router.e_score_correction_bias.normal_(0.0, 0.1, generator=g)
-    return model.eval()
+from longcat_lab import LatentCache
+from longcat_lab.testing import random_ids, random_model
 
 
 def test_single_position_step_takes_the_absorbed_path_only_without_grad():
-    model = make_model()
+    model = random_model(bias_std=0.1)
     blocks = 2 * model.config.num_layers
-    idx = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    idx = random_ids(model.config, (2, 9), 1)
     full = model(idx)[0].detach()
     absorbed, expanded = LatentCache(blocks), LatentCache(blocks)
 
@@ -45,7 +38,7 @@ def test_single_position_step_takes_the_absorbed_path_only_without_grad():
 
 
 def test_one_token_expert_path_matches_the_sorted_dispatch():
-    model = make_model(2)
+    model = random_model(seed=2, bias_std=0.1)
     experts, router = model.moe_blocks()[0].experts, model.moe_blocks()[0].router
     x_TD = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -56,32 +49,32 @@ def test_one_token_expert_path_matches_the_sorted_dispatch():
     torch.testing.assert_close(one_by_one, batched, rtol=0, atol=1e-6)
 
 
-def test_decoding_weights_are_rebuilt_when_weights_change():
+def testdecoding_weights_are_rebuilt_when_weights_change():
     """`generate` keeps transposed and folded weight copies in the model between calls; an optimizer step or an
     in-place edit must be seen by the next call, exactly as a model that never decoded before sees it."""
-    model = make_model(4)
-    prompt = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    model = random_model(seed=4, bias_std=0.1)
+    prompt = random_ids(model.config, (2, 6), 5)
     before = model.generate(prompt, 4, return_logits=True)[1]
-    assert model._decoding_weights.entries                  # kept for the next call
+    assert model.decoding_weights.entries                  # kept for the next call
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(prompt, prompt)[1].backward()
     opt.step()                                              # bumps every weight's version counter
     with torch.no_grad():
         model.layers[0].self_attn[1].kv_b_proj.weight.mul_(1.5)   # and an edit by hand
     after = model.generate(prompt, 4, return_logits=True)[1]
-    fresh = make_model(4)
+    fresh = random_model(seed=4, bias_std=0.1)
     fresh.load_state_dict(model.state_dict())
     expected = fresh.generate(prompt, 4, return_logits=True)[1]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
 
 
-def test_train_drops_the_decoding_weights_and_generate_keeps_the_mode():
-    model = make_model().train()
+def test_train_drops_thedecoding_weights_and_generate_keeps_the_mode():
+    model = random_model(bias_std=0.1).train()
     prompt = torch.zeros(1, 3, dtype=torch.long)
     model.generate(prompt, 2)
-    assert model.training and model._decoding_weights.entries
+    assert model.training and model.decoding_weights.entries
     model.train()
-    assert model._decoding_weights.entries == {}
+    assert model.decoding_weights.entries == {}
     model.eval().generate(prompt, 2)
-    assert not model.training and model._decoding_weights.entries
+    assert not model.training and model.decoding_weights.entries

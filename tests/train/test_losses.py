@@ -1,10 +1,10 @@
-"""Tests for the auxiliary losses (longcat_lab.losses; docs/design.md §3, §4).
+"""Tests for the auxiliary losses (longcat_lab.train.losses; docs/design.md §3, §4).
 
 Each loss against a value computed by hand on a tiny input, the balance loss's gradient against its closed form,
 and aux_losses' contract with the trainer: exact keys, 0-dim tensors, coefficients applied, per-layer sums, the bias
 untouched.
 
-Run: .venv/bin/python -m pytest tests/test_losses.py -q
+Run: .venv/bin/python -m pytest tests/train/test_losses.py -q
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import math
 import pytest
 import torch
 
-from longcat_lab import LongCatLM
 from longcat_lab.model import presets
+from longcat_lab.testing import random_model
 from longcat_lab.train.losses import (LOSS_KEYS, LossConfig, aux_losses, balance_loss_layer, hidden_z_loss,
                                 router_z_loss_layer)
-from longcat_lab.model.model import LayerRouting
+from longcat_lab.model.routing import LayerRouting
 
 # Two tokens over N = 2 FFN experts + Z = 1 zero expert, top-2.
 PROBS = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]
@@ -94,8 +94,7 @@ def test_loss_config_validation_names_field_and_value():
 
 @pytest.fixture(scope="module")
 def forward():
-    model = LongCatLM(presets.tiny())
-    model.reset_parameters(torch.Generator().manual_seed(0))
+    model = random_model(presets.tiny(), 0, train=True)
     idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     return model, idx
 

@@ -1,8 +1,8 @@
-"""Tests for longcat_lab.viz (routing figures) and longcat_lab.tokenclass, on a tiny random-init model and on
+"""Tests for the routing and activation figures of longcat_lab.viz, on a tiny random-init model and on
 hand-made routing: a dead expert, routing entirely onto zero experts, a one-token prompt, non-ASCII text, and a run
 folder with no metrics yet. The numbers behind each figure are checked against slow, obviously-correct loops.
 
-Run: `/work/main/.venv/bin/python -m pytest tests/test_viz.py -q`
+Run: `bash tools/test.sh tests/viz/test_viz.py`
 """
 
 import json
@@ -12,20 +12,18 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from longcat_lab import LongCatLM
-from longcat_lab.train import metrics
+import longcat_lab.viz as viz
+from longcat_lab.data.tokenclass import token_class
 from longcat_lab.model import presets
-from longcat_lab.viz import routing as viz
-from longcat_lab.model.model import LayerRouting, Routing
-from longcat_lab.data.tokenclass import TOKEN_CLASSES, token_class, token_classes
+from longcat_lab.model.routing import LayerRouting, Routing
+from longcat_lab.testing import random_model
+from longcat_lab.train import metrics, read_metrics
+from longcat_lab.viz import common
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = LongCatLM(presets.tiny())
-    m.reset_parameters(torch.Generator().manual_seed(0))
-    return m.eval()
+    return random_model(presets.tiny(), seed=0)
 
 
 def routed(model, length=20, batch=1, seed=1):
@@ -50,20 +48,6 @@ def synthetic_routing(ids_LBSK, n_ffn, n_total):
 
 def tokens_for(n):
     return [f" t{i}" for i in range(n)]
-
-
-# Token classes -------------------------------------------------------------------------------------------------
-def test_token_classes():
-    assert token_class(" ") == token_class("\n\t") == "whitespace"
-    assert token_class(",") == token_class("):") == token_class(" ==") == token_class("_") == "punctuation"
-    assert token_class("42") == token_class(" 3.") == token_class("٣") == "digits"
-    assert token_class(" the") == token_class("é") == token_class("中文") == token_class("(self") == "word"
-    assert token_class(" def", code=True) == token_class("in", code=True) == "code keyword"
-    assert token_class(" and") == "word"  # in prose a keyword is a function word, not code
-    assert token_classes(["a", "1", " "]) == ["word", "digits", "whitespace"]
-    assert set(TOKEN_CLASSES) == {"whitespace", "punctuation", "digits", "code keyword", "word"}
-    with pytest.raises(ValueError, match="token=3"):
-        token_class(3)
 
 
 # Expert load ---------------------------------------------------------------------------------------------------
@@ -137,11 +121,10 @@ def test_expert_load_rejects_bad_inputs(model):
 
 def test_everything_routed_to_zero_experts():
     c = presets.tiny()
-    m = LongCatLM(c)
-    m.reset_parameters(torch.Generator().manual_seed(0))
+    m = random_model(c, seed=0)
     for b in m.moe_blocks():
         b.router.e_score_correction_bias[c.n_routed_experts:] = 10.0   # selection only: every pick a zero expert
-    routing = routed(m.eval(), length=10)
+    routing = routed(m, length=10)
     load = viz.expert_load(routing, c)
     assert load.dead[:, :c.n_routed_experts].all() and not load.dead[:, c.n_routed_experts:].any()
     assert (load.ffn_experts_per_token == 0).all() and not load.hot.any()
@@ -226,7 +209,7 @@ def test_token_compute_map_rejects_bad_inputs(model):
         viz.token_compute_map(tokens_for(5), routing, batch_index=1)
     with pytest.raises(ValueError, match="per_row=0"):
         viz.token_compute_map(tokens_for(5), routing, per_row=0)
-    dense = LongCatLM(presets.tiny(layer_style="dense")).eval()
+    dense = random_model(presets.tiny(layer_style="dense"))
     with pytest.raises(ValueError, match="no MoE layers"):
         viz.token_compute_map(tokens_for(5), routed(dense, length=5))
 
@@ -332,21 +315,21 @@ def test_activated_params_follow_accounting(model):
 # Metrics and the controller ------------------------------------------------------------------------------------
 def test_run_folder_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="has no metrics.jsonl yet"):
-        viz.read_metrics(tmp_path)
+        read_metrics(tmp_path)
     with pytest.raises(ValueError, match="has no metrics.jsonl yet"):
         viz.controller_traces(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="no metrics rows yet"):
-        viz.read_metrics(tmp_path)
+        read_metrics(tmp_path)
 
 
 def test_read_metrics_skips_a_half_written_last_line(tmp_path):
     rows = [{"step": i, "loss": 5.0 - i} for i in range(3)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
-    assert viz.read_metrics(tmp_path) == rows
+    assert read_metrics(tmp_path) == rows
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n{"step": 1}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
-        viz.read_metrics(tmp_path / "metrics.jsonl")
+        read_metrics(tmp_path / "metrics.jsonl")
 
 
 def test_controller_traces(tmp_path):
@@ -411,7 +394,7 @@ def test_figure_bundle_and_show(capsys):
 def test_figure_controls_draws_static_then_redraws(monkeypatch):
     widgets = pytest.importorskip("ipywidgets")
     shown = []
-    monkeypatch.setattr(viz, "show", lambda fig: shown.append(fig.layout.title.text))
+    monkeypatch.setattr(common, "show", lambda fig: shown.append(fig.layout.title.text))
     monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
     slider = widgets.IntSlider(value=1, min=0, max=3)
     static = viz.figure_controls(lambda layer: go.Figure(layout=dict(title=f"layer {layer}")), layer=slider)

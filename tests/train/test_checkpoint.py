@@ -1,8 +1,8 @@
-"""Tests of checkpoint folders (longcat_lab.checkpoint): round trip, newest-of-a-run, keep-last-N, atomic writes,
+"""Tests of checkpoint folders (longcat_lab.train.checkpoint): round trip, newest-of-a-run, keep-last-N, atomic writes,
 and one-line errors that name the bad file for truncated, corrupted or missing files. No training: a tiny model
 and a small tokenizer are saved directly, so the file runs in a second or two.
 
-Run: `bash tools/test.sh tests/test_checkpoint.py`.
+Run: `bash tools/test.sh tests/train/test_checkpoint.py`.
 """
 
 import json
@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from longcat_lab import LongCatLM
 from longcat_lab.train import checkpoint
 from longcat_lab.model import presets
+from longcat_lab.testing import random_model
 from longcat_lab.train.checkpoint import CheckpointError
-from longcat_lab.data.data import train_tokenizer
+from longcat_lab.data import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,7 @@ def tokenizer():
 
 
 def tiny_model(seed=0):
-    model = LongCatLM(presets.tiny())
-    model.reset_parameters(generator=torch.Generator().manual_seed(seed))
-    return model
+    return random_model(presets.tiny(), seed, train=True)
 
 
 def save(run, step, model, tokenizer, keep=3):

@@ -5,7 +5,7 @@ pass at every position (1e-5, fp32) for all three layer styles and for batch 1 a
 greedy generation is held to transformers' generate() on the same exported checkpoint. Sampling is checked against
 the distribution it should draw from, with seeded generators.
 
-Run:  .venv/bin/python -m pytest tests/test_generate.py -q
+Run:  .venv/bin/python -m pytest tests/inference/test_generate.py -q
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longcat_lab import LatentCache, LongCatLM
+from longcat_lab import LatentCache
 from longcat_lab.model import presets
-from longcat_lab.model.model import sample_next
+from longcat_lab.inference import sample_next
+from longcat_lab.testing import random_ids, random_model
 
 try:
     import transformers  # noqa: F401  (the parity oracle; optional)
@@ -28,24 +29,11 @@ except ImportError:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make_model(seed: int = 0, **overrides) -> LongCatLM:
-    g = torch.Generator().manual_seed(seed)
-    model = LongCatLM(presets.tiny(**overrides))
-    model.reset_parameters(g)
-    for moe in model.moe_blocks():  # a non-zero bias, so that selection depends on it
-        moe.router.e_score_correction_bias.normal_(0.0, 0.1, generator=g)
-    return model.eval()
-
-
-def prompt(model: LongCatLM, batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("style", ["scmoe", "vanilla", "dense"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cached_decoding_matches_the_full_forward(style, batch):
-    model = make_model(layer_style=style)
-    idx = prompt(model, batch, 7)
+    model = random_model(presets.tiny(layer_style=style), bias_std=0.1)
+    idx = random_ids(model.config, (batch, 7))
     ids, logits = model.generate(idx, 24, return_logits=True)
     with torch.no_grad():
         full = model(ids)[0]
@@ -58,8 +46,8 @@ def test_cached_decoding_matches_the_full_forward(style, batch):
 
 def test_decoding_uses_zero_experts_and_every_batch_row_independently():
     """Rows of a batch decode as if alone (no cross-talk through the sorted expert dispatch)."""
-    model = make_model(3)
-    idx = prompt(model, 4, 5, seed=4)
+    model = random_model(seed=3, bias_std=0.1)
+    idx = random_ids(model.config, (4, 5), 4)
     together = model.generate(idx, 10)
     alone = torch.cat([model.generate(idx[b:b + 1], 10) for b in range(4)])
     assert torch.equal(together, alone)
@@ -76,10 +64,10 @@ def test_greedy_generation_matches_transformers(tmp_path, batch):
 
     from longcat_lab.export.hf import save_hf
     hf_logging.disable_progress_bar()
-    model = make_model(5)
+    model = random_model(seed=5, bias_std=0.1)
     save_hf(model, tmp_path / "export")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    idx = prompt(model, batch, 5, seed=6)
+    idx = random_ids(model.config, (batch, 5), 6)
     ours = model.generate(idx, 20)
     theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
                          pad_token_id=0)
@@ -87,8 +75,8 @@ def test_greedy_generation_matches_transformers(tmp_path, batch):
 
 
 def test_stream_yields_tokens_one_at_a_time():
-    model = make_model()
-    idx = prompt(model, 2, 4)
+    model = random_model(bias_std=0.1)
+    idx = random_ids(model.config, (2, 4))
     stream = model.stream(idx, 6)
     first = next(stream)
     assert first.shape == (2, 1) and first.dtype == torch.long
@@ -101,8 +89,8 @@ def test_stream_yields_tokens_one_at_a_time():
 
 
 def test_training_mode_is_restored_even_when_a_stream_is_abandoned():
-    model = make_model().train()
-    stream = model.stream(prompt(model, 1, 3), 5)
+    model = random_model(bias_std=0.1).train()
+    stream = model.stream(random_ids(model.config, (1, 3)), 5)
     next(stream)
     assert not model.training          # decoding runs in eval mode
     stream.close()
@@ -113,10 +101,10 @@ def test_latent_cache_size_and_growth():
     c = presets.tiny()
     per_block = c.kv_lora_rank + c.qk_rope_head_dim
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        model = make_model().to(dtype)
+        model = random_model(bias_std=0.1).to(dtype)
         cache = LatentCache(2 * c.num_layers)
         with torch.no_grad():
-            model(prompt(model, 1, 5), cache=cache)
+            model(random_ids(model.config, (1, 5)), cache=cache)
         assert cache.seq_len == 5
         assert cache.bytes_per_token() == per_block * 2 * c.num_layers * size
     # Appending past the capacity grows the buffer and keeps what was there.
@@ -153,8 +141,8 @@ def test_sampling_follows_temperature_and_top_p():
 
 
 def test_seeded_sampling_reproduces_and_matches_uncached():
-    model = make_model(2)
-    idx = prompt(model, 2, 4)
+    model = random_model(seed=2, bias_std=0.1)
+    idx = random_ids(model.config, (2, 4))
 
     def sample(use_cache: bool) -> torch.Tensor:
         return model.generate(idx, 16, temperature=0.9, top_p=0.9, generator=torch.Generator().manual_seed(7),
@@ -166,9 +154,9 @@ def test_seeded_sampling_reproduces_and_matches_uncached():
 
 
 def test_bf16_decoding_stays_as_close_to_fp32_as_the_bf16_forward():
-    model = make_model(4)
-    half = make_model(4).to(torch.bfloat16)
-    idx = prompt(model, 2, 6)
+    model = random_model(seed=4, bias_std=0.1)
+    half = random_model(seed=4, bias_std=0.1).to(torch.bfloat16)
+    idx = random_ids(model.config, (2, 6))
     ids, cached = half.generate(idx, 8, return_logits=True)
     assert cached.dtype == torch.float32 and ids.shape == (2, 14)
     with torch.no_grad():
@@ -180,8 +168,8 @@ def test_bf16_decoding_stays_as_close_to_fp32_as_the_bf16_forward():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decoding_matches_cpu(tmp_path):
     from longcat_lab.export.hf import load_hf, save_hf
-    model = make_model(6)
-    idx = prompt(model, 3, 5)
+    model = random_model(seed=6, bias_std=0.1)
+    idx = random_ids(model.config, (3, 5))
     cpu_ids, cpu_logits = model.generate(idx, 12, return_logits=True)
     save_hf(model.cuda(), tmp_path / "export")                 # exporting from the GPU writes CPU tensors
     gpu = load_hf(tmp_path / "export", device="cuda")

@@ -1,0 +1,71 @@
+"""The byte-level BPE tokenizer (stage 4 of the pipeline, docs/design.md §4): trained with `tokenizers` on a bounded
+sample of the training split and cached on disk under a key of its inputs."""
+
+from __future__ import annotations
+
+import hashlib
+
+from longcat_lab._util import atomic_write_bytes, check_int
+from longcat_lab.data.config import CACHE_VERSION, EOT, DataConfig, cache_root, digest
+from longcat_lab.data.corpora import Corpora, corpora
+
+
+def tokenizer_sample(c: Corpora, sample_bytes: int) -> list[str]:
+    """Up to `sample_bytes` of training text per domain, documents in their stored order (deterministic)."""
+    out = []
+    for domain in sorted(c.train):
+        size = 0
+        for d in c.train[domain]:
+            if size >= sample_bytes:
+                break
+            out.append(d.text)
+            size += len(d.text.encode())
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE: digits split one per token first (as the paper's tokenizer), then GPT-2-style byte-level
+    pre-tokenisation, so every string encodes (no unknown token) and decoding round-trips exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    check_int("vocab_size", vocab_size, 258)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def _tokenizer_key(texts: list[str], vocab_size: int) -> str:
+    import tokenizers
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(hashlib.sha1(t.encode()).digest())
+    return digest(CACHE_VERSION, "bpe", vocab_size, tokenizers.__version__, h.hexdigest())[:20]
+
+
+def load_tokenizer(vocab_size: int = 4096, config: DataConfig | None = None, corpora_: Corpora | None = None):
+    """The BPE tokenizer for `vocab_size` trained on this data config's sample: loaded from the cache when one with
+    the same key exists (key = vocabulary size, tokenizers version, the sample's hash), else trained and cached."""
+    config = config or DataConfig()
+    c = corpora_ or corpora(config)
+    texts = tokenizer_sample(c, config.tokenizer_sample_bytes)
+    path = cache_root(config) / "tokenizers" / f"bpe-{vocab_size}-{_tokenizer_key(texts, vocab_size)}.json"
+    from tokenizers import Tokenizer
+
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception:              # a damaged cache entry is rebuilt, not trusted
+            path.unlink(missing_ok=True)
+    tok = train_tokenizer(texts, vocab_size)
+    atomic_write_bytes(path, tok.to_str().encode())
+    return tok
+
+
+def eot_id(tokenizer) -> int:
+    return tokenizer.token_to_id(EOT)

@@ -1,0 +1,246 @@
+"""How a model is trained: `StageConfig` (one stage of the multi-stage schedule), `TrainConfig` (everything else,
+with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `default_stages`, `train_preset(name)` for
+"tiny", "small" and "base", and the schedule itself (`stage_at`, `lr_at`). Plain data and arithmetic: nothing here
+touches a model. docs/design.md §4 explains the recipe these defaults follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from longcat_lab._util import check_int, check_nonnegative, check_positive_float, from_known_fields, is_number
+from longcat_lab.data import DOMAINS, DataConfig, check_mixture
+from longcat_lab.train.control import ControllerConfig
+from longcat_lab.train.losses import LossConfig
+
+
+def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    """The one-line error of `longcat_lab._util` for the range checks it has no helper for."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
+
+
+@dataclass
+class StageConfig:
+    """One training stage: its length, LR (linear warmup from the previous stage's final LR, then cosine down to
+    end_lr_ratio * lr), sequence length and data mixture (docs/design.md §4: stage 2 moves the mixture toward
+    reasoning)."""
+
+    name: str = "general"
+    steps: int = 100
+    lr: float = 3e-3
+    warmup: int = 10
+    seq_len: int = 128
+    mixture: dict[str, float] = field(default_factory=lambda: {"shakespeare": 0.45, "python": 0.4, "reasoning": 0.15})
+    end_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        p = f"stage {self.name!r}: "
+        check_int(p + "steps", self.steps)
+        check_positive_float(p + "lr", self.lr)
+        _check(p + "warmup", self.warmup, isinstance(self.warmup, int) and not isinstance(self.warmup, bool)
+               and 0 <= self.warmup <= self.steps, f"an integer in [0, steps={self.steps}]")
+        check_int(p + "seq_len", self.seq_len, 2)
+        _check(p + "end_lr_ratio", self.end_lr_ratio, is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
+               "a number in [0, 1]")
+        self.mixture = dict(self.mixture)
+        check_mixture(self.mixture, DOMAINS, p + "mixture")
+
+
+def default_stages(steps: int, lr: float, seq_len: int) -> list[StageConfig]:
+    """Two stages as LongCat's pre-training (docs/design.md §4 "Data"): 85% general-heavy, then 15% where code and
+    reasoning rise to 70% of the mixture at a lower, decaying LR (an annealing phase)."""
+    s2 = max(1, round(0.15 * steps))
+    s1 = steps - s2
+    if s1 < 1:
+        raise ValueError(f"steps={steps} is not allowed: two stages need at least 2 steps")
+    return [
+        StageConfig("general", s1, lr, max(1, min(s1, round(0.05 * steps))), seq_len,
+                    {"shakespeare": 0.45, "python": 0.4, "reasoning": 0.15}, end_lr_ratio=0.3),
+        StageConfig("reasoning", s2, 0.3 * lr, 0, seq_len,
+                    {"shakespeare": 0.3, "python": 0.35, "reasoning": 0.35}, end_lr_ratio=1 / 3),
+    ]
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained. Scalar fields (here and in `data`, `controller`, `losses`) are reachable by name
+    through `--set FIELD=VALUE`; stages are set from Python (or scaled by `--steps`)."""
+
+    # The small preset's schedule (`train_preset` holds the others).
+    stages: list[StageConfig] = field(default_factory=lambda: default_stages(400, 3e-3, 128))
+    # Sequences per micro-batch, and micro-batches per optimizer step (the controller sees all of them together).
+    batch_size: int = 16
+    grad_accum: int = 1
+    # Seeds the model init and the data sampler; the same seed and config give the same run, bit for bit, on CPU.
+    seed: int = 1234
+    # Decoupled weight decay on matrices only (norm weights are not decayed).
+    weight_decay: float = 0.1
+    # The paper's betas (0.9, 0.95).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    # The paper's eps (docs/design.md §4): loss degrades once eps nears the gradient RMS, which shrinks as models
+    # grow, so eps sits many orders below it. At our sizes gradient RMS is ~1e-4..1e-6, far above 1e-16.
+    adam_eps: float = 1e-16
+    # Global gradient-norm clip (pre-clip norm is logged).
+    grad_clip: float = 1.0
+    # bf16 autocast for forward and backward (weights and optimizer stay fp32); off on CPU by default.
+    bf16: bool = False
+    # "auto" picks CUDA when present, else CPU.
+    device: str = "auto"
+    # torch threads for this run (0 = leave torch's default); results depend on it in the last bits.
+    num_threads: int = 0
+    # torch.use_deterministic_algorithms for GPU runs (CPU kernels we use are deterministic already).
+    deterministic: bool = False
+    # Evaluate every this many steps (and always at the last step) on `eval_windows` windows per domain of
+    # `eval_seq_len` tokens (0 = the first stage's seq_len).
+    eval_every: int = 50
+    eval_windows: int = 16
+    eval_seq_len: int = 0
+    # Checkpoint every this many steps (and always at the last step); keep the newest `keep_checkpoints`.
+    ckpt_every: int = 100
+    keep_checkpoints: int = 3
+    # Stop after this many steps of the schedule (with a checkpoint), as if interrupted; 0 = run to the end.
+    stop_after: int = 0
+    # R_g (docs/design.md §3) costs about one extra backward, so it is measured every this many steps (0 = never).
+    rg_every: int = 10
+    # Re-run a step from the same state every this many steps and compare loss and gradients bit for bit (0 = off).
+    sdc_check_every: int = 0
+    # Non-finite loss or gradient: skip the step; this many in a row stop training.
+    max_consecutive_skips: int = 5
+    # Telemetry alerts (logged as warnings and counted): loss above this factor times its running mean, throughput
+    # below this fraction of its running mean, memory above this fraction of the device's total.
+    alert_loss_spike: float = 1.5
+    alert_throughput_drop: float = 0.5
+    alert_memory_fraction: float = 0.9
+    # Model FLOP/s that MFU divides by; 0 = measure a matmul probe on this device at start.
+    peak_flops: float = 0.0
+    # Hyperparameter transfer (docs/design.md §4): the width the init std and LRs were tuned at; 0 = no transfer.
+    proxy_hidden_size: int = 0
+    # Growth init (docs/design.md §4): start from this checkpoint (or run folder), stacked to this model's depth.
+    init_from: str = ""
+    # With init_from: continue the source run's step counter, LR schedule and data position (fresh optimizer).
+    init_keep_state: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, (list, tuple)) or not self.stages:
+            raise ValueError(f"stages={self.stages!r} is not allowed: it must be a non-empty list of StageConfig")
+        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        for name in ("batch_size", "grad_accum", "eval_windows", "keep_checkpoints", "max_consecutive_skips"):
+            check_int(name, getattr(self, name))
+        for name in ("seed", "num_threads", "eval_every", "eval_seq_len", "ckpt_every", "stop_after", "rg_every",
+                     "sdc_check_every", "proxy_hidden_size"):
+            check_int(name, getattr(self, name), 0)
+        for name in ("weight_decay", "peak_flops"):
+            check_nonnegative(name, getattr(self, name))
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            _check(name, v, is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        check_positive_float("adam_eps", self.adam_eps)
+        check_positive_float("grad_clip", self.grad_clip)
+        _check("alert_loss_spike", self.alert_loss_spike, is_number(self.alert_loss_spike)
+               and self.alert_loss_spike > 1, "a number > 1")
+        for name in ("alert_throughput_drop", "alert_memory_fraction"):
+            v = getattr(self, name)
+            _check(name, v, is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        _check("device", self.device, isinstance(self.device, str) and (
+            self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")), "'auto', 'cpu', 'cuda[:N]'")
+        for name in ("bf16", "deterministic", "init_keep_state"):
+            v = getattr(self, name)
+            _check(name, v, isinstance(v, bool), "true or false")
+        _check("init_from", self.init_from, isinstance(self.init_from, str), "a path string ('' = none)")
+        for name, cls in (("data", DataConfig), ("controller", ControllerConfig), ("losses", LossConfig)):
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                setattr(self, name, cls.from_dict(v))
+            elif not isinstance(v, cls):
+                raise ValueError(f"{name}={v!r} is not allowed: it must be a {cls.__name__}")
+        for s in self.stages:
+            check_mixture(s.mixture, self.data.domains, f"stage {s.name!r}: mixture")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @property
+    def tokens_per_step(self) -> list[int]:
+        return [self.batch_size * self.grad_accum * s.seq_len for s in self.stages]
+
+    def with_steps(self, steps: int) -> "TrainConfig":
+        """A copy whose stages are rescaled to `steps` in total (warmups scaled alike), as `--steps` does."""
+        n = len(self.stages)
+        check_int("steps", steps, n)
+        total = self.total_steps
+        new, used = [], 0
+        for i, s in enumerate(self.stages):
+            k = steps - used if i == n - 1 else max(1, min(steps - used - (n - 1 - i), round(steps * s.steps / total)))
+            used += k
+            new.append(dataclasses.replace(s, steps=k, warmup=min(k, round(s.warmup * steps / total))))
+        return dataclasses.replace(self, stages=new)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        for name in ("data", "controller", "losses"):
+            d[name] = getattr(self, name).to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, refusing unknown keys (`_util.from_known_fields`)."""
+        return from_known_fields(cls, data)
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    """The TrainConfig that goes with each model preset.
+
+    - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
+    - small: the main job; 2 stages, ~10 minutes on two CPU cores (steps measured: README results).
+    - base: one GPU; bf16, longer sequences."""
+    if name == "tiny":
+        cfg = TrainConfig(stages=default_stages(40, 1e-2, 64), batch_size=8, eval_every=20, eval_windows=8,
+                          ckpt_every=20, rg_every=5,
+                          data=DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
+    elif name == "small":
+        cfg = TrainConfig(stages=default_stages(400, 3e-3, 128), batch_size=16, eval_every=50, eval_windows=16,
+                          ckpt_every=100, rg_every=10)
+    elif name == "base":
+        cfg = TrainConfig(stages=default_stages(5000, 1.5e-3, 512), batch_size=32, eval_every=250, eval_windows=32,
+                          ckpt_every=500, rg_every=50, bf16=True,
+                          data=DataConfig(max_bytes_per_domain=20_000_000, tokenizer_sample_bytes=4_000_000))
+    else:
+        raise ValueError(f"preset={name!r} is not allowed: it must be one of ['base', 'small', 'tiny']")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+# Schedule --------------------------------------------------------------------------------------------------------
+def stage_at(stages: Sequence[StageConfig], step: int) -> tuple[int, int]:
+    """(stage index, step within the stage) for the 0-based optimizer step `step`."""
+    start = 0
+    for i, s in enumerate(stages):
+        if step < start + s.steps:
+            return i, step - start
+        start += s.steps
+    return len(stages) - 1, stages[-1].steps - 1
+
+
+def lr_at(stages: Sequence[StageConfig], step: int) -> float:
+    """LR of the 0-based optimizer step `step`: within a stage, linear warmup from the previous stage's final LR
+    (0 before the first stage) to the stage's lr, then cosine down to end_lr_ratio * lr at the stage's last step."""
+    i, j = stage_at(stages, step)
+    s = stages[i]
+    prev_end = 0.0 if i == 0 else stages[i - 1].lr * stages[i - 1].end_lr_ratio
+    if j < s.warmup:
+        return prev_end + (s.lr - prev_end) * (j + 1) / s.warmup
+    span = s.steps - s.warmup - 1
+    progress = (j - s.warmup) / span if span > 0 else 1.0
+    end = s.lr * s.end_lr_ratio
+    return end + (s.lr - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+

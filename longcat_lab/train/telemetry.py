@@ -1,0 +1,251 @@
+"""What a training run reports: the metrics row of each step, throughput and MFU, memory, alerts, and the
+`metrics.jsonl` file they go to (`Telemetry` writes it, `read_metrics` reads it back).
+
+`run_dir/metrics.jsonl` gets one JSON object per line (non-finite floats written as null):
+- `kind="train"`, one per optimizer step: step, stage, loss (LM + aux), lm_loss, balance_loss, hidden_z_loss,
+  router_z_loss, lr, grad_norm, tokens, tokens_per_s, mfu (against a matmul probe measured at start),
+  ffn_experts_per_token (mean over layers) and ffn_experts_per_token_per_layer, load_imbalance (max/min FFN-expert
+  load, worst layer; None when an expert got no token) and its per-layer list, target_ffn_experts,
+  controller_error, bias_spread, R_g (every `rg_every` steps, else None) with router_cosine, dead/hot experts,
+  memory_gb, skipped / skipped_total, alerts (this step) / alert_counts (so far), sdc (None or the check's result);
+- `kind="eval"`: step, val_loss {domain: loss}, val_loss_mean;
+- `kind="start"` when a run starts or resumes: parameters, probe FLOP/s, data summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from longcat_lab._util import atomic_write_bytes
+from longcat_lab.model.config import ModelConfig
+from longcat_lab.perf import accounting
+from longcat_lab.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from longcat_lab.train.trainer import StepResult
+
+log = logging.getLogger(__name__)
+
+
+# Measurements ----------------------------------------------------------------------------------------------------
+def measure_matmul_flops(device: torch.device | str = "cpu", n: int = 512, seconds: float = 0.2,
+                         dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of repeated n x n matmuls on `device`: the probe MFU is measured against (a datasheet peak is
+    meaningless on a shared CPU; this is what the same machine reaches on the easiest possible kernel)."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        for _ in range(4):
+            a @ b
+        reps += 4
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n ** 3 * reps / elapsed
+
+
+def memory_in_use(device: torch.device) -> tuple[float, float]:
+    """(bytes in use, bytes the device has): CUDA allocator peak / total, or this process's RSS / physical RAM."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device)), float(
+            torch.cuda.get_device_properties(device).total_memory)
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        import resource
+
+        rss, total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 0
+    return float(rss), float(total)
+
+
+# Alerts ----------------------------------------------------------------------------------------------------------
+class _Alerts:
+    """Running means of loss and throughput, and the checks against the configured thresholds."""
+
+    WARMUP = 10   # steps before the running means are trusted
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.loss_ema: float | None = None
+        self.tps_ema: float | None = None
+        self.seen = 0
+        self.counts = {"loss_spike": 0, "throughput_drop": 0, "memory": 0, "skipped_step": 0, "sdc_mismatch": 0}
+
+    def check(self, loss: float | None, tps: float, mem_frac: float) -> list[str]:
+        out = []
+        warm = self.seen >= self.WARMUP
+        if loss is not None and self.loss_ema is not None and warm and loss > self.cfg.alert_loss_spike * self.loss_ema:
+            out.append("loss_spike")
+        if self.tps_ema is not None and warm and tps < self.cfg.alert_throughput_drop * self.tps_ema:
+            out.append("throughput_drop")
+        if mem_frac > self.cfg.alert_memory_fraction:
+            out.append("memory")
+        if loss is not None:
+            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        self.tps_ema = tps if self.tps_ema is None else 0.9 * self.tps_ema + 0.1 * tps
+        self.seen += 1
+        for a in out:
+            self.counts[a] += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_ema": self.loss_ema, "tps_ema": self.tps_ema, "seen": self.seen, "counts": dict(self.counts)}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.loss_ema, self.tps_ema, self.seen = s["loss_ema"], s["tps_ema"], s["seen"]
+        self.counts.update(s["counts"])
+
+
+# The metrics file ------------------------------------------------------------------------------------------------
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(v: Any) -> Any:
+    """Non-finite floats become None so every line is strict JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def to_json(value: Any, sort_keys: bool = False) -> str:
+    """One line of JSON for `value` (paths as text, tensors as lists)."""
+    return json.dumps(value, default=_json_default, sort_keys=sort_keys)
+
+
+class Telemetry:
+    """One run's reporting: turns each `StepResult` into its metrics row (throughput, MFU, memory, alerts), appends
+    rows to `path` and hands each to `callback`. The alert state is part of a checkpoint (`alerts.state_dict`)."""
+
+    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, device: torch.device, path: Path,
+                 callback: Callable[[dict[str, Any]], Any] | None = None):
+        self.cfg, self.mc, self.device, self.path, self.callback = cfg, model_config, device, path, callback
+        self.alerts = _Alerts(cfg)
+        self.peak_flops = cfg.peak_flops
+        self.t_start = time.perf_counter()
+
+    def start(self, row: dict[str, Any]) -> None:
+        """Measure the matmul probe unless `peak_flops` is configured, restart the clock, write the start row."""
+        self.peak_flops = self.cfg.peak_flops or measure_matmul_flops(self.device)
+        self.t_start = time.perf_counter()
+        self.write({"kind": "start", **row, "threads": torch.get_num_threads(), "peak_flops": self.peak_flops})
+
+    def write(self, row: dict[str, Any]) -> None:
+        row = _clean(row)
+        with open(self.path, "a") as f:
+            f.write(to_json(row) + "\n")
+        if self.callback is not None:
+            self.callback(row)
+
+    def truncate(self, upto: int) -> None:
+        """On resume: keep the rows of steps <= `upto`, so steps that are redone are not logged twice."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue                     # a line half-written by a crash
+            if row.get("step", 0) <= upto:
+                keep.append(line)
+        atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def row(self, r: StepResult) -> dict[str, Any]:
+        """The `kind="train"` row of one step; updates the alert state and warns on the 1st, 10th, 100th ...
+        alert of each kind."""
+        mc, report = self.mc, r.controller
+        stage = self.cfg.stages[r.stage_index]
+        tps = r.tokens / r.seconds
+        ffn_mean = report.get("ffn_experts_per_token_mean")
+        k = None if ffn_mean is None else min(max(ffn_mean, max(0, mc.moe_topk - mc.zero_expert_num)),
+                                             min(mc.moe_topk, mc.n_routed_experts))
+        mfu = tps * accounting.flops_per_token(mc, stage.seq_len, k) / self.peak_flops
+        mem, mem_total = memory_in_use(self.device)
+        loss = r.losses["loss"]
+        alerts = self.alerts.check(None if r.skipped else loss, tps, mem / mem_total if mem_total else 0.0)
+        for a in alerts:
+            n = self.alerts.counts[a]
+            if n == 10 ** round(math.log10(n)):   # the 1st, 10th, 100th ...: a warning, not a flood
+                log.warning("alert at step %d: %s (loss %.4g, %.0f tokens/s, %.2f GB); %d so far, every one is "
+                            "counted in metrics.jsonl", r.step, a, loss, tps, mem / 1e9, n)
+        if r.sdc is not None and not r.sdc["match"]:
+            self.alerts.counts["sdc_mismatch"] += 1
+            alerts.append("sdc_mismatch")
+        if r.skipped:
+            self.alerts.counts["skipped_step"] += 1
+            alerts.append("skipped_step")
+        imbalance = report.get("load_imbalance") or []
+        return {
+            "kind": "train", "step": r.step, "stage": stage.name, "stage_index": r.stage_index, **r.losses,
+            "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens, "tokens_seen": r.tokens_seen,
+            "tokens_per_s": tps, "mfu": mfu,
+            "ffn_experts_per_token": ffn_mean, "ffn_experts_per_token_per_layer": report.get("ffn_experts_per_token"),
+            "load_imbalance": (None if not imbalance or any(v is None for v in imbalance) else max(imbalance)),
+            "load_imbalance_per_layer": imbalance or None,
+            "target_ffn_experts": report.get("target_ffn_experts"),
+            "controller_error": report.get("controller_error"),
+            "controller_error_per_layer": report.get("controller_error_per_layer"),
+            "bias_spread": report.get("bias_spread"), "bias_update_rate": report.get("update_rate"),
+            "R_g": r.rg, "router_cosine": r.router_cosine,
+            "dead_experts": sum(r.health["dead_count"]) if r.health else None,
+            "hot_experts": sum(r.health["hot_count"]) if r.health else None,
+            "memory_gb": mem / 1e9, "skipped": r.skipped, "skipped_total": r.skipped_total,
+            "alerts": alerts, "alert_counts": dict(self.alerts.counts), "sdc": r.sdc,
+            "time_s": time.perf_counter() - self.t_start,
+        }
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a run's `metrics.jsonl` (a run folder or the file itself), optionally only those of one kind
+    ("train", "eval", "start"). A last line that does not parse is skipped, since a trainer may be writing it right
+    now; a bad line anywhere else, a missing file or a file with no rows is a ValueError that says so."""
+    path = Path(path)
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        where = f"run folder {str(path)!r} has no metrics.jsonl yet" if path.is_dir() else \
+            f"{str(path)!r} does not exist"
+        raise ValueError(f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
+                         "longcat_lab.train (or its metrics.jsonl)")
+    lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{file}: line {n + 1} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}: line {n + 1} is a {type(row).__name__}, expected a JSON object per line")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"path={str(path)!r} holds no metrics rows yet: the run has not logged a step")
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+__all__ = ["Telemetry", "read_metrics", "measure_matmul_flops", "memory_in_use", "to_json"]
