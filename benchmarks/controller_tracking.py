@@ -44,7 +44,7 @@ def grid(quick: bool) -> list[tuple[str, dict]]:
         ("paper", {"bias_update_rate": 0.3}),
         ("paper", {"bias_update_rate": 1.0}),
         ("sign", {"bias_update_rate": 0.3}),
-        ("pid", {"pid_gains": (0.0, 0.1, 0.0)}),    # the paper's budget dynamics at mu = 0.1, for reference
+        ("pid", {"pid_gains": (0.0, 0.1, 0.0)}),  # the paper's budget dynamics at mu = 0.1, for reference
         ("pid", {"pid_gains": (0.0, 0.3, 0.0)}),
         ("pid", {"pid_gains": (0.0, 1.0, 0.0)}),
         ("pid", {"pid_gains": (0.25, 0.5, 0.0)}),
@@ -55,8 +55,13 @@ def grid(quick: bool) -> list[tuple[str, dict]]:
 
 # Training steps cost ~100x a synthetic step, so the training plant gets a subset of the grid.
 TRAIN_ROWS = [
-    ("none", {}), ("paper", {}), ("paper", {"bias_update_rate": 0.3}), ("sign", {}), ("pid", {}),
-    ("pid", {"pid_gains": (0.25, 0.5, 0.0)}), ("pid", {"pid_gains": (0.0, 0.5, 0.2)}),
+    ("none", {}),
+    ("paper", {}),
+    ("paper", {"bias_update_rate": 0.3}),
+    ("sign", {}),
+    ("pid", {}),
+    ("pid", {"pid_gains": (0.25, 0.5, 0.0)}),
+    ("pid", {"pid_gains": (0.0, 0.5, 0.2)}),
 ]
 RG_ALPHAS = (1e-2, 1e-3)
 
@@ -77,9 +82,14 @@ def markov_stream(vocab_size: int, steps: int, batch: int, seq: int, seed: int) 
     return batches
 
 
-def train_trace(config: ControllerConfig, batches: list[torch.Tensor], device: torch.device, seed: int,
-                loss_config: LossConfig | None = None,
-                rg_every: int = 0) -> tuple[list[float], dict, float, list[tuple[int, float, float]]]:
+def train_trace(
+    config: ControllerConfig,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    seed: int,
+    loss_config: LossConfig | None = None,
+    rg_every: int = 0,
+) -> tuple[list[float], dict, float, list[tuple[int, float, float]]]:
     """Train the tiny preset from a fixed init with this controller (and the aux losses when `loss_config` is
     given); per-step FFN experts per token, the last controller report, the last LM loss, and every `rg_every`
     steps (step, tangent R_g, raw R_g) of the balance loss."""
@@ -96,8 +106,13 @@ def train_trace(config: ControllerConfig, batches: list[torch.Tensor], device: t
         if loss_config is not None:
             aux = aux_losses(routing, loss_config, model.config, controller.target)
             if rg_every and (step % rg_every == 0 or step == len(batches) - 1):
-                ratios.append((step, balance_grad_ratio(loss, aux["balance_loss"], routing),
-                               balance_grad_ratio(loss, aux["balance_loss"], routing, tangent=False)))
+                ratios.append(
+                    (
+                        step,
+                        balance_grad_ratio(loss, aux["balance_loss"], routing),
+                        balance_grad_ratio(loss, aux["balance_loss"], routing, tangent=False),
+                    )
+                )
             total = loss + sum(aux.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -120,8 +135,10 @@ def label(mode: str, overrides: dict) -> str:
 def fmt_row(name: str, s: dict, imbalance: list, extra: str = "") -> str:
     settle = "never" if s["settle_step"] is None else str(s["settle_step"])
     worst = max((x if x is not None else float("inf")) for x in imbalance)
-    return (f"{name:38s} {settle:>7s} {100 * s['overshoot']:9.2f}% {100 * s['steady_state_error']:9.2f}% "
-            f"{100 * s['late_rms_error']:9.2f}% {worst:9.2f}{extra}")
+    return (
+        f"{name:38s} {settle:>7s} {100 * s['overshoot']:9.2f}% {100 * s['steady_state_error']:9.2f}% "
+        f"{100 * s['late_rms_error']:9.2f}% {worst:9.2f}{extra}"
+    )
 
 
 HEADER = f"{'controller':38s} {'settle':>7s} {'overshoot':>10s} {'ss error':>10s} {'late rms':>10s} {'max/min':>9s}"
@@ -130,10 +147,18 @@ HEADER = f"{'controller':38s} {'settle':>7s} {'overshoot':>10s} {'ss error':>10s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and only the default gains")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="synthetic steps per run (default 150, quick 40); the training run takes 4/5 of it")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads; 1 is fastest for these small ops on a shared 2-core machine")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="synthetic steps per run (default 150, quick 40); the training run takes 4/5 of it",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 is fastest for these small ops on a shared 2-core machine",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,9 +171,11 @@ def main() -> None:
 
     plant = SyntheticRouting(tokens=2048, seed=args.seed)
     target = plant.model.config.uniform_ffn_experts
-    print(f"Synthetic routing problem: N={plant.model.config.n_routed_experts} FFN + "
-          f"Z={plant.model.config.zero_expert_num} zero experts, top-{plant.model.config.moe_topk}, "
-          f"{len(plant.inputs)} layers, 2048 tokens/step, target {target:g} FFN experts/token, {steps} steps")
+    print(
+        f"Synthetic routing problem: N={plant.model.config.n_routed_experts} FFN + "
+        f"Z={plant.model.config.zero_expert_num} zero experts, top-{plant.model.config.moe_topk}, "
+        f"{len(plant.inputs)} layers, 2048 tokens/step, target {target:g} FFN experts/token, {steps} steps"
+    )
     print(HEADER)
     for mode, overrides in rows:
         cfg = ControllerConfig(bias_controller=mode, target_ffn_experts=target, **overrides)
@@ -159,11 +186,13 @@ def main() -> None:
 
     train_target = 1.0
     batches = markov_stream(presets.tiny().vocab_size, train_steps, batch=8, seq=64, seed=args.seed)
-    print(f"\nTraining run, tiny preset (AdamW lr 3e-3, 8x64 tokens/step, {train_steps} steps, device {device}), "
-          f"target {train_target:g} FFN experts/token (uniform share at init {presets.tiny().uniform_ffn_experts:.3f});"
-          f" settle/overshoot/ss error on a 10-step moving average")
+    print(
+        f"\nTraining run, tiny preset (AdamW lr 3e-3, 8x64 tokens/step, {train_steps} steps, device {device}), "
+        f"target {train_target:g} FFN experts/token (uniform share at init {presets.tiny().uniform_ffn_experts:.3f});"
+        f" settle/overshoot/ss error on a 10-step moving average"
+    )
     print(HEADER + f" {'LM loss':>8s}")
-    for mode, overrides in (rows if args.quick else TRAIN_ROWS):
+    for mode, overrides in rows if args.quick else TRAIN_ROWS:
         cfg = ControllerConfig(bias_controller=mode, target_ffn_experts=train_target, **overrides)
         trace, report, loss, _ = train_trace(cfg, batches, device, args.seed)
         s = tracking_summary(trace, train_target, window=10)
@@ -171,17 +200,20 @@ def main() -> None:
         print(fmt_row(label(mode, overrides), s, report["load_imbalance"], f" {loss:8.3f}"))
 
     if not args.quick:
-        print("\nBalance-loss gradient ratio R_g (docs/design.md §3, keep < 0.1) on the same training run, default controller "
-              "and aux losses, per alpha: tangent R_g (raw R_g) at steps ...")
+        print(
+            "\nBalance-loss gradient ratio R_g (docs/design.md §3, keep < 0.1) on the same training run, "
+            "default controller and aux losses, per alpha: tangent R_g (raw R_g) at steps ..."
+        )
         for alpha in RG_ALPHAS:
             cfg = ControllerConfig(target_ffn_experts=train_target)
-            *_, ratios = train_trace(cfg, batches, device, args.seed, LossConfig(balance_loss_coef=alpha),
-                                     rg_every=20)
+            *_, ratios = train_trace(cfg, batches, device, args.seed, LossConfig(balance_loss_coef=alpha), rg_every=20)
             cells = ", ".join(f"{step}: {tan:.3f} ({raw:.3f})" for step, tan, raw in ratios)
             print(f"  alpha={alpha:g}: {cells}")
 
-    print("\nGoal: the default PID settles at least twice as fast as the paper's rule at the default mu, "
-          "with no more overshoot.")
+    print(
+        "\nGoal: the default PID settles at least twice as fast as the paper's rule at the default mu, "
+        "with no more overshoot."
+    )
     paper, pid = label("paper", {}), label("pid", {})
     for plant_name in ("synthetic", "train"):
         (s_paper, o_paper), (s_pid, o_pid) = settle[(plant_name, paper)], settle[(plant_name, pid)]
@@ -190,13 +222,17 @@ def main() -> None:
             verdict = f"the default PID did not settle (paper: {s_paper or 'never'})"
         elif s_paper is None:
             # The paper's rule did not settle by the last quarter of the run: its settle step is later than 3n/4.
-            verdict = (f"paper did not settle within the run, pid at step {s_pid}: ratio > {0.75 * n / s_pid:.2f}x, "
-                       f"overshoot paper {100 * o_paper:.2f}% vs pid {100 * o_pid:.2f}% -> "
-                       f"{'met' if 0.75 * n / s_pid >= 2 and o_pid <= o_paper else 'NOT met'}")
+            verdict = (
+                f"paper did not settle within the run, pid at step {s_pid}: ratio > {0.75 * n / s_pid:.2f}x, "
+                f"overshoot paper {100 * o_paper:.2f}% vs pid {100 * o_pid:.2f}% -> "
+                f"{'met' if 0.75 * n / s_pid >= 2 and o_pid <= o_paper else 'NOT met'}"
+            )
         else:
             ok = s_paper / s_pid >= 2 and o_pid <= o_paper
-            verdict = (f"paper/pid settle ratio {s_paper / s_pid:.2f}x, overshoot paper {100 * o_paper:.2f}% "
-                       f"vs pid {100 * o_pid:.2f}% -> {'met' if ok else 'NOT met'}")
+            verdict = (
+                f"paper/pid settle ratio {s_paper / s_pid:.2f}x, overshoot paper {100 * o_paper:.2f}% "
+                f"vs pid {100 * o_pid:.2f}% -> {'met' if ok else 'NOT met'}"
+            )
         print(f"  {plant_name:9s}: {verdict}")
     print(f"\n{time.perf_counter() - start:.0f} s in all")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from longcat_lab.model import presets
 from longcat_lab.export import cache_bytes_per_token, load_hf, save_hf
+from longcat_lab.model import presets
 from longcat_lab.testing import random_ids, random_model
 
 
@@ -76,22 +76,32 @@ def main() -> None:
         ours = load_hf(folder)
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     n_params = ours.num_params()
-    print(f"preset={args.preset} ({n_params / 1e6:.1f}M params), prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, greedy, {args.threads} thread(s), {args.repeats} repeats; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
-    print("tok/s: best run of each; ratio: median over repeats of transformers' time / ours in back-to-back runs "
-          "(wall clock; 'cpu' uses process CPU time)")
+    print(
+        f"preset={args.preset} ({n_params / 1e6:.1f}M params), prompt {args.prompt_len}, {args.new_tokens} new "
+        f"tokens, greedy, {args.threads} thread(s), {args.repeats} repeats; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    print(
+        "tok/s: best run of each; ratio: median over repeats of transformers' time / ours in back-to-back runs "
+        "(wall clock; 'cpu' uses process CPU time)"
+    )
     print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'cpu ratio':>9}  same tokens")
     for batch in args.batch_sizes:
         prompt = random_ids(config, (batch, args.prompt_len), seed=args.seed + batch)
         runs = {
-            "ours": lambda: ours.generate(prompt, args.new_tokens),
-            "hf": lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                                      min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0),
+            "ours": lambda prompt=prompt: ours.generate(prompt, args.new_tokens),
+            "hf": lambda prompt=prompt: hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            ),
         }
         best = {name: (float("inf"), float("inf")) for name in runs}
         ratios, cpu_ratios, outputs = [], [], {}
-        for name, fn in runs.items():  # warm-up: first calls allocate and fill caches
+        for fn in runs.values():  # warm-up: first calls allocate and fill caches
             fn()
         for _ in range(args.repeats):
             times = {}
@@ -104,14 +114,19 @@ def main() -> None:
             cpu_ratios.append(times["hf"][1] / times["ours"][1])
         tokens = batch * args.new_tokens
         same = torch.equal(outputs["ours"], outputs["hf"])
-        print(f"{batch:>5} {tokens / best['ours'][0]:>11.1f} {tokens / best['hf'][0]:>9.1f} "
-              f"{statistics.median(ratios):>6.2f} {statistics.median(cpu_ratios):>9.2f}  {same}")
+        print(
+            f"{batch:>5} {tokens / best['ours'][0]:>11.1f} {tokens / best['hf'][0]:>9.1f} "
+            f"{statistics.median(ratios):>6.2f} {statistics.median(cpu_ratios):>9.2f}  {same}"
+        )
     sizes = cache_bytes_per_token(ours, prompt, hf)
     ours_bytes, formula = sizes["longcat_lab LatentCache"], sizes["MLA formula"]
-    print(f"KV cache bytes/token/sequence: ours {ours_bytes}, transformers {sizes['transformers cache']}, "
-          f"(kv_lora_rank + qk_rope_head_dim) x {2 * config.num_layers} blocks x dtype = {formula}; "
-          f"full K/V would be {sizes['full K/V']} ({sizes['full K/V'] / ours_bytes:.1f}x)")
+    print(
+        f"KV cache bytes/token/sequence: ours {ours_bytes}, transformers {sizes['transformers cache']}, "
+        f"(kv_lora_rank + qk_rope_head_dim) x {2 * config.num_layers} blocks x dtype = {formula}; "
+        f"full K/V would be {sizes['full K/V']} ({sizes['full K/V'] / ours_bytes:.1f}x)"
+    )
     assert ours_bytes == formula, "our latent cache does not have the MLA size"
+
 
 if __name__ == "__main__":
     main()

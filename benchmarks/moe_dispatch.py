@@ -29,8 +29,15 @@ CONFIGS = [
 
 
 def build(tokens: int, d: int, f: int, n: int, z: int, k: int, seed: int = 0) -> tuple[MoE, torch.Tensor]:
-    config = ModelConfig(hidden_size=d, expert_ffn_hidden_size=f, n_routed_experts=n, zero_expert_num=z,
-                         moe_topk=k, ffn_hidden_size=4 * f, vocab_size=256)
+    config = ModelConfig(
+        hidden_size=d,
+        expert_ffn_hidden_size=f,
+        n_routed_experts=n,
+        zero_expert_num=z,
+        moe_topk=k,
+        ffn_hidden_size=4 * f,
+        vocab_size=256,
+    )
     torch.manual_seed(seed)
     moe = MoE(config)
     with torch.no_grad():
@@ -97,7 +104,7 @@ def force_ffn_share(moe: MoE, share: float) -> None:
     bias = moe.router.e_score_correction_bias
     bias.zero_()
     bias[n:] = -10.0
-    bias[n:n + n_zero] = 10.0
+    bias[n : n + n_zero] = 10.0
 
 
 def main() -> None:
@@ -107,8 +114,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} interleaved repeats")
-    header = f"{'T':>5} {'D':>4} {'F':>4} {'N+Z':>6} {'K':>2} | {'ours tok/s':>10} {'mask tok/s':>10} " \
-             f"{'ours/mask':>9} | {'ours MFU':>8} {'mask MFU':>8}"
+    header = (
+        f"{'T':>5} {'D':>4} {'F':>4} {'N+Z':>6} {'K':>2} | {'ours tok/s':>10} {'mask tok/s':>10} "
+        f"{'ours/mask':>9} | {'ours MFU':>8} {'mask MFU':>8}"
+    )
     print(header)
     worst_speedup, best_mfu, share_ratio = float("inf"), 0.0, None
     for tokens, d, f, n, z, k in CONFIGS:
@@ -125,14 +134,16 @@ def main() -> None:
             times["mask"].append(time_fwd_bwd(mask_loop_forward, moe, u))
             seconds, probe_flops = matmul_probe(d, f, rows)
             times["probe"].append(seconds)
-        useful = 3 * 2 * ffn_pairs * 3 * d * f           # fwd + bwd, 3 GEMMs per expert, 2 FLOPs per MAC
+        useful = 3 * 2 * ffn_pairs * 3 * d * f  # fwd + bwd, 3 GEMMs per expert, 2 FLOPs per MAC
         med = {key: statistics.median(v) for key, v in times.items()}
         probe = probe_flops / med.pop("probe")
         mfu = {key: useful / med[key] / probe for key in med}
         speedup = med["mask"] / med["ours"]
         worst_speedup, best_mfu = min(worst_speedup, speedup), max(best_mfu, mfu["ours"])
-        print(f"{tokens:>5} {d:>4} {f:>4} {n:>3}+{z:<2} {k:>2} | {tokens / med['ours']:>10.0f} "
-              f"{tokens / med['mask']:>10.0f} {speedup:>9.2f} | {mfu['ours']:>8.2f} {mfu['mask']:>8.2f}")
+        print(
+            f"{tokens:>5} {d:>4} {f:>4} {n:>3}+{z:<2} {k:>2} | {tokens / med['ours']:>10.0f} "
+            f"{tokens / med['mask']:>10.0f} {speedup:>9.2f} | {mfu['ours']:>8.2f} {mfu['mask']:>8.2f}"
+        )
     # Compute that scales with the FFN share: the last (largest) config, forced shares, interleaved.
     tokens, d, f, n, z, k = CONFIGS[-1]
     moe, u = build(tokens, d, f, n, z, k)
@@ -143,11 +154,15 @@ def main() -> None:
             force_ffn_share(moe, s)
             share_times[s].append(time_fwd_bwd(ours_forward, moe, u))
     med = {s: statistics.median(v) for s, v in share_times.items()}
-    print("block time by FFN share of selections: " +
-          ", ".join(f"{s:.2f}: {med[s] * 1e3:.1f} ms ({med[s] / med[1.0]:.2f}x)" for s in shares))
+    print(
+        "block time by FFN share of selections: "
+        + ", ".join(f"{s:.2f}: {med[s] * 1e3:.1f} ms ({med[s] / med[1.0]:.2f}x)" for s in shares)
+    )
     share_ratio = med[0.5] / med[1.0]
-    print(f"RESULT worst ours/mask speedup {worst_speedup:.2f} (goal >= 1.0); best expert MFU {best_mfu:.2f} "
-          f"(goal >= 0.85); time at share 0.5 / share 1.0 = {share_ratio:.2f} (goal <= 0.6)")
+    print(
+        f"RESULT worst ours/mask speedup {worst_speedup:.2f} (goal >= 1.0); best expert MFU {best_mfu:.2f} "
+        f"(goal >= 0.85); time at share 0.5 / share 1.0 = {share_ratio:.2f} (goal <= 0.6)"
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longcat_lab.perf import accounting
-from longcat_lab.model import presets
 from longcat_lab.data import DataConfig
+from longcat_lab.model import presets
+from longcat_lab.perf import accounting
 from longcat_lab.train import Trainer, train, train_preset
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tiny_20_steps.json"
@@ -45,19 +45,35 @@ def golden_run(out_dir: str | Path) -> dict:
 
     out_dir = Path(out_dir)
     cfg = dataclasses.replace(
-        train_preset("tiny").with_steps(20), num_threads=1, peak_flops=1e10, eval_every=0, ckpt_every=0,
-        rg_every=0, batch_size=4,
-        data=DataConfig(domains=("shakespeare", "reasoning"), max_bytes_per_domain=150_000,
-                        tokenizer_sample_bytes=60_000, cache_dir=str(out_dir / "cache")))
-    cfg.stages = [dataclasses.replace(s, mixture={k: v for k, v in s.mixture.items() if k != "python"})
-                  for s in cfg.stages]
+        train_preset("tiny").with_steps(20),
+        num_threads=1,
+        peak_flops=1e10,
+        eval_every=0,
+        ckpt_every=0,
+        rg_every=0,
+        batch_size=4,
+        data=DataConfig(
+            domains=("shakespeare", "reasoning"),
+            max_bytes_per_domain=150_000,
+            tokenizer_sample_bytes=60_000,
+            cache_dir=str(out_dir / "cache"),
+        ),
+    )
+    cfg.stages = [
+        dataclasses.replace(s, mixture={k: v for k, v in s.mixture.items() if k != "python"}) for s in cfg.stages
+    ]
     result = train(presets.tiny(), cfg, out_dir / "run", progress=False)
     rows = result.rows("train")
     keys = ("loss", "lm_loss", "balance_loss", "grad_norm", "ffn_experts_per_token")
-    return {"versions": {"torch": torch.__version__, "tokenizers": tokenizers.__version__,
-                         "python": platform.python_version()},
-            "series": {k: [r[k] for r in rows] for k in keys} | {"val_loss": [result.val_loss[d] for d in
-                                                                               sorted(result.val_loss)]}}
+    return {
+        "versions": {
+            "torch": torch.__version__,
+            "tokenizers": tokenizers.__version__,
+            "python": platform.python_version(),
+        },
+        "series": {k: [r[k] for r in rows] for k in keys}
+        | {"val_loss": [result.val_loss[d] for d in sorted(result.val_loss)]},
+    }
 
 
 def write_golden() -> None:
@@ -71,8 +87,11 @@ def write_golden() -> None:
 def probe(tokens: int, d: int, f: int) -> tuple[float, float]:
     """(seconds, FLOPs) of fwd + bwd of one dense SwiGLU on `tokens` rows: the model's dense-FFN GEMM shapes."""
     x = torch.randn(tokens, d, requires_grad=True)
-    w_gate, w_up, w_down = (torch.randn(f, d, requires_grad=True), torch.randn(f, d, requires_grad=True),
-                            torch.randn(d, f, requires_grad=True))
+    w_gate, w_up, w_down = (
+        torch.randn(f, d, requires_grad=True),
+        torch.randn(f, d, requires_grad=True),
+        torch.randn(d, f, requires_grad=True),
+    )
     start = time.perf_counter()
     (F.silu(x @ w_gate.t()) * (x @ w_up.t()) @ w_down.t()).sum().backward()
     return time.perf_counter() - start, 3 * 2 * tokens * 3 * d * f
@@ -81,13 +100,12 @@ def probe(tokens: int, d: int, f: int) -> tuple[float, float]:
 def bench(threads: int, repeats: int, cache: str | None) -> float:
     torch.set_num_threads(threads)
     mc = presets.small()
-    cfg = dataclasses.replace(train_preset("small"), rg_every=0, peak_flops=1.0,
-                              data=DataConfig(cache_dir=cache or ""))
+    cfg = dataclasses.replace(train_preset("small"), rg_every=0, peak_flops=1.0, data=DataConfig(cache_dir=cache or ""))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(mc, cfg, tmp, progress=False)
         seq = cfg.stages[0].seq_len
         tokens = cfg.batch_size * cfg.grad_accum * seq
-        trainer.step()                                          # warm-up
+        trainer.step()  # warm-up
         probe(tokens, mc.hidden_size, mc.ffn_hidden_size)
         steps, probes, ffn = [], [], []
         for _ in range(repeats):
@@ -101,9 +119,11 @@ def bench(threads: int, repeats: int, cache: str | None) -> float:
     k = statistics.mean(ffn)
     model_flops = accounting.flops_per_token(mc, seq, k) * tokens / step_s
     mfu = model_flops / probe_rate
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # kB on Linux -> GB
-    print(f"{threads:>7} | {tokens / step_s:>8.0f} | {model_flops / 1e9:>12.2f} | {probe_rate / 1e9:>12.2f} | "
-          f"{mfu:>5.2f} | {k:>5.2f} | {peak_rss:>6.2f}")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux -> GB
+    print(
+        f"{threads:>7} | {tokens / step_s:>8.0f} | {model_flops / 1e9:>12.2f} | {probe_rate / 1e9:>12.2f} | "
+        f"{mfu:>5.2f} | {k:>5.2f} | {peak_rss:>6.2f}"
+    )
     return mfu
 
 

@@ -83,7 +83,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     try:
         os.replace(src, dst)
     except BaseException:
-        if old is not None:                                       # put the old folder back
+        if old is not None:  # put the old folder back
             os.replace(old / dst.name, dst)
         raise
     if old is not None:

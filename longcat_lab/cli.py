@@ -20,8 +20,14 @@ def run_notebooks(out: Path, smoke: bool, only: list[str] | None = None) -> None
     out.mkdir(parents=True, exist_ok=True)
     for path in paths:
         print(f"[longcat-lab] executing {path.name} (smoke={smoke}) -> {out / path.name}", flush=True)
-        papermill.execute_notebook(str(path), str(out / path.name), kernel_name="python3",
-                                   parameters={"smoke": smoke}, cwd=str(root), progress_bar=False)
+        papermill.execute_notebook(
+            str(path),
+            str(out / path.name),
+            kernel_name="python3",
+            parameters={"smoke": smoke},
+            cwd=str(root),
+            progress_bar=False,
+        )
 
 
 # train and sample ------------------------------------------------------------------------------------------------
@@ -34,9 +40,9 @@ def report_samples(model, tokenizer, val_texts: dict[str, list[str]], max_new_to
     for domain, texts in val_texts.items():
         doc = texts[0]
         if domain == "reasoning":
-            prompt = doc[:doc.index("Step 1:") + len("Step 1:")] if "Step 1:" in doc else doc[:80]
+            prompt = doc[: doc.index("Step 1:") + len("Step 1:")] if "Step 1:" in doc else doc[:80]
         else:
-            prompt = doc[:doc.rfind("\n", 0, 120) + 1] or doc[:80]
+            prompt = doc[: doc.rfind("\n", 0, 120) + 1] or doc[:80]
         text = sample_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=seed)
         out.append(f"--- {domain} (prompt: {len(prompt)} chars) ---\n{text}")
     return out
@@ -55,16 +61,18 @@ def run_train(args) -> None:
     if args.seed is not None:
         sets.append(f"train.seed={args.seed}")
     model_config, train_config = apply_overrides(model_config, train_config, sets)
-    print(f"[longcat-lab] training preset {args.preset!r} ({train_config.total_steps} steps) into {args.out}"
-          f"{' (resuming if a checkpoint exists)' if args.resume else ''}", flush=True)
+    print(
+        f"[longcat-lab] training preset {args.preset!r} ({train_config.total_steps} steps) into {args.out}"
+        f"{' (resuming if a checkpoint exists)' if args.resume else ''}",
+        flush=True,
+    )
     result = train(model_config, train_config, args.out, resume=args.resume, progress=not args.no_progress)
     if result.resumed_from == result.step:
         print(f"[longcat-lab] {args.out} had already reached step {result.step}: nothing to train")
     print(f"[longcat-lab] step {result.step}, checkpoint {result.checkpoint}")
     print("validation loss per domain (nats/token; unigram baseline of the same data in brackets):")
     for domain, loss in result.val_loss.items():
-        base = data.unigram_baseline(result.dataset.train[domain], result.dataset.val[domain],
-                                     model_config.vocab_size)
+        base = data.unigram_baseline(result.dataset.train[domain], result.dataset.val[domain], model_config.vocab_size)
         print(f"  {domain:12s} {loss:.4f}  [{base:.4f}]")
     if args.samples:
         val_texts = {d: [doc.text for doc in docs] for d, docs in data.corpora(train_config.data).val.items()}
@@ -76,8 +84,17 @@ def run_sample(args) -> None:
     from longcat_lab.train import checkpoint, sample_text
 
     model, tokenizer, meta = checkpoint.load(args.ckpt)
-    print(sample_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    print(
+        sample_text(
+            model,
+            tokenizer,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,15 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--preset", choices=("tiny", "small", "base"), default="small")
     tr.add_argument("--out", type=Path, required=True, help="run folder: metrics.jsonl and checkpoints/")
     tr.add_argument("--steps", type=int, help="total optimizer steps (stages are rescaled)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue from the newest checkpoint in --out (a fresh start when there is none)")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out (a fresh start when there is none)",
+    )
     tr.add_argument("--seed", type=int, help="seed for init and data order")
-    tr.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                    help="override a ModelConfig/TrainConfig/DataConfig/ControllerConfig/LossConfig field by name, "
-                         "e.g. --set bias_controller=pid --set target_ffn_experts=2 (repeatable)")
+    tr.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a ModelConfig/TrainConfig/DataConfig/ControllerConfig/LossConfig field by name, "
+        "e.g. --set bias_controller=pid --set target_ffn_experts=2 (repeatable)",
+    )
     tr.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    tr.add_argument("--samples", type=int, default=60, metavar="N",
-                    help="after training, print one N-token sample per domain (0: none)")
+    tr.add_argument(
+        "--samples",
+        type=int,
+        default=60,
+        metavar="N",
+        help="after training, print one N-token sample per domain (0: none)",
+    )
     sa = sub.add_parser("sample", help="sample text from a checkpoint (or the newest one of a run folder)")
     sa.add_argument("--ckpt", type=Path, required=True)
     sa.add_argument("--prompt", required=True)
@@ -111,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "notebooks":
         run_notebooks(args.out, args.smoke, args.only)
     elif args.command in ("train", "sample"):
-        from longcat_lab.train.checkpoint import CheckpointError
         from longcat_lab.train import TrainingError
+        from longcat_lab.train.checkpoint import CheckpointError
 
         try:
             (run_train if args.command == "train" else run_sample)(args)

@@ -14,14 +14,24 @@ import torch.distributed as dist
 from longcat_lab.model import presets
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
-from longcat_lab.parallel.expert_parallel import (all_reduce_replicated_grads, apply_expert_parallel,
-                                                  expert_shard_parameters, set_schedule)
+from longcat_lab.parallel.expert_parallel import (
+    all_reduce_replicated_grads,
+    apply_expert_parallel,
+    expert_shard_parameters,
+    set_schedule,
+)
 from longcat_lab.parallel.launch import rank_device
 from longcat_lab.train.control import BiasController, ControllerConfig
 
 
-def random_model(config: ModelConfig | None = None, seed: int = 0, *, bias_std: float = 0.0,
-                 device: str | torch.device = "cpu", train: bool = False) -> LongCatLM:
+def random_model(
+    config: ModelConfig | None = None,
+    seed: int = 0,
+    *,
+    bias_std: float = 0.0,
+    device: str | torch.device = "cpu",
+    train: bool = False,
+) -> LongCatLM:
     """A `LongCatLM` (default: the tiny preset) whose weights depend only on `seed`, so that every process and every
     call builds the same one. `bias_std` > 0 draws the router's expert bias from N(0, bias_std) with the same
     generator, so that expert selection depends on the bias (as after training). Returned in eval mode unless
@@ -42,7 +52,7 @@ def random_ids(config: ModelConfig, shape: tuple[int, ...], seed: int = 1) -> to
 
 
 # Expert-parallel rank workers (spawned by `longcat_lab.parallel.launch`, so they live in an importable module) ---
-EP_VARIANTS = ("sequential/attn1", "overlapped/attn1", "overlapped/ffn0")   # schedule/experts_after
+EP_VARIANTS = ("sequential/attn1", "overlapped/attn1", "overlapped/ffn0")  # schedule/experts_after
 
 
 def local_rows(batch: int, world: int, rank: int) -> slice:
@@ -58,7 +68,7 @@ def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
     sizes = [int(s) for s in sizes]
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[:x.shape[0]] = x
+    padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
@@ -73,12 +83,15 @@ def gather_objects(obj: Any, group=None) -> list[Any]:
 def _full(model: LongCatLM, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every rank's expert shards gathered back to [N, ...]; replicated tensors as they are (on the CPU)."""
     shards = {id(p) for p in expert_shard_parameters(model)}
-    return {name: (gather_rows(tensors[name]) if id(p) in shards else tensors[name]).detach().cpu()
-            for name, p in model.named_parameters()}
+    return {
+        name: (gather_rows(tensors[name]) if id(p) in shards else tensors[name]).detach().cpu()
+        for name, p in model.named_parameters()
+    }
 
 
-def parity_worker(rank: int, world: int, config_dict: dict, seed: int, batch: int, seq_len: int,
-                  backend: str = "gloo") -> dict | None:
+def parity_worker(
+    rank: int, world: int, config_dict: dict, seed: int, batch: int, seq_len: int, backend: str = "gloo"
+) -> dict | None:
     """Compare a model after `apply_expert_parallel` with the same single-process model on the same batch.
 
     Checks, for each of `EP_VARIANTS`: full logits (gathered from all ranks) and loss, then every parameter's
@@ -99,8 +112,12 @@ def parity_worker(rank: int, world: int, config_dict: dict, seed: int, batch: in
     ref_logits, ref_loss = ref(inputs, targets)
     ref_loss.backward()
     ref_grads = {n: p.grad.detach().cpu() for n, p in ref.named_parameters()}
-    result: dict[str, Any] = {"ref_logits": ref_logits.detach().cpu(), "ref_loss": ref_loss.detach().cpu(),
-                              "ref_grads": ref_grads, "runs": {}}
+    result: dict[str, Any] = {
+        "ref_logits": ref_logits.detach().cpu(),
+        "ref_loss": ref_loss.detach().cpu(),
+        "ref_grads": ref_grads,
+        "runs": {},
+    }
     with torch.no_grad():
         _, _, routing = ref(inputs[rows], return_routing=True)
     ffn_pairs = [int((r.topk_ids < config.n_routed_experts).sum()) for r in routing.layers]
@@ -109,33 +126,47 @@ def parity_worker(rank: int, world: int, config_dict: dict, seed: int, batch: in
         set_schedule(ep, overlap=schedule == "overlapped", experts_after=experts_after)
         ep.zero_grad(set_to_none=True)
         logits, loss = ep(inputs[rows], targets[rows])
-        (loss * share).backward()               # the global mean = sum over ranks of local mean * local share
+        (loss * share).backward()  # the global mean = sum over ranks of local mean * local share
         all_reduce_replicated_grads(ep)
         global_loss = (loss.detach() * share).reshape(1)
         dist.all_reduce(global_loss)
-        result["runs"][variant] = {"logits": gather_rows(logits.detach()).cpu(), "loss": global_loss[0].cpu(),
-                                   "grads": _full(ep, {n: p.grad for n, p in ep.named_parameters()})}
+        result["runs"][variant] = {
+            "logits": gather_rows(logits.detach()).cpu(),
+            "loss": global_loss[0].cpu(),
+            "grads": _full(ep, {n: p.grad for n, p in ep.named_parameters()}),
+        }
     # Each rank's shards beside the slices of the single-process gradients they stand for (from the last variant).
     dispatcher = ep.moe_blocks()[0].dispatcher
     first, count = dispatcher.rank * dispatcher.local, dispatcher.local
-    result["shards"] = gather_objects([{"name": n, "grad": p.grad.detach().cpu(),
-                                        "ref_slice": ref_grads[n][first:first + count]}
-                                       for n, p in ep.named_parameters() if "mlp.experts." in n])
-    result["moved"] = gather_objects([{**moe.dispatcher.last_stats, "ref_ffn_pairs": n, "tokens": inputs[rows].numel()}
-                                      for moe, n in zip(ep.moe_blocks(), ffn_pairs)])
+    result["shards"] = gather_objects(
+        [
+            {"name": n, "grad": p.grad.detach().cpu(), "ref_slice": ref_grads[n][first : first + count]}
+            for n, p in ep.named_parameters()
+            if "mlp.experts." in n
+        ]
+    )
+    result["moved"] = gather_objects(
+        [
+            {**moe.dispatcher.last_stats, "ref_ffn_pairs": n, "tokens": inputs[rows].numel()}
+            for moe, n in zip(ep.moe_blocks(), ffn_pairs)
+        ]
+    )
     # One optimizer step of each model from its own gradients: the expert-parallel model trains as the real one.
     for model in (ref, ep):
         torch.optim.SGD(model.parameters(), lr=0.5).step()
     with torch.no_grad():
         logits, _ = ep(inputs[rows])
-        result["step"] = {"logits": gather_rows(logits).cpu(), "ref_logits": ref(inputs)[0].cpu(),
-                          "params": _full(ep, dict(ep.named_parameters())),
-                          "ref_params": {n: p.detach().cpu() for n, p in ref.named_parameters()}}
+        result["step"] = {
+            "logits": gather_rows(logits).cpu(),
+            "ref_logits": ref(inputs)[0].cpu(),
+            "params": _full(ep, dict(ep.named_parameters())),
+            "ref_params": {n: p.detach().cpu() for n, p in ref.named_parameters()},
+        }
         # Uneven batches: rank r holds r + 1 sequences.
         sizes = [r + 1 for r in range(world)]
         lo = sum(sizes[:rank])
         uneven = torch.randint(0, config.vocab_size, (sum(sizes), seq_len), generator=gen).to(device)
-        ep_uneven, _ = ep(uneven[lo:lo + sizes[rank]])
+        ep_uneven, _ = ep(uneven[lo : lo + sizes[rank]])
         result["uneven"] = {"logits": gather_rows(ep_uneven).cpu(), "ref_logits": ref(uneven)[0].cpu()}
         # Skewed routing: the last rank's experts are never chosen, so it receives nothing.
         last = list(range(config.n_routed_experts - config.n_routed_experts // world, config.n_routed_experts))
@@ -166,8 +197,16 @@ class SyntheticRouting:
     per-token variety with logit std `logit_std`. `batch_tokens` < tokens draws a fresh random batch each step
     (sampling noise, as in training); None routes all tokens every step (a noiseless plant)."""
 
-    def __init__(self, model_config: ModelConfig | None = None, tokens: int = 4096, ffn_skew: float = 1.0,
-                 zero_skew: float = 0.5, logit_std: float = 1.0, batch_tokens: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model_config: ModelConfig | None = None,
+        tokens: int = 4096,
+        ffn_skew: float = 1.0,
+        zero_skew: float = 0.5,
+        logit_std: float = 1.0,
+        batch_tokens: int | None = None,
+        seed: int = 0,
+    ):
         if model_config is None:
             # The small preset's expert pool (16 FFN + 8 zero experts, top-6) behind the tiny preset's width.
             model_config = presets.tiny(n_routed_experts=16, zero_expert_num=8, moe_topk=6)
@@ -201,7 +240,7 @@ class SyntheticRouting:
         """One step's routing: every router counts its selections, as training forwards do."""
         for block, u_TD in zip(self.model.moe_blocks(), self.inputs):
             if self.batch_tokens is not None:
-                u_TD = u_TD[torch.randperm(u_TD.shape[0], generator=self.generator)[:self.batch_tokens]]
+                u_TD = u_TD[torch.randperm(u_TD.shape[0], generator=self.generator)[: self.batch_tokens]]
             block.router(u_TD)
 
     def run(self, config: ControllerConfig, steps: int) -> list[dict[str, Any]]:

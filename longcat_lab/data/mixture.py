@@ -35,8 +35,9 @@ class Dataset:
         return tuple(self.train)
 
     def summary(self) -> dict[str, dict[str, int]]:
-        return {d: {"train_tokens": int(self.train[d].numel()), "val_tokens": int(self.val[d].numel())}
-                for d in self.train}
+        return {
+            d: {"train_tokens": int(self.train[d].numel()), "val_tokens": int(self.val[d].numel())} for d in self.train
+        }
 
 
 def _pack(tokenizer, docs: list[Document]) -> np.ndarray:
@@ -117,8 +118,9 @@ class MixtureSampler:
         weights = check_mixture(mixture, self.domains)
         for d, w in weights.items():
             if w > 0 and self.streams[d].numel() < seq_len + 2:
-                raise ValueError(f"seq_len={seq_len} is not allowed: domain {d!r} has only "
-                                 f"{self.streams[d].numel()} training tokens")
+                raise ValueError(
+                    f"seq_len={seq_len} is not allowed: domain {d!r} has only {self.streams[d].numel()} training tokens"
+                )
         probs = torch.tensor([weights[d] for d in self.domains], dtype=torch.float64)
         picks = torch.multinomial(probs, batch_size, replacement=True, generator=self.generator).tolist()
         rows = []
@@ -126,7 +128,7 @@ class MixtureSampler:
             d = self.domains[i]
             stream = self.streams[d]
             start = int(torch.randint(0, stream.numel() - seq_len, (1,), generator=self.generator))
-            rows.append(stream[start:start + seq_len + 1])
+            rows.append(stream[start : start + seq_len + 1])
             self.rows_drawn[d] += 1
         window = torch.stack(rows).long()
         return window[:, :-1], window[:, 1:]
@@ -136,8 +138,10 @@ class MixtureSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state.get("rows_drawn", {})) != set(self.domains):
-            raise ValueError(f"sampler state covers domains {sorted(state.get('rows_drawn', {}))}, this data has "
-                             f"{sorted(self.domains)}")
+            raise ValueError(
+                f"sampler state covers domains {sorted(state.get('rows_drawn', {}))}, this data has "
+                f"{sorted(self.domains)}"
+            )
         self.generator.set_state(state["generator"])
         self.rows_drawn = dict(state["rows_drawn"])
 
@@ -150,7 +154,7 @@ def eval_windows(stream: torch.Tensor, seq_len: int, max_windows: int) -> tuple[
         raise ValueError(f"seq_len={seq_len} is not allowed: the validation stream has only {stream.numel()} tokens")
     n = min(max_windows, n_fit)
     starts = [(i * n_fit // n) * seq_len for i in range(n)]
-    window = torch.stack([stream[s:s + seq_len + 1] for s in starts]).long()
+    window = torch.stack([stream[s : s + seq_len + 1] for s in starts]).long()
     return window[:, :-1], window[:, 1:]
 
 

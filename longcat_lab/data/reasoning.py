@@ -37,8 +37,28 @@ class SplitMix64:
 
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
-_NAMES = ("Ada", "Bram", "Chloe", "Dev", "Esme", "Farid", "Gwen", "Hugo", "Ines", "Jonah", "Kira", "Luca", "Mei",
-          "Nils", "Olga", "Pablo", "Quinn", "Rosa", "Sami", "Tess")
+_NAMES = (
+    "Ada",
+    "Bram",
+    "Chloe",
+    "Dev",
+    "Esme",
+    "Farid",
+    "Gwen",
+    "Hugo",
+    "Ines",
+    "Jonah",
+    "Kira",
+    "Luca",
+    "Mei",
+    "Nils",
+    "Olga",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tess",
+)
 _ITEMS = ("apples", "books", "coins", "stamps", "marbles", "tickets", "bricks", "shells", "pencils", "seeds")
 _BOXES = ("boxes", "crates", "bags", "jars", "trays")
 
@@ -48,12 +68,14 @@ def reasoning_problem(rng: SplitMix64) -> str:
     last step's result. Division only ever divides exactly."""
     kind = rng.randint(0, 2)
     steps: list[tuple[int, str, int]] = []
-    if kind == 0:   # a word problem: groups, a loss, a gain, sometimes an equal share
+    if kind == 0:  # a word problem: groups, a loss, a gain, sometimes an equal share
         name, item, box = rng.choice(_NAMES), rng.choice(_ITEMS), rng.choice(_BOXES)
         groups, per, lost, gained = rng.randint(2, 12), rng.randint(3, 25), rng.randint(1, 20), rng.randint(1, 40)
         lost = min(lost, groups * per - 1)
-        text = (f"{name} has {groups} {box} with {per} {item} in each. {name} gives away {lost} {item} "
-                f"and then finds {gained} more.")
+        text = (
+            f"{name} has {groups} {box} with {per} {item} in each. {name} gives away {lost} {item} "
+            f"and then finds {gained} more."
+        )
         steps = [(groups, "*", per), (None, "-", lost), (None, "+", gained)]
         share = rng.randint(2, 6)
         total = groups * per - lost + gained
@@ -77,13 +99,15 @@ def reasoning_problem(rng: SplitMix64) -> str:
             steps.append((None if steps else start, op, b))
             steps_text.append({"+": f"add {b}", "-": f"subtract {b}", "*": f"multiply by {b}"}[op])
         text += " Then " + ", then ".join(steps_text) + ". What is the result?"
-    else:            # prices: quantity times price, a discount, change from a payment
+    else:  # prices: quantity times price, a discount, change from a payment
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
         qty, price, off = rng.randint(2, 15), rng.randint(2, 30), rng.randint(1, 10)
         total = qty * price - off
         paid = (total // 50 + 1) * 50
-        text = (f"{name} buys {qty} {item} at {price} dollars each, gets a discount of {off} dollars, and pays with "
-                f"{paid} dollars. How much change does {name} get?")
+        text = (
+            f"{name} buys {qty} {item} at {price} dollars each, gets a discount of {off} dollars, and pays with "
+            f"{paid} dollars. How much change does {name} get?"
+        )
         steps = [(qty, "*", price), (None, "-", off), (paid, "-", None)]
     lines = [f"Problem: {text}"]
     value = None
@@ -120,7 +144,7 @@ def check_solution(text: str) -> bool:
             return False
         known.add(c)
         result = c
-    answer = lines[-1][len("Answer: "):].strip()
+    answer = lines[-1][len("Answer: ") :].strip()
     return result is not None and re.fullmatch(r"-?\d+", answer) is not None and int(answer) == result
 
 

@@ -43,5 +43,14 @@ def token_classes(tokens: list[str], code: bool = False) -> list[str]:
     return [token_class(t, code) for t in tokens]
 
 
-__all__ = ["TOKEN_CLASSES", "CODE_KEYWORDS", "token_class", "token_classes",
-           "WHITESPACE", "DIGITS", "PUNCTUATION", "KEYWORD", "WORD"]
+__all__ = [
+    "TOKEN_CLASSES",
+    "CODE_KEYWORDS",
+    "token_class",
+    "token_classes",
+    "WHITESPACE",
+    "DIGITS",
+    "PUNCTUATION",
+    "KEYWORD",
+    "WORD",
+]

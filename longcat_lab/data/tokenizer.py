@@ -30,11 +30,19 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
     check_int("vocab_size", vocab_size, 258)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -60,7 +68,7 @@ def load_tokenizer(vocab_size: int = 4096, config: DataConfig | None = None, cor
     if path.is_file():
         try:
             return Tokenizer.from_file(str(path))
-        except Exception:              # a damaged cache entry is rebuilt, not trusted
+        except Exception:  # a damaged cache entry is rebuilt, not trusted
             path.unlink(missing_ok=True)
     tok = train_tokenizer(texts, vocab_size)
     atomic_write_bytes(path, tok.to_str().encode())

@@ -44,10 +44,27 @@ TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
 # ModelConfig fields that config.json stores under the same name (export is a rename, docs/design.md D1).
-SHARED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "head_dim", "ffn_hidden_size",
-                 "n_routed_experts", "zero_expert_num", "moe_topk", "expert_ffn_hidden_size",
-                 "routed_scaling_factor", "max_position_embeddings", "rms_norm_eps", "initializer_range")
+SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "head_dim",
+    "ffn_hidden_size",
+    "n_routed_experts",
+    "zero_expert_num",
+    "moe_topk",
+    "expert_ffn_hidden_size",
+    "routed_scaling_factor",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "initializer_range",
+)
 # Fused expert tensors in our state dict: layers.{l}.mlp.experts.{gate_up_proj [N, 2F, D], down_proj [N, D, F]}.
 FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight.
@@ -58,14 +75,19 @@ IGNORED_HUB_PREFIX = "model.mtp."
 
 
 # Config ----------------------------------------------------------------------------------------------------------
-def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_token_id: int | None = None,
-                   eos_token_id: int | None = None) -> dict[str, Any]:
+def hf_config_dict(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> dict[str, Any]:
     """The config.json of an exported model. bos/eos default to None because the ids depend on the tokenizer the
     model was trained with (transformers' own defaults, 1 and 2, would make its generate() stop at token 2)."""
     if config.layer_style != "scmoe":
         raise ValueError(
             f"layer_style={config.layer_style!r} cannot be exported: transformers' LongcatFlashForCausalLM (and "
-            "vLLM/SGLang) implement only the shortcut-connected layer, layer_style='scmoe'")
+            "vLLM/SGLang) implement only the shortcut-connected layer, layer_style='scmoe'"
+        )
     out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
     out.update({name: getattr(config, name) for name in SHARED_FIELDS})
     out.update(
@@ -76,7 +98,7 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32, bos_
         attention_dropout=0.0,
         tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},  # transformers 5.x
-        rope_theta=config.rope_theta,                                                # transformers 4.57
+        rope_theta=config.rope_theta,  # transformers 4.57
         rope_scaling=None,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
@@ -101,8 +123,10 @@ def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConf
     architectures = data.get("architectures") or []
     # The Meituan hub config.json has no model_type but names the architecture (docs/design.md §5).
     if model_type != MODEL_TYPE and not (model_type is None and ARCHITECTURE in architectures):
-        raise ValueError(f"{source}: model_type={model_type!r}, architectures={architectures!r} does not describe a "
-                         f"LongCat-Flash model: expected model_type={MODEL_TYPE!r} or architectures [{ARCHITECTURE!r}]")
+        raise ValueError(
+            f"{source}: model_type={model_type!r}, architectures={architectures!r} does not describe a "
+            f"LongCat-Flash model: expected model_type={MODEL_TYPE!r} or architectures [{ARCHITECTURE!r}]"
+        )
 
     def require(field: str, value: Any, allowed: Any, why: str) -> None:
         if value != allowed:
@@ -125,8 +149,10 @@ def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConf
     fields["rope_theta"] = rope.get("rope_theta", data.get("rope_theta", defaults.rope_theta))
     qk_head_dim = data.get("qk_head_dim")
     if qk_head_dim is not None and qk_head_dim != fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]:
-        raise ValueError(f"{source}: qk_head_dim={qk_head_dim!r} is not supported: it must equal qk_nope_head_dim + "
-                         f"qk_rope_head_dim = {fields['qk_nope_head_dim'] + fields['qk_rope_head_dim']}")
+        raise ValueError(
+            f"{source}: qk_head_dim={qk_head_dim!r} is not supported: it must equal qk_nope_head_dim + "
+            f"qk_rope_head_dim = {fields['qk_nope_head_dim'] + fields['qk_rope_head_dim']}"
+        )
     try:
         return ModelConfig(**fields, layer_style="scmoe")
     except (TypeError, ValueError) as err:
@@ -148,14 +174,14 @@ def to_hub_state_dict(model: LongCatLM) -> dict[str, torch.Tensor]:
             out[key if key.startswith("lm_head.") else f"model.{key}"] = tensor.contiguous()
             continue
         prefix = f"model.layers.{fused.group(1)}.mlp.experts"
-        if fused.group(2) == "gate_up_proj":                      # [N, 2F, D], rows [gate ; up]
+        if fused.group(2) == "gate_up_proj":  # [N, 2F, D], rows [gate ; up]
             for e in range(N):
                 out[f"{prefix}.{e}.gate_proj.weight"] = tensor[e, :F_].contiguous()
                 out[f"{prefix}.{e}.up_proj.weight"] = tensor[e, F_:].contiguous()
-            for e in range(N, N + Z):                             # transformers 5.x allocates these; never used
+            for e in range(N, N + Z):  # transformers 5.x allocates these; never used
                 out[f"{prefix}.{e}.gate_proj.weight"] = torch.zeros_like(tensor[0, :F_])
                 out[f"{prefix}.{e}.up_proj.weight"] = torch.zeros_like(tensor[0, F_:])
-        else:                                                     # [N, D, F]
+        else:  # [N, D, F]
             for e in range(N):
                 out[f"{prefix}.{e}.down_proj.weight"] = tensor[e].contiguous()
     return out
@@ -170,12 +196,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_shape(source: str, key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{source}: tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)} "
-                         "for the config in config.json")
+        raise ValueError(
+            f"{source}: tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)} "
+            "for the config in config.json"
+        )
 
 
-def from_hub_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
-                        source: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
+def from_hub_state_dict(
+    tensors: dict[str, torch.Tensor], config: ModelConfig, source: str = WEIGHTS_NAME
+) -> dict[str, torch.Tensor]:
     """The inverse of `to_hub_state_dict`: our flat state dict, every key and shape checked against `config`.
 
     Zero experts' gate/up tensors and `model.mtp.*` are skipped (transformers does not use them either); 5.x-style
@@ -194,10 +223,10 @@ def from_hub_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
                 check_shape(source, key, tensor, (D, F_) if proj == "down_proj" else (F_, D))
                 experts.setdefault((layer, proj), {})[e] = tensor
             elif not (e < config.num_experts and proj != "down_proj"):
-                unexpected.append(key)                            # zero experts may own gate/up only
+                unexpected.append(key)  # zero experts may own gate/up only
         elif match := HUB_FUSED_KEY.match(key):
             if match.group(2) == "gate_up_proj" and tensor.dim() == 3 and tensor.shape[0] == config.num_experts:
-                tensor = tensor[:N]                               # rows past N belong to the zero experts
+                tensor = tensor[:N]  # rows past N belong to the zero experts
             out[f"layers.{match.group(1)}.mlp.experts.{match.group(2)}"] = tensor
         elif key.startswith("lm_head."):
             out[key] = tensor
@@ -208,8 +237,10 @@ def from_hub_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
     for (layer, proj), by_expert in sorted(experts.items()):
         missing = sorted(set(range(N)) - set(by_expert))
         if missing:
-            raise ValueError(f"{source}: layer {layer} has {proj} for experts {sorted(by_expert)} but not for "
-                             f"{missing} (n_routed_experts={N})")
+            raise ValueError(
+                f"{source}: layer {layer} has {proj} for experts {sorted(by_expert)} but not for "
+                f"{missing} (n_routed_experts={N})"
+            )
         experts[layer, proj] = torch.stack([by_expert[e] for e in range(N)])
     for layer, proj in sorted(experts):
         prefix = f"layers.{layer}.mlp.experts"
@@ -223,8 +254,10 @@ def from_hub_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig,
             raise ValueError(f"{source}: layer {layer} has expert up_proj but no gate_proj tensors")
     unexpected += [hub_name(k) for k in out if k not in expected]
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor(s) {sorted(unexpected)[:8]} ({len(unexpected)} in all) "
-                         "for the config in config.json")
+        raise ValueError(
+            f"{source}: unexpected tensor(s) {sorted(unexpected)[:8]} ({len(unexpected)} in all) "
+            "for the config in config.json"
+        )
     missing = sorted(hub_name(k) for k in set(expected) - set(out))
     if missing:
         raise ValueError(f"{source}: missing tensor(s) {missing[:8]} ({len(missing)} in all)")
@@ -239,8 +272,9 @@ def hub_name(key: str) -> str:
 
 
 # Folders -----------------------------------------------------------------------------------------------------------
-def save_hf(model: LongCatLM, path: str | os.PathLike, *, tokenizer=None, eos_token: str | None = None,
-            overwrite: bool = False) -> Path:
+def save_hf(
+    model: LongCatLM, path: str | os.PathLike, *, tokenizer=None, eos_token: str | None = None, overwrite: bool = False
+) -> Path:
     """Write `model` as a Hugging Face LongCat-Flash folder (config.json + model.safetensors) at `path`.
 
     With a `tokenizers.Tokenizer`, also tokenizer.json and a tokenizer_config.json that `AutoTokenizer` (and so
@@ -260,8 +294,9 @@ def save_hf(model: LongCatLM, path: str | os.PathLike, *, tokenizer=None, eos_to
         if eos_token_id is None:
             raise ValueError(f"eos_token={eos_token!r} is not in the tokenizer's vocabulary")
     if tokenizer is not None and tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
-                         f"vocab_size={model.config.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size={model.config.vocab_size}"
+        )
     config = hf_config_dict(model.config, model.lm_head.weight.dtype, eos_token_id=eos_token_id)
     tensors = to_hub_state_dict(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,9 +306,12 @@ def save_hf(model: LongCatLM, path: str | os.PathLike, *, tokenizer=None, eos_to
         (tmp / CONFIG_NAME).write_bytes(json_bytes(config))
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())
-            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token,
-                                "model_max_length": model.config.max_position_embeddings,
-                                "clean_up_tokenization_spaces": False}
+            tokenizer_config = {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": eos_token,
+                "model_max_length": model.config.max_position_embeddings,
+                "clean_up_tokenization_spaces": False,
+            }
             (tmp / TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         replace_dir(tmp, path)
     except BaseException:
@@ -300,13 +338,14 @@ def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 tensors[key] = f.get_tensor(key)
     return tensors
 
 
-def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
-            device: str | torch.device = "cpu") -> LongCatLM:
+def load_hf(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+) -> LongCatLM:
     """Load a Hugging Face LongCat-Flash folder (ours or transformers' `save_pretrained`) into a `LongCatLM` in eval
     mode, cast to `dtype` (None keeps the checkpoint's dtype)."""
     path = Path(path)
@@ -337,8 +376,9 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float3
     return model.to(device).eval()
 
 
-def serve_commands(path: str | os.PathLike, served_name: str = "longcat-lab", dtype: str = "bfloat16",
-                   port: int = 8000) -> dict[str, str]:
+def serve_commands(
+    path: str | os.PathLike, served_name: str = "longcat-lab", dtype: str = "bfloat16", port: int = 8000
+) -> dict[str, str]:
     """Shell commands that serve an exported folder with vLLM and SGLang (both register LongcatFlashForCausalLM)
     and query it. They need a CUDA GPU; nothing here runs them. Without tokenizer files in the folder, the engines
     skip tokenizer set-up and take token ids."""
@@ -351,9 +391,9 @@ def serve_commands(path: str | os.PathLike, served_name: str = "longcat-lab", dt
     prompt = '"prompt": [1, 2, 3]' if no_tokenizer else '"prompt": "To be, or not to be"'
     return {
         "vllm": f"vllm serve {path} --served-model-name {served_name} --dtype {dtype} --max-model-len {context} "
-                f"--port {port}{skip}",
+        f"--port {port}{skip}",
         "sglang": f"python -m sglang.launch_server --model-path {path} --served-model-name {served_name} "
-                  f"--dtype {dtype} --context-length {context} --port {port}{skip}",
+        f"--dtype {dtype} --context-length {context} --port {port}{skip}",
         "query": f"curl http://localhost:{port}/v1/completions -H 'Content-Type: application/json' "
-                 f"-d '{{\"model\": \"{served_name}\", {prompt}, \"max_tokens\": 32, \"temperature\": 0}}'",
+        f'-d \'{{"model": "{served_name}", {prompt}, "max_tokens": 32, "temperature": 0}}\'',
     }

@@ -25,8 +25,20 @@ TENSOR_GROUPS = (
     ("norms", re.compile(r"norm")),
 )
 PADDING = "zero-expert padding (5.x)"
-DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> dict[str, int]:
@@ -39,7 +51,7 @@ def checkpoint_bytes(path: str | os.PathLike) -> dict[str, int]:
     sizes = {name: 0 for name, _ in TENSOR_GROUPS} | {PADDING: 0, "other": 0}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 part = f.get_slice(key)
                 nbytes = DTYPE_BYTES[part.get_dtype()]
                 for dim in part.get_shape():

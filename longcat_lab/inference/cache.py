@@ -69,8 +69,9 @@ class LatentCache:
         self._angles: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rotation: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def angles(self, config: ModelConfig, past: int, length: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def angles(
+        self, config: ModelConfig, past: int, length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`rope_angles` of positions past..past+length-1, sliced from a table over the cache's capacity (built on
         first use) when the capacity is known: a decoding step then slices instead of recomputing them."""
         if self.capacity is None or past + length > self.capacity:
@@ -78,7 +79,7 @@ class LatentCache:
         if self._angles is None:
             self._angles = rope_angles(config, torch.arange(self.capacity, device=device))
         cos, sin = self._angles
-        return cos[past:past + length], sin[past:past + length]
+        return cos[past : past + length], sin[past : past + length]
 
     def derived(self, key: tuple, sources, build):
         """The store's value for `key` (built by `build()` from the tensors `sources()` returns), looked up in the
@@ -97,8 +98,9 @@ class LatentCache:
             value = self.derived(key, lambda: weights, lambda: DecodingWeights.transpose(*weights))
         return value
 
-    def rotations(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, kv_rank: int,
-                  scale_kv: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotations(
+        self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, kv_rank: int, scale_kv: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE at one decoding position as two matrices [kv_rank + rope, kv_rank + rope] for absorbed decoding:
         [q_C' ; q_R] @ M_q == [q_C' ; RoPE(q_R)] and [c ; k_R] @ M_k == [scale_kv * c ; RoPE(k_R)]. Each is the
         identity (times scale_kv for M_k) with the rotation R in its last block, where x @ R == apply_rope(x, cos, sin)
@@ -147,7 +149,7 @@ class LatentCache:
         """One decoding step of absorbed attention: append the new token's latent, then softmax(q . [c_KV ; k_R])
         over all cached positions, weighted sum of c_KV. q_BHC [B, H, kv_lora_rank + rope] must already hold
         W_UK^T q_C next to the rotated q_R, with the softmax scale folded in. Returns [B, H, kv_lora_rank]."""
-        cached = self.append(block, latent_B1C)                             # [B, T, kv_rank + rope]
+        cached = self.append(block, latent_B1C)  # [B, T, kv_rank + rope]
         probs_BHT = torch.bmm(q_BHC, cached.transpose(1, 2)).softmax(dim=-1)
         return torch.bmm(probs_BHT, cached[..., :kv_rank])
 

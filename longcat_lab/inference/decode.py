@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from longcat_lab.inference.cache import DecodingWeights, LatentCache
-from longcat_lab.model.model import MLA, Experts
+from longcat_lab.model.model import MLA
+from longcat_lab.model.moe import Experts
 
 
 @torch.no_grad()
@@ -26,10 +27,10 @@ def absorbed_weights(mla: MLA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     (latent -> output)."""
     H, r, nope, rope, v_dim = mla.num_heads, mla.kv_rank, mla.nope, mla.rope, mla.v_dim
     w_kv = mla.kv_b_proj.weight.double().view(H, nope + v_dim, r)
-    w_uk, w_uv = w_kv.split([nope, v_dim], dim=1)                              # [H, nope, r], [H, v, r]
+    w_uk, w_uv = w_kv.split([nope, v_dim], dim=1)  # [H, nope, r], [H, v, r]
     w_q = mla.q_b_proj.weight.double().view(H, nope + rope, -1) * (mla.scale_q * mla.softmax_scale)
     w_q_nope, w_q_rope = w_q.split([nope, rope], dim=1)
-    w_q_latent = torch.einsum("hnr,hnq->hrq", w_uk, w_q_nope)                 # [H, r, q_lora_rank]
+    w_q_latent = torch.einsum("hnr,hnq->hrq", w_uk, w_q_nope)  # [H, r, q_lora_rank]
     w_query = torch.cat([w_q_latent, w_q_rope], dim=1).reshape(H * (r + rope), -1)
     w_out = torch.einsum("dhv,hvr->dhr", mla.o_proj.weight.double().view(-1, H, v_dim), w_uv)
     w_down = torch.cat([mla.q_a_proj.weight, mla.kv_a_proj_with_mqa.weight])
@@ -37,20 +38,27 @@ def absorbed_weights(mla: MLA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return w_down, w_query.to(dtype), w_out.reshape(-1, H * r).to(dtype)
 
 
-def absorbed_attention(mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       cache: LatentCache) -> torch.Tensor:
+def absorbed_attention(
+    mla: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache
+) -> torch.Tensor:
     """`MLA.forward` for one new position per sequence (x [B, 1, D]), in latent space: append this position's
     [c_KV ; RoPE(k_R)] to the cache and attend with the absorbed query over every cached position."""
     B, H, r, rope = x.shape[0], mla.num_heads, mla.kv_rank, mla.rope
-    w_down_t, w_query_t, w_out_t = cache.derived(   # transposed, for the reason `DecodingWeights` gives
+    w_down_t, w_query_t, w_out_t = cache.derived(  # transposed, for the reason `DecodingWeights` gives
         ("absorbed", mla.block_index),
-        lambda: (mla.q_a_proj.weight, mla.kv_a_proj_with_mqa.weight, mla.q_b_proj.weight,
-                 mla.kv_b_proj.weight, mla.o_proj.weight),
-        lambda: tuple(DecodingWeights.transpose(w) for w in absorbed_weights(mla)))
+        lambda: (
+            mla.q_a_proj.weight,
+            mla.kv_a_proj_with_mqa.weight,
+            mla.q_b_proj.weight,
+            mla.kv_b_proj.weight,
+            mla.o_proj.weight,
+        ),
+        lambda: tuple(DecodingWeights.transpose(w) for w in absorbed_weights(mla)),
+    )
     c_q, c_kv, k_rope = (x @ w_down_t).split([w_down_t.shape[1] - r - rope, r, rope], dim=-1)
     m_q, m_k = cache.rotations(cos, sin, x.dtype, r, mla.scale_kv)
-    q_BHC = (mla.q_a_layernorm(c_q) @ w_query_t).view(B, H, r + rope) @ m_q     # [W_UK^T q_C ; RoPE(q_R)]
-    latent_B1C = torch.cat([mla.kv_a_layernorm(c_kv), k_rope], dim=-1) @ m_k   # [alpha_kv c_KV ; RoPE(k_R)]
+    q_BHC = (mla.q_a_layernorm(c_q) @ w_query_t).view(B, H, r + rope) @ m_q  # [W_UK^T q_C ; RoPE(q_R)]
+    latent_B1C = torch.cat([mla.kv_a_layernorm(c_kv), k_rope], dim=-1) @ m_k  # [alpha_kv c_KV ; RoPE(k_R)]
     o_BHr = cache.attend(mla.block_index, q_BHC, latent_B1C, r)
     return o_BHr.reshape(B, 1, H * r) @ w_out_t
 
@@ -63,8 +71,13 @@ def transposed_experts(experts: Experts, cache: LatentCache | None) -> tuple[tor
     return experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
 
 
-def experts_one_token(experts: Experts, x_1D: torch.Tensor, topk_ids_1K: torch.Tensor,
-                      topk_weights_1K: torch.Tensor, cache: LatentCache | None) -> torch.Tensor:
+def experts_one_token(
+    experts: Experts,
+    x_1D: torch.Tensor,
+    topk_ids_1K: torch.Tensor,
+    topk_weights_1K: torch.Tensor,
+    cache: LatentCache | None,
+) -> torch.Tensor:
     """`Experts.forward` for T = 1 without the sort, gather and scatter: the same sum, expert by expert, since at
     one token the dispatch glue, not the arithmetic, is what costs. The weights come transposed, as
     `ExpertDispatch.compute` takes them, unbound into one tensor per expert (kept by the cache when there is one)."""
@@ -72,8 +85,12 @@ def experts_one_token(experts: Experts, x_1D: torch.Tensor, topk_ids_1K: torch.T
 
     def unbind():
         return gate_up_t.unbind(0), down_t.unbind(0)
-    gate_up_e, down_e = unbind() if cache is None else cache.derived(
-        (id(experts), "per expert"), lambda: (experts.gate_up_proj, experts.down_proj), unbind)
+
+    gate_up_e, down_e = (
+        unbind()
+        if cache is None
+        else cache.derived((id(experts), "per expert"), lambda: (experts.gate_up_proj, experts.down_proj), unbind)
+    )
     N = experts.n_ffn
     # The block's host syncs (ids and weights as Python numbers): each expert's weight then rides in addmm's
     # alpha, so one op adds a weighted expert, and the zero experts' total weight scales x once.

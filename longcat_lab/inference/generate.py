@@ -22,9 +22,17 @@ if TYPE_CHECKING:  # annotations only: the model module imports this one when it
 
 
 @torch.inference_mode()
-def stream(model: LongCatLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, use_cache: bool = True,
-           return_logits: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+def stream(
+    model: LongCatLM,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    return_logits: bool = False,
+) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Yield each new token ([B, 1]) as it is decoded; greedy at temperature 0, else top-p sampling. With
     return_logits=True yield (token, logits [B, vocab] in fp32, before temperature) instead.
 
@@ -41,14 +49,18 @@ def stream(model: LongCatLM, idx: torch.Tensor, max_new_tokens: int, temperature
     model.check_ids("idx", idx)
     limit = model.config.max_position_embeddings
     if idx.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds "
-                         f"max_position_embeddings={limit}")
+        raise ValueError(
+            f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds max_position_embeddings={limit}"
+        )
     was_training = model.training
     model.eval()
     try:
         # A fresh cache per call, lending the model's decoding weights (rebuilt where a weight has changed).
-        cache = LatentCache(2 * model.config.num_layers, idx.shape[1] + max_new_tokens,
-                            model.decoding_weights) if use_cache else None
+        cache = (
+            LatentCache(2 * model.config.num_layers, idx.shape[1] + max_new_tokens, model.decoding_weights)
+            if use_cache
+            else None
+        )
         seq = inputs = idx.long()
         for _ in range(max_new_tokens):
             logits = model.forward(inputs, None, False, cache, 1, validate=False)[0][:, -1]
@@ -59,16 +71,16 @@ def stream(model: LongCatLM, idx: torch.Tensor, max_new_tokens: int, temperature
             else:
                 inputs = token
     finally:
-        nn.Module.train(model, was_training)   # not model.train: keep the decoding weights for the next call
+        nn.Module.train(model, was_training)  # not model.train: keep the decoding weights for the next call
 
 
 @torch.no_grad()
-def generate(model: LongCatLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
-             return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    model: LongCatLM, idx: torch.Tensor, max_new_tokens: int, *, return_logits: bool = False, **options
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Return idx followed by max_new_tokens decoded tokens ([B, S + max_new_tokens]); with return_logits=True
-    also the logits each token was drawn from ([B, max_new_tokens, vocab], fp32)."""
-    steps = list(stream(model, idx, max_new_tokens, temperature, top_p, generator, use_cache, return_logits))
+    also the logits each token was drawn from ([B, max_new_tokens, vocab], fp32). Other options as in `stream`."""
+    steps = list(stream(model, idx, max_new_tokens, return_logits=return_logits, **options))
     tokens = [s[0] for s in steps] if return_logits else steps
     ids = torch.cat([idx.long(), *tokens], dim=1)
     if not return_logits:
@@ -78,8 +90,9 @@ def generate(model: LongCatLM, idx: torch.Tensor, max_new_tokens: int, temperatu
     return ids, logits
 
 
-def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Greedy argmax at temperature 0; otherwise sample from the smallest set of tokens whose probability mass
     reaches top_p (always at least the most likely one). Returns [B, 1] token ids."""
     if temperature == 0:

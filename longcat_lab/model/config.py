@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from longcat_lab._util import check_choice, check_positive_float, check_positive_int, from_known_fields
+from longcat_lab._util import check_choice, check_int, check_positive_float, from_known_fields
 
 LAYER_STYLES = ("scmoe", "vanilla", "dense")
-IGNORE_INDEX = -100   # a target id that the loss skips (F.cross_entropy's default)
+IGNORE_INDEX = -100  # a target id that the loss skips (F.cross_entropy's default)
 
 
 @dataclass
@@ -63,26 +63,28 @@ class ModelConfig:
     layer_style: str = "scmoe"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank",
-                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "head_dim",
-                     "ffn_hidden_size", "n_routed_experts", "moe_topk", "expert_ffn_hidden_size",
-                     "max_position_embeddings"):
-            check_positive_int(name, getattr(self, name))
-        check_positive_int("zero_expert_num", self.zero_expert_num, allow_zero=True)
-        for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"):
-            check_positive_float(name, getattr(self, name))
+        # Every size is a positive int (zero experts may be absent); every float is a finite positive number.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                check_int(f.name, value, 0 if f.name == "zero_expert_num" else 1)
+            elif f.type == "float":
+                check_positive_float(f.name, value)
         total = self.n_routed_experts + self.zero_expert_num
         if self.moe_topk > total:
             raise ValueError(
                 f"moe_topk={self.moe_topk} is not allowed: it must be between 1 and "
-                f"n_routed_experts + zero_expert_num = {total}")
+                f"n_routed_experts + zero_expert_num = {total}"
+            )
         if self.head_dim != self.qk_rope_head_dim:
             raise ValueError(
                 f"head_dim={self.head_dim} is not allowed: it must equal qk_rope_head_dim={self.qk_rope_head_dim} "
-                "(transformers takes the RoPE frequencies from head_dim)")
+                "(transformers takes the RoPE frequencies from head_dim)"
+            )
         if self.qk_rope_head_dim % 2:
             raise ValueError(
-                f"qk_rope_head_dim={self.qk_rope_head_dim} is not allowed: RoPE rotates pairs, so it must be even")
+                f"qk_rope_head_dim={self.qk_rope_head_dim} is not allowed: RoPE rotates pairs, so it must be even"
+            )
         check_choice("layer_style", self.layer_style, LAYER_STYLES)
 
     # Derived sizes ---------------------------------------------------------------------------------------------
@@ -121,8 +123,9 @@ class ModelConfig:
             raise ValueError(f"{name} has shape {tuple(ids.shape)}: the sequence is empty")
         limit = self.max_position_embeddings
         if past + ids.shape[1] > limit:
-            raise ValueError(f"{name}: {past} cached + {ids.shape[1]} new positions exceed "
-                             f"max_position_embeddings={limit}")
+            raise ValueError(
+                f"{name}: {past} cached + {ids.shape[1]} new positions exceed max_position_embeddings={limit}"
+            )
         lo, hi = (int(v) for v in torch.aminmax(ids.long()))
         low_ok = lo >= 0 or (allow_ignore and lo == IGNORE_INDEX and not bool((ids < IGNORE_INDEX).any()))
         if not low_ok or hi >= self.vocab_size:

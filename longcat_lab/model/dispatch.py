@@ -21,7 +21,7 @@ import torch
 from longcat_lab.model.routing import RouterOutput
 
 if TYPE_CHECKING:  # annotations only: model.py imports this module
-    from longcat_lab.model.model import MoE
+    from longcat_lab.model.moe import MoE
 
 
 def region(name: str) -> contextlib.AbstractContextManager:

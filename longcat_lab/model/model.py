@@ -34,9 +34,9 @@ from torch import nn
 
 from longcat_lab._util import check_choice
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
-from longcat_lab.model.dispatch import LocalDispatcher, MoEPending, region
-from longcat_lab.model.ops.expert_dispatch import ExpertDispatch, to_dtype
-from longcat_lab.model.routing import LayerRouting, RouterOutput, Routing
+from longcat_lab.model.dispatch import region
+from longcat_lab.model.moe import MoE
+from longcat_lab.model.routing import LayerRouting, Routing
 from longcat_lab.perf import accounting
 
 # `longcat_lab.inference` builds on this module (it imports the model classes), so this module reaches it inside
@@ -97,34 +97,41 @@ class MLA(nn.Module):
         c = config
         self.block_index = block_index  # 2 * layer + i: this block's slot in the KV cache, as transformers
         self.num_heads = c.num_attention_heads
-        self.nope, self.rope, self.v_dim, self.kv_rank = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
-                                                          c.kv_lora_rank)
+        self.nope, self.rope, self.v_dim, self.kv_rank = (
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        )
         self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
         self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
         self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
-                                   bias=False)
+        self.kv_b_proj = nn.Linear(
+            c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
         self.scale_q = math.sqrt(c.hidden_size / c.q_lora_rank)
         self.scale_kv = math.sqrt(c.hidden_size / c.kv_lora_rank)
-        self.softmax_scale = c.qk_head_dim ** -0.5
+        self.softmax_scale = c.qk_head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+    ) -> torch.Tensor:
         B, S, _ = x.shape
         if S == 1 and cache is not None and not torch.is_grad_enabled():
             from longcat_lab.inference.decode import absorbed_attention
+
             return absorbed_attention(self, x, cos, sin, cache)
         H = self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) * self.scale_q
-        q = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)            # [B, H, S, nope + rope]
+        q = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)  # [B, H, S, nope + rope]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv) * self.scale_kv                       # [B, S, kv_rank]
+        c_kv = self.kv_a_layernorm(c_kv) * self.scale_kv  # [B, S, kv_rank]
         q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope, cos, sin)                                  # [B, S, rope], shared by all heads
+        k_rope = apply_rope(k_rope, cos, sin)  # [B, S, rope], shared by all heads
         if cache is not None:
             c_kv, k_rope = cache.update(self.block_index, c_kv, k_rope)
         total = c_kv.shape[1]
@@ -139,6 +146,7 @@ class MLA(nn.Module):
             allowed = torch.ones(S, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
 
 # Dense FFN -----------------------------------------------------------------------------------------------------
 class SwiGLU(nn.Module):
@@ -157,132 +165,8 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# Router --------------------------------------------------------------------------------------------------------
-class Router(nn.Module):
-    """p = softmax(W_r u) in fp32; S = TopK(p + b); weights = gamma * p_S (paper Eq. 1, 8; docs/design.md D2).
-
-    `e_score_correction_bias` (b, over FFN and zero experts) is a persistent buffer that changes selection only.
-    `expert_counts` is a non-persistent buffer of selections per expert that only training forwards add to; the
-    controller reads and clears it once per optimizer step. `force_balanced` (for tests) makes token t choose
-    experts (t*K + j) mod E, so every expert is used while weights still come from the router."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.top_k = config.moe_topk
-        self.num_experts = config.num_experts
-        self.scale = config.routed_scaling_factor
-        self.classifier = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
-        self.register_buffer("expert_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
-        self.force_balanced = False
-
-    def forward(self, u_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = F.linear(to_dtype(u_TD, torch.float32), to_dtype(self.classifier.weight, torch.float32))
-        probs_TE = logits_TE.softmax(dim=-1)
-        with torch.no_grad():
-            if self.force_balanced:
-                T = u_TD.shape[0]
-                slots_TK = torch.arange(T, device=u_TD.device)[:, None] * self.top_k + torch.arange(
-                    self.top_k, device=u_TD.device)
-                topk_ids_TK = slots_TK % self.num_experts
-            else:
-                topk_ids_TK = torch.topk(probs_TE + self.e_score_correction_bias, self.top_k, dim=-1).indices
-            if self.training:
-                self.expert_counts += torch.bincount(topk_ids_TK.flatten(), minlength=self.num_experts)
-        topk_weights_TK = probs_TE.gather(1, topk_ids_TK) * self.scale
-        return RouterOutput(topk_ids_TK, topk_weights_TK, logits_TE, probs_TE)
-
-
-# Experts -------------------------------------------------------------------------------------------------------
-class Experts(nn.Module):
-    """N SwiGLU experts as stacked weights (gate and up fused, as transformers 5.x) and Z identity experts with none.
-
-    Dispatch: sort the T*K (token, expert) pairs by expert, run each FFN expert on its contiguous slice, scale by the
-    pair's weight and scatter-add back; the zero experts add weight * x in one elementwise step. Without gradients the
-    grouped kernel runs outside autograd, and a single token (batch-1 decoding) skips the sort: each chosen expert
-    runs on it directly (`longcat_lab.inference.decode`). Given a decoding `LatentCache` (and no gradients), the
-    weights come from its transposed copies (`LatentCache.transposed`)."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        N, D, F_ = config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size
-        self.n_ffn = N
-        self.gate_up_proj = nn.Parameter(torch.empty(N, 2 * F_, D))  # per expert [gate ; up], Linear layout
-        self.down_proj = nn.Parameter(torch.empty(N, D, F_))
-
-    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                cache: LatentCache | None = None) -> torch.Tensor:
-        K = topk_ids_TK.shape[1]
-        N = self.n_ffn
-        grad = torch.is_grad_enabled()
-        if not grad:
-            from longcat_lab.inference import decode
-            if x_TD.shape[0] == 1:
-                return decode.experts_one_token(self, x_TD, topk_ids_TK, topk_weights_TK, cache)
-        ids_P = topk_ids_TK.reshape(-1)                               # P = T*K pairs
-        order_P = torch.argsort(ids_P, stable=True)                   # FFN experts (ids < N) sort first
-        counts_N = torch.bincount(ids_P, minlength=N + 1)[:N]
-        sizes = counts_N.tolist()                                     # the block's one host sync: slice sizes
-        n_pairs = sum(sizes)
-        pair_idx = order_P[:n_pairs]
-        token_idx = pair_idx // K
-        zero_weight_T1 = topk_weights_TK.masked_fill(topk_ids_TK < N, 0.0).sum(dim=-1, keepdim=True)
-        out_TD = to_dtype(zero_weight_T1, x_TD.dtype) * x_TD
-        if not n_pairs:
-            return out_TD
-        weights_P = topk_weights_TK.reshape(-1)[pair_idx]
-        if grad:
-            return out_TD + ExpertDispatch.apply(x_TD, token_idx, weights_P, self.gate_up_proj, self.down_proj, sizes)
-        weights_t = decode.transposed_experts(self, cache)
-        return out_TD + to_dtype(ExpertDispatch.compute(x_TD, token_idx, weights_P, *weights_t, sizes)[0], x_TD.dtype)
-
-
-# MoE -----------------------------------------------------------------------------------------------------------
-class MoE(nn.Module):
-    """MoE(u) = sum over chosen i of gamma * p_i * E_i(u), E_i a SwiGLU expert (i < N) or the identity (paper Eq. 1).
-
-    Runs in three steps so that the layer can overlap the experts with dense work (docs/design.md §1): `start`
-    routes and hands the tokens to `dispatcher` (`LocalDispatcher` unless `longcat_lab.parallel` swapped it),
-    `compute` runs the experts, `finish` returns the output and the `LayerRouting`. `forward` does all three."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.n_ffn = config.n_routed_experts
-        self.router = Router(config)
-        self.experts = Experts(config)
-        self.dispatcher = LocalDispatcher()
-
-    def start(self, u: torch.Tensor, cache: LatentCache | None = None) -> MoEPending:
-        """Route u [B, S, D] and start the dispatch. A decoding `cache` lends the experts its transposed weights."""
-        B, S, D = u.shape
-        u_TD = u.reshape(B * S, D)
-        with region("ep.router"):
-            routed = self.router(u_TD)
-        return MoEPending(u_TD, routed, (B, S, D), self.dispatcher.start(self, u_TD, routed, cache))
-
-    def compute(self, pending: MoEPending) -> MoEPending:
-        """Run the experts on the dispatched tokens; a no-op when they already ran."""
-        if not pending.computed:
-            pending.state = self.dispatcher.compute(self, pending)
-            pending.computed = True
-        return pending
-
-    def finish(self, pending: MoEPending, return_routing: bool = True) -> tuple[torch.Tensor, LayerRouting | None]:
-        """(MoE(u) [B, S, D], the block's `LayerRouting`, or None when return_routing is False: decoding skips
-        building it)."""
-        B, S, D = pending.shape
-        out_BSD = self.dispatcher.finish(self, self.compute(pending)).view(B, S, D)
-        if not return_routing:
-            return out_BSD, None
-        return out_BSD, LayerRouting.from_router(pending.routed, self.n_ffn, B, S)
-
-    def forward(self, u: torch.Tensor, return_routing: bool = True,
-                cache: LatentCache | None = None) -> tuple[torch.Tensor, LayerRouting | None]:
-        return self.finish(self.compute(self.start(u, cache)), return_routing)
-
-
 # The shortcut-connected layer ----------------------------------------------------------------------------------
-EXPERTS_AFTER = ("attn1", "ffn0")   # where a "scmoe" layer runs its experts: after MLA_1, or after FFN_0
+EXPERTS_AFTER = ("attn1", "ffn0")  # where a "scmoe" layer runs its experts: after MLA_1, or after FFN_0
 
 
 class LongCatLayer(nn.Module):
@@ -316,14 +200,20 @@ class LongCatLayer(nn.Module):
         check_choice("experts_after", value, EXPERTS_AFTER)
         self._experts_after = value
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
-                return_routing: bool = True) -> tuple[torch.Tensor, LayerRouting | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        return_routing: bool = True,
+    ) -> tuple[torch.Tensor, LayerRouting | None]:
         moe, routing = self.style != "dense", None
         with region("ep.attn0"):
             h1 = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, cache)
             u = self.post_attention_layernorm[0](h1)
         if self.style == "scmoe":
-            pending = self.mlp.start(u, cache)   # the shortcut: dispatch starts right after the first attention
+            pending = self.mlp.start(u, cache)  # the shortcut: dispatch starts right after the first attention
         with region("ep.ffn0"):
             h2 = h1 + self.mlps[0](u, cache)
         if self.style == "scmoe" and self.experts_after == "ffn0":
@@ -332,7 +222,7 @@ class LongCatLayer(nn.Module):
             h3 = h2 + self.self_attn[1](self.input_layernorm[1](h2), cos, sin, cache)
             v = self.post_attention_layernorm[1](h3)
         if self.style == "vanilla":
-            pending = self.mlp.start(v, cache)   # conventional: must wait for the second attention
+            pending = self.mlp.start(v, cache)  # conventional: must wait for the second attention
         if moe:
             pending = self.mlp.compute(pending)  # a no-op if the experts already ran
         else:  # before FFN_1, as the experts: autograd sums v's four gradients in an order this fixes
@@ -358,7 +248,8 @@ class LongCatLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         from longcat_lab.inference.cache import DecodingWeights
-        self.decoding_weights = DecodingWeights()   # what `stream` decodes with; dropped by train()
+
+        self.decoding_weights = DecodingWeights()  # what `stream` decodes with; dropped by train()
         self.reset_parameters()
 
     def train(self, mode: bool = True) -> LongCatLM:
@@ -396,8 +287,15 @@ class LongCatLM(nn.Module):
         self.config.check_ids(name, ids, past, allow_ignore)
 
     # Forward ---------------------------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_routing: bool = False,
-                cache: LatentCache | None = None, logits_to_keep: int = 0, validate: bool = True):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        return_routing: bool = False,
+        cache: LatentCache | None = None,
+        logits_to_keep: int = 0,
+        validate: bool = True,
+    ):
         """(logits [B, S, vocab] fp32 (the last `logits_to_keep` positions if > 0), mean loss or None), plus the
         `Routing` record with return_routing=True. `validate=False` skips `check_ids` (its host sync) for ids the
         caller produced or checked itself: the trainer's token streams, generated tokens."""
@@ -429,26 +327,26 @@ class LongCatLM(nn.Module):
                 logits = self.lm_head(h).float()
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.long().reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.shape[-1]), targets.long().reshape(-1), ignore_index=IGNORE_INDEX
+            )
         if return_routing:
             return logits, loss, Routing(layer_routing, last_hidden, self.config.n_routed_experts)
         return logits, loss
 
     # Generation (longcat_lab.inference.generate) --------------------------------------------------------------
-    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               generator: torch.Generator | None = None, use_cache: bool = True,
-               return_logits: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        """Yield each new token ([B, 1]) as it is decoded; see `longcat_lab.inference.generate.stream`."""
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, **options) -> Iterator[torch.Tensor]:
+        """Yield each new token ([B, 1]) as it is decoded. Options (`temperature`, `top_p`, `generator`,
+        `use_cache`, `return_logits`) as in `longcat_lab.inference.generate.stream`."""
         from longcat_lab.inference.generate import stream
-        return stream(self, idx, max_new_tokens, temperature, top_p, generator, use_cache, return_logits)
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, use_cache: bool = True,
-                 return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """idx followed by max_new_tokens decoded tokens; see `longcat_lab.inference.generate.generate`."""
+        return stream(self, idx, max_new_tokens, **options)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """idx followed by max_new_tokens decoded tokens. Options as in `longcat_lab.inference.generate.generate`."""
         from longcat_lab.inference.generate import generate
-        return generate(self, idx, max_new_tokens, temperature, top_p, generator, use_cache, return_logits)
+
+        return generate(self, idx, max_new_tokens, **options)
 
     # Accounting ------------------------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -459,6 +357,5 @@ class LongCatLM(nn.Module):
         """Activated parameters per token in the paper's convention; see `accounting.activated_params`."""
         return accounting.activated_params(self.config, ffn_experts_per_token)
 
-    def flops_per_token(self, seq_len: int, ffn_experts_per_token: float | None = None,
-                        training: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, ffn_experts_per_token: float | None = None, training: bool = True) -> float:
         return accounting.flops_per_token(self.config, seq_len, ffn_experts_per_token, training)

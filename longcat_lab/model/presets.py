@@ -18,12 +18,27 @@ def _preset(differences: dict[str, Any], overrides: dict[str, Any]) -> ModelConf
 
 def tiny(**overrides: Any) -> ModelConfig:
     """Under 1M parameters: the shape of transformers' own LongCat tester (4 FFN + 2 zero experts, top-2)."""
-    return _preset({
-        "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 2,
-        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-        "head_dim": 8, "ffn_hidden_size": 128, "n_routed_experts": 4, "zero_expert_num": 2, "moe_topk": 2,
-        "expert_ffn_hidden_size": 32, "max_position_embeddings": 512,
-    }, overrides)
+    return _preset(
+        {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_attention_heads": 2,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "head_dim": 8,
+            "ffn_hidden_size": 128,
+            "n_routed_experts": 4,
+            "zero_expert_num": 2,
+            "moe_topk": 2,
+            "expert_ffn_hidden_size": 32,
+            "max_position_embeddings": 512,
+        },
+        overrides,
+    )
 
 
 def small(**overrides: Any) -> ModelConfig:
@@ -34,23 +49,54 @@ def small(**overrides: Any) -> ModelConfig:
 
 def base(**overrides: Any) -> ModelConfig:
     """A few hundred million parameters for one GPU; same ratios as the release (N:Z = 2:1, d/d_q = 2, m = 4)."""
-    return _preset({
-        "vocab_size": 32768, "hidden_size": 1024, "num_layers": 8, "num_attention_heads": 16,
-        "q_lora_rank": 512, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
-        "head_dim": 32, "ffn_hidden_size": 2048, "n_routed_experts": 64, "zero_expert_num": 32, "moe_topk": 12,
-        "expert_ffn_hidden_size": 512, "max_position_embeddings": 4096,
-    }, overrides)
+    return _preset(
+        {
+            "vocab_size": 32768,
+            "hidden_size": 1024,
+            "num_layers": 8,
+            "num_attention_heads": 16,
+            "q_lora_rank": 512,
+            "kv_lora_rank": 256,
+            "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 32,
+            "v_head_dim": 64,
+            "head_dim": 32,
+            "ffn_hidden_size": 2048,
+            "n_routed_experts": 64,
+            "zero_expert_num": 32,
+            "moe_topk": 12,
+            "expert_ffn_hidden_size": 512,
+            "max_position_embeddings": 4096,
+        },
+        overrides,
+    )
 
 
 def released(**overrides: Any) -> ModelConfig:
     """The released LongCat-Flash (docs/design.md §5). For parameter accounting; far too large to instantiate."""
-    return _preset({
-        "vocab_size": 131072, "hidden_size": 6144, "num_layers": 28, "num_attention_heads": 64,
-        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "head_dim": 64, "ffn_hidden_size": 12288, "n_routed_experts": 512,
-        "zero_expert_num": 256, "moe_topk": 12, "expert_ffn_hidden_size": 2048, "routed_scaling_factor": 6.0,
-        "max_position_embeddings": 131072, "rope_theta": 1e7,
-    }, overrides)
+    return _preset(
+        {
+            "vocab_size": 131072,
+            "hidden_size": 6144,
+            "num_layers": 28,
+            "num_attention_heads": 64,
+            "q_lora_rank": 1536,
+            "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+            "head_dim": 64,
+            "ffn_hidden_size": 12288,
+            "n_routed_experts": 512,
+            "zero_expert_num": 256,
+            "moe_topk": 12,
+            "expert_ffn_hidden_size": 2048,
+            "routed_scaling_factor": 6.0,
+            "max_position_embeddings": 131072,
+            "rope_theta": 1e7,
+        },
+        overrides,
+    )
 
 
 PRESETS = {"tiny": tiny, "small": small, "base": base}

@@ -2,11 +2,27 @@
 (docs/design.md §1): `apply_expert_parallel`, `apply_side_stream`, the exchange they use, and `launch` for ranks."""
 
 from longcat_lab.parallel.exchange import Exchange, exchange
-from longcat_lab.parallel.expert_parallel import (AllToAllDispatcher, all_reduce_replicated_grads,
-                                                  apply_expert_parallel, expert_shard_parameters, set_schedule)
+from longcat_lab.parallel.expert_parallel import (
+    AllToAllDispatcher,
+    all_reduce_replicated_grads,
+    apply_expert_parallel,
+    expert_shard_parameters,
+    set_schedule,
+)
 from longcat_lab.parallel.launch import launch, rank_device
 from longcat_lab.parallel.side_stream import SideStreamDispatcher, apply_side_stream, time_side_stream
 
-__all__ = ["AllToAllDispatcher", "Exchange", "SideStreamDispatcher", "all_reduce_replicated_grads",
-           "apply_expert_parallel", "apply_side_stream", "exchange", "expert_shard_parameters", "launch",
-           "rank_device", "set_schedule", "time_side_stream"]
+__all__ = [
+    "AllToAllDispatcher",
+    "Exchange",
+    "SideStreamDispatcher",
+    "all_reduce_replicated_grads",
+    "apply_expert_parallel",
+    "apply_side_stream",
+    "exchange",
+    "expert_shard_parameters",
+    "launch",
+    "rank_device",
+    "set_schedule",
+    "time_side_stream",
+]

@@ -42,8 +42,9 @@ class _ExchangeLaunch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_PD: torch.Tensor, ex: Exchange) -> torch.Tensor:
         out_RD = x_PD.new_empty((sum(ex.recv_splits), *x_PD.shape[1:]))
-        ex.work = dist.all_to_all_single(out_RD, x_PD.contiguous(), ex.recv_splits, ex.send_splits,
-                                         group=ex.group, async_op=True)
+        ex.work = dist.all_to_all_single(
+            out_RD, x_PD.contiguous(), ex.recv_splits, ex.send_splits, group=ex.group, async_op=True
+        )
         ctx.ex = ex
         return out_RD
 
@@ -71,8 +72,9 @@ class _ExchangeWait(torch.autograd.Function):
     def backward(ctx, grad_RD: torch.Tensor):
         ex = ctx.ex
         grad_PD = grad_RD.new_empty((sum(ex.send_splits), *grad_RD.shape[1:]))
-        ex.backward_work = dist.all_to_all_single(grad_PD, grad_RD.contiguous(), ex.send_splits, ex.recv_splits,
-                                                  group=ex.group, async_op=True)
+        ex.backward_work = dist.all_to_all_single(
+            grad_PD, grad_RD.contiguous(), ex.send_splits, ex.recv_splits, group=ex.group, async_op=True
+        )
         ex.backward_out = grad_PD
         return grad_RD, None
 
@@ -80,8 +82,10 @@ class _ExchangeWait(torch.autograd.Function):
 def exchange(x_PD: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None) -> Exchange:
     """Launch an uneven all-to-all of the rows of x (autograd-aware); call `.wait()` on the result for the rows."""
     if len(send_splits) != len(recv_splits) or sum(send_splits) != x_PD.shape[0]:
-        raise ValueError(f"send_splits={send_splits} must sum to the {x_PD.shape[0]} rows of x and have one entry "
-                         f"per rank like recv_splits={recv_splits}")
+        raise ValueError(
+            f"send_splits={send_splits} must sum to the {x_PD.shape[0]} rows of x and have one entry "
+            f"per rank like recv_splits={recv_splits}"
+        )
     ex = Exchange(list(send_splits), list(recv_splits), group)
     ex.out = _ExchangeLaunch.apply(x_PD, ex)
     return ex

@@ -32,7 +32,8 @@ from torch import nn
 
 from longcat_lab._util import check_choice
 from longcat_lab.model.dispatch import MoEPending, region
-from longcat_lab.model.model import EXPERTS_AFTER, Experts, LongCatLM, MoE
+from longcat_lab.model.model import EXPERTS_AFTER, LongCatLM
+from longcat_lab.model.moe import Experts, MoE, sort_pairs, zero_expert_output
 from longcat_lab.model.routing import RouterOutput
 from longcat_lab.parallel.exchange import Exchange, exchange
 
@@ -41,12 +42,12 @@ from longcat_lab.parallel.exchange import Exchange, exchange
 class _InFlight:
     """One MoE call between start and finish: which pairs travel where, and the exchange in flight (or its rows)."""
 
-    token_idx_P: torch.Tensor            # the token of each travelling pair, pairs sorted by expert id
-    weights_P: torch.Tensor              # the router weight of each travelling pair (fp32, in the graph)
-    send_splits: list[int]               # pairs to each rank (the ranks own contiguous expert ranges)
-    recv_splits: list[int]               # rows from each rank
-    recv_expert_ids_R: torch.Tensor      # local expert id of each received row
-    dispatch: Exchange | torch.Tensor    # in flight, or the received rows once waited for
+    token_idx_P: torch.Tensor  # the token of each travelling pair, pairs sorted by expert id
+    weights_P: torch.Tensor  # the router weight of each travelling pair (fp32, in the graph)
+    send_splits: list[int]  # pairs to each rank (the ranks own contiguous expert ranges)
+    recv_splits: list[int]  # rows from each rank
+    recv_expert_ids_R: torch.Tensor  # local expert id of each received row
+    dispatch: Exchange | torch.Tensor  # in flight, or the received rows once waited for
     combine: Exchange | torch.Tensor | None = None
 
 
@@ -70,36 +71,46 @@ class AllToAllDispatcher:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if n_ffn % self.world:
-            raise ValueError(f"n_routed_experts={n_ffn} is not allowed with a world size of {self.world}: "
-                             "it must be a multiple of the number of ranks")
+            raise ValueError(
+                f"n_routed_experts={n_ffn} is not allowed with a world size of {self.world}: "
+                "it must be a multiple of the number of ranks"
+            )
         self.n_ffn, self.local = n_ffn, n_ffn // self.world
         self.overlap = overlap
         self.last_stats: dict[str, int] = {}
 
     def start(self, moe: MoE, u_TD: torch.Tensor, routed: RouterOutput, cache=None) -> _InFlight:
         """Sort the FFN pairs by expert, swap the per-(rank, expert) row counts, launch dispatch."""
-        with region("ep.router"):
-            topk_ids_TK = routed.topk_ids_TK
-            K = topk_ids_TK.shape[1]
-            ids_P = topk_ids_TK.reshape(-1)
-            order_P = torch.argsort(ids_P, stable=True)                 # FFN experts (ids < N) sort first
-            counts_WL = torch.bincount(ids_P, minlength=self.n_ffn + 1)[:self.n_ffn].view(self.world, self.local)
+        with region("ep.sort"):
+            K = routed.topk_ids_TK.shape[1]
+            order_P, counts_N = sort_pairs(routed.topk_ids_TK, self.n_ffn)
+            counts_WL = counts_N.view(self.world, self.local)
         with region("ep.counts"):
             recv_counts_WL = torch.empty_like(counts_WL)
             dist.all_to_all_single(recv_counts_WL, counts_WL, group=self.group)
-            send_splits = counts_WL.sum(1).tolist()                     # the block's host sync
+            send_splits = counts_WL.sum(1).tolist()  # the block's host sync
             recv_splits = recv_counts_WL.sum(1).tolist()
         n_pairs = sum(send_splits)
         pair_idx = order_P[:n_pairs]
-        self.last_stats = {"pairs_sent": n_pairs, "pairs_sent_to_others": n_pairs - send_splits[self.rank],
-                           "rows_received": sum(recv_splits), "zero_expert_pairs": int(ids_P.numel()) - n_pairs}
+        self.last_stats = {
+            "pairs_sent": n_pairs,
+            "pairs_sent_to_others": n_pairs - send_splits[self.rank],
+            "rows_received": sum(recv_splits),
+            "zero_expert_pairs": int(order_P.numel()) - n_pairs,
+        }
         token_idx_P = pair_idx // K
         with region("ep.dispatch.launch"):
             dispatch = exchange(u_TD[token_idx_P], send_splits, recv_splits, self.group)
         # Rows from each source arrive sorted by expert: expert e's rows from source s are recv_counts_WL[s, e].
         local_ids = torch.arange(self.local, device=u_TD.device).repeat(self.world)
-        flight = _InFlight(token_idx_P, routed.topk_weights_TK.reshape(-1)[pair_idx], send_splits, recv_splits,
-                           torch.repeat_interleave(local_ids, recv_counts_WL.flatten()), dispatch)
+        flight = _InFlight(
+            token_idx_P,
+            routed.topk_weights_TK.reshape(-1)[pair_idx],
+            send_splits,
+            recv_splits,
+            torch.repeat_interleave(local_ids, recv_counts_WL.flatten()),
+            dispatch,
+        )
         if not self.overlap:
             flight.dispatch = _waited(dispatch, "dispatch")
         return flight
@@ -126,16 +137,15 @@ class AllToAllDispatcher:
             out_TD = torch.zeros_like(u_TD)
             if y_PD.shape[0]:
                 out_TD = out_TD.index_add(0, flight.token_idx_P, y_PD * flight.weights_P[:, None].to(u_TD.dtype))
-            zero_weight_T = (routed.topk_weights_TK * (routed.topk_ids_TK >= self.n_ffn)).sum(dim=-1)
-            return out_TD + zero_weight_T[:, None].to(u_TD.dtype) * u_TD
+            return out_TD + zero_expert_output(u_TD, routed.topk_ids_TK, routed.topk_weights_TK, self.n_ffn)
 
 
 def _shard(experts: Experts, first: int, count: int, config) -> Experts:
     """An `Experts` of experts [first, first + count) of `experts`, holding copies of their weights as new
     Parameters (a view would keep the whole stacked tensor alive)."""
     shard = Experts(config.replace(n_routed_experts=count, moe_topk=1))
-    shard.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[first:first + count].clone())
-    shard.down_proj = nn.Parameter(experts.down_proj.detach()[first:first + count].clone())
+    shard.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[first : first + count].clone())
+    shard.down_proj = nn.Parameter(experts.down_proj.detach()[first : first + count].clone())
     return shard
 
 
@@ -154,8 +164,9 @@ def set_schedule(model: LongCatLM, overlap: bool = True, experts_after: str = "a
     return model
 
 
-def apply_expert_parallel(model: LongCatLM, group=None, overlap: bool = True,
-                          experts_after: str = "attn1") -> LongCatLM:
+def apply_expert_parallel(
+    model: LongCatLM, group=None, overlap: bool = True, experts_after: str = "attn1"
+) -> LongCatLM:
     """Make `model` (layer_style "scmoe") expert-parallel over `group` (default: the whole world) in place and return
     it: each MoE keeps only this rank's shard of FFN experts and dispatches through `AllToAllDispatcher`; everything
     else stays replicated. Build the same model on every rank first (e.g. from one seed or one checkpoint).
@@ -165,13 +176,17 @@ def apply_expert_parallel(model: LongCatLM, group=None, overlap: bool = True,
     after backward. The router's `expert_counts` (read by the bias controller, docs/design.md §3) count this rank's
     tokens only: they are not all-reduced, so under expert parallelism each rank's controller sees its own load."""
     if model.config.layer_style != "scmoe":
-        raise ValueError(f"layer_style={model.config.layer_style!r} is not allowed: expert parallelism here "
-                         "overlaps the shortcut-connected layer, layer_style='scmoe'")
+        raise ValueError(
+            f"layer_style={model.config.layer_style!r} is not allowed: expert parallelism here "
+            "overlaps the shortcut-connected layer, layer_style='scmoe'"
+        )
     check_choice("experts_after", experts_after, EXPERTS_AFTER)
     check_choice("overlap", overlap, (True, False))
     if not dist.is_initialized():
-        raise ValueError("apply_expert_parallel needs an initialised torch.distributed process group "
-                         "(see longcat_lab.parallel.launch)")
+        raise ValueError(
+            "apply_expert_parallel needs an initialised torch.distributed process group "
+            "(see longcat_lab.parallel.launch)"
+        )
     if any(isinstance(moe.dispatcher, AllToAllDispatcher) for moe in model.moe_blocks()):
         raise ValueError("model is expert-parallel already: use set_schedule to change its schedule")
     for moe in model.moe_blocks():
@@ -183,8 +198,12 @@ def apply_expert_parallel(model: LongCatLM, group=None, overlap: bool = True,
 
 def expert_shard_parameters(model: LongCatLM) -> list[nn.Parameter]:
     """This rank's expert weights in an expert-parallel model (every other parameter is replicated)."""
-    return [p for moe in model.moe_blocks() if isinstance(moe.dispatcher, AllToAllDispatcher)
-            for p in moe.experts.parameters()]
+    return [
+        p
+        for moe in model.moe_blocks()
+        if isinstance(moe.dispatcher, AllToAllDispatcher)
+        for p in moe.experts.parameters()
+    ]
 
 
 def all_reduce_replicated_grads(model: LongCatLM, group=None) -> None:
@@ -197,5 +216,10 @@ def all_reduce_replicated_grads(model: LongCatLM, group=None) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-__all__ = ["AllToAllDispatcher", "all_reduce_replicated_grads", "apply_expert_parallel", "expert_shard_parameters",
-           "set_schedule"]
+__all__ = [
+    "AllToAllDispatcher",
+    "all_reduce_replicated_grads",
+    "apply_expert_parallel",
+    "expert_shard_parameters",
+    "set_schedule",
+]

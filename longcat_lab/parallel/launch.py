@@ -24,13 +24,27 @@ def rank_device(backend: str, rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
 
 
-def _entry(rank: int, fn: Callable, world_size: int, backend: str, init_file: str, out_dir: str,
-           threads: int, timeout_s: float, args: tuple) -> None:
+def _entry(
+    rank: int,
+    fn: Callable,
+    world_size: int,
+    backend: str,
+    init_file: str,
+    out_dir: str,
+    threads: int,
+    timeout_s: float,
+    args: tuple,
+) -> None:
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     try:
         result = fn(rank, world_size, *args)
         tmp = Path(out_dir) / f".result_{rank}.pt.tmp"
@@ -40,8 +54,14 @@ def _entry(rank: int, fn: Callable, world_size: int, backend: str, init_file: st
         dist.destroy_process_group()
 
 
-def launch(fn: Callable, world_size: int = 2, args: tuple = (), backend: str = "gloo", threads_per_rank: int = 1,
-           timeout_s: float = 120.0) -> list[Any]:
+def launch(
+    fn: Callable,
+    world_size: int = 2,
+    args: tuple = (),
+    backend: str = "gloo",
+    threads_per_rank: int = 1,
+    timeout_s: float = 120.0,
+) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` spawned processes inside an initialised process group
     (file:// rendezvous in a temp dir, so nothing listens on a port) and return each rank's return value.
     `fn` must be importable (a module-level library function); a rank's exception is re-raised here, and a
@@ -49,12 +69,17 @@ def launch(fn: Callable, world_size: int = 2, args: tuple = (), backend: str = "
     check_choice("backend", backend, BACKENDS)
     check_positive_int("world_size", world_size)
     if backend == "nccl" and torch.cuda.device_count() < world_size:
-        raise ValueError(f"backend='nccl' with world_size={world_size} needs that many GPUs; "
-                         f"{torch.cuda.device_count()} visible")
+        raise ValueError(
+            f"backend='nccl' with world_size={world_size} needs that many GPUs; {torch.cuda.device_count()} visible"
+        )
     with tempfile.TemporaryDirectory(prefix="longcat_ep_") as tmp:
-        mp.start_processes(_entry, args=(fn, world_size, backend, os.path.join(tmp, "rendezvous"), tmp,
-                                         threads_per_rank, timeout_s, args),
-                           nprocs=world_size, join=True, start_method="spawn")
+        mp.start_processes(
+            _entry,
+            args=(fn, world_size, backend, os.path.join(tmp, "rendezvous"), tmp, threads_per_rank, timeout_s, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
         return [torch.load(os.path.join(tmp, f"result_{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

@@ -17,7 +17,8 @@ import torch
 
 from longcat_lab._util import check_positive_int
 from longcat_lab.model.dispatch import LocalDispatcher, MoEPending, region
-from longcat_lab.model.model import LongCatLM, MoE
+from longcat_lab.model.model import LongCatLM
+from longcat_lab.model.moe import MoE
 from longcat_lab.model.routing import RouterOutput
 
 
@@ -31,7 +32,7 @@ class SideStreamDispatcher:
     def start(self, moe: MoE, u_TD: torch.Tensor, routed: RouterOutput, cache: Any = None) -> Any:
         if not u_TD.is_cuda:
             raise ValueError(f"the MoE input is on {u_TD.device}: SideStreamDispatcher needs CUDA tensors (one GPU)")
-        self.side.wait_stream(torch.cuda.current_stream())              # u and the routing are ready before it reads
+        self.side.wait_stream(torch.cuda.current_stream())  # u and the routing are ready before it reads
         return cache
 
     def compute(self, moe: MoE, pending: MoEPending) -> torch.Tensor:
@@ -44,7 +45,7 @@ class SideStreamDispatcher:
         with region("ep.finish"):
             main.wait_stream(self.side)
             out_TD = pending.state
-            out_TD.record_stream(main)                                   # freed later on main: keep the allocator honest
+            out_TD.record_stream(main)  # freed later on main: keep the allocator honest
             return out_TD
 
 
@@ -71,8 +72,10 @@ def time_side_stream(model: LongCatLM, idx: torch.Tensor, reps: int = 20) -> dic
     check_positive_int("reps", reps)
     moes = model.moe_blocks()
     own = [moe.dispatcher for moe in moes]
-    dispatchers = {"sequential": [LocalDispatcher() for _ in moes],
-                   "side_stream": [SideStreamDispatcher() for _ in moes]}
+    dispatchers = {
+        "sequential": [LocalDispatcher() for _ in moes],
+        "side_stream": [SideStreamDispatcher() for _ in moes],
+    }
     times: dict[str, list[float]] = {name: [] for name in dispatchers}
     try:
         with torch.no_grad():
@@ -84,7 +87,7 @@ def time_side_stream(model: LongCatLM, idx: torch.Tensor, reps: int = 20) -> dic
                     t0 = time.perf_counter()
                     model(idx)
                     torch.cuda.synchronize()
-                    if i:                                               # the first round warms up
+                    if i:  # the first round warms up
                         times[name].append(time.perf_counter() - t0)
     finally:
         for moe, dispatcher in zip(moes, own):

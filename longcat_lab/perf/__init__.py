@@ -6,5 +6,18 @@ from longcat_lab.perf.accounting import activated_params, flops_per_token, param
 from longcat_lab.perf.costmodel import Hardware, LayerTimes, Serving, estimate, layer_times, tpot
 from longcat_lab.perf.trace import Span, load_trace, overlap_stats, stats_table
 
-__all__ = ["activated_params", "flops_per_token", "param_counts", "Hardware", "LayerTimes", "Serving", "estimate",
-           "layer_times", "tpot", "Span", "load_trace", "overlap_stats", "stats_table"]
+__all__ = [
+    "activated_params",
+    "flops_per_token",
+    "param_counts",
+    "Hardware",
+    "LayerTimes",
+    "Serving",
+    "estimate",
+    "layer_times",
+    "tpot",
+    "Span",
+    "load_trace",
+    "overlap_stats",
+    "stats_table",
+]

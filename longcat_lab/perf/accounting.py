@@ -12,9 +12,15 @@ from longcat_lab.model.config import ModelConfig
 def mla_params(c: ModelConfig) -> int:
     """One MLA block: q_a, q_a_norm, q_b, kv_a, kv_a_norm, kv_b, o."""
     H = c.num_attention_heads
-    return (c.hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim
-            + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
-            + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.v_head_dim * c.hidden_size)
+    return (
+        c.hidden_size * c.q_lora_rank
+        + c.q_lora_rank
+        + c.q_lora_rank * H * c.qk_head_dim
+        + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
+        + c.kv_lora_rank
+        + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)
+        + H * c.v_head_dim * c.hidden_size
+    )
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
@@ -47,16 +53,18 @@ def activated_params(c: ModelConfig, ffn_experts_per_token: float | None = None)
     lo, hi = max(0, c.moe_topk - c.zero_expert_num), min(c.moe_topk, c.n_routed_experts)
     k = c.uniform_ffn_experts if ffn_experts_per_token is None else float(ffn_experts_per_token)
     if not lo <= k <= hi:
-        raise ValueError(f"ffn_experts_per_token={k} is not allowed: with moe_topk={c.moe_topk}, "
-                         f"n_routed_experts={c.n_routed_experts}, zero_expert_num={c.zero_expert_num} "
-                         f"it must be between {lo} and {hi}")
+        raise ValueError(
+            f"ffn_experts_per_token={k} is not allowed: with moe_topk={c.moe_topk}, "
+            f"n_routed_experts={c.n_routed_experts}, zero_expert_num={c.zero_expert_num} "
+            f"it must be between {lo} and {hi}"
+        )
     per = counts["per_expert_all_layers"]
-    return {"min": always + lo * per, "mean": always + k * per, "max": always + hi * per,
-            "ffn_experts_per_token": k}
+    return {"min": always + lo * per, "mean": always + k * per, "max": always + hi * per, "ffn_experts_per_token": k}
 
 
-def flops_per_token(c: ModelConfig, seq_len: int, ffn_experts_per_token: float | None = None,
-                    training: bool = True) -> float:
+def flops_per_token(
+    c: ModelConfig, seq_len: int, ffn_experts_per_token: float | None = None, training: bool = True
+) -> float:
     """Model FLOPs per token for MFU: 2 * activated params per matmul pass (x3 for forward + backward), plus
     attention scores and weighted values, 2 * H * (qk_head_dim + v_head_dim) * seq_len per attention block per pass
     (PaLM's convention, not discounted for causality)."""

@@ -41,8 +41,11 @@ from longcat_lab.model.config import ModelConfig
 from longcat_lab.perf import accounting
 
 SCHEDULES = ("sequential", "tbo", "sbo")
-SCHEDULE_NAMES = {"sequential": "sequential (vanilla MoE)", "tbo": "two-batch overlap (TBO)",
-                  "sbo": "ScMoE single-batch overlap (SBO)"}
+SCHEDULE_NAMES = {
+    "sequential": "sequential (vanilla MoE)",
+    "tbo": "two-batch overlap (TBO)",
+    "sbo": "ScMoE single-batch overlap (SBO)",
+}
 
 
 @dataclass
@@ -108,7 +111,7 @@ class Serving:
     @property
     def expected_tokens_per_step(self) -> float:
         """Output tokens per sequence per step: 1 + a + ... + a^m (draft i counts only if drafts 1..i pass)."""
-        return 1 + sum(self.mtp_acceptance ** i for i in range(1, self.mtp_tokens + 1))
+        return 1 + sum(self.mtp_acceptance**i for i in range(1, self.mtp_tokens + 1))
 
 
 @dataclass
@@ -136,15 +139,26 @@ class LayerTimes:
     def comm(self) -> float:
         return self.dispatch + self.combine
 
-    def scaled(self, factor: float) -> "LayerTimes":
+    def scaled(self, factor: float) -> LayerTimes:
         return LayerTimes(**{f.name: getattr(self, f.name) * factor for f in dataclasses.fields(self)})
 
 
 # The paper's Table 7 row for LongCat-Flash (docs/design.md §5): per-layer SBO stage times in microseconds, 28 layers,
 # MTP 1 token at 80% acceptance, batch 96 per device, EP 128, and its results: TPOT 16 ms, $0.09 per 1M tokens.
-PAPER_TABLE7 = {"attention_us": 264, "dispatch_us": 236, "moe_us": 60, "combine_us": 472, "num_layers": 28,
-                "mtp_tokens": 1, "mtp_acceptance": 0.8, "batch_per_device": 96, "expert_parallel": 128,
-                "price_per_hour": 2.0, "tpot_ms": 16, "cost_per_million": 0.09}
+PAPER_TABLE7 = {
+    "attention_us": 264,
+    "dispatch_us": 236,
+    "moe_us": 60,
+    "combine_us": 472,
+    "num_layers": 28,
+    "mtp_tokens": 1,
+    "mtp_acceptance": 0.8,
+    "batch_per_device": 96,
+    "expert_parallel": 128,
+    "price_per_hour": 2.0,
+    "tpot_ms": 16,
+    "cost_per_million": 0.09,
+}
 
 
 def paper_table7_times() -> LayerTimes:
@@ -152,8 +166,14 @@ def paper_table7_times() -> LayerTimes:
     and combine is inside them and unpublished: dense0 = dense1 = 0 here. Any dense0 <= dispatch and
     dense1 <= combine gives the same SBO time; sequential and TBO times from these inputs are not the paper's."""
     p = PAPER_TABLE7
-    return LayerTimes(attn0=p["attention_us"] * 1e-6, dense0=0.0, dispatch=p["dispatch_us"] * 1e-6,
-                      moe=p["moe_us"] * 1e-6, combine=p["combine_us"] * 1e-6, dense1=0.0)
+    return LayerTimes(
+        attn0=p["attention_us"] * 1e-6,
+        dense0=0.0,
+        dispatch=p["dispatch_us"] * 1e-6,
+        moe=p["moe_us"] * 1e-6,
+        combine=p["combine_us"] * 1e-6,
+        dense1=0.0,
+    )
 
 
 def _roofline(flops: float, bytes_: float, hw: Hardware) -> float:
@@ -170,28 +190,40 @@ def layer_times(config: ModelConfig, hw: Hardware | None = None, serving: Servin
     c = config
     N, D = c.n_routed_experts, c.hidden_size
     if N % sv.expert_parallel:
-        raise ValueError(f"expert_parallel={sv.expert_parallel} is not allowed for n_routed_experts={N}: "
-                         "it must divide the number of FFN experts")
+        raise ValueError(
+            f"expert_parallel={sv.expert_parallel} is not allowed for n_routed_experts={N}: "
+            "it must divide the number of FFN experts"
+        )
     k = c.uniform_ffn_experts if sv.ffn_experts_per_token is None else sv.ffn_experts_per_token
     if k > min(c.moe_topk, N):
-        raise ValueError(f"ffn_experts_per_token={k} is not allowed: it must be at most "
-                         f"min(moe_topk, n_routed_experts) = {min(c.moe_topk, N)}")
+        raise ValueError(
+            f"ffn_experts_per_token={k} is not allowed: it must be at most "
+            f"min(moe_topk, n_routed_experts) = {min(c.moe_topk, N)}"
+        )
     n = sv.tokens_per_step
     H, latent = c.num_attention_heads, c.kv_lora_rank + c.qk_rope_head_dim
     mla = accounting.mla_params(c)
     # Absorbed MLA decode: scores over the latent + RoPE key, values from the latent, per head per cached token.
     core_flops = n * H * sv.context_len * 2 * (latent + c.kv_lora_rank)
-    attn = _roofline(2 * mla * n + core_flops,
-                     mla * sv.weight_bytes + sv.batch_per_device * sv.context_len * latent * sv.kv_bytes, hw)
+    attn = _roofline(
+        2 * mla * n + core_flops,
+        mla * sv.weight_bytes + sv.batch_per_device * sv.context_len * latent * sv.kv_bytes,
+        hw,
+    )
     ffn_params = 3 * D * c.ffn_hidden_size
     ffn = _roofline(2 * ffn_params * n, ffn_params * sv.weight_bytes, hw)
     expert_params = 3 * D * c.expert_ffn_hidden_size
-    rows = n * k                                           # rows each device receives (balanced routing)
+    rows = n * k  # rows each device receives (balanced routing)
     moe = _roofline(2 * expert_params * rows, N // sv.expert_parallel * expert_params * sv.weight_bytes, hw)
-    remote = rows * D * (sv.expert_parallel - 1) / sv.expert_parallel   # values that leave the device
-    return LayerTimes(attn0=attn, dense0=ffn,
-                      dispatch=remote * sv.dispatch_bytes / hw.net_bw + hw.net_latency, moe=moe,
-                      combine=remote * sv.combine_bytes / hw.net_bw + hw.net_latency, dense1=attn + ffn)
+    remote = rows * D * (sv.expert_parallel - 1) / sv.expert_parallel  # values that leave the device
+    return LayerTimes(
+        attn0=attn,
+        dense0=ffn,
+        dispatch=remote * sv.dispatch_bytes / hw.net_bw + hw.net_latency,
+        moe=moe,
+        combine=remote * sv.combine_bytes / hw.net_bw + hw.net_latency,
+        dense1=attn + ffn,
+    )
 
 
 def layer_time(times: LayerTimes, schedule: str, half_batch: LayerTimes | None = None) -> float:
@@ -206,8 +238,14 @@ def layer_time(times: LayerTimes, schedule: str, half_batch: LayerTimes | None =
     return 2 * max(half.compute, half.comm)
 
 
-def tpot(times: LayerTimes, num_layers: int, schedule: str, mtp_tokens: int = 1, mtp_acceptance: float = 0.8,
-         half_batch: LayerTimes | None = None) -> float:
+def tpot(
+    times: LayerTimes,
+    num_layers: int,
+    schedule: str,
+    mtp_tokens: int = 1,
+    mtp_acceptance: float = 0.8,
+    half_batch: LayerTimes | None = None,
+) -> float:
     """Seconds per output token: num_layers * layer_time / (1 + a + ... + a^m)."""
     check_positive_int("num_layers", num_layers)
     per_step = Serving(mtp_tokens=mtp_tokens, mtp_acceptance=mtp_acceptance).expected_tokens_per_step
@@ -233,8 +271,11 @@ def estimate(config: ModelConfig, hw: Hardware | None = None, serving: Serving |
     for schedule in SCHEDULES:
         t = tpot(times, config.num_layers, schedule, sv.mtp_tokens, sv.mtp_acceptance, half)
         out["schedules"][schedule] = {
-            "tpot_s": t, "tokens_per_s_per_user": 1 / t, "tokens_per_s_per_gpu": sv.batch_per_device / t,
-            "cost_per_million": cost_per_million(t, sv.batch_per_device, hw.price_per_hour)}
+            "tpot_s": t,
+            "tokens_per_s_per_user": 1 / t,
+            "tokens_per_s_per_gpu": sv.batch_per_device / t,
+            "cost_per_million": cost_per_million(t, sv.batch_per_device, hw.price_per_hour),
+        }
     return out
 
 
@@ -247,19 +288,42 @@ def layer_gantt(times: LayerTimes, schedule: str) -> list[tuple[str, str, float,
     t = times
     if schedule == "sequential":
         spans, clock = [], 0.0
-        for lane, stage, d in (("compute", "attn0", t.attn0), ("compute", "dense0", t.dense0),
-                               ("network", "dispatch", t.dispatch), ("compute", "moe", t.moe),
-                               ("network", "combine", t.combine), ("compute", "dense1", t.dense1)):
+        for lane, stage, d in (
+            ("compute", "attn0", t.attn0),
+            ("compute", "dense0", t.dense0),
+            ("network", "dispatch", t.dispatch),
+            ("compute", "moe", t.moe),
+            ("network", "combine", t.combine),
+            ("compute", "dense1", t.dense1),
+        ):
             spans.append((lane, stage, clock, clock + d))
             clock += d
         return spans
     s2 = t.attn0
     s3 = s2 + max(t.dispatch, t.dense0)
     s4 = s3 + t.moe
-    return [("compute", "attn0", 0.0, s2), ("network", "dispatch", s2, s2 + t.dispatch),
-            ("compute", "dense0", s2, s2 + t.dense0), ("compute", "moe", s3, s4),
-            ("network", "combine", s4, s4 + t.combine), ("compute", "dense1", s4, s4 + t.dense1)]
+    return [
+        ("compute", "attn0", 0.0, s2),
+        ("network", "dispatch", s2, s2 + t.dispatch),
+        ("compute", "dense0", s2, s2 + t.dense0),
+        ("compute", "moe", s3, s4),
+        ("network", "combine", s4, s4 + t.combine),
+        ("compute", "dense1", s4, s4 + t.dense1),
+    ]
 
 
-__all__ = ["Hardware", "Serving", "LayerTimes", "PAPER_TABLE7", "paper_table7_times", "layer_times", "layer_time",
-           "tpot", "cost_per_million", "estimate", "layer_gantt", "SCHEDULES", "SCHEDULE_NAMES"]
+__all__ = [
+    "Hardware",
+    "Serving",
+    "LayerTimes",
+    "PAPER_TABLE7",
+    "paper_table7_times",
+    "layer_times",
+    "layer_time",
+    "tpot",
+    "cost_per_million",
+    "estimate",
+    "layer_gantt",
+    "SCHEDULES",
+    "SCHEDULE_NAMES",
+]

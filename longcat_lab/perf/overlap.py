@@ -26,18 +26,29 @@ from longcat_lab.parallel.expert_parallel import apply_expert_parallel, set_sche
 from longcat_lab.parallel.launch import launch, rank_device
 from longcat_lab.testing import random_model
 
-OVERLAP = {"sequential": False, "overlapped": True}   # schedule name -> `overlap` of the all-to-all dispatcher
+OVERLAP = {"sequential": False, "overlapped": True}  # schedule name -> `overlap` of the all-to-all dispatcher
 
 
-def overlap_worker(rank: int, world: int, config_dict: dict, seed: int, batch: int, seq_len: int, reps: int,
-                   trace_dir: str | None, backend: str = "gloo", experts_after: str = "attn1",
-                   profile_steps: int = 1) -> dict:
+def overlap_worker(
+    rank: int,
+    world: int,
+    config_dict: dict,
+    seed: int,
+    batch: int,
+    seq_len: int,
+    reps: int,
+    trace_dir: str | None,
+    backend: str = "gloo",
+    experts_after: str = "attn1",
+    profile_steps: int = 1,
+) -> dict:
     """Time inference forward steps of the sequential and the overlapped schedule, interleaved (so drift from
     other load hits both alike), and optionally write `profile_steps` profiled steps of each into a Chrome/Perfetto
     trace `trace_dir/rank{rank}.json`. Each step starts after a barrier; returns per-step seconds by schedule."""
     device = rank_device(backend, rank)
-    model = apply_expert_parallel(random_model(ModelConfig.from_dict(config_dict), seed, device=device),
-                                  experts_after=experts_after)
+    model = apply_expert_parallel(
+        random_model(ModelConfig.from_dict(config_dict), seed, device=device), experts_after=experts_after
+    )
     gen = torch.Generator().manual_seed(seed + 1 + rank)
     idx = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -54,7 +65,7 @@ def overlap_worker(rank: int, world: int, config_dict: dict, seed: int, batch: i
 
     times: dict[str, list[float]] = {s: [] for s in OVERLAP}
     with torch.no_grad():
-        for schedule in OVERLAP:                                     # warm-up: allocator, gloo buffers
+        for schedule in OVERLAP:  # warm-up: allocator, gloo buffers
             step(schedule)
         for _ in range(reps):
             for schedule in OVERLAP:
@@ -67,27 +78,44 @@ def overlap_worker(rank: int, world: int, config_dict: dict, seed: int, batch: i
             if device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
 
-            def export(prof) -> None:                                # atomic: a reader never sees half a trace
+            def export(prof) -> None:  # atomic: a reader never sees half a trace
                 prof.export_chrome_trace(trace + ".tmp")
                 os.replace(trace + ".tmp", trace)
 
             # One unrecorded round first: the profiler's own start-up would otherwise land in the first step.
-            warnings.filterwarnings("ignore", message=".*Profiler clears events")   # intended: skip the warm-up
-            with torch.profiler.profile(activities=activities, on_trace_ready=export,
-                                        schedule=torch.profiler.schedule(wait=0, warmup=1, active=1)) as prof:
+            warnings.filterwarnings("ignore", message=".*Profiler clears events")  # intended: skip the warm-up
+            with torch.profiler.profile(
+                activities=activities,
+                on_trace_ready=export,
+                schedule=torch.profiler.schedule(wait=0, warmup=1, active=1),
+            ) as prof:
                 for rounds in (1, profile_steps):
                     for _ in range(rounds):
                         for schedule in OVERLAP:
                             step(schedule)
                     prof.step()
-    return {"rank": rank, "times": times, "trace": trace, "tokens": idx.numel(),
-            "moved": [moe.dispatcher.last_stats for moe in model.moe_blocks()],
-            "median_s": {s: statistics.median(t) for s, t in times.items()}}
+    return {
+        "rank": rank,
+        "times": times,
+        "trace": trace,
+        "tokens": idx.numel(),
+        "moved": [moe.dispatcher.last_stats for moe in model.moe_blocks()],
+        "median_s": {s: statistics.median(t) for s, t in times.items()},
+    }
 
 
-def measure_overlap(config: ModelConfig, seed: int = 0, batch: int = 4, seq_len: int = 64, reps: int = 5,
-                    trace_dir: str | os.PathLike | None = None, world_size: int = 2, backend: str = "gloo",
-                    experts_after: str = "attn1", profile_steps: int = 1) -> dict:
+def measure_overlap(
+    config: ModelConfig,
+    seed: int = 0,
+    batch: int = 4,
+    seq_len: int = 64,
+    reps: int = 5,
+    trace_dir: str | os.PathLike | None = None,
+    world_size: int = 2,
+    backend: str = "gloo",
+    experts_after: str = "attn1",
+    profile_steps: int = 1,
+) -> dict:
     """Spawn `world_size` ranks running `overlap_worker` and summarise: a step ends when its slowest rank ends, so
     the step time of repetition i is the max over ranks. `ratio` is median(sequential) / median(overlapped);
     `paired_ratios` are sequential_i / overlapped_i of the same round (run back to back, so they share the load
@@ -96,17 +124,36 @@ def measure_overlap(config: ModelConfig, seed: int = 0, batch: int = 4, seq_len:
     for name, value in (("batch", batch), ("seq_len", seq_len), ("reps", reps), ("profile_steps", profile_steps)):
         check_positive_int(name, value)
     check_choice("experts_after", experts_after, EXPERTS_AFTER)
-    results = launch(overlap_worker, world_size, args=(config.to_dict(), seed, batch, seq_len, reps,
-                                                       None if trace_dir is None else str(trace_dir), backend,
-                                                       experts_after, profile_steps), backend=backend)
+    results = launch(
+        overlap_worker,
+        world_size,
+        args=(
+            config.to_dict(),
+            seed,
+            batch,
+            seq_len,
+            reps,
+            None if trace_dir is None else str(trace_dir),
+            backend,
+            experts_after,
+            profile_steps,
+        ),
+        backend=backend,
+    )
     step = {s: [max(r["times"][s][i] for r in results) for i in range(reps)] for s in OVERLAP}
     median = {s: statistics.median(v) for s, v in step.items()}
     paired = [a / b for a, b in zip(step["sequential"], step["overlapped"])]
     quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-    return {"step_s": step, "median_s": median, "ratio": median["sequential"] / median["overlapped"],
-            "paired_ratios": paired, "paired_ratio_quartiles": quartiles,
-            "ratio_of_minima": min(step["sequential"]) / min(step["overlapped"]),
-            "ranks": results, "traces": [r["trace"] for r in results]}
+    return {
+        "step_s": step,
+        "median_s": median,
+        "ratio": median["sequential"] / median["overlapped"],
+        "paired_ratios": paired,
+        "paired_ratio_quartiles": quartiles,
+        "ratio_of_minima": min(step["sequential"]) / min(step["overlapped"]),
+        "ranks": results,
+        "traces": [r["trace"] for r in results],
+    }
 
 
 __all__ = ["OVERLAP", "measure_overlap", "overlap_worker"]

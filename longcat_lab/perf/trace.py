@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 
-COMPUTE_PARTS = ("embed", "attn0", "router", "ffn0", "attn1", "experts", "ffn1", "finish", "head")
+COMPUTE_PARTS = ("embed", "attn0", "router", "sort", "ffn0", "attn1", "experts", "ffn1", "finish", "head")
 LAUNCH_PARTS = ("dispatch.launch", "combine.launch")
 WAIT_PARTS = ("counts", "dispatch.wait", "combine.wait")
 LANES = ("compute", "launch", "wait", "comm")
@@ -35,8 +35,8 @@ class Span:
     """One interval of a trace, in microseconds on the trace clock (shared by ranks on one host)."""
 
     rank: int
-    lane: str      # "compute", "launch", "wait", "comm", or "step"
-    name: str      # the part ("attn0", "dispatch.wait", ...), "exchange"/"counts exchange" for comm, or a schedule
+    lane: str  # "compute", "launch", "wait", "comm", or "step"
+    name: str  # the part ("attn0", "dispatch.wait", ...), "exchange"/"counts exchange" for comm, or a schedule
     start: float
     end: float
 
@@ -60,11 +60,18 @@ def load_trace(path: str | os.PathLike, rank: int | None = None) -> list[Span]:
         name, start = e["name"], float(e["ts"])
         end = start + float(e["dur"])
         if name.startswith("ep.step."):
-            spans.append(Span(rank, "step", name[len("ep.step."):], start, end))
+            spans.append(Span(rank, "step", name[len("ep.step.") :], start, end))
         elif name.startswith("ep."):
             part = name[3:]
-            lane = ("compute" if part in COMPUTE_PARTS else "launch" if part in LAUNCH_PARTS
-                    else "wait" if part in WAIT_PARTS else None)
+            lane = (
+                "compute"
+                if part in COMPUTE_PARTS
+                else "launch"
+                if part in LAUNCH_PARTS
+                else "wait"
+                if part in WAIT_PARTS
+                else None
+            )
             if lane:
                 spans.append(Span(rank, lane, part, start, end))
         elif name.startswith("gloo:") and name != "gloo:barrier":
@@ -120,6 +127,11 @@ def step_windows(spans: list[Span], schedule: str) -> list[tuple[float, float]]:
     return sorted(steps)
 
 
+def _clipped(spans: list[Span], lo: float, hi: float, pred) -> list[tuple[float, float]]:
+    """The union of the spans that `pred` accepts, clipped to the window [lo, hi]."""
+    return _union([(max(s.start, lo), min(s.end, hi)) for s in spans if pred(s) and s.end > lo and s.start < hi])
+
+
 def overlap_stats(spans: list[Span], schedule: str) -> dict[str, float]:
     """One rank's figures in microseconds per step, averaged over its profiled steps of `schedule`: step time,
     token-exchange time (union of the dispatch and combine collectives), how much of it ran under compute and that
@@ -127,17 +139,15 @@ def overlap_stats(spans: list[Span], schedule: str) -> dict[str, float]:
     totals = dict.fromkeys(("step_us", "comm_us", "hidden_us", "counts_us", "wait_us", "compute_us"), 0.0)
     windows = step_windows(spans, schedule)
     for lo, hi in windows:
-        def clipped(pred) -> list[tuple[float, float]]:
-            return _union([(max(s.start, lo), min(s.end, hi)) for s in spans
-                           if pred(s) and s.end > lo and s.start < hi])
-
-        exchange = clipped(lambda s: s.lane == "comm" and s.name == "exchange")
-        compute = clipped(lambda s: s.lane == "compute")
+        exchange = _clipped(spans, lo, hi, lambda s: s.lane == "comm" and s.name == "exchange")
+        compute = _clipped(spans, lo, hi, lambda s: s.lane == "compute")
         totals["step_us"] += hi - lo
         totals["comm_us"] += _length(exchange)
         totals["hidden_us"] += _overlap(exchange, compute)
-        totals["counts_us"] += _length(clipped(lambda s: s.lane == "comm" and s.name == "counts exchange"))
-        totals["wait_us"] += _length(clipped(lambda s: s.lane == "wait"))
+        totals["counts_us"] += _length(
+            _clipped(spans, lo, hi, lambda s: s.lane == "comm" and s.name == "counts exchange")
+        )
+        totals["wait_us"] += _length(_clipped(spans, lo, hi, lambda s: s.lane == "wait"))
         totals["compute_us"] += _length(compute)
     out = {k: v / len(windows) for k, v in totals.items()}
     out["hidden_fraction"] = totals["hidden_us"] / totals["comm_us"] if totals["comm_us"] else 0.0
@@ -152,8 +162,13 @@ def stats_table(traces: list[list[Span]], schedules: tuple[str, ...] = ("sequent
         for spans in traces:
             st = overlap_stats(spans, schedule)
             rank = next(s.rank for s in spans)
-            rows.append({"schedule": schedule, "rank": rank,
-                         **{k.replace("_us", "_ms"): (v / 1e3 if k.endswith("_us") else v) for k, v in st.items()}})
+            rows.append(
+                {
+                    "schedule": schedule,
+                    "rank": rank,
+                    **{k.replace("_us", "_ms"): (v / 1e3 if k.endswith("_us") else v) for k, v in st.items()},
+                }
+            )
     return rows
 
 

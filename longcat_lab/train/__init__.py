@@ -8,5 +8,16 @@ from longcat_lab.train.overrides import apply_overrides
 from longcat_lab.train.telemetry import read_metrics
 from longcat_lab.train.trainer import Trainer, TrainingError, TrainResult, train
 
-__all__ = ["train", "Trainer", "TrainResult", "TrainConfig", "StageConfig", "train_preset", "apply_overrides",
-           "TrainingError", "evaluate", "sample_text", "read_metrics"]
+__all__ = [
+    "train",
+    "Trainer",
+    "TrainResult",
+    "TrainConfig",
+    "StageConfig",
+    "train_preset",
+    "apply_overrides",
+    "TrainingError",
+    "evaluate",
+    "sample_text",
+    "read_metrics",
+]

@@ -70,8 +70,16 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save(run_dir: str | os.PathLike, step: int, model: LongCatLM, tokenizer, train_config: dict[str, Any],
-         trainer_state: dict[str, Any], meta: dict[str, Any] | None = None, keep: int = 3) -> Path:
+def save(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: LongCatLM,
+    tokenizer,
+    train_config: dict[str, Any],
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
     """Write checkpoint `step` of `model` into `run_dir/checkpoints/` and keep the newest `keep` checkpoints.
 
     Refuses (CheckpointError) to write a model with a non-finite parameter, so a diverged model can never replace
@@ -80,11 +88,12 @@ def save(run_dir: str | os.PathLike, step: int, model: LongCatLM, tokenizer, tra
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"refusing to save step {step}: non-finite values in {bad[:3]}; the last good "
-                              "checkpoint is kept")
+        raise CheckpointError(
+            f"refusing to save step {step}: non-finite values in {bad[:3]}; the last good checkpoint is kept"
+        )
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-*"):        # left by a crash during an earlier save
+    for stale in folder.glob(".tmp-*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step_dir_name(step)}-", dir=folder))
     try:
@@ -94,10 +103,15 @@ def save(run_dir: str | os.PathLike, step: int, model: LongCatLM, tokenizer, tra
         (tmp / "tokenizer.json").write_text(tokenizer.to_str())
         torch.save(trainer_state, tmp / "trainer_state.pt")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
-        full_meta = {**(meta or {}), "format": FORMAT, "step": step, "files": files,
-                     "versions": {"torch": torch.__version__, "longcat_lab": _version()}}
+        full_meta = {
+            **(meta or {}),
+            "format": FORMAT,
+            "step": step,
+            "files": files,
+            "versions": {"torch": torch.__version__, "longcat_lab": _version()},
+        }
         (tmp / META).write_bytes(json_bytes(full_meta))
-        verify(tmp)                               # read back what was written before it can replace anything
+        verify(tmp)  # read back what was written before it can replace anything
         replace_dir(tmp, folder / step_dir_name(step))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,5 +202,15 @@ def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot be read ({type(err).__name__})") from None
 
 
-__all__ = ["CheckpointError", "save", "load", "latest", "list_checkpoints", "verify", "resolve", "read_trainer_state",
-           "load_model_state", "step_dir_name"]
+__all__ = [
+    "CheckpointError",
+    "save",
+    "load",
+    "latest",
+    "list_checkpoints",
+    "verify",
+    "resolve",
+    "read_trainer_state",
+    "load_model_state",
+    "step_dir_name",
+]

@@ -42,11 +42,19 @@ class StageConfig:
         p = f"stage {self.name!r}: "
         check_int(p + "steps", self.steps)
         check_positive_float(p + "lr", self.lr)
-        _check(p + "warmup", self.warmup, isinstance(self.warmup, int) and not isinstance(self.warmup, bool)
-               and 0 <= self.warmup <= self.steps, f"an integer in [0, steps={self.steps}]")
+        _check(
+            p + "warmup",
+            self.warmup,
+            isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and 0 <= self.warmup <= self.steps,
+            f"an integer in [0, steps={self.steps}]",
+        )
         check_int(p + "seq_len", self.seq_len, 2)
-        _check(p + "end_lr_ratio", self.end_lr_ratio, is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
-               "a number in [0, 1]")
+        _check(
+            p + "end_lr_ratio",
+            self.end_lr_ratio,
+            is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
+            "a number in [0, 1]",
+        )
         self.mixture = dict(self.mixture)
         check_mixture(self.mixture, DOMAINS, p + "mixture")
 
@@ -59,10 +67,24 @@ def default_stages(steps: int, lr: float, seq_len: int) -> list[StageConfig]:
     if s1 < 1:
         raise ValueError(f"steps={steps} is not allowed: two stages need at least 2 steps")
     return [
-        StageConfig("general", s1, lr, max(1, min(s1, round(0.05 * steps))), seq_len,
-                    {"shakespeare": 0.45, "python": 0.4, "reasoning": 0.15}, end_lr_ratio=0.3),
-        StageConfig("reasoning", s2, 0.3 * lr, 0, seq_len,
-                    {"shakespeare": 0.3, "python": 0.35, "reasoning": 0.35}, end_lr_ratio=1 / 3),
+        StageConfig(
+            "general",
+            s1,
+            lr,
+            max(1, min(s1, round(0.05 * steps))),
+            seq_len,
+            {"shakespeare": 0.45, "python": 0.4, "reasoning": 0.15},
+            end_lr_ratio=0.3,
+        ),
+        StageConfig(
+            "reasoning",
+            s2,
+            0.3 * lr,
+            0,
+            seq_len,
+            {"shakespeare": 0.3, "python": 0.35, "reasoning": 0.35},
+            end_lr_ratio=1 / 3,
+        ),
     ]
 
 
@@ -135,8 +157,17 @@ class TrainConfig:
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
         for name in ("batch_size", "grad_accum", "eval_windows", "keep_checkpoints", "max_consecutive_skips"):
             check_int(name, getattr(self, name))
-        for name in ("seed", "num_threads", "eval_every", "eval_seq_len", "ckpt_every", "stop_after", "rg_every",
-                     "sdc_check_every", "proxy_hidden_size"):
+        for name in (
+            "seed",
+            "num_threads",
+            "eval_every",
+            "eval_seq_len",
+            "ckpt_every",
+            "stop_after",
+            "rg_every",
+            "sdc_check_every",
+            "proxy_hidden_size",
+        ):
             check_int(name, getattr(self, name), 0)
         for name in ("weight_decay", "peak_flops"):
             check_nonnegative(name, getattr(self, name))
@@ -145,13 +176,21 @@ class TrainConfig:
             _check(name, v, is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         check_positive_float("adam_eps", self.adam_eps)
         check_positive_float("grad_clip", self.grad_clip)
-        _check("alert_loss_spike", self.alert_loss_spike, is_number(self.alert_loss_spike)
-               and self.alert_loss_spike > 1, "a number > 1")
+        _check(
+            "alert_loss_spike",
+            self.alert_loss_spike,
+            is_number(self.alert_loss_spike) and self.alert_loss_spike > 1,
+            "a number > 1",
+        )
         for name in ("alert_throughput_drop", "alert_memory_fraction"):
             v = getattr(self, name)
             _check(name, v, is_number(v) and 0 < v <= 1, "a number in (0, 1]")
-        _check("device", self.device, isinstance(self.device, str) and (
-            self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")), "'auto', 'cpu', 'cuda[:N]'")
+        _check(
+            "device",
+            self.device,
+            isinstance(self.device, str) and (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")),
+            "'auto', 'cpu', 'cuda[:N]'",
+        )
         for name in ("bf16", "deterministic", "init_keep_state"):
             v = getattr(self, name)
             _check(name, v, isinstance(v, bool), "true or false")
@@ -173,7 +212,7 @@ class TrainConfig:
     def tokens_per_step(self) -> list[int]:
         return [self.batch_size * self.grad_accum * s.seq_len for s in self.stages]
 
-    def with_steps(self, steps: int) -> "TrainConfig":
+    def with_steps(self, steps: int) -> TrainConfig:
         """A copy whose stages are rescaled to `steps` in total (warmups scaled alike), as `--steps` does."""
         n = len(self.stages)
         check_int("steps", steps, n)
@@ -193,7 +232,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a dict, refusing unknown keys (`_util.from_known_fields`)."""
         return from_known_fields(cls, data)
 
@@ -205,16 +244,35 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     - small: the main job; 2 stages, ~10 minutes on two CPU cores (steps measured: README results).
     - base: one GPU; bf16, longer sequences."""
     if name == "tiny":
-        cfg = TrainConfig(stages=default_stages(40, 1e-2, 64), batch_size=8, eval_every=20, eval_windows=8,
-                          ckpt_every=20, rg_every=5,
-                          data=DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
+        cfg = TrainConfig(
+            stages=default_stages(40, 1e-2, 64),
+            batch_size=8,
+            eval_every=20,
+            eval_windows=8,
+            ckpt_every=20,
+            rg_every=5,
+            data=DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000),
+        )
     elif name == "small":
-        cfg = TrainConfig(stages=default_stages(400, 3e-3, 128), batch_size=16, eval_every=50, eval_windows=16,
-                          ckpt_every=100, rg_every=10)
+        cfg = TrainConfig(
+            stages=default_stages(400, 3e-3, 128),
+            batch_size=16,
+            eval_every=50,
+            eval_windows=16,
+            ckpt_every=100,
+            rg_every=10,
+        )
     elif name == "base":
-        cfg = TrainConfig(stages=default_stages(5000, 1.5e-3, 512), batch_size=32, eval_every=250, eval_windows=32,
-                          ckpt_every=500, rg_every=50, bf16=True,
-                          data=DataConfig(max_bytes_per_domain=20_000_000, tokenizer_sample_bytes=4_000_000))
+        cfg = TrainConfig(
+            stages=default_stages(5000, 1.5e-3, 512),
+            batch_size=32,
+            eval_every=250,
+            eval_windows=32,
+            ckpt_every=500,
+            rg_every=50,
+            bf16=True,
+            data=DataConfig(max_bytes_per_domain=20_000_000, tokenizer_sample_bytes=4_000_000),
+        )
     else:
         raise ValueError(f"preset={name!r} is not allowed: it must be one of ['base', 'small', 'tiny']")
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
@@ -243,4 +301,3 @@ def lr_at(stages: Sequence[StageConfig], step: int) -> float:
     progress = (j - s.warmup) / span if span > 0 else 1.0
     end = s.lr * s.end_lr_ratio
     return end + (s.lr - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-

@@ -66,7 +66,8 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.bias_controller not in CONTROLLER_MODES:
             raise ValueError(
-                f"bias_controller={self.bias_controller!r} is not allowed: it must be one of {CONTROLLER_MODES}")
+                f"bias_controller={self.bias_controller!r} is not allowed: it must be one of {CONTROLLER_MODES}"
+            )
         if self.target_ffn_experts is not None:
             check_nonnegative("target_ffn_experts", self.target_ffn_experts)
         check_nonnegative("bias_update_rate", self.bias_update_rate)
@@ -89,7 +90,7 @@ class ControllerConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ControllerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ControllerConfig:
         """Build from a dict, refusing unknown keys (`_util.from_known_fields`)."""
         return from_known_fields(cls, data)
 
@@ -101,8 +102,10 @@ def resolve_target(config: ControllerConfig, model_config: ModelConfig) -> float
     if not (0 <= target <= K):
         raise ValueError(f"target_ffn_experts={target!r} is not allowed: it must lie in [0, moe_topk={K}]")
     if model_config.zero_expert_num == 0 and target != K:
-        raise ValueError(f"target_ffn_experts={target!r} is not allowed for a model without zero experts: every "
-                         f"token then uses moe_topk={K} FFN experts, so the target must be {K} (or None)")
+        raise ValueError(
+            f"target_ffn_experts={target!r} is not allowed for a model without zero experts: every "
+            f"token then uses moe_topk={K} FFN experts, so the target must be {K} (or None)"
+        )
     return target
 
 
@@ -143,7 +146,7 @@ class BiasController:
 
     def update_rate(self) -> float:
         """mu at the current step (after decay)."""
-        return self.config.bias_update_rate * self.config.bias_update_decay ** self.step_count
+        return self.config.bias_update_rate * self.config.bias_update_decay**self.step_count
 
     # The update ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -152,18 +155,24 @@ class BiasController:
         cfg, N, K = self.config, self.n_ffn, self.top_k
         mu = self.update_rate()
         self.step_count += 1
-        report: dict[str, Any] = {"step": self.step_count, "mode": cfg.bias_controller, "update_rate": mu,
-                                  "target_ffn_experts": self.target}
+        report: dict[str, Any] = {
+            "step": self.step_count,
+            "mode": cfg.bias_controller,
+            "update_rate": mu,
+            "target_ffn_experts": self.target,
+        }
         if not self.blocks:
             return report
         counts_LE = torch.stack([b.router.expert_counts for b in self.blocks]).to(torch.float64)
         tokens_L = counts_LE.sum(1) / K
         if bool((tokens_L == 0).any()):
-            raise RuntimeError("BiasController.step(): a MoE block counted no tokens since the last step; the "
-                               "counts come from training-mode forwards only (call model.train()), and step() must "
-                               "run once per optimizer step, after the forwards")
-        share_LE = counts_LE / (K * tokens_L[:, None])          # share of all K*T routing slots
-        ffn_L = counts_LE[:, :N].sum(1) / tokens_L               # measured FFN experts per token
+            raise RuntimeError(
+                "BiasController.step(): a MoE block counted no tokens since the last step; the "
+                "counts come from training-mode forwards only (call model.train()), and step() must "
+                "run once per optimizer step, after the forwards"
+            )
+        share_LE = counts_LE / (K * tokens_L[:, None])  # share of all K*T routing slots
+        ffn_L = counts_LE[:, :N].sum(1) / tokens_L  # measured FFN experts per token
         error_L = self.target - ffn_L
         bias_LE = self._bias_LE()
         target_share = self.target / (K * N)
@@ -183,11 +192,12 @@ class BiasController:
             # No derivative kick on the first step: there is no previous error yet.
             derivative_L = error_L - self.prev_error_L if self.step_count > 1 else torch.zeros_like(error_L)
             offset_L = (kp * scale * error_L + self.integral_L + kd * scale * derivative_L).clamp(
-                -cfg.output_clamp, cfg.output_clamp)
+                -cfg.output_clamp, cfg.output_clamp
+            )
             bias_LE[:, :N] -= bias_LE[:, :N].mean(1, keepdim=True)
             bias_LE[:, N:] = (-offset_L)[:, None]
         self.prev_error_L = error_L
-        bias_LE -= bias_LE[:, :N].mean(1, keepdim=True)           # mean-centre FFN biases; top-K unchanged
+        bias_LE -= bias_LE[:, :N].mean(1, keepdim=True)  # mean-centre FFN biases; top-K unchanged
         for block, bias_E in zip(self.blocks, bias_LE):
             block.router.e_score_correction_bias.copy_(bias_E)
             block.router.expert_counts.zero_()
@@ -195,8 +205,9 @@ class BiasController:
         ffn_counts_LN = counts_LE[:, :N]
         max_L, min_L = ffn_counts_LN.max(1).values, ffn_counts_LN.min(1).values
         spread_L = bias_LE[:, :N].max(1).values - bias_LE[:, :N].min(1).values
-        offset_L = (bias_LE[:, :N].mean(1) - bias_LE[:, N:].mean(1) if bias_LE.shape[1] > N
-                    else torch.zeros_like(spread_L))
+        offset_L = (
+            bias_LE[:, :N].mean(1) - bias_LE[:, N:].mean(1) if bias_LE.shape[1] > N else torch.zeros_like(spread_L)
+        )
         report.update(
             ffn_experts_per_token=ffn_L.tolist(),
             ffn_experts_per_token_mean=ffn_L.mean().item(),
@@ -214,10 +225,18 @@ class BiasController:
     # Checkpointing ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: bias [L, E], PID integral and previous error [L], step."""
-        bias = (torch.stack([b.router.e_score_correction_bias for b in self.blocks]).clone() if self.blocks
-                else torch.zeros(0, self.model.config.num_experts))
-        return {"bias": bias, "integral": self.integral_L.clone(), "prev_error": self.prev_error_L.clone(),
-                "step": self.step_count, "mode": self.config.bias_controller}
+        bias = (
+            torch.stack([b.router.e_score_correction_bias for b in self.blocks]).clone()
+            if self.blocks
+            else torch.zeros(0, self.model.config.num_experts)
+        )
+        return {
+            "bias": bias,
+            "integral": self.integral_L.clone(),
+            "prev_error": self.prev_error_L.clone(),
+            "step": self.step_count,
+            "mode": self.config.bias_controller,
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:

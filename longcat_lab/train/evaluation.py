@@ -12,8 +12,9 @@ from longcat_lab.model.model import LongCatLM
 
 
 @torch.no_grad()
-def evaluate(model: LongCatLM, dataset: Dataset, seq_len: int, windows: int = 16, batch_size: int = 8,
-             bf16: bool = False) -> dict[str, float]:
+def evaluate(
+    model: LongCatLM, dataset: Dataset, seq_len: int, windows: int = 16, batch_size: int = 8, bf16: bool = False
+) -> dict[str, float]:
     """Mean validation cross-entropy (nats/token) per domain on fixed windows (`data.eval_windows`). Runs in eval
     mode, so the routers count nothing; the model's previous mode is restored."""
     was_training = model.training
@@ -25,7 +26,7 @@ def evaluate(model: LongCatLM, dataset: Dataset, seq_len: int, windows: int = 16
             x, y = eval_windows(stream, seq_len, windows)
             total, count = 0.0, 0
             for i in range(0, x.shape[0], batch_size):
-                xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+                xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     _, loss = model(xb, yb)
                 total += float(loss) * yb.numel()
@@ -36,14 +37,21 @@ def evaluate(model: LongCatLM, dataset: Dataset, seq_len: int, windows: int = 16
     return out
 
 
-def sample_text(model: LongCatLM, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8,
-                top_p: float = 0.95, seed: int = 0) -> str:
+def sample_text(
+    model: LongCatLM,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 80,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> str:
     """Prompt + continuation as text (top-p sampling with a seeded generator; greedy at temperature 0)."""
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt={prompt!r} is not allowed: it must be a non-empty string")
     ids = tokenizer.encode(prompt).ids
     limit = model.config.max_position_embeddings
-    ids = ids[-max(1, limit - max_new_tokens):]
+    ids = ids[-max(1, limit - max_new_tokens) :]
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=gen)

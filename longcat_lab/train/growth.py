@@ -38,9 +38,11 @@ def transfer_hparams(width_factor: float, init_std: float = 1.0, lr: float = 1.0
     s = width_factor
     if not is_number(s) or s <= 0:
         raise ValueError(f"width_factor={s!r} is not allowed: it must be a finite number > 0 (target / proxy width)")
-    return {"embedding": {"init_std": init_std, "lr": lr},
-            "hidden": {"init_std": init_std / math.sqrt(s), "lr": lr / s},
-            "unembedding": {"init_std": init_std / math.sqrt(s), "lr": lr / s}}
+    return {
+        "embedding": {"init_std": init_std, "lr": lr},
+        "hidden": {"init_std": init_std / math.sqrt(s), "lr": lr / s},
+        "unembedding": {"init_std": init_std / math.sqrt(s), "lr": lr / s},
+    }
 
 
 @torch.no_grad()
@@ -63,9 +65,15 @@ def param_groups(model: LongCatLM, width_factor: float = 1.0, weight_decay: floa
         if not p.requires_grad:
             continue
         kind, decay = param_kind(name), p.dim() >= 2
-        g = groups.setdefault((kind, decay), {"params": [], "name": f"{kind}{'' if decay else '_no_decay'}",
-                                              "lr_mult": rule[kind]["lr"],
-                                              "weight_decay": weight_decay if decay else 0.0})
+        g = groups.setdefault(
+            (kind, decay),
+            {
+                "params": [],
+                "name": f"{kind}{'' if decay else '_no_decay'}",
+                "lr_mult": rule[kind]["lr"],
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         g["params"].append(p)
     return list(groups.values())
 

@@ -39,20 +39,21 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         for name in ("balance_loss_coef", "hidden_z_loss_coef", "router_z_loss_coef"):
-            check_nonnegative(name, getattr(self, name))       # 0 turns a loss off
+            check_nonnegative(name, getattr(self, name))  # 0 turns a loss off
         check_int("balance_groups", self.balance_groups)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LossConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LossConfig:
         """Build from a dict, refusing unknown keys (`_util.from_known_fields`)."""
         return from_known_fields(cls, data)
 
 
-def balance_loss_layer(layer: LayerRouting, n_ffn: int, top_k: int, target_ffn_experts: float,
-                       groups: int = 1) -> torch.Tensor:
+def balance_loss_layer(
+    layer: LayerRouting, n_ffn: int, top_k: int, target_ffn_experts: float, groups: int = 1
+) -> torch.Tensor:
     """One layer's sum_j f_j P_j of Eq. 3 (without alpha), over D FFN-expert groups plus the zero group.
 
     P_j = (1/T) sum_t sum_{i in group j} p_{t,i} carries the gradient; f_j is a constant from the selections:
@@ -67,14 +68,17 @@ def balance_loss_layer(layer: LayerRouting, n_ffn: int, top_k: int, target_ffn_e
     if N % D:
         raise ValueError(f"balance_groups={D} is not allowed: it must divide n_routed_experts={N}")
     group_E = torch.arange(E, device=probs_TE.device) // (N // D)
-    group_E[N:] = D                                                    # every zero expert is group D+1
+    group_E[N:] = D  # every zero expert is group D+1
     n_groups = D + 1 if E > N else D
-    P_G = torch.zeros(n_groups, dtype=probs_TE.dtype, device=probs_TE.device).index_add(
-        0, group_E, probs_TE.sum(0)) / T
+    P_G = torch.zeros(n_groups, dtype=probs_TE.dtype, device=probs_TE.device).index_add(0, group_E, probs_TE.sum(0)) / T
     with torch.no_grad():
         picks_G = torch.bincount(group_E[ids_P], minlength=n_groups).to(probs_TE.dtype)
-        norm_G = torch.full((n_groups,), D / target_ffn_experts if target_ffn_experts > 0 else 0.0,
-                            dtype=probs_TE.dtype, device=probs_TE.device)
+        norm_G = torch.full(
+            (n_groups,),
+            D / target_ffn_experts if target_ffn_experts > 0 else 0.0,
+            dtype=probs_TE.dtype,
+            device=probs_TE.device,
+        )
         if E > N:
             zero_share = top_k - target_ffn_experts
             norm_G[D] = 1.0 / zero_share if zero_share > 0 else 0.0
@@ -94,22 +98,28 @@ def router_z_loss_layer(layer: LayerRouting) -> torch.Tensor:
     return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
 
 
-def aux_losses(routing: Routing, loss_config: LossConfig, model_config: ModelConfig,
-               target_ffn_experts: float) -> dict[str, torch.Tensor]:
+def aux_losses(
+    routing: Routing, loss_config: LossConfig, model_config: ModelConfig, target_ffn_experts: float
+) -> dict[str, torch.Tensor]:
     """{"balance_loss", "hidden_z_loss", "router_z_loss"}: 0-dim tensors, coefficients applied, per-layer losses
     summed over MoE layers. A loss whose coefficient is 0 is a constant 0 (not computed)."""
     K = model_config.moe_topk
     if not is_number(target_ffn_experts) or not 0 <= target_ffn_experts <= K:
         raise ValueError(f"target_ffn_experts={target_ffn_experts!r} is not allowed: it must lie in [0, moe_topk={K}]")
     if model_config.n_routed_experts % loss_config.balance_groups:
-        raise ValueError(f"balance_groups={loss_config.balance_groups} is not allowed: it must divide "
-                         f"n_routed_experts={model_config.n_routed_experts}")
+        raise ValueError(
+            f"balance_groups={loss_config.balance_groups} is not allowed: it must divide "
+            f"n_routed_experts={model_config.n_routed_experts}"
+        )
     layers = [layer for layer in routing.layers if layer is not None]
     out = {key: routing.last_hidden.new_zeros((), dtype=torch.float32) for key in LOSS_KEYS}
     if loss_config.balance_loss_coef and layers:
         out["balance_loss"] = loss_config.balance_loss_coef * sum(
-            balance_loss_layer(layer, model_config.n_routed_experts, K, float(target_ffn_experts),
-                               loss_config.balance_groups) for layer in layers)
+            balance_loss_layer(
+                layer, model_config.n_routed_experts, K, float(target_ffn_experts), loss_config.balance_groups
+            )
+            for layer in layers
+        )
     if loss_config.hidden_z_loss_coef:
         out["hidden_z_loss"] = loss_config.hidden_z_loss_coef * hidden_z_loss(routing.last_hidden)
     if loss_config.router_z_loss_coef and layers:

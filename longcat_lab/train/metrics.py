@@ -33,11 +33,26 @@ def routing_health(routing: Routing, model: LongCatLM, target_ffn_experts: float
     blocks = model.moe_blocks()
     moe_layers = [(i, r) for i, r in enumerate(routing.layers) if r is not None]
     if len(moe_layers) != len(blocks):
-        raise ValueError(f"routing has {len(moe_layers)} MoE layers but the model has {len(blocks)}: "
-                         "pass the Routing returned by this model's forward")
-    out: dict[str, list] = {key: [] for key in (
-        "layer_index", "ffn_experts_mean", "ffn_experts_std", "relative_load", "zero_relative_load", "dead", "hot",
-        "dead_count", "hot_count", "load_imbalance", "bias")}
+        raise ValueError(
+            f"routing has {len(moe_layers)} MoE layers but the model has {len(blocks)}: "
+            "pass the Routing returned by this model's forward"
+        )
+    out: dict[str, list] = {
+        key: []
+        for key in (
+            "layer_index",
+            "ffn_experts_mean",
+            "ffn_experts_std",
+            "relative_load",
+            "zero_relative_load",
+            "dead",
+            "hot",
+            "dead_count",
+            "hot_count",
+            "load_imbalance",
+            "bias",
+        )
+    }
     errors = []
     for (index, layer), block in zip(moe_layers, blocks):
         with torch.no_grad():
@@ -72,14 +87,16 @@ def _probs_for_grad(probs: torch.Tensor) -> torch.Tensor:
     return probs._base if probs._base is not None else probs
 
 
-def balance_grad_ratio_per_layer(lm_loss: torch.Tensor, balance_loss: torch.Tensor, routing: Routing,
-                                 tangent: bool = True) -> list[float]:
+def balance_grad_ratio_per_layer(
+    lm_loss: torch.Tensor, balance_loss: torch.Tensor, routing: Routing, tangent: bool = True
+) -> list[float]:
     """R_g of each MoE layer; see `balance_grad_ratio`."""
     return _grad_ratio(lm_loss, balance_loss, routing, tangent, per_layer=True)
 
 
-def balance_grad_ratio(lm_loss: torch.Tensor, balance_loss: torch.Tensor, routing: Routing,
-                       tangent: bool = True) -> float:
+def balance_grad_ratio(
+    lm_loss: torch.Tensor, balance_loss: torch.Tensor, routing: Routing, tangent: bool = True
+) -> float:
     """R_g = ||grad_P (alpha L_LB)|| / ||grad_P L_LM|| over all MoE layers together (docs/design.md §3; keep it
     below 0.1).
 
@@ -106,8 +123,11 @@ def _grad_ratio(lm_loss, balance_loss, routing, tangent, per_layer):
         grads = torch.autograd.grad(loss, probs, retain_graph=True, allow_unused=True)
         out = []
         for p, g in zip(probs, grads):
-            g_E = torch.zeros(p.shape[-1], dtype=p.dtype, device=p.device) if g is None else \
-                g.reshape(-1, g.shape[-1]).sum(0)
+            g_E = (
+                torch.zeros(p.shape[-1], dtype=p.dtype, device=p.device)
+                if g is None
+                else g.reshape(-1, g.shape[-1]).sum(0)
+            )
             out.append(g_E - g_E.mean() if tangent else g_E)
         return out
 
@@ -158,20 +178,31 @@ def tracking_summary(values: Sequence[float], target: float, tol: float = 0.02, 
         c = torch.cat([torch.zeros(1, dtype=v.dtype), v.cumsum(0)])
         idx = torch.arange(1, v.numel() + 1)
         v = (c[idx] - c[(idx - window).clamp(min=0)]) / (idx - (idx - window).clamp(min=0))
-    scale = abs(target) if target != 0 else 1.0       # target 0: tolerances become absolute
+    scale = abs(target) if target != 0 else 1.0  # target 0: tolerances become absolute
     err = (v - target) / scale
     n = v.numel()
     n_tail = max(1, n // 4)
     outside = (err.abs() > tol).nonzero()
-    first_in = 0 if outside.numel() == 0 else int(outside[-1]) + 1     # 0-based start of the final in-band run
+    first_in = 0 if outside.numel() == 0 else int(outside[-1]) + 1  # 0-based start of the final in-band run
     settle = first_in + 1 if first_in <= n - n_tail else None
-    direction = 1.0 if v[0] < target else -1.0          # which way the trace has to travel
+    direction = 1.0 if v[0] < target else -1.0  # which way the trace has to travel
     overshoot = max(0.0, (direction * err).max().item())
     raw_tail = (raw[-n_tail:] - target) / scale
-    return {"settle_step": settle, "overshoot": overshoot, "steady_state_error": err[-n_tail:].abs().mean().item(),
-            "late_rms_error": raw_tail.pow(2).mean().sqrt().item(), "final": v[-1].item()}
+    return {
+        "settle_step": settle,
+        "overshoot": overshoot,
+        "steady_state_error": err[-n_tail:].abs().mean().item(),
+        "late_rms_error": raw_tail.pow(2).mean().sqrt().item(),
+        "final": v[-1].item(),
+    }
 
 
-__all__ = ["DEAD_LOAD", "HOT_LOAD", "routing_health", "balance_grad_ratio", "balance_grad_ratio_per_layer",
-           "router_cosine_similarity", "tracking_summary"]
-
+__all__ = [
+    "DEAD_LOAD",
+    "HOT_LOAD",
+    "routing_health",
+    "balance_grad_ratio",
+    "balance_grad_ratio_per_layer",
+    "router_cosine_similarity",
+    "tracking_summary",
+]

@@ -19,8 +19,13 @@ from longcat_lab.train.control import ControllerConfig
 from longcat_lab.train.losses import LossConfig
 
 # Section name -> the config class whose fields it holds.
-_CLASSES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig,
-                             "controller": ControllerConfig, "losses": LossConfig}
+_CLASSES: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "controller": ControllerConfig,
+    "losses": LossConfig,
+}
 _SECTIONS = tuple(_CLASSES)
 
 
@@ -66,14 +71,20 @@ def _parse_value(raw: str, tp: Any, name: str) -> Any:
     return raw
 
 
-def apply_overrides(model_config: ModelConfig, train_config: TrainConfig,
-                    assignments: Sequence[str]) -> tuple[ModelConfig, TrainConfig]:
+def apply_overrides(
+    model_config: ModelConfig, train_config: TrainConfig, assignments: Sequence[str]
+) -> tuple[ModelConfig, TrainConfig]:
     """Apply `FIELD=VALUE` (or `section.FIELD=VALUE`, section one of model, train, data, controller, losses) to
     copies of the configs. Every value is parsed by the field's type and validated by the config's own checks;
     ValueError for an unknown or ambiguous field, a malformed assignment or a bad value."""
     fields_ = settable_fields()
-    parts = {"model": model_config, "train": train_config, "data": train_config.data,
-             "controller": train_config.controller, "losses": train_config.losses}
+    parts = {
+        "model": model_config,
+        "train": train_config,
+        "data": train_config.data,
+        "controller": train_config.controller,
+        "losses": train_config.losses,
+    }
     changes: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for item in assignments:
         if not isinstance(item, str) or "=" not in item:
@@ -97,8 +108,9 @@ def apply_overrides(model_config: ModelConfig, train_config: TrainConfig,
         changes[owner][name] = _parse_value(raw, tp, name)
     try:
         built = {s: dataclasses.replace(parts[s], **changes[s]) if changes[s] else parts[s] for s in _SECTIONS}
-        train = dataclasses.replace(built["train"], data=built["data"], controller=built["controller"],
-                                    losses=built["losses"])
+        train = dataclasses.replace(
+            built["train"], data=built["data"], controller=built["controller"], losses=built["losses"]
+        )
     except TypeError as err:
         raise ValueError(f"--set: {err}") from None
     return built["model"], train

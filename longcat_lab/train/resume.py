@@ -21,9 +21,22 @@ if TYPE_CHECKING:
     from longcat_lab.train.trainer import Trainer
 
 # Fields that may differ between a run and its resume: they change when and what is logged or saved, not the math.
-RESUME_FREE_FIELDS = {"stop_after", "ckpt_every", "keep_checkpoints", "device", "eval_every", "alert_loss_spike",
-                      "alert_throughput_drop", "alert_memory_fraction", "sdc_check_every", "peak_flops", "rg_every",
-                      "max_consecutive_skips", "num_threads", "deterministic"}
+RESUME_FREE_FIELDS = {
+    "stop_after",
+    "ckpt_every",
+    "keep_checkpoints",
+    "device",
+    "eval_every",
+    "alert_loss_spike",
+    "alert_throughput_drop",
+    "alert_memory_fraction",
+    "sdc_check_every",
+    "peak_flops",
+    "rg_every",
+    "max_consecutive_skips",
+    "num_threads",
+    "deterministic",
+}
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -48,8 +61,13 @@ def _config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
                 continue
             diffs += _config_diff(saved.get(k), now.get(k), f"{prefix}{k}.")
         return diffs
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now) and saved and \
-            isinstance(saved[0], dict):
+    if (
+        isinstance(saved, list)
+        and isinstance(now, list)
+        and len(saved) == len(now)
+        and saved
+        and isinstance(saved[0], dict)
+    ):
         return [d for i, (a, b) in enumerate(zip(saved, now)) for d in _config_diff(a, b, f"{prefix}{i}.")]
     a, b = (to_json(v, sort_keys=True) for v in (saved, now))
     return [] if a == b else [f"{prefix[:-1]}: {a} -> {b}"]
@@ -60,20 +78,29 @@ def config_diffs(trainer: Trainer, ckpt: Path) -> list[str]:
     saved_cfg = json.loads((ckpt / "train_config.json").read_text())
     saved_model = json.loads((ckpt / "config.json").read_text())
     return _config_diff(saved_cfg, trainer.cfg.to_dict()) + [
-        f"model.{d}" for d in _config_diff(saved_model, trainer.mc.to_dict())]
+        f"model.{d}" for d in _config_diff(saved_model, trainer.mc.to_dict())
+    ]
 
 
 def trainer_state(t: Trainer) -> dict[str, Any]:
     """Everything but the model that the next step reads (checkpoint's trainer_state.pt)."""
     return {
-        "step": t.steps_done, "optimizer": t.optimizer.state_dict(),
+        "step": t.steps_done,
+        "optimizer": t.optimizer.state_dict(),
         "scheduler": {"step": t.steps_done, "lr": lr_at(t.cfg.stages, max(0, t.steps_done - 1))},
-        "controller": t.controller.state_dict(), "sampler": t.sampler.state_dict(),
-        "rng": _rng_state(t.device), "alerts": t.telemetry.alerts.state_dict(),
-        "counters": {"skipped_total": t.skipped_total, "consecutive_skips": t.consecutive_skips,
-                     "sdc_mismatches": t.sdc_mismatches, "tokens_seen": t.tokens_seen},
+        "controller": t.controller.state_dict(),
+        "sampler": t.sampler.state_dict(),
+        "rng": _rng_state(t.device),
+        "alerts": t.telemetry.alerts.state_dict(),
+        "counters": {
+            "skipped_total": t.skipped_total,
+            "consecutive_skips": t.consecutive_skips,
+            "sdc_mismatches": t.sdc_mismatches,
+            "tokens_seen": t.tokens_seen,
+        },
         "expert_counts": [b.router.expert_counts.cpu().clone() for b in t.model.moe_blocks()],
-        "val_loss": dict(t.val_loss), "val_step": t.val_step,
+        "val_loss": dict(t.val_loss),
+        "val_step": t.val_step,
     }
 
 
@@ -101,8 +128,10 @@ def init_from(t: Trainer, source: str) -> None:
     src_model, _, meta = checkpoint.load(source)
     grown = growth.grow_depth(src_model, t.mc.num_layers // max(1, src_model.config.num_layers))
     if grown.config != t.mc:
-        raise ValueError(f"init_from={source!r} is not allowed: stacking its {src_model.config.num_layers}-layer "
-                         f"model does not give this ModelConfig (depth must be a multiple and all else equal)")
+        raise ValueError(
+            f"init_from={source!r} is not allowed: stacking its {src_model.config.num_layers}-layer "
+            f"model does not give this ModelConfig (depth must be a multiple and all else equal)"
+        )
     t.model.load_state_dict(grown.state_dict())
     if t.cfg.init_keep_state:
         st = checkpoint.read_trainer_state(checkpoint.resolve(source))

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 # Measurements ----------------------------------------------------------------------------------------------------
-def measure_matmul_flops(device: torch.device | str = "cpu", n: int = 512, seconds: float = 0.2,
-                         dtype: torch.dtype = torch.float32) -> float:
+def measure_matmul_flops(
+    device: torch.device | str = "cpu", n: int = 512, seconds: float = 0.2, dtype: torch.dtype = torch.float32
+) -> float:
     """FLOP/s of repeated n x n matmuls on `device`: the probe MFU is measured against (a datasheet peak is
     meaningless on a shared CPU; this is what the same machine reaches on the easiest possible kernel)."""
     device = torch.device(device)
@@ -55,14 +56,15 @@ def measure_matmul_flops(device: torch.device | str = "cpu", n: int = 512, secon
         sync()
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return 2.0 * n ** 3 * reps / elapsed
+            return 2.0 * n**3 * reps / elapsed
 
 
 def memory_in_use(device: torch.device) -> tuple[float, float]:
     """(bytes in use, bytes the device has): CUDA allocator peak / total, or this process's RSS / physical RAM."""
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device)), float(
-            torch.cuda.get_device_properties(device).total_memory)
+            torch.cuda.get_device_properties(device).total_memory
+        )
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -78,7 +80,7 @@ def memory_in_use(device: torch.device) -> tuple[float, float]:
 class _Alerts:
     """Running means of loss and throughput, and the checks against the configured thresholds."""
 
-    WARMUP = 10   # steps before the running means are trusted
+    WARMUP = 10  # steps before the running means are trusted
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -141,8 +143,14 @@ class Telemetry:
     """One run's reporting: turns each `StepResult` into its metrics row (throughput, MFU, memory, alerts), appends
     rows to `path` and hands each to `callback`. The alert state is part of a checkpoint (`alerts.state_dict`)."""
 
-    def __init__(self, cfg: TrainConfig, model_config: ModelConfig, device: torch.device, path: Path,
-                 callback: Callable[[dict[str, Any]], Any] | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_config: ModelConfig,
+        device: torch.device,
+        path: Path,
+        callback: Callable[[dict[str, Any]], Any] | None = None,
+    ):
         self.cfg, self.mc, self.device, self.path, self.callback = cfg, model_config, device, path, callback
         self.alerts = _Alerts(cfg)
         self.peak_flops = cfg.peak_flops
@@ -170,7 +178,7 @@ class Telemetry:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue                     # a line half-written by a crash
+                continue  # a line half-written by a crash
             if row.get("step", 0) <= upto:
                 keep.append(line)
         atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
@@ -182,17 +190,28 @@ class Telemetry:
         stage = self.cfg.stages[r.stage_index]
         tps = r.tokens / r.seconds
         ffn_mean = report.get("ffn_experts_per_token_mean")
-        k = None if ffn_mean is None else min(max(ffn_mean, max(0, mc.moe_topk - mc.zero_expert_num)),
-                                             min(mc.moe_topk, mc.n_routed_experts))
+        k = (
+            None
+            if ffn_mean is None
+            else min(max(ffn_mean, max(0, mc.moe_topk - mc.zero_expert_num)), min(mc.moe_topk, mc.n_routed_experts))
+        )
         mfu = tps * accounting.flops_per_token(mc, stage.seq_len, k) / self.peak_flops
         mem, mem_total = memory_in_use(self.device)
         loss = r.losses["loss"]
         alerts = self.alerts.check(None if r.skipped else loss, tps, mem / mem_total if mem_total else 0.0)
         for a in alerts:
             n = self.alerts.counts[a]
-            if n == 10 ** round(math.log10(n)):   # the 1st, 10th, 100th ...: a warning, not a flood
-                log.warning("alert at step %d: %s (loss %.4g, %.0f tokens/s, %.2f GB); %d so far, every one is "
-                            "counted in metrics.jsonl", r.step, a, loss, tps, mem / 1e9, n)
+            if n == 10 ** round(math.log10(n)):  # the 1st, 10th, 100th ...: a warning, not a flood
+                log.warning(
+                    "alert at step %d: %s (loss %.4g, %.0f tokens/s, %.2f GB); %d so far, every one is "
+                    "counted in metrics.jsonl",
+                    r.step,
+                    a,
+                    loss,
+                    tps,
+                    mem / 1e9,
+                    n,
+                )
         if r.sdc is not None and not r.sdc["match"]:
             self.alerts.counts["sdc_mismatch"] += 1
             alerts.append("sdc_mismatch")
@@ -201,21 +220,36 @@ class Telemetry:
             alerts.append("skipped_step")
         imbalance = report.get("load_imbalance") or []
         return {
-            "kind": "train", "step": r.step, "stage": stage.name, "stage_index": r.stage_index, **r.losses,
-            "lr": r.lr, "grad_norm": r.grad_norm, "tokens": r.tokens, "tokens_seen": r.tokens_seen,
-            "tokens_per_s": tps, "mfu": mfu,
-            "ffn_experts_per_token": ffn_mean, "ffn_experts_per_token_per_layer": report.get("ffn_experts_per_token"),
+            "kind": "train",
+            "step": r.step,
+            "stage": stage.name,
+            "stage_index": r.stage_index,
+            **r.losses,
+            "lr": r.lr,
+            "grad_norm": r.grad_norm,
+            "tokens": r.tokens,
+            "tokens_seen": r.tokens_seen,
+            "tokens_per_s": tps,
+            "mfu": mfu,
+            "ffn_experts_per_token": ffn_mean,
+            "ffn_experts_per_token_per_layer": report.get("ffn_experts_per_token"),
             "load_imbalance": (None if not imbalance or any(v is None for v in imbalance) else max(imbalance)),
             "load_imbalance_per_layer": imbalance or None,
             "target_ffn_experts": report.get("target_ffn_experts"),
             "controller_error": report.get("controller_error"),
             "controller_error_per_layer": report.get("controller_error_per_layer"),
-            "bias_spread": report.get("bias_spread"), "bias_update_rate": report.get("update_rate"),
-            "R_g": r.rg, "router_cosine": r.router_cosine,
+            "bias_spread": report.get("bias_spread"),
+            "bias_update_rate": report.get("update_rate"),
+            "R_g": r.rg,
+            "router_cosine": r.router_cosine,
             "dead_experts": sum(r.health["dead_count"]) if r.health else None,
             "hot_experts": sum(r.health["hot_count"]) if r.health else None,
-            "memory_gb": mem / 1e9, "skipped": r.skipped, "skipped_total": r.skipped_total,
-            "alerts": alerts, "alert_counts": dict(self.alerts.counts), "sdc": r.sdc,
+            "memory_gb": mem / 1e9,
+            "skipped": r.skipped,
+            "skipped_total": r.skipped_total,
+            "alerts": alerts,
+            "alert_counts": dict(self.alerts.counts),
+            "sdc": r.sdc,
             "time_s": time.perf_counter() - self.t_start,
         }
 
@@ -227,10 +261,13 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
     path = Path(path)
     file = path / "metrics.jsonl" if path.is_dir() else path
     if not file.is_file():
-        where = f"run folder {str(path)!r} has no metrics.jsonl yet" if path.is_dir() else \
-            f"{str(path)!r} does not exist"
-        raise ValueError(f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
-                         "longcat_lab.train (or its metrics.jsonl)")
+        where = (
+            f"run folder {str(path)!r} has no metrics.jsonl yet" if path.is_dir() else f"{str(path)!r} does not exist"
+        )
+        raise ValueError(
+            f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
+            "longcat_lab.train (or its metrics.jsonl)"
+        )
     lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
     rows = []
     for n, line in enumerate(lines):

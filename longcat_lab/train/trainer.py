@@ -55,20 +55,20 @@ class TrainingError(RuntimeError):
 class StepResult:
     """What one optimizer step measured; `Telemetry.row` adds throughput, memory and alerts."""
 
-    step: int                              # optimizer steps done, this one included
+    step: int  # optimizer steps done, this one included
     stage_index: int
     lr: float
-    losses: dict[str, float]               # loss (LM + aux), lm_loss and each of LOSS_KEYS, mean over micro-batches
-    grad_norm: float                       # before clipping
-    skipped: bool                          # non-finite loss or gradient: no update was made
+    losses: dict[str, float]  # loss (LM + aux), lm_loss and each of LOSS_KEYS, mean over micro-batches
+    grad_norm: float  # before clipping
+    skipped: bool  # non-finite loss or gradient: no update was made
     tokens: int
     tokens_seen: int
     skipped_total: int
-    seconds: float                         # wall time without the diagnostics (R_g, SDC re-run)
-    controller: dict[str, Any]             # BiasController.step()'s report ({} for a skipped step)
+    seconds: float  # wall time without the diagnostics (R_g, SDC re-run)
+    controller: dict[str, Any]  # BiasController.step()'s report ({} for a skipped step)
     rg: float | None = None
     router_cosine: list[float] | None = None
-    health: dict[str, Any] | None = None   # metrics.routing_health at R_g steps
+    health: dict[str, Any] | None = None  # metrics.routing_health at R_g steps
     sdc: dict[str, Any] | None = None
 
     @property
@@ -82,13 +82,13 @@ class TrainResult:
     model: LongCatLM
     tokenizer: Any
     dataset: Dataset
-    step: int                          # optimizer steps done (= total_steps unless stopped early)
-    val_loss: dict[str, float]         # the last evaluation, per domain
-    checkpoint: Path                   # the checkpoint written at `step`
+    step: int  # optimizer steps done (= total_steps unless stopped early)
+    val_loss: dict[str, float]  # the last evaluation, per domain
+    checkpoint: Path  # the checkpoint written at `step`
     skipped_steps: int
     alert_counts: dict[str, int]
     sdc_mismatches: int
-    resumed_from: int | None           # the step a resume continued from
+    resumed_from: int | None  # the step a resume continued from
 
     @property
     def metrics_path(self) -> Path:
@@ -108,12 +108,16 @@ def _check_positions(mc: ModelConfig, cfg: TrainConfig) -> int:
     """Every stage's and the evaluation's sequence length fit the model; returns the evaluation's."""
     for s in cfg.stages:
         if s.seq_len > mc.max_position_embeddings:
-            raise ValueError(f"stage {s.name!r}: seq_len={s.seq_len} is not allowed: it must be <= "
-                             f"max_position_embeddings={mc.max_position_embeddings}")
+            raise ValueError(
+                f"stage {s.name!r}: seq_len={s.seq_len} is not allowed: it must be <= "
+                f"max_position_embeddings={mc.max_position_embeddings}"
+            )
     eval_seq_len = cfg.eval_seq_len or cfg.stages[0].seq_len
     if eval_seq_len > mc.max_position_embeddings:
-        raise ValueError(f"eval_seq_len={eval_seq_len} is not allowed: it must be <= "
-                         f"max_position_embeddings={mc.max_position_embeddings}")
+        raise ValueError(
+            f"eval_seq_len={eval_seq_len} is not allowed: it must be <= "
+            f"max_position_embeddings={mc.max_position_embeddings}"
+        )
     return eval_seq_len
 
 
@@ -121,30 +125,42 @@ def _check_token_streams(dataset: Dataset, vocab_size: int) -> None:
     """Every token id of every stream lies in the model's vocabulary: checked once here, so that the training
     forwards can skip the model's per-batch id check."""
     if dataset.tokenizer.get_vocab_size() > vocab_size:
-        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's "
-                         f"{dataset.tokenizer.get_vocab_size()} tokens")
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the tokenizer's {dataset.tokenizer.get_vocab_size()} tokens"
+        )
     for split, streams in (("train", dataset.train), ("val", dataset.val)):
         for domain, ids in streams.items():
             lo, hi = (int(v) for v in torch.aminmax(ids.long())) if ids.numel() else (0, 0)
             if lo < 0 or hi >= vocab_size:
-                raise ValueError(f"the {split} stream of {domain!r} holds token ids from {lo} to {hi}; allowed "
-                                 f"ids are 0..{vocab_size - 1} (vocab_size={vocab_size})")
+                raise ValueError(
+                    f"the {split} stream of {domain!r} holds token ids from {lo} to {hi}; allowed "
+                    f"ids are 0..{vocab_size - 1} (vocab_size={vocab_size})"
+                )
 
 
 class Trainer:
     """One run: owns the model, optimizer, controller, sampler, telemetry and the run folder. `train()` is the
     entry point; the constructor builds (and with `resume`, restores) everything, `step()` takes one step."""
 
-    def __init__(self, model_config: ModelConfig, cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
-                 progress: bool = True, callback: Callable[[dict[str, Any]], Any] | None = None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cfg: TrainConfig,
+        out_dir: str | os.PathLike,
+        resume: bool = False,
+        progress: bool = True,
+        callback: Callable[[dict[str, Any]], Any] | None = None,
+    ):
         self.mc, self.cfg, self.run_dir, self.progress = model_config, cfg, Path(out_dir), progress
         self.device = resolve_device(cfg.device)
         self.eval_seq_len = _check_positions(model_config, cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         existing = checkpoint.latest(self.run_dir)
         if existing is not None and not resume:
-            raise TrainingError(f"{self.run_dir} already holds checkpoints (newest {existing.name}); pass "
-                                "resume=True (--resume) to continue it, or choose a new output folder")
+            raise TrainingError(
+                f"{self.run_dir} already holds checkpoints (newest {existing.name}); pass "
+                "resume=True (--resume) to continue it, or choose a new output folder"
+            )
         self.dataset = load_dataset(model_config.vocab_size, cfg.data)
         _check_token_streams(self.dataset, model_config.vocab_size)
         self.model = LongCatLM(model_config)
@@ -153,8 +169,11 @@ class Trainer:
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(
             growth.param_groups(self.model, width_factor=scale, weight_decay=cfg.weight_decay),
-            lr=lr_at(cfg.stages, 0), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay)
+            lr=lr_at(cfg.stages, 0),
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
         self.controller = BiasController(cfg.controller, self.model)
         self.sampler = MixtureSampler(self.dataset.train, seed=cfg.seed)
         self.telemetry = Telemetry(cfg, model_config, self.device, self.run_dir / "metrics.jsonl", callback)
@@ -165,11 +184,13 @@ class Trainer:
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
         if resume and existing is not None:
-            checkpoint.verify(existing)            # a one-line CheckpointError naming the bad file
+            checkpoint.verify(existing)  # a one-line CheckpointError naming the bad file
             diffs = config_diffs(self, existing)
             if diffs:
-                raise TrainingError(f"cannot resume {self.run_dir}: the configuration differs from the checkpoint's "
-                                    f"({'; '.join(diffs[:4])}); resume with the same settings or use a new --out")
+                raise TrainingError(
+                    f"cannot resume {self.run_dir}: the configuration differs from the checkpoint's "
+                    f"({'; '.join(diffs[:4])}); resume with the same settings or use a new --out"
+                )
             restore(self, existing)
             self.telemetry.truncate(self.steps_done)
             self.last_checkpoint = existing
@@ -194,8 +215,11 @@ class Trainer:
                 rg = metrics.balance_grad_ratio(lm_loss, aux["balance_loss"], routing)
                 rg_time = time.perf_counter() - t
             (loss / cfg.grad_accum).backward()
-            parts.append(torch.stack([loss.detach().float(), lm_loss.detach().float(),
-                                      *(aux[k].detach().float() for k in LOSS_KEYS)]))
+            parts.append(
+                torch.stack(
+                    [loss.detach().float(), lm_loss.detach().float(), *(aux[k].detach().float() for k in LOSS_KEYS)]
+                )
+            )
         return torch.stack(parts), rg, rg_time, routing
 
     def _sdc_check(self, batches, losses: torch.Tensor, counts_before: list[torch.Tensor]) -> dict[str, Any]:
@@ -221,18 +245,26 @@ class Trainer:
         for b, c in zip(blocks, counts_after):
             b.router.expert_counts.copy_(c)
         match = loss_match and grad_mismatch == 0
-        result = {"match": match, "loss_match": loss_match, "grad_mismatches": grad_mismatch,
-                  "max_grad_diff": max_diff, "max_loss_diff": float((losses - losses2).abs().max())}
+        result = {
+            "match": match,
+            "loss_match": loss_match,
+            "grad_mismatches": grad_mismatch,
+            "max_grad_diff": max_diff,
+            "max_loss_diff": float((losses - losses2).abs().max()),
+        }
         if not match:
             self.sdc_mismatches += 1
-            log.warning("SDC check at step %d: re-running the step did not reproduce it bit for bit (%s)",
-                        self.steps_done + 1, result)
+            log.warning(
+                "SDC check at step %d: re-running the step did not reproduce it bit for bit (%s)",
+                self.steps_done + 1,
+                result,
+            )
         return result
 
     def step(self) -> StepResult:
         """One optimizer step: sample, forward and backward every micro-batch, clip, AdamW, controller update; a
         step with a non-finite loss or gradient is skipped (no update, its routing counts dropped)."""
-        cfg, index = self.cfg, self.steps_done           # index: 0-based, of the step being taken
+        cfg, index = self.cfg, self.steps_done  # index: 0-based, of the step being taken
         si, _ = stage_at(cfg.stages, index)
         stage = cfg.stages[si]
         lr = lr_at(cfg.stages, index)
@@ -265,12 +297,16 @@ class Trainer:
             if want_rg and routing is not None:
                 health = metrics.routing_health(routing, self.model)
         else:
-            for b in self.model.moe_blocks():   # this step's selections must not reach the next update
+            for b in self.model.moe_blocks():  # this step's selections must not reach the next update
                 b.router.expert_counts.zero_()
             self.skipped_total += 1
             self.consecutive_skips += 1
-            log.warning("step %d skipped: non-finite %s (%d in a row)", index + 1,
-                        "loss" if not math.isfinite(values["loss"]) else "gradient", self.consecutive_skips)
+            log.warning(
+                "step %d skipped: non-finite %s (%d in a row)",
+                index + 1,
+                "loss" if not math.isfinite(values["loss"]) else "gradient",
+                self.consecutive_skips,
+            )
         del routing
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -279,28 +315,62 @@ class Trainer:
         tokens = cfg.batch_size * cfg.grad_accum * stage.seq_len
         self.tokens_seen += tokens
         self.steps_done = index + 1
-        return StepResult(self.steps_done, si, lr, values, grad_norm, not finite, tokens, self.tokens_seen,
-                          self.skipped_total, elapsed, report, rg,
-                          metrics.router_cosine_similarity(self.model) if want_rg else None, health, sdc)
+        return StepResult(
+            self.steps_done,
+            si,
+            lr,
+            values,
+            grad_norm,
+            not finite,
+            tokens,
+            self.tokens_seen,
+            self.skipped_total,
+            elapsed,
+            report,
+            rg,
+            metrics.router_cosine_similarity(self.model) if want_rg else None,
+            health,
+            sdc,
+        )
 
     # The run ---------------------------------------------------------------------------------------------------
     def save(self) -> Path:
         stage = self.cfg.stages[stage_at(self.cfg.stages, max(0, self.steps_done - 1))[0]]
-        meta = {"seed": self.cfg.seed, "stage": stage.name, "tokens_seen": self.tokens_seen,
-                "val_loss": self.val_loss, "val_loss_step": self.val_step,
-                "data_key": self.dataset.key, "total_steps": self.cfg.total_steps,
-                "num_params": self.model.num_params()}
-        self.last_checkpoint = checkpoint.save(self.run_dir, self.steps_done, self.model, self.dataset.tokenizer,
-                                               self.cfg.to_dict(), trainer_state(self), meta,
-                                               keep=self.cfg.keep_checkpoints)
+        meta = {
+            "seed": self.cfg.seed,
+            "stage": stage.name,
+            "tokens_seen": self.tokens_seen,
+            "val_loss": self.val_loss,
+            "val_loss_step": self.val_step,
+            "data_key": self.dataset.key,
+            "total_steps": self.cfg.total_steps,
+            "num_params": self.model.num_params(),
+        }
+        self.last_checkpoint = checkpoint.save(
+            self.run_dir,
+            self.steps_done,
+            self.model,
+            self.dataset.tokenizer,
+            self.cfg.to_dict(),
+            trainer_state(self),
+            meta,
+            keep=self.cfg.keep_checkpoints,
+        )
         return self.last_checkpoint
 
     def run_eval(self) -> None:
-        self.val_loss = evaluate(self.model, self.dataset, self.eval_seq_len, self.cfg.eval_windows,
-                                 self.cfg.batch_size, self.cfg.bf16)
+        self.val_loss = evaluate(
+            self.model, self.dataset, self.eval_seq_len, self.cfg.eval_windows, self.cfg.batch_size, self.cfg.bf16
+        )
         self.val_step = self.steps_done
-        self.telemetry.write({"kind": "eval", "step": self.steps_done, "val_loss": self.val_loss,
-                              "val_loss_mean": sum(self.val_loss.values()) / len(self.val_loss)})
+        self.telemetry.write(
+            {
+                "kind": "eval",
+                "step": self.steps_done,
+                "val_loss": self.val_loss,
+                "val_loss_mean": sum(self.val_loss.values()) / len(self.val_loss),
+            }
+        )
 
     def run(self) -> TrainResult:
         """Train to the end of the schedule (or `stop_after`), evaluating and saving on the way; every run ends
@@ -308,9 +378,17 @@ class Trainer:
         cfg = self.cfg
         total = cfg.total_steps
         end = min(total, cfg.stop_after) if cfg.stop_after else total
-        self.telemetry.start({"step": self.steps_done, "resumed_from": self.resumed_from, "total_steps": total,
-                              "num_params": self.model.num_params(), "device": str(self.device),
-                              "data": self.dataset.summary(), "data_filter": self.dataset.report})
+        self.telemetry.start(
+            {
+                "step": self.steps_done,
+                "resumed_from": self.resumed_from,
+                "total_steps": total,
+                "num_params": self.model.num_params(),
+                "device": str(self.device),
+                "data": self.dataset.summary(),
+                "data_filter": self.dataset.report,
+            }
+        )
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=self.steps_done, disable=not self.progress, desc="train", dynamic_ncols=True)
@@ -319,14 +397,22 @@ class Trainer:
                 row = self.telemetry.row(self.step())
                 self.telemetry.write(row)
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan",
-                                ffn=f"{row['ffn_experts_per_token'] or 0:.2f}", lr=f"{row['lr']:.2e}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan",
+                    ffn=f"{row['ffn_experts_per_token'] or 0:.2f}",
+                    lr=f"{row['lr']:.2e}",
+                )
                 if self.consecutive_skips >= cfg.max_consecutive_skips:
-                    where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                             else "no checkpoint was written")
-                    raise TrainingError(f"training stopped at step {self.steps_done}: {self.consecutive_skips} "
-                                        f"consecutive steps had a non-finite loss or gradient "
-                                        f"(max_consecutive_skips={cfg.max_consecutive_skips}); {where}")
+                    where = (
+                        f"the last good checkpoint is {self.last_checkpoint}"
+                        if self.last_checkpoint
+                        else "no checkpoint was written"
+                    )
+                    raise TrainingError(
+                        f"training stopped at step {self.steps_done}: {self.consecutive_skips} "
+                        f"consecutive steps had a non-finite loss or gradient "
+                        f"(max_consecutive_skips={cfg.max_consecutive_skips}); {where}"
+                    )
                 last = self.steps_done == end
                 if last or (cfg.eval_every and self.steps_done % cfg.eval_every == 0):
                     self.run_eval()
@@ -341,9 +427,19 @@ class Trainer:
             self.save()
         if not self.val_loss:
             self.run_eval()
-        return TrainResult(self.run_dir, self.model.eval(), self.dataset.tokenizer, self.dataset, self.steps_done,
-                           dict(self.val_loss), self.last_checkpoint, self.skipped_total,
-                           dict(self.telemetry.alerts.counts), self.sdc_mismatches, self.resumed_from)
+        return TrainResult(
+            self.run_dir,
+            self.model.eval(),
+            self.dataset.tokenizer,
+            self.dataset,
+            self.steps_done,
+            dict(self.val_loss),
+            self.last_checkpoint,
+            self.skipped_total,
+            dict(self.telemetry.alerts.counts),
+            self.sdc_mismatches,
+            self.resumed_from,
+        )
 
 
 @contextlib.contextmanager
@@ -373,8 +469,14 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def train(model_config: ModelConfig, train_config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True, callback: Callable[[dict[str, Any]], Any] | None = None) -> TrainResult:
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+) -> TrainResult:
     """Train `model_config` with `train_config`, writing metrics.jsonl and checkpoints under `out_dir`.
 
     resume=True continues from the newest checkpoint in `out_dir` (none: a fresh start) and reproduces the losses

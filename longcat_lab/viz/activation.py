@@ -27,13 +27,21 @@ from longcat_lab.data.tokenclass import TOKEN_CLASSES, token_class
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.routing import Routing
 from longcat_lab.perf import accounting
-from longcat_lab.viz.common import CLASS_COLOURS, COMPUTE_SCALE, DOMAIN_COLOURS, check_batch_index, check_layer, \
-    moe_layers, to_numpy
+from longcat_lab.viz.common import (
+    CLASS_COLOURS,
+    COMPUTE_SCALE,
+    DOMAIN_COLOURS,
+    check_batch_index,
+    check_layer,
+    moe_layers,
+    to_numpy,
+)
 
 
 # Routing a text ------------------------------------------------------------------------------------------------
-def route_text(model: torch.nn.Module, tokenizer: Any, text: str, max_tokens: int | None = None
-               ) -> tuple[list[str], Routing]:
+def route_text(
+    model: torch.nn.Module, tokenizer: Any, text: str, max_tokens: int | None = None
+) -> tuple[list[str], Routing]:
     """Tokenise `text` with a `tokenizers.Tokenizer` (anything whose `encode(text)` has `.ids` and `.offsets`), route
     it through `model` in eval mode under no_grad (router counts untouched) and return (token texts, Routing).
 
@@ -78,13 +86,19 @@ def display_token(token: str) -> str:
     return shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") or "∅"
 
 
-def token_compute_map(tokens: Sequence[str], routing: Routing, layer: int | None = None, batch_index: int = 0,
-                      per_row: int = 12, title: str | None = None) -> go.Figure:
+def token_compute_map(
+    tokens: Sequence[str],
+    routing: Routing,
+    layer: int | None = None,
+    batch_index: int = 0,
+    per_row: int = 12,
+    title: str | None = None,
+) -> go.Figure:
     """The text as a grid of tokens, each coloured by the FFN experts it used (summed over MoE layers, or in one
     `layer`); hovering shows the chosen experts of every layer."""
     moe = moe_layers(routing)
     layers = [i for i, _ in moe]
-    per_layer = token_compute(routing, batch_index)                        # [S, L]
+    per_layer = token_compute(routing, batch_index)  # [S, L]
     S = per_layer.shape[0]
     if len(tokens) != S or not all(isinstance(t, str) for t in tokens):
         raise ValueError(f"tokens has {len(tokens)} entries: expected {S} strings, one per routed position")
@@ -99,7 +113,7 @@ def token_compute_map(tokens: Sequence[str], routing: Routing, layer: int | None
     K = moe[0][1].topk_ids.shape[-1]
     N = routing.n_routed_experts
     zmax = min(K, N) * (len(layers) if layer is None else 1)
-    ids = [to_numpy(r.topk_ids[batch_index]) for _, r in moe]                 # L x [S, K]
+    ids = [to_numpy(r.topk_ids[batch_index]) for _, r in moe]  # L x [S, K]
     rows = math.ceil(S / per_row)
     z = np.full((rows, per_row), np.nan)
     text = [[""] * per_row for _ in range(rows)]
@@ -113,12 +127,28 @@ def token_compute_map(tokens: Sequence[str], routing: Routing, layer: int | None
             ffn = sorted(int(e) for e in chosen[s] if e < N)
             lines.append(f"layer {li}: {len(ffn)} FFN {ffn} + {K - len(ffn)} zero")
         hover[r][c] = f"#{s} {text[r][c]}<br>{values[s]} {what}<br>" + "<br>".join(lines)
-    fig = go.Figure(go.Heatmap(
-        z=z, text=text, texttemplate="%{text}", hovertext=hover, hoverinfo="text", zmin=0, zmax=zmax,
-        colorscale=COMPUTE_SCALE, xgap=2, ygap=2, colorbar=dict(title="FFN experts")))
-    fig.update_layout(title=title or f"Compute per token: {what}", height=120 + 34 * rows,
-                      xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"),
-                      plot_bgcolor="white")
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=text,
+            texttemplate="%{text}",
+            hovertext=hover,
+            hoverinfo="text",
+            zmin=0,
+            zmax=zmax,
+            colorscale=COMPUTE_SCALE,
+            xgap=2,
+            ygap=2,
+            colorbar=dict(title="FFN experts"),
+        )
+    )
+    fig.update_layout(
+        title=title or f"Compute per token: {what}",
+        height=120 + 34 * rows,
+        xaxis=dict(visible=False),
+        yaxis=dict(visible=False, autorange="reversed"),
+        plot_bgcolor="white",
+    )
     return fig
 
 
@@ -127,13 +157,13 @@ def token_compute_map(tokens: Sequence[str], routing: Routing, layer: int | None
 class TokenTable:
     """One row per routed token of a set of samples: where it came from, its class, and its FFN experts per layer."""
 
-    domain: np.ndarray        # [T] str
-    sample: np.ndarray        # [T] int, index of the sample the token belongs to
-    position: np.ndarray      # [T] int, position within its sample
-    token: np.ndarray         # [T] str
-    token_class: np.ndarray   # [T] str, one of tokenclass.TOKEN_CLASSES
-    ffn_experts: np.ndarray   # [T, L] int
-    layers: list[int]         # model layer index of each column of ffn_experts
+    domain: np.ndarray  # [T] str
+    sample: np.ndarray  # [T] int, index of the sample the token belongs to
+    position: np.ndarray  # [T] int, position within its sample
+    token: np.ndarray  # [T] str
+    token_class: np.ndarray  # [T] str, one of tokenclass.TOKEN_CLASSES
+    ffn_experts: np.ndarray  # [T, L] int
+    layers: list[int]  # model layer index of each column of ffn_experts
     moe_topk: int
     n_routed_experts: int
 
@@ -173,8 +203,9 @@ def _ordered(keys: np.ndarray) -> list[str]:
     return sorted(seen, key=lambda g: (*(rank.get(part, len(rank)) for part in g.split("/")), seen.index(g)))
 
 
-def token_table(samples: Iterable[tuple[str, Sequence[str], Routing]],
-                code_domains: Sequence[str] = ("python",)) -> TokenTable:
+def token_table(
+    samples: Iterable[tuple[str, Sequence[str], Routing]], code_domains: Sequence[str] = ("python",)
+) -> TokenTable:
     """Build a TokenTable from `(domain, tokens, routing)` triples, one per sample, each routing from a forward of
     that sample alone (batch 1). Python keywords count as "code keyword" only in `code_domains`."""
     cols: dict[str, list] = {k: [] for k in ("domain", "sample", "position", "token", "token_class", "ffn")}
@@ -187,8 +218,9 @@ def token_table(samples: Iterable[tuple[str, Sequence[str], Routing]],
             raise ValueError(f"samples[{n}] domain={domain!r} is not allowed: it must be a non-empty str")
         moe = moe_layers(routing, f"samples[{n}] routing")
         if moe[0][1].topk_ids.shape[0] != 1:
-            raise ValueError(f"samples[{n}] routing has batch {moe[0][1].topk_ids.shape[0]}: expected 1 sequence "
-                             "per sample")
+            raise ValueError(
+                f"samples[{n}] routing has batch {moe[0][1].topk_ids.shape[0]}: expected 1 sequence per sample"
+            )
         these = [i for i, _ in moe]
         if layers is None:
             layers, K, N = these, moe[0][1].topk_ids.shape[-1], routing.n_routed_experts
@@ -207,14 +239,21 @@ def token_table(samples: Iterable[tuple[str, Sequence[str], Routing]],
     if layers is None:
         raise ValueError("samples is empty: expected at least one (domain, tokens, routing) tuple")
     return TokenTable(
-        domain=np.array(cols["domain"], dtype=object), sample=np.array(cols["sample"]),
-        position=np.array(cols["position"]), token=np.array(cols["token"], dtype=object),
-        token_class=np.array(cols["token_class"], dtype=object), ffn_experts=np.concatenate(cols["ffn"]),
-        layers=layers, moe_topk=K, n_routed_experts=N)
+        domain=np.array(cols["domain"], dtype=object),
+        sample=np.array(cols["sample"]),
+        position=np.array(cols["position"]),
+        token=np.array(cols["token"], dtype=object),
+        token_class=np.array(cols["token_class"], dtype=object),
+        ffn_experts=np.concatenate(cols["ffn"]),
+        layers=layers,
+        moe_topk=K,
+        n_routed_experts=N,
+    )
 
 
-def contrast(table: TokenTable, group: str, reference: str, by: str = "class", layer: int | None = None
-             ) -> dict[str, Any]:
+def contrast(
+    table: TokenTable, group: str, reference: str, by: str = "class", layer: int | None = None
+) -> dict[str, Any]:
     """Mean FFN experts per token of `group` minus that of `reference` (groups of `by`), with Welch's standard error,
     and a verdict: "fewer" or "more" when the difference is beyond two standard errors, else "no clear difference".
     Tokens within a text are not independent, so the standard error is optimistic; read it as a rough guide."""
@@ -227,34 +266,67 @@ def contrast(table: TokenTable, group: str, reference: str, by: str = "class", l
     diff = float(a.mean() - b.mean())
     se = math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size) if a.size > 1 and b.size > 1 else math.inf
     verdict = "no clear difference" if not abs(diff) > 2 * se else ("fewer" if diff < 0 else "more")
-    return {"group": group, "reference": reference, "by": by, "layer": layer, "group_mean": float(a.mean()),
-            "reference_mean": float(b.mean()), "group_count": int(a.size), "reference_count": int(b.size),
-            "difference": diff, "standard_error": se, "verdict": verdict}
+    return {
+        "group": group,
+        "reference": reference,
+        "by": by,
+        "layer": layer,
+        "group_mean": float(a.mean()),
+        "reference_mean": float(b.mean()),
+        "group_count": int(a.size),
+        "reference_count": int(b.size),
+        "difference": diff,
+        "standard_error": se,
+        "verdict": verdict,
+    }
 
 
-def ffn_experts_by_group(table: TokenTable, by: str = "domain", layer: int | None = None,
-                         title: str | None = None) -> go.Figure:
+def ffn_experts_by_group(
+    table: TokenTable, by: str = "domain", layer: int | None = None, title: str | None = None
+) -> go.Figure:
     """Left: the share of a group's tokens that used 0, 1, 2, ... FFN experts. Right: each group's mean ± std."""
     keys, vals = table.groups(by), table.values(layer)
     stats = table.stats(by, layer)
     top = min(table.moe_topk, table.n_routed_experts) * (len(table.layers) if layer is None else 1)
     xs = np.arange(top + 1)
     colours = {**DOMAIN_COLOURS, **CLASS_COLOURS}
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35],
-                        subplot_titles=("share of tokens", "mean ± std"))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], subplot_titles=("share of tokens", "mean ± std"))
     for g, s in stats.items():
         v = vals[keys == g]
         share = np.bincount(v, minlength=top + 1)[: top + 1] / v.size
         colour = colours.get(g.split("/")[-1])
-        fig.add_trace(go.Bar(x=xs, y=share, name=f"{g} (n={s['count']})", marker_color=colour, legendgroup=g,
-                             hovertemplate=f"{g}<br>%{{x}} FFN experts: %{{y:.1%}} of tokens<extra></extra>"), 1, 1)
-        fig.add_trace(go.Bar(x=[g], y=[s["mean"]], error_y=dict(type="data", array=[s["std"]]), marker_color=colour,
-                             legendgroup=g, showlegend=False,
-                             hovertemplate=f"{g}: mean %{{y:.2f}} ± {s['std']:.2f} over {s['count']} tokens"
-                                           "<extra></extra>"), 1, 2)
+        fig.add_trace(
+            go.Bar(
+                x=xs,
+                y=share,
+                name=f"{g} (n={s['count']})",
+                marker_color=colour,
+                legendgroup=g,
+                hovertemplate=f"{g}<br>%{{x}} FFN experts: %{{y:.1%}} of tokens<extra></extra>",
+            ),
+            1,
+            1,
+        )
+        fig.add_trace(
+            go.Bar(
+                x=[g],
+                y=[s["mean"]],
+                error_y=dict(type="data", array=[s["std"]]),
+                marker_color=colour,
+                legendgroup=g,
+                showlegend=False,
+                hovertemplate=f"{g}: mean %{{y:.2f}} ± {s['std']:.2f} over {s['count']} tokens<extra></extra>",
+            ),
+            1,
+            2,
+        )
     where = f"layer {layer}" if layer is not None else f"summed over {len(table.layers)} MoE layers"
-    fig.update_layout(title=title or f"FFN experts per token by {by} ({where})", barmode="group", height=380,
-                      legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(
+        title=title or f"FFN experts per token by {by} ({where})",
+        barmode="group",
+        height=380,
+        legend=dict(orientation="h", y=-0.2),
+    )
     fig.update_xaxes(title_text="FFN experts per token", row=1, col=1)
     return fig
 
@@ -273,11 +345,23 @@ def class_domain_heatmap(table: TokenTable, layer: int | None = None, title: str
                 z[i, j] = s["mean"]
                 text[i][j] = f"{s['mean']:.2f}<br>n={s['count']}"
     where = f"layer {layer}" if layer is not None else f"summed over {len(table.layers)} MoE layers"
-    fig = go.Figure(go.Heatmap(z=z, x=classes, y=domains, text=text, texttemplate="%{text}", colorscale=COMPUTE_SCALE,
-                               colorbar=dict(title="mean FFN experts"),
-                               hovertemplate="%{y} / %{x}: %{z:.2f} FFN experts per token<extra></extra>"))
-    fig.update_layout(title=title or f"Mean FFN experts per token by domain and token class ({where})",
-                      height=140 + 60 * len(domains), yaxis=dict(autorange="reversed"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=classes,
+            y=domains,
+            text=text,
+            texttemplate="%{text}",
+            colorscale=COMPUTE_SCALE,
+            colorbar=dict(title="mean FFN experts"),
+            hovertemplate="%{y} / %{x}: %{z:.2f} FFN experts per token<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or f"Mean FFN experts per token by domain and token class ({where})",
+        height=140 + 60 * len(domains),
+        yaxis=dict(autorange="reversed"),
+    )
     return fig
 
 
@@ -303,33 +387,58 @@ def activated_params_per_token(source: Routing | TokenTable, config: ModelConfig
         per_token = sum(to_numpy(r.ffn_experts_per_token).reshape(-1) for _, r in moe).astype(np.int64)
         K, n_layers = moe[0][1].topk_ids.shape[-1], len(moe)
     if (K, n_layers) != (config.moe_topk, config.num_layers):
-        raise ValueError(f"config (moe_topk={config.moe_topk}, num_layers={config.num_layers}) does not match the "
-                         f"routing (top-{K} over {n_layers} MoE layers): pass the model's own config")
+        raise ValueError(
+            f"config (moe_topk={config.moe_topk}, num_layers={config.num_layers}) does not match the "
+            f"routing (top-{K} over {n_layers} MoE layers): pass the model's own config"
+        )
     counts = accounting.param_counts(config)
     always = counts["total"] - counts["embedding"] - counts["experts"]
     per_pick = 3 * config.hidden_size * config.expert_ffn_hidden_size
     return always + per_token.astype(np.float64) * per_pick
 
 
-def activated_params_histogram(source: Routing | TokenTable, config: ModelConfig,
-                               title: str | None = None) -> go.Figure:
+def activated_params_histogram(
+    source: Routing | TokenTable, config: ModelConfig, title: str | None = None
+) -> go.Figure:
     """Histogram of activated parameters per token, with the model's min, max, uniform-routing and measured mean."""
     values = activated_params_per_token(source, config)
     bounds = accounting.activated_params(config)
     div, unit = _scale(bounds["max"])
     uniq, count = np.unique(values, return_counts=True)
-    fig = go.Figure(go.Bar(x=uniq / div, y=count / values.size, name="tokens",
-                           hovertemplate=f"%{{x:.3f}}{unit}: %{{y:.1%}} of tokens<extra></extra>"))
-    marks = [(bounds["min"], "min (fewest FFN picks)", "grey", "dot"),
-             (bounds["max"], "max (all picks FFN)", "grey", "dot"),
-             (bounds["mean"], "uniform routing", "black", "dash"),
-             (float(values.mean()), "measured mean", "#e45756", "solid")]
+    fig = go.Figure(
+        go.Bar(
+            x=uniq / div,
+            y=count / values.size,
+            name="tokens",
+            hovertemplate=f"%{{x:.3f}}{unit}: %{{y:.1%}} of tokens<extra></extra>",
+        )
+    )
+    marks = [
+        (bounds["min"], "min (fewest FFN picks)", "grey", "dot"),
+        (bounds["max"], "max (all picks FFN)", "grey", "dot"),
+        (bounds["mean"], "uniform routing", "black", "dash"),
+        (float(values.mean()), "measured mean", "#e45756", "solid"),
+    ]
     for x, label, colour, dash in marks:
-        fig.add_trace(go.Scatter(x=[x / div, x / div], y=[0, 1], mode="lines", name=f"{label}: {x / div:.3f}{unit}",
-                                 line=dict(color=colour, dash=dash), yaxis="y2", hoverinfo="name"))
+        fig.add_trace(
+            go.Scatter(
+                x=[x / div, x / div],
+                y=[0, 1],
+                mode="lines",
+                name=f"{label}: {x / div:.3f}{unit}",
+                line=dict(color=colour, dash=dash),
+                yaxis="y2",
+                hoverinfo="name",
+            )
+        )
     fig.update_layout(
-        title=title or f"Activated parameters per token over {values.size} tokens (paper convention: all but the "
-                       "input embedding, plus the FFN experts used)",
-        xaxis_title=f"activated parameters ({unit})", yaxis_title="share of tokens", height=380,
-        yaxis2=dict(overlaying="y", range=[0, 1], visible=False), legend=dict(orientation="h", y=-0.25))
+        title=title
+        or f"Activated parameters per token over {values.size} tokens (paper convention: all but the "
+        "input embedding, plus the FFN experts used)",
+        xaxis_title=f"activated parameters ({unit})",
+        yaxis_title="share of tokens",
+        height=380,
+        yaxis2=dict(overlaying="y", range=[0, 1], visible=False),
+        legend=dict(orientation="h", y=-0.25),
+    )
     return fig

@@ -20,8 +20,13 @@ from longcat_lab.model.routing import LayerRouting, Routing
 # One colour per domain and per token class, so that every figure of a notebook speaks the same colours.
 # Domain names are longcat_lab.data's: prose is Shakespeare, code the Python standard library.
 DOMAIN_COLOURS = {"shakespeare": "#4c78a8", "python": "#f58518", "reasoning": "#54a24b"}
-CLASS_COLOURS = {"whitespace": "#bab0ac", "punctuation": "#e45756", "digits": "#72b7b2", "code keyword": "#b279a2",
-                 "word": "#4c78a8"}
+CLASS_COLOURS = {
+    "whitespace": "#bab0ac",
+    "punctuation": "#e45756",
+    "digits": "#72b7b2",
+    "code keyword": "#b279a2",
+    "word": "#4c78a8",
+}
 # Sequential scale for "how many FFN experts": light = little compute, dark = much.
 COMPUTE_SCALE = "Viridis"
 
@@ -30,8 +35,9 @@ COMPUTE_SCALE = "Viridis"
 def moe_layers(routing: Any, name: str = "routing") -> list[tuple[int, LayerRouting]]:
     """(model layer index, LayerRouting) for every MoE layer of a Routing record."""
     if not isinstance(routing, Routing):
-        raise ValueError(f"{name} must be the Routing record of model(idx, return_routing=True), "
-                         f"got {type(routing).__name__}")
+        raise ValueError(
+            f"{name} must be the Routing record of model(idx, return_routing=True), got {type(routing).__name__}"
+        )
     layers = [(i, r) for i, r in enumerate(routing.layers) if r is not None]
     if not layers:
         raise ValueError(f"{name} holds no MoE layers (all {len(routing.layers)} are dense): nothing was routed")

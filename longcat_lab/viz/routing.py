@@ -24,7 +24,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.model.model import MoE
+from longcat_lab.model.moe import MoE
 from longcat_lab.model.routing import Routing
 from longcat_lab.train import metrics
 from longcat_lab.train.telemetry import read_metrics
@@ -40,13 +40,13 @@ class ExpertLoad:
     experts below `metrics.DEAD_LOAD` of the ideal are dead, above `metrics.HOT_LOAD` hot; zero experts are never
     flagged, since they are interchangeable identities."""
 
-    counts: np.ndarray             # [L, E] selections per expert
-    ideal: np.ndarray              # [L, E] selections each expert would get at its ideal share
-    relative: np.ndarray           # [L, E] counts / ideal; 0 where the ideal is 0 (no FFN or no zero selections)
-    dead: np.ndarray               # [L, E] bool, FFN experts only
-    hot: np.ndarray                # [L, E] bool, FFN experts only
-    layers: list[int]              # model layer index of each row
-    tokens: np.ndarray             # [L] tokens routed in each layer
+    counts: np.ndarray  # [L, E] selections per expert
+    ideal: np.ndarray  # [L, E] selections each expert would get at its ideal share
+    relative: np.ndarray  # [L, E] counts / ideal; 0 where the ideal is 0 (no FFN or no zero selections)
+    dead: np.ndarray  # [L, E] bool, FFN experts only
+    hot: np.ndarray  # [L, E] bool, FFN experts only
+    layers: list[int]  # model layer index of each row
+    tokens: np.ndarray  # [L] tokens routed in each layer
     ffn_experts_per_token: np.ndarray  # [L] mean FFN experts per token in each layer
     n_routed_experts: int
 
@@ -71,30 +71,35 @@ def expert_load(source: Routing | np.ndarray | torch.Tensor, config: ModelConfig
         for n, routing in enumerate(source):
             moe = moe_layers(routing, f"source[{n}]")
             if layers is not None and [i for i, _ in moe] != layers:
-                raise ValueError(f"source[{n}] routes through MoE layers {[i for i, _ in moe]}, source[0] through "
-                                 f"{layers}")
+                raise ValueError(
+                    f"source[{n}] routes through MoE layers {[i for i, _ in moe]}, source[0] through {layers}"
+                )
             layers = [i for i, _ in moe]
             counts = counts + np.stack([np.bincount(to_numpy(r.topk_ids).reshape(-1), minlength=E) for _, r in moe])
     elif isinstance(source, (np.ndarray, torch.Tensor, list)):
         counts = to_numpy(source) if isinstance(source, torch.Tensor) else np.asarray(source)
         layers = list(range(counts.shape[0])) if counts.ndim == 2 else []
     else:
-        raise ValueError(f"source must be the Routing record of model(idx, return_routing=True) or counts [L, E] "
-                         f"such as router_counts(model), got {type(source).__name__}")
+        raise ValueError(
+            f"source must be the Routing record of model(idx, return_routing=True) or counts [L, E] "
+            f"such as router_counts(model), got {type(source).__name__}"
+        )
     if counts.ndim != 2 or counts.shape[1] != E:
-        raise ValueError(f"source has shape {counts.shape}: expected [layers, n_routed_experts + zero_expert_num] "
-                         f"= [L, {E}]")
+        raise ValueError(
+            f"source has shape {counts.shape}: expected [layers, n_routed_experts + zero_expert_num] = [L, {E}]"
+        )
     if (counts < 0).any():
         raise ValueError("source holds negative counts: expected selections per expert (>= 0)")
     counts = counts.astype(np.int64)
-    tokens = counts.sum(axis=1) / K             # every token makes exactly K selections per layer
+    tokens = counts.sum(axis=1) / K  # every token makes exactly K selections per layer
     if (tokens == 0).any():
         empty = [layers[i] for i in np.flatnonzero(tokens == 0)]
         raise ValueError(f"source has no selections in layer(s) {empty}: nothing to measure")
     ffn, zero = counts[:, :N].sum(1), counts[:, N:].sum(1)
-    ideal = np.concatenate([np.repeat((ffn / N)[:, None], N, 1),
-                            np.repeat((zero / max(E - N, 1))[:, None], E - N, 1)], axis=1)
-    relative = counts / np.where(ideal > 0, ideal, 1.0)   # counts are 0 wherever the ideal is
+    ideal = np.concatenate(
+        [np.repeat((ffn / N)[:, None], N, 1), np.repeat((zero / max(E - N, 1))[:, None], E - N, 1)], axis=1
+    )
+    relative = counts / np.where(ideal > 0, ideal, 1.0)  # counts are 0 wherever the ideal is
     dead = np.zeros_like(counts, dtype=bool)
     hot = np.zeros_like(counts, dtype=bool)
     dead[:, :N] = relative[:, :N] < metrics.DEAD_LOAD
@@ -108,23 +113,55 @@ def expert_load_heatmap(load: ExpertLoad, title: str | None = None) -> go.Figure
     names = expert_names(load.n_routed_experts, E)
     rows = [f"layer {i} ({k:.2f} FFN/token)" for i, k in zip(load.layers, load.ffn_experts_per_token)]
     top = max(2.0, float(load.relative.max()))
-    hover = [[f"{rows[l]} · {names[e]}<br>selections {load.counts[l, e]} (ideal {load.ideal[l, e]:.1f})<br>"
-              f"load {load.relative[l, e]:.2f}× ideal" for e in range(E)] for l in range(L)]
-    fig = go.Figure(go.Heatmap(
-        z=load.relative, x=names, y=rows, zmin=0, zmid=1, zmax=top, colorscale="RdBu_r", name="load / ideal",
-        hovertext=hover, hoverinfo="text", colorbar=dict(title="load / ideal")))
-    for mask, symbol, label in ((load.dead, "x", f"dead (< {metrics.DEAD_LOAD:g}× ideal)"),
-                                (load.hot, "triangle-up", f"hot (> {metrics.HOT_LOAD:g}× ideal)")):
+    hover = [
+        [
+            f"{rows[l]} · {names[e]}<br>selections {load.counts[l, e]} (ideal {load.ideal[l, e]:.1f})<br>"
+            f"load {load.relative[l, e]:.2f}× ideal"
+            for e in range(E)
+        ]
+        for l in range(L)
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=load.relative,
+            x=names,
+            y=rows,
+            zmin=0,
+            zmid=1,
+            zmax=top,
+            colorscale="RdBu_r",
+            name="load / ideal",
+            hovertext=hover,
+            hoverinfo="text",
+            colorbar=dict(title="load / ideal"),
+        )
+    )
+    for mask, symbol, label in (
+        (load.dead, "x", f"dead (< {metrics.DEAD_LOAD:g}× ideal)"),
+        (load.hot, "triangle-up", f"hot (> {metrics.HOT_LOAD:g}× ideal)"),
+    ):
         ll, ee = np.nonzero(mask)
-        fig.add_trace(go.Scatter(x=[names[e] for e in ee], y=[rows[l] for l in ll], mode="markers", name=label,
-                                 marker=dict(symbol=symbol, size=11, color="black"), hoverinfo="skip"))
-    if E > load.n_routed_experts:  # a line between the FFN experts and the zero experts
+        fig.add_trace(
+            go.Scatter(
+                x=[names[e] for e in ee],
+                y=[rows[l] for l in ll],
+                mode="markers",
+                name=label,
+                marker=dict(symbol=symbol, size=11, color="black"),
+                hoverinfo="skip",
+            )
+        )
+    if load.n_routed_experts < E:  # a line between the FFN experts and the zero experts
         fig.add_vline(x=load.n_routed_experts - 0.5, line=dict(color="black", dash="dot"))
     fig.update_layout(
-        title=title or "Expert load relative to the ideal share (F = FFN experts vs the FFN selections made, "
-                       "Z = zero experts vs the zero selections made)",
-        xaxis_title="expert", yaxis=dict(autorange="reversed"), height=180 + 40 * L,
-        legend=dict(orientation="h", y=-0.25))
+        title=title
+        or "Expert load relative to the ideal share (F = FFN experts vs the FFN selections made, "
+        "Z = zero experts vs the zero selections made)",
+        xaxis_title="expert",
+        yaxis=dict(autorange="reversed"),
+        height=180 + 40 * L,
+        legend=dict(orientation="h", y=-0.25),
+    )
     return fig
 
 
@@ -152,37 +189,59 @@ def controller_traces(source: str | Path | Sequence[Mapping[str, Any]], title: s
         raise ValueError("source holds no metrics rows: expected a run folder or a non-empty list of rows")
     keys = CONTROLLER_KEYS
     if not any(keys["per_layer"] in r or keys["mean"] in r for r in rows):
-        raise ValueError(f"source rows carry neither {keys['per_layer']!r} nor {keys['mean']!r}; keys present: "
-                         f"{sorted(set().union(*rows))}")
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07,
-                        subplot_titles=("controller error (target share − measured share)",
-                                        "expert-bias spread (max − min over FFN experts)",
-                                        "FFN experts per token per layer"))
+        raise ValueError(
+            f"source rows carry neither {keys['per_layer']!r} nor {keys['mean']!r}; keys present: "
+            f"{sorted(set().union(*rows))}"
+        )
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.07,
+        subplot_titles=(
+            "controller error (target share − measured share)",
+            "expert-bias spread (max − min over FFN experts)",
+            "FFN experts per token per layer",
+        ),
+    )
     for row, key in ((1, keys["error"]), (2, keys["spread"])):
         steps, vals = _series(rows, key)
         vals = np.asarray(vals, dtype=float)
-        if vals.ndim == 2:   # one value per layer
+        if vals.ndim == 2:  # one value per layer
             for l in range(vals.shape[1]):
-                fig.add_trace(go.Scatter(x=steps, y=vals[:, l], mode="lines", name=f"{key} layer {l}",
-                                         legendgroup=f"layer {l}", showlegend=False), row, 1)
+                fig.add_trace(
+                    go.Scatter(
+                        x=steps,
+                        y=vals[:, l],
+                        mode="lines",
+                        name=f"{key} layer {l}",
+                        legendgroup=f"layer {l}",
+                        showlegend=False,
+                    ),
+                    row,
+                    1,
+                )
         elif vals.size:
             fig.add_trace(go.Scatter(x=steps, y=vals, mode="lines", name=key, showlegend=False), row, 1)
     steps, per_layer = _series(rows, keys["per_layer"])
     if per_layer:
         arr = np.asarray(per_layer, dtype=float)
         for l in range(arr.shape[1]):
-            fig.add_trace(go.Scatter(x=steps, y=arr[:, l], mode="lines", name=f"layer {l}",
-                                     legendgroup=f"layer {l}"), 3, 1)
+            fig.add_trace(
+                go.Scatter(x=steps, y=arr[:, l], mode="lines", name=f"layer {l}", legendgroup=f"layer {l}"), 3, 1
+            )
     else:
         steps, mean = _series(rows, keys["mean"])
         fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines", name="mean over layers"), 3, 1)
     steps, target = _series(rows, keys["target"])
     if target:
-        fig.add_trace(go.Scatter(x=steps, y=target, mode="lines", name="target K_e",
-                                 line=dict(color="black", dash="dash")), 3, 1)
+        fig.add_trace(
+            go.Scatter(x=steps, y=target, mode="lines", name="target K_e", line=dict(color="black", dash="dash")), 3, 1
+        )
     fig.update_xaxes(title_text="optimizer step", row=3, col=1)
-    fig.update_layout(title=title or "The budget controller over training", height=640,
-                      legend=dict(orientation="h", y=-0.12))
+    fig.update_layout(
+        title=title or "The budget controller over training", height=640, legend=dict(orientation="h", y=-0.12)
+    )
     return fig
 
 
@@ -209,10 +268,22 @@ def coactivation_heatmap(routing: Routing | Sequence[Routing], layer: int, title
     co = coactivation(routing, layer)
     first = routing if isinstance(routing, Routing) else routing[0]
     names = expert_names(first.n_routed_experts, co.shape[0])
-    fig = go.Figure(go.Heatmap(z=co, x=names, y=names, colorscale="Blues", colorbar=dict(title="share of tokens"),
-                               hovertemplate="%{y} and %{x}: %{z:.1%} of tokens<extra></extra>"))
-    fig.update_layout(title=title or f"Expert co-activation in layer {layer} (diagonal: share of tokens choosing "
-                                     "the expert)", yaxis=dict(autorange="reversed"), height=480, width=560)
+    fig = go.Figure(
+        go.Heatmap(
+            z=co,
+            x=names,
+            y=names,
+            colorscale="Blues",
+            colorbar=dict(title="share of tokens"),
+            hovertemplate="%{y} and %{x}: %{z:.1%} of tokens<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or f"Expert co-activation in layer {layer} (diagonal: share of tokens choosing the expert)",
+        yaxis=dict(autorange="reversed"),
+        height=480,
+        width=560,
+    )
     return fig
 
 
@@ -233,9 +304,23 @@ def router_similarity_heatmap(model: torch.nn.Module, layer: int, title: str | N
     names = expert_names(model.config.n_routed_experts, E)
     moe_indices = [i for i, blk in enumerate(model.layers) if isinstance(blk.mlp, MoE)]
     mean = metrics.router_cosine_similarity(model)[moe_indices.index(layer)]
-    fig = go.Figure(go.Heatmap(z=sim, x=names, y=names, zmin=-1, zmid=0, zmax=1, colorscale="RdBu_r",
-                               colorbar=dict(title="cosine"),
-                               hovertemplate="%{y} · %{x}: cosine %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=title or f"Router-row cosine similarity in layer {layer} (mean off-diagonal "
-                                     f"{mean:.3f})", yaxis=dict(autorange="reversed"), height=480, width=560)
+    fig = go.Figure(
+        go.Heatmap(
+            z=sim,
+            x=names,
+            y=names,
+            zmin=-1,
+            zmid=0,
+            zmax=1,
+            colorscale="RdBu_r",
+            colorbar=dict(title="cosine"),
+            hovertemplate="%{y} · %{x}: cosine %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or f"Router-row cosine similarity in layer {layer} (mean off-diagonal {mean:.3f})",
+        yaxis=dict(autorange="reversed"),
+        height=480,
+        width=560,
+    )
     return fig

@@ -22,26 +22,47 @@ def loss_curves(rows: Sequence[dict[str, Any]], title: str = "Training and valid
     train_rows = [r for r in rows if r.get("kind") == "train" and r.get("lm_loss") is not None]
     eval_rows = [r for r in rows if r.get("kind") == "eval"]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[r["step"] for r in train_rows], y=[r["lm_loss"] for r in train_rows],
-                             mode="lines", name="train LM loss", line=dict(color="#888")))
+    fig.add_trace(
+        go.Scatter(
+            x=[r["step"] for r in train_rows],
+            y=[r["lm_loss"] for r in train_rows],
+            mode="lines",
+            name="train LM loss",
+            line=dict(color="#888"),
+        )
+    )
     domains = sorted({d for r in eval_rows for d in r["val_loss"]})
     for d in domains:
         pts = [(r["step"], r["val_loss"][d]) for r in eval_rows if d in r["val_loss"]]
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                                 name=f"val {d}"))
-    fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="cross-entropy (nats/token)",
-                      height=420, legend=dict(orientation="h", y=-0.2))
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=f"val {d}"))
+    fig.update_layout(
+        title=title,
+        xaxis_title="optimizer step",
+        yaxis_title="cross-entropy (nats/token)",
+        height=420,
+        legend=dict(orientation="h", y=-0.2),
+    )
     return fig
 
 
 def schedule_figure(cfg: TrainConfig, title: str = "The training schedule"):
     """A plotly figure of the multi-stage schedule: LR per optimizer step (top) and each stage's data mixture
     (bottom), so the stage-2 shift toward code and reasoning is visible next to the LR it comes with."""
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.18, row_heights=[0.55, 0.45],
-                        subplot_titles=("learning rate", "data mixture per stage"))
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        vertical_spacing=0.18,
+        row_heights=[0.55, 0.45],
+        subplot_titles=("learning rate", "data mixture per stage"),
+    )
     steps = list(range(cfg.total_steps))
-    fig.add_trace(go.Scatter(x=[s + 1 for s in steps], y=[lr_at(cfg.stages, s) for s in steps], mode="lines",
-                             name="lr", showlegend=False), 1, 1)
+    fig.add_trace(
+        go.Scatter(
+            x=[s + 1 for s in steps], y=[lr_at(cfg.stages, s) for s in steps], mode="lines", name="lr", showlegend=False
+        ),
+        1,
+        1,
+    )
     names = [f"{i + 1}: {s.name} ({s.steps} steps)" for i, s in enumerate(cfg.stages)]
     for domain in cfg.data.domains:
         shares = [check_mixture(s.mixture, cfg.data.domains)[domain] for s in cfg.stages]
@@ -52,12 +73,17 @@ def schedule_figure(cfg: TrainConfig, title: str = "The training schedule"):
     return fig
 
 
-def baseline_figure(val_loss: dict[str, float], baselines: dict[str, float],
-                    title: str = "Validation loss against the unigram baseline"):
+def baseline_figure(
+    val_loss: dict[str, float], baselines: dict[str, float], title: str = "Validation loss against the unigram baseline"
+):
     """Grouped bars per domain: the trained model's validation loss and the unigram baseline on the same tokens."""
     domains = list(val_loss)
-    fig = go.Figure([go.Bar(x=domains, y=[baselines[d] for d in domains], name="unigram baseline"),
-                     go.Bar(x=domains, y=[val_loss[d] for d in domains], name="trained model")])
+    fig = go.Figure(
+        [
+            go.Bar(x=domains, y=[baselines[d] for d in domains], name="unigram baseline"),
+            go.Bar(x=domains, y=[val_loss[d] for d in domains], name="trained model"),
+        ]
+    )
     fig.update_layout(title=title, barmode="group", yaxis_title="cross-entropy (nats/token)", height=380)
     return fig
 

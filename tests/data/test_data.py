@@ -51,15 +51,18 @@ def test_generated_solutions_check_and_are_right():
     assert kinds == {True, False}
 
 
-@pytest.mark.parametrize("bad", [
-    "Problem: 3 and 4.\nStep 1: 3 + 4 = 8\nAnswer: 8\n",              # wrong arithmetic
-    "Problem: 3 and 4.\nStep 1: 3 + 4 = 7\nAnswer: 9\n",              # answer is not the last result
-    "Problem: 3 and 4.\nStep 1: 3 + 5 = 8\nAnswer: 8\n",              # 5 is not in the problem
-    "Problem: 3 and 4.\nStep 2: 3 + 4 = 7\nAnswer: 7\n",              # steps must count from 1
-    "Problem: 7 and 2.\nStep 1: 7 / 2 = 3\nAnswer: 3\n",              # division must be exact
-    "Problem: 3 and 4.\nStep 1: __import__('os') = 7\nAnswer: 7\n",   # never evaluated, just not a step
-    "Step 1: 3 + 4 = 7\nAnswer: 7\n",                                 # no problem line
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "Problem: 3 and 4.\nStep 1: 3 + 4 = 8\nAnswer: 8\n",  # wrong arithmetic
+        "Problem: 3 and 4.\nStep 1: 3 + 4 = 7\nAnswer: 9\n",  # answer is not the last result
+        "Problem: 3 and 4.\nStep 1: 3 + 5 = 8\nAnswer: 8\n",  # 5 is not in the problem
+        "Problem: 3 and 4.\nStep 2: 3 + 4 = 7\nAnswer: 7\n",  # steps must count from 1
+        "Problem: 7 and 2.\nStep 1: 7 / 2 = 3\nAnswer: 3\n",  # division must be exact
+        "Problem: 3 and 4.\nStep 1: __import__('os') = 7\nAnswer: 7\n",  # never evaluated, just not a step
+        "Step 1: 3 + 4 = 7\nAnswer: 7\n",  # no problem line
+    ],
+)
 def test_check_solution_rejects(bad):
     assert not data.check_solution(bad)
 
@@ -83,10 +86,10 @@ def test_quality_filter_rules_and_counts():
     good = "def f(x):\n    return x + 1\n\n" * 3 + "\n".join(f"value_{i} = compute({i}, 'name')" for i in range(20))
     docs = [
         Document("good", good),
-        Document("dup", good),                                                     # exact duplicate
-        Document("short", "x = 1\n"),                                              # too short
+        Document("dup", good),  # exact duplicate
+        Document("short", "x = 1\n"),  # too short
         Document("table", "\n".join(f"    0x{i:04x}: 0x{i + 7:04x}," for i in range(60))),  # digits
-        Document("symbols", "{[(<>)]};:" * 80),                                    # symbols
+        Document("symbols", "{[(<>)]};:" * 80),  # symbols
         Document("repeat", "\n".join(["raise ValueError('bad input given')"] * 40)),  # repetition
     ]
     kept, rep = data.quality_filter("python", docs)
@@ -130,11 +133,11 @@ def test_tokenizer_cache_key_and_damaged_entry(cfg, tmp_path):
     a = data.load_tokenizer(300, local)
     files = list((tmp_path / "tokenizers").glob("bpe-300-*.json"))
     assert len(files) == 1
-    assert data.load_tokenizer(300, local).to_str() == a.to_str()         # a cache hit, same tokenizer
+    assert data.load_tokenizer(300, local).to_str() == a.to_str()  # a cache hit, same tokenizer
     data.load_tokenizer(320, local)
-    assert len(list((tmp_path / "tokenizers").glob("*.json"))) == 2      # another key for another vocab size
+    assert len(list((tmp_path / "tokenizers").glob("*.json"))) == 2  # another key for another vocab size
     files[0].write_text("{not json")
-    assert data.load_tokenizer(300, local).to_str() == a.to_str()         # rebuilt, not trusted
+    assert data.load_tokenizer(300, local).to_str() == a.to_str()  # rebuilt, not trusted
 
 
 def test_streams_are_packed_and_cached(dataset, cfg):
@@ -145,7 +148,7 @@ def test_streams_are_packed_and_cached(dataset, cfg):
         assert s.dtype == torch.int32 and int(s.max()) < 512 and int(s.min()) >= 0
         assert torch.equal(s, again.train[domain])
         n_docs = len(data.corpora(cfg).train[domain])
-        assert int((s == 0).sum()) == n_docs                               # one <|endoftext|> per document
+        assert int((s == 0).sum()) == n_docs  # one <|endoftext|> per document
 
 
 # Sampling and baselines --------------------------------------------------------------------------------------------

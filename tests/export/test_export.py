@@ -26,11 +26,13 @@ from longcat_lab.testing import random_model
 
 try:
     import transformers  # noqa: F401  (the parity oracle; optional)
+
     HAS_TRANSFORMERS = True
 except ImportError:
     HAS_TRANSFORMERS = False
-needs_hf = pytest.mark.skipif(not HAS_TRANSFORMERS,
-                              reason="transformers is not installed (pip install -e '.[hf]'); it is the parity oracle")
+needs_hf = pytest.mark.skipif(
+    not HAS_TRANSFORMERS, reason="transformers is not installed (pip install -e '.[hf]'); it is the parity oracle"
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -53,6 +55,7 @@ def make_model(seed: int, config=None) -> LongCatLM:
 def load_transformers(path):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
@@ -82,8 +85,15 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path, seed):
     if c.zero_expert_num:  # the identity experts really were chosen, so their path was compared too
         assert any(bool((r.topk_ids >= c.n_routed_experts).any()) for r in routing.layers)
     ids, logits = model.generate(idx[:, :6], 12, return_logits=True)
-    out = hf.generate(idx[:, :6], attention_mask=torch.ones_like(idx[:, :6]), max_new_tokens=12, do_sample=False,
-                      output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    out = hf.generate(
+        idx[:, :6],
+        attention_mask=torch.ones_like(idx[:, :6]),
+        max_new_tokens=12,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     assert torch.equal(ids, out.sequences)
     torch.testing.assert_close(logits, torch.stack(out.logits, dim=1), rtol=0, atol=1e-5)
 
@@ -105,11 +115,26 @@ def test_round_trips_are_exact(tmp_path):
 @needs_hf
 def test_loads_a_model_transformers_created(tmp_path):
     from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
+
     torch.manual_seed(0)
     hf_config = LongcatFlashConfig(
-        vocab_size=96, hidden_size=32, num_layers=1, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=8,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, head_dim=4, v_head_dim=8, ffn_hidden_size=48, n_routed_experts=3,
-        zero_expert_num=2, moe_topk=2, expert_ffn_hidden_size=16, max_position_embeddings=64)
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=1,
+        num_attention_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        head_dim=4,
+        v_head_dim=8,
+        ffn_hidden_size=48,
+        n_routed_experts=3,
+        zero_expert_num=2,
+        moe_topk=2,
+        expert_ffn_hidden_size=16,
+        max_position_embeddings=64,
+    )
     hf = LongcatFlashForCausalLM(hf_config).eval()
     with torch.no_grad():
         for block in hf.model.layers:
@@ -166,6 +191,7 @@ def test_bf16_export_keeps_dtype(tmp_path):
 
 def tiny_tokenizer():
     from longcat_lab.data import train_tokenizer
+
     texts = ["def add(a, b):\n    return a + b\n", "To be, or not to be, that is the question.", "12 + 34 = 46"]
     return train_tokenizer(texts * 10, 300)
 
@@ -173,6 +199,7 @@ def tiny_tokenizer():
 @needs_hf
 def test_tokenizer_travels_with_the_export(tmp_path):
     from transformers import AutoTokenizer
+
     tokenizer = tiny_tokenizer()
     save_hf(make_model(0), tmp_path / "export", tokenizer=tokenizer, eos_token="<|endoftext|>")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -314,8 +341,14 @@ def test_clear_errors_for_bad_folders(tmp_path):
 
 def test_config_reads_the_hub_release(tmp_path):
     """The Meituan hub config.json names the architecture but has no model_type (docs/design.md §5)."""
-    hub = {"architectures": ["LongcatFlashForCausalLM"], "hidden_size": 6144, "num_layers": 28,
-           "rope_theta": 10000000.0, "zero_expert_type": "identity", "mla_scale_q_lora": True}
+    hub = {
+        "architectures": ["LongcatFlashForCausalLM"],
+        "hidden_size": 6144,
+        "num_layers": 28,
+        "rope_theta": 10000000.0,
+        "zero_expert_type": "identity",
+        "mla_scale_q_lora": True,
+    }
     config = export.config_from_hf(hub)
     assert config == presets.released()
     with pytest.raises(ValueError, match="zero_expert_type='copy' is not supported"):
@@ -347,10 +380,15 @@ def test_cache_bytes_match_transformers_and_the_formula(tmp_path):
     model = make_model(2)
     c = model.config
     save_hf(model, tmp_path / "export")
-    sizes = export.cache_bytes_per_token(model, torch.randint(0, c.vocab_size, (1, 9)), load_transformers(
-        tmp_path / "export"))
-    assert sizes["longcat_lab LatentCache"] == sizes["MLA formula"] == sizes["transformers cache"] == \
-        (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_layers * 4
+    sizes = export.cache_bytes_per_token(
+        model, torch.randint(0, c.vocab_size, (1, 9)), load_transformers(tmp_path / "export")
+    )
+    assert (
+        sizes["longcat_lab LatentCache"]
+        == sizes["MLA formula"]
+        == sizes["transformers cache"]
+        == (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_layers * 4
+    )
     assert sizes["full K/V"] == 2 * c.num_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 4
 
 

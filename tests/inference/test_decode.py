@@ -27,7 +27,7 @@ def test_single_position_step_takes_the_absorbed_path_only_without_grad():
 
     with torch.no_grad():
         model(idx[:, :8], cache=absorbed)
-        assert folded(absorbed) == []                       # prefill re-expands keys and values
+        assert folded(absorbed) == []  # prefill re-expands keys and values
         step = model(idx[:, 8:], cache=absorbed)[0]
     assert folded(absorbed) == list(range(blocks))
     model(idx[:, :8], cache=expanded)
@@ -43,9 +43,9 @@ def test_one_token_expert_path_matches_the_sorted_dispatch():
     x_TD = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ids_TK, weights_TK, _, _ = router(x_TD)
-        batched = experts(x_TD, ids_TK, weights_TK)         # T = 16: sorted dispatch
-        one_by_one = torch.cat([experts(x_TD[t:t + 1], ids_TK[t:t + 1], weights_TK[t:t + 1]) for t in range(16)])
-    assert bool((ids_TK >= model.config.n_routed_experts).any())   # zero experts are exercised too
+        batched = experts(x_TD, ids_TK, weights_TK)  # T = 16: sorted dispatch
+        one_by_one = torch.cat([experts(x_TD[t : t + 1], ids_TK[t : t + 1], weights_TK[t : t + 1]) for t in range(16)])
+    assert bool((ids_TK >= model.config.n_routed_experts).any())  # zero experts are exercised too
     torch.testing.assert_close(one_by_one, batched, rtol=0, atol=1e-6)
 
 
@@ -55,12 +55,12 @@ def testdecoding_weights_are_rebuilt_when_weights_change():
     model = random_model(seed=4, bias_std=0.1)
     prompt = random_ids(model.config, (2, 6), 5)
     before = model.generate(prompt, 4, return_logits=True)[1]
-    assert model.decoding_weights.entries                  # kept for the next call
+    assert model.decoding_weights.entries  # kept for the next call
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(prompt, prompt)[1].backward()
-    opt.step()                                              # bumps every weight's version counter
+    opt.step()  # bumps every weight's version counter
     with torch.no_grad():
-        model.layers[0].self_attn[1].kv_b_proj.weight.mul_(1.5)   # and an edit by hand
+        model.layers[0].self_attn[1].kv_b_proj.weight.mul_(1.5)  # and an edit by hand
     after = model.generate(prompt, 4, return_logits=True)[1]
     fresh = random_model(seed=4, bias_std=0.1)
     fresh.load_state_dict(model.state_dict())

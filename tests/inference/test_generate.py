@@ -10,17 +10,17 @@ Run:  .venv/bin/python -m pytest tests/inference/test_generate.py -q
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from longcat_lab import LatentCache
-from longcat_lab.model import presets
 from longcat_lab.inference import sample_next
+from longcat_lab.model import presets
 from longcat_lab.testing import random_ids, random_model
 
 try:
     import transformers  # noqa: F401  (the parity oracle; optional)
+
     HAS_TRANSFORMERS = True
 except ImportError:
     HAS_TRANSFORMERS = False
@@ -49,7 +49,7 @@ def test_decoding_uses_zero_experts_and_every_batch_row_independently():
     model = random_model(seed=3, bias_std=0.1)
     idx = random_ids(model.config, (4, 5), 4)
     together = model.generate(idx, 10)
-    alone = torch.cat([model.generate(idx[b:b + 1], 10) for b in range(4)])
+    alone = torch.cat([model.generate(idx[b : b + 1], 10) for b in range(4)])
     assert torch.equal(together, alone)
     with torch.no_grad():
         routing = model(together, return_routing=True)[2]
@@ -63,14 +63,14 @@ def test_greedy_generation_matches_transformers(tmp_path, batch):
     from transformers.utils import logging as hf_logging
 
     from longcat_lab.export.hf import save_hf
+
     hf_logging.disable_progress_bar()
     model = random_model(seed=5, bias_std=0.1)
     save_hf(model, tmp_path / "export")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     idx = random_ids(model.config, (batch, 5), 6)
     ours = model.generate(idx, 20)
-    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
-                         pad_token_id=0)
+    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
 
 
@@ -92,7 +92,7 @@ def test_training_mode_is_restored_even_when_a_stream_is_abandoned():
     model = random_model(bias_std=0.1).train()
     stream = model.stream(random_ids(model.config, (1, 3)), 5)
     next(stream)
-    assert not model.training          # decoding runs in eval mode
+    assert not model.training  # decoding runs in eval mode
     stream.close()
     assert model.training
 
@@ -116,7 +116,7 @@ def test_latent_cache_size_and_growth():
     assert torch.equal(view, torch.cat(chunks, dim=1)) and cache.seq_len == 8
     c_kv, k_rope = cache.update(0, torch.zeros(2, 1, c.kv_lora_rank), torch.ones(2, 1, c.qk_rope_head_dim))
     assert c_kv.shape == (2, 9, c.kv_lora_rank) and k_rope.shape == (2, 9, c.qk_rope_head_dim)
-    assert torch.equal(c_kv[:, :8], torch.cat(chunks, dim=1)[..., :c.kv_lora_rank])
+    assert torch.equal(c_kv[:, :8], torch.cat(chunks, dim=1)[..., : c.kv_lora_rank])
     assert not c_kv[:, 8].any() and bool((k_rope[:, 8] == 1).all())
 
 
@@ -145,8 +145,9 @@ def test_seeded_sampling_reproduces_and_matches_uncached():
     idx = random_ids(model.config, (2, 4))
 
     def sample(use_cache: bool) -> torch.Tensor:
-        return model.generate(idx, 16, temperature=0.9, top_p=0.9, generator=torch.Generator().manual_seed(7),
-                              use_cache=use_cache)
+        return model.generate(
+            idx, 16, temperature=0.9, top_p=0.9, generator=torch.Generator().manual_seed(7), use_cache=use_cache
+        )
 
     assert torch.equal(sample(True), sample(True))
     assert torch.equal(sample(True), sample(False))
@@ -160,7 +161,7 @@ def test_bf16_decoding_stays_as_close_to_fp32_as_the_bf16_forward():
     ids, cached = half.generate(idx, 8, return_logits=True)
     assert cached.dtype == torch.float32 and ids.shape == (2, 14)
     with torch.no_grad():
-        reference = model(ids)[0][:, 5:-1]               # fp32, on the tokens bf16 decoding chose
+        reference = model(ids)[0][:, 5:-1]  # fp32, on the tokens bf16 decoding chose
         forward_bf16 = half(ids)[0][:, 5:-1]
     assert (cached - reference).abs().max() <= 2 * (forward_bf16 - reference).abs().max() + 1e-3
 
@@ -168,10 +169,11 @@ def test_bf16_decoding_stays_as_close_to_fp32_as_the_bf16_forward():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decoding_matches_cpu(tmp_path):
     from longcat_lab.export.hf import load_hf, save_hf
+
     model = random_model(seed=6, bias_std=0.1)
     idx = random_ids(model.config, (3, 5))
     cpu_ids, cpu_logits = model.generate(idx, 12, return_logits=True)
-    save_hf(model.cuda(), tmp_path / "export")                 # exporting from the GPU writes CPU tensors
+    save_hf(model.cuda(), tmp_path / "export")  # exporting from the GPU writes CPU tensors
     gpu = load_hf(tmp_path / "export", device="cuda")
     gpu_ids, gpu_logits = gpu.generate(idx.cuda(), 12, return_logits=True)
     assert torch.equal(gpu_ids.cpu(), cpu_ids)

@@ -58,7 +58,7 @@ def earlier_logits_change(model, t: int = 9) -> float:
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 7) % model.config.vocab_size
     a, b = model(idx)[0], model(changed)[0]
-    assert not torch.allclose(a[:, t:], b[:, t:])        # the change does reach its own and later positions
+    assert not torch.allclose(a[:, t:], b[:, t:])  # the change does reach its own and later positions
     return (a[:, :t] - b[:, :t]).abs().max().item()
 
 
@@ -75,7 +75,7 @@ def test_causality(monkeypatch):
     sdpa = F.scaled_dot_product_attention
 
     def leaky(q, k, v, attn_mask=None, is_causal=False, scale=None):
-        return sdpa(q, k, v, scale=scale)                  # every query sees every key, future ones included
+        return sdpa(q, k, v, scale=scale)  # every query sees every key, future ones included
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", leaky)
     assert earlier_logits_change(random_model()) > 1e-3
@@ -110,7 +110,7 @@ def test_bias_changes_selection_not_weights():
     u = torch.randn(1, 32, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     _, before = moe(u)
     probs = before.router_probs
-    moe.router.e_score_correction_bias[0] = 5.0          # expert 0 now always wins a slot
+    moe.router.e_score_correction_bias[0] = 5.0  # expert 0 now always wins a slot
     _, after = moe(u)
     assert (after.topk_ids == 0).any(-1).all()
     assert not torch.equal(before.topk_ids, after.topk_ids)
@@ -123,7 +123,7 @@ def test_bias_changes_selection_not_weights():
 def test_dispatch_scratch_buffers_survive_mode_switches(first):
     """The dispatch reuses CPU scratch buffers across calls; one made under inference mode must not turn the next
     training step into an error (inference tensors cannot be written outside it), nor the other way round."""
-    _scratch.buffers.clear()       # so that the first call below is the one that creates them
+    _scratch.buffers.clear()  # so that the first call below is the one that creates them
     model = random_model(train=True)
     moe = model.layers[0].mlp
     u = torch.randn(1, 50, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
@@ -148,7 +148,7 @@ def test_all_zero_experts_return_weighted_input():
     model = random_model(train=True)
     c = model.config
     moe = model.layers[1].mlp
-    moe.router.e_score_correction_bias[c.n_routed_experts:] = 10.0   # force every choice onto zero experts
+    moe.router.e_score_correction_bias[c.n_routed_experts :] = 10.0  # force every choice onto zero experts
     u = torch.randn(2, 7, c.hidden_size, generator=torch.Generator().manual_seed(4))
     out, routing = moe(u)
     assert (routing.topk_ids >= c.n_routed_experts).all()
@@ -162,7 +162,7 @@ def test_moe_start_compute_finish_is_forward_and_compute_runs_once():
     out, routing = moe(u)
     pending = moe.compute(moe.start(u))
     state = pending.state
-    assert pending.computed and moe.compute(pending).state is state     # a second compute is a no-op
+    assert pending.computed and moe.compute(pending).state is state  # a second compute is a no-op
     staged, staged_routing = moe.finish(pending)
     assert torch.equal(staged, out) and torch.equal(staged_routing.topk_ids, routing.topk_ids)
     assert moe.finish(moe.start(u), return_routing=False)[1] is None
@@ -201,17 +201,17 @@ def test_vanilla_same_params_different_function():
     assert sc.num_params() == va.num_params()
     va.load_state_dict(sc.state_dict())
     idx = random_ids(sc.config, (1, 12))
-    assert not torch.allclose(sc(idx)[0], va(idx)[0])   # same weights, different wiring
+    assert not torch.allclose(sc(idx)[0], va(idx)[0])  # same weights, different wiring
 
 
 def test_released_accounting_matches_paper():
     c = presets.released()
     total = accounting.param_counts(c)["total"]
     act = accounting.activated_params(c)
-    assert 560e9 < total < 561e9                      # paper: 560B (MTP excluded)
-    assert round(act["min"] / 1e9, 1) == 18.7         # paper: 18.6B with no FFN expert chosen
-    assert round(act["max"] / 1e9, 1) == 31.4         # paper: 31.3B with 12 FFN experts
-    assert 26.5e9 < act["mean"] < 27.5e9              # paper: ~27B on average (K_e ~ 8)
+    assert 560e9 < total < 561e9  # paper: 560B (MTP excluded)
+    assert round(act["min"] / 1e9, 1) == 18.7  # paper: 18.6B with no FFN expert chosen
+    assert round(act["max"] / 1e9, 1) == 31.4  # paper: 31.3B with 12 FFN experts
+    assert 26.5e9 < act["mean"] < 27.5e9  # paper: ~27B on average (K_e ~ 8)
 
 
 def test_every_expert_gets_gradient_when_forced_balanced():
@@ -238,22 +238,25 @@ def test_counts_only_in_training_forwards():
     model(idx)
     for m in model.moe_blocks():
         assert int(m.router.expert_counts.sum()) == 2 * 10 * model.config.moe_topk
-    assert "expert_counts" not in "".join(model.state_dict())   # non-persistent
+    assert "expert_counts" not in "".join(model.state_dict())  # non-persistent
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("hidden_size", 0, "hidden_size=0"),
-    ("num_layers", -1, "num_layers=-1"),
-    ("vocab_size", 3.5, "vocab_size=3.5"),
-    ("zero_expert_num", -2, "zero_expert_num=-2"),
-    ("moe_topk", 7, "moe_topk=7"),
-    ("moe_topk", 0, "moe_topk=0"),
-    ("head_dim", 16, "head_dim=16"),
-    ("qk_rope_head_dim", 7, "qk_rope_head_dim=7"),
-    ("layer_style", "shortcut", "layer_style='shortcut'"),
-    ("routed_scaling_factor", -1.0, "routed_scaling_factor=-1.0"),
-    ("rms_norm_eps", float("nan"), "rms_norm_eps=nan"),
-])
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("hidden_size", 0, "hidden_size=0"),
+        ("num_layers", -1, "num_layers=-1"),
+        ("vocab_size", 3.5, "vocab_size=3.5"),
+        ("zero_expert_num", -2, "zero_expert_num=-2"),
+        ("moe_topk", 7, "moe_topk=7"),
+        ("moe_topk", 0, "moe_topk=0"),
+        ("head_dim", 16, "head_dim=16"),
+        ("qk_rope_head_dim", 7, "qk_rope_head_dim=7"),
+        ("layer_style", "shortcut", "layer_style='shortcut'"),
+        ("routed_scaling_factor", -1.0, "routed_scaling_factor=-1.0"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps=nan"),
+    ],
+)
 def test_config_validation(field, value, fragment):
     overrides = {field: value}
     if field == "qk_rope_head_dim":
@@ -270,15 +273,18 @@ def test_config_round_trip_and_unknown_field():
         ModelConfig.from_dict({**c.to_dict(), "hidden_sise": 3})
 
 
-@pytest.mark.parametrize("bad,fragment", [
-    (torch.zeros(5, dtype=torch.long), "expected 2 dims"),
-    (torch.zeros(1, 5), "dtype torch.float32"),
-    (torch.full((1, 5), 512), "token ids from 512 to 512"),
-    (torch.full((1, 5), -1), "token ids from -1"),
-    (torch.zeros(1, 600, dtype=torch.long), "max_position_embeddings=512"),
-    (torch.zeros(1, 0, dtype=torch.long), "empty"),
-    ([1, 2, 3], "must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,fragment",
+    [
+        (torch.zeros(5, dtype=torch.long), "expected 2 dims"),
+        (torch.zeros(1, 5), "dtype torch.float32"),
+        (torch.full((1, 5), 512), "token ids from 512 to 512"),
+        (torch.full((1, 5), -1), "token ids from -1"),
+        (torch.zeros(1, 600, dtype=torch.long), "max_position_embeddings=512"),
+        (torch.zeros(1, 0, dtype=torch.long), "empty"),
+        ([1, 2, 3], "must be a torch.Tensor"),
+    ],
+)
 def test_bad_input(bad, fragment):
     model = random_model(train=True)
     with pytest.raises(ValueError, match=fragment):
@@ -291,7 +297,7 @@ def test_bad_targets_and_generation_args():
     with pytest.raises(ValueError, match="targets has shape"):
         model(idx, idx[:, :3])
     targets = idx.clone()
-    targets[0, 0] = -100                       # ignore_index is allowed in targets
+    targets[0, 0] = -100  # ignore_index is allowed in targets
     model(idx, targets)
     with pytest.raises(ValueError, match="temperature=-1"):
         model.generate(idx, 3, temperature=-1)
@@ -324,7 +330,7 @@ def test_sampling_is_seeded_and_top_p_limits_choices():
     assert torch.equal(a, b)
     greedy = model.generate(idx, 12)
     tiny_p = model.generate(idx, 12, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(greedy, tiny_p)        # top_p -> 0 keeps only the most likely token
+    assert torch.equal(greedy, tiny_p)  # top_p -> 0 keeps only the most likely token
     assert model.training is False
 
 
@@ -357,5 +363,5 @@ def test_expert_dispatch_under_bf16_autocast_tracks_fp32():
         return [out.float(), *grads]
 
     errors = [((low - ref).norm() / ref.norm()).item() for low, ref in zip(run(True), run(False))]
-    assert errors[0] > 1e-4                               # the experts really ran in bf16...
-    assert max(errors) < 3e-2, errors                     # ...and stayed within its rounding (measured: <= 0.7%)
+    assert errors[0] > 1e-4  # the experts really ran in bf16...
+    assert max(errors) < 3e-2, errors  # ...and stayed within its rounding (measured: <= 0.7%)

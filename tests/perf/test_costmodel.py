@@ -10,8 +10,8 @@ import dataclasses
 
 import pytest
 
-from longcat_lab.perf import costmodel as cm
 from longcat_lab.model import presets
+from longcat_lab.perf import costmodel as cm
 
 
 def test_paper_table7_gives_16ms_and_9_cents():
@@ -39,8 +39,8 @@ def test_schedules_relate_and_gantt_agrees_with_the_formula():
     times = cm.LayerTimes(attn0=3.0, dense0=2.0, dispatch=4.0, moe=1.0, combine=5.0, dense1=6.0)
     assert cm.layer_time(times, "sequential") == 21.0
     assert cm.layer_time(times, "sbo") == 3.0 + 4.0 + 1.0 + 6.0
-    assert cm.layer_time(times, "tbo") == max(12.0, 9.0)          # 2 x max(C/2, M/2), times linear in batch
-    half = times.scaled(0.75)                                      # half the batch costs 3/4: weight reads
+    assert cm.layer_time(times, "tbo") == max(12.0, 9.0)  # 2 x max(C/2, M/2), times linear in batch
+    half = times.scaled(0.75)  # half the batch costs 3/4: weight reads
     assert cm.layer_time(times, "tbo", half) == 2 * 0.75 * 12.0
     for schedule in ("sequential", "sbo"):
         spans = cm.layer_gantt(times, schedule)

@@ -21,13 +21,22 @@ def _write_trace(path, rank):
     counts exchange 5-8 inside a counts region, a wait 40-50. Overlapped step 2 (400-500): an exchange 420-440
     wholly under compute 410-450. A sequential step (200-300) whose exchange 220-240 runs inside a wait."""
     events = [
-        _event("ep.step.overlapped", 0, 100, 1), _event("ep.attn0", 10, 30, 1), _event("ep.ffn1", 60, 30, 1),
-        _event("ep.counts", 4, 5, 1), _event("gloo:all_to_all", 5, 3, 2), _event("gloo:all_to_all", 20, 30, 2),
-        _event("ep.dispatch.wait", 40, 10, 1), _event("aten::mm", 12, 5, 1, "cpu_op"),
-        _event("ep.step.sequential", 200, 100, 1), _event("ep.attn0", 200, 20, 1),
-        _event("ep.dispatch.wait", 220, 20, 1), _event("gloo:all_to_all", 220, 20, 2),
-        _event("ep.ffn0", 240, 60, 1), _event("gloo:barrier", 0, 300, 3),
-        _event("ep.step.overlapped", 400, 100, 1), _event("ep.attn1", 410, 40, 1),
+        _event("ep.step.overlapped", 0, 100, 1),
+        _event("ep.attn0", 10, 30, 1),
+        _event("ep.ffn1", 60, 30, 1),
+        _event("ep.counts", 4, 5, 1),
+        _event("gloo:all_to_all", 5, 3, 2),
+        _event("gloo:all_to_all", 20, 30, 2),
+        _event("ep.dispatch.wait", 40, 10, 1),
+        _event("aten::mm", 12, 5, 1, "cpu_op"),
+        _event("ep.step.sequential", 200, 100, 1),
+        _event("ep.attn0", 200, 20, 1),
+        _event("ep.dispatch.wait", 220, 20, 1),
+        _event("gloo:all_to_all", 220, 20, 2),
+        _event("ep.ffn0", 240, 60, 1),
+        _event("gloo:barrier", 0, 300, 3),
+        _event("ep.step.overlapped", 400, 100, 1),
+        _event("ep.attn1", 410, 40, 1),
         _event("gloo:all_to_all", 420, 20, 2),
     ]
     path.write_text(json.dumps({"distributedInfo": {"rank": rank}, "traceEvents": events}))
@@ -37,7 +46,7 @@ def test_overlap_stats_on_a_known_trace(tmp_path):
     _write_trace(tmp_path / "r1.json", rank=1)
     spans = load_trace(tmp_path / "r1.json")
     assert {s.rank for s in spans} == {1}
-    ovl = overlap_stats(spans, "overlapped")                      # per-step means over the two steps
+    ovl = overlap_stats(spans, "overlapped")  # per-step means over the two steps
     assert ovl["steps"] == 2 and ovl["step_us"] == 100 and ovl["comm_us"] == 25 and ovl["hidden_us"] == 20
     assert ovl["hidden_fraction"] == pytest.approx(40 / 50)
     assert ovl["counts_us"] == 1.5 and ovl["wait_us"] == 7.5 and ovl["compute_us"] == 50

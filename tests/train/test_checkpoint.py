@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from longcat_lab.train import checkpoint
+from longcat_lab.data import train_tokenizer
 from longcat_lab.model import presets
 from longcat_lab.testing import random_model
+from longcat_lab.train import checkpoint
 from longcat_lab.train.checkpoint import CheckpointError
-from longcat_lab.data import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,11 @@ def save(run, step, model, tokenizer, keep=3):
 
 def test_round_trip(tmp_path, tokenizer):
     model = tiny_model()
-    model.moe_blocks()[0].router.e_score_correction_bias.fill_(0.25)   # the persistent bias travels too
+    model.moe_blocks()[0].router.e_score_correction_bias.fill_(0.25)  # the persistent bias travels too
     path = save(tmp_path, 7, model, tokenizer)
     assert path.name == "step_000007" and sorted(p.name for p in path.iterdir()) == sorted(
-        checkpoint.FILES + (checkpoint.META,))
+        checkpoint.FILES + (checkpoint.META,)
+    )
     loaded, tok, meta = checkpoint.load(path)
     assert not loaded.training and meta["step"] == 7 and meta["val_loss"] == {"python": 1.5}
     assert meta["versions"]["torch"] == torch.__version__
@@ -64,11 +65,14 @@ def test_same_step_is_replaced_whole(tmp_path, tokenizer):
     assert torch.equal(loaded.lm_head.weight, tiny_model(1).lm_head.weight)
 
 
-@pytest.mark.parametrize("damage,words", [
-    (lambda p: p.write_bytes(p.read_bytes()[:100]), "truncated"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 1])), "corrupted"),
-    (lambda p: p.unlink(), "missing"),
-])
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), "truncated"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-1] + bytes([p.read_bytes()[-1] ^ 1])), "corrupted"),
+        (lambda p: p.unlink(), "missing"),
+    ],
+)
 @pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt", "tokenizer.json"])
 def test_damaged_file_is_named(tmp_path, tokenizer, name, damage, words):
     path = save(tmp_path, 3, tiny_model(), tokenizer)
@@ -98,7 +102,7 @@ def test_non_finite_model_never_replaces_the_last_good_one(tmp_path, tokenizer):
     with pytest.raises(CheckpointError, match="non-finite"):
         save(tmp_path, 3, bad, tokenizer)
     with pytest.raises(CheckpointError):
-        save(tmp_path, 2, bad, tokenizer)                    # not even over the same step
+        save(tmp_path, 2, bad, tokenizer)  # not even over the same step
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000002"]
     assert (good / "meta.json").read_text() == before
     checkpoint.verify(good)

@@ -15,14 +15,20 @@ import pytest
 import torch
 
 from longcat_lab.model import presets
-from longcat_lab.testing import random_model
-from longcat_lab.train.losses import (LOSS_KEYS, LossConfig, aux_losses, balance_loss_layer, hidden_z_loss,
-                                router_z_loss_layer)
 from longcat_lab.model.routing import LayerRouting
+from longcat_lab.testing import random_model
+from longcat_lab.train.losses import (
+    LOSS_KEYS,
+    LossConfig,
+    aux_losses,
+    balance_loss_layer,
+    hidden_z_loss,
+    router_z_loss_layer,
+)
 
 # Two tokens over N = 2 FFN experts + Z = 1 zero expert, top-2.
 PROBS = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]
-IDS = [[0, 1], [1, 2]]           # token 0: two FFN experts; token 1: one FFN expert and the zero expert
+IDS = [[0, 1], [1, 2]]  # token 0: two FFN experts; token 1: one FFN expert and the zero expert
 
 
 def layer_routing(probs, ids, n_ffn: int, requires_grad: bool = False) -> LayerRouting:
@@ -30,9 +36,13 @@ def layer_routing(probs, ids, n_ffn: int, requires_grad: bool = False) -> LayerR
     probs_TE = logits.softmax(-1)
     ids_TK = torch.tensor(ids)
     T = ids_TK.shape[0]
-    return LayerRouting(topk_ids=ids_TK.view(1, T, -1), topk_weights=probs_TE.gather(1, ids_TK).view(1, T, -1),
-                        ffn_experts_per_token=(ids_TK < n_ffn).sum(-1).view(1, T),
-                        router_logits=logits.view(1, T, -1), router_probs=probs_TE.view(1, T, -1))
+    return LayerRouting(
+        topk_ids=ids_TK.view(1, T, -1),
+        topk_weights=probs_TE.gather(1, ids_TK).view(1, T, -1),
+        ffn_experts_per_token=(ids_TK < n_ffn).sum(-1).view(1, T),
+        router_logits=logits.view(1, T, -1),
+        router_probs=probs_TE.view(1, T, -1),
+    )
 
 
 def test_balance_loss_matches_hand_computation_one_group():
@@ -64,27 +74,32 @@ def test_balance_loss_gradient_is_f_over_T_and_counts_carry_none():
     probs = layer.router_probs
     probs.retain_grad()
     balance_loss_layer(layer, n_ffn=2, top_k=2, target_ffn_experts=1.0).backward()
-    expected = torch.tensor([[1.5, 1.5, 0.5], [1.5, 1.5, 0.5]]) / 2          # f of each expert's group, / T
+    expected = torch.tensor([[1.5, 1.5, 0.5], [1.5, 1.5, 0.5]]) / 2  # f of each expert's group, / T
     assert torch.allclose(probs.grad[0], expected)
 
 
 def test_hidden_z_loss_matches_hand_computation():
-    z = torch.tensor([[[1.0, -2.0], [0.0, 0.5]]])                              # [B=1, S=2, D=2]
-    expected = (math.log(math.e + math.e ** 2) ** 2 + math.log(1 + math.e ** 0.5) ** 2) / 2
+    z = torch.tensor([[[1.0, -2.0], [0.0, 0.5]]])  # [B=1, S=2, D=2]
+    expected = (math.log(math.e + math.e**2) ** 2 + math.log(1 + math.e**0.5) ** 2) / 2
     assert hidden_z_loss(z).item() == pytest.approx(expected, rel=1e-6)
-    assert hidden_z_loss(z.to(torch.bfloat16)).dtype == torch.float32       # computed in fp32 whatever the model
+    assert hidden_z_loss(z.to(torch.bfloat16)).dtype == torch.float32  # computed in fp32 whatever the model
 
 
 def test_router_z_loss_matches_hand_computation():
     layer = layer_routing(PROBS, IDS, n_ffn=2)
     layer.router_logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
-    expected = (math.log(math.e + math.e ** 2 + math.e ** 3) ** 2 + math.log(3) ** 2) / 2
+    expected = (math.log(math.e + math.e**2 + math.e**3) ** 2 + math.log(3) ** 2) / 2
     assert router_z_loss_layer(layer).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_loss_config_validation_names_field_and_value():
-    for field, value in [("balance_loss_coef", -1.0), ("hidden_z_loss_coef", float("inf")),
-                         ("router_z_loss_coef", "1e-3"), ("balance_groups", 0), ("balance_groups", 1.5)]:
+    for field, value in [
+        ("balance_loss_coef", -1.0),
+        ("hidden_z_loss_coef", float("inf")),
+        ("router_z_loss_coef", "1e-3"),
+        ("balance_groups", 0),
+        ("balance_groups", 1.5),
+    ]:
         with pytest.raises(ValueError, match=f"{field}={value!r}".replace("(", r"\(").replace(".", r"\.")):
             LossConfig(**{field: value})
     with pytest.raises(ValueError, match="balance_grops"):

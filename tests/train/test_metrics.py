@@ -16,15 +16,20 @@ import torch
 
 from longcat_lab import LongCatLM
 from longcat_lab.model import presets
+from longcat_lab.model.routing import LayerRouting, Routing
 from longcat_lab.testing import random_model
 from longcat_lab.train.losses import LossConfig, aux_losses
-from longcat_lab.train.metrics import (balance_grad_ratio, balance_grad_ratio_per_layer, router_cosine_similarity,
-                                 routing_health, tracking_summary)
-from longcat_lab.model.routing import LayerRouting, Routing
+from longcat_lab.train.metrics import (
+    balance_grad_ratio,
+    balance_grad_ratio_per_layer,
+    router_cosine_similarity,
+    routing_health,
+    tracking_summary,
+)
 
 
 def tiny_model() -> LongCatLM:
-    return random_model(presets.tiny(), 0, train=True)          # N = 4 FFN + Z = 2 zero experts, top-2, 2 layers
+    return random_model(presets.tiny(), 0, train=True)  # N = 4 FFN + Z = 2 zero experts, top-2, 2 layers
 
 
 def routing_from_ids(ids_TK: torch.Tensor, E: int = 6, N: int = 4, logits: torch.Tensor | None = None):
@@ -32,9 +37,13 @@ def routing_from_ids(ids_TK: torch.Tensor, E: int = 6, N: int = 4, logits: torch
     if logits is None:
         logits = torch.zeros(T, E)
     probs = logits.softmax(-1)
-    return LayerRouting(topk_ids=ids_TK.view(1, T, -1), topk_weights=probs.gather(1, ids_TK).view(1, T, -1),
-                        ffn_experts_per_token=(ids_TK < N).sum(-1).view(1, T), router_logits=logits.view(1, T, -1),
-                        router_probs=probs.view(1, T, -1))
+    return LayerRouting(
+        topk_ids=ids_TK.view(1, T, -1),
+        topk_weights=probs.gather(1, ids_TK).view(1, T, -1),
+        ffn_experts_per_token=(ids_TK < N).sum(-1).view(1, T),
+        router_logits=logits.view(1, T, -1),
+        router_probs=probs.view(1, T, -1),
+    )
 
 
 def ids_with_counts(ffn_counts: list[int], zero_counts: list[int]) -> torch.Tensor:
@@ -47,12 +56,12 @@ def ids_with_counts(ffn_counts: list[int], zero_counts: list[int]) -> torch.Tens
 
 def test_routing_health_on_hand_made_routing():
     model = tiny_model()
-    layer0 = routing_from_ids(ids_with_counts([8, 4, 0, 4], [2, 2]))      # 10 tokens
+    layer0 = routing_from_ids(ids_with_counts([8, 4, 0, 4], [2, 2]))  # 10 tokens
     layer1 = routing_from_ids(torch.tensor([[3, 0], [3, 1], [3, 2]] + [[3, 4]] * 4 + [[3, 5]] * 3))  # [1, 1, 1, 10]
     model.moe_blocks()[1].router.e_score_correction_bias.copy_(torch.tensor([0.1, 0, 0, -0.1, 0.2, 0.2]))
     health = routing_health(Routing([layer0, layer1], torch.zeros(1, 10, 64), 4), model, target_ffn_experts=1.5)
     assert health["layer_index"] == [0, 1]
-    assert health["relative_load"][0] == pytest.approx([2.0, 1.0, 0.0, 1.0])      # mean FFN load is 4
+    assert health["relative_load"][0] == pytest.approx([2.0, 1.0, 0.0, 1.0])  # mean FFN load is 4
     assert health["dead"][0] == [False, False, True, False] and health["dead_count"] == [1, 0]
     assert health["hot"][1] == [False, False, False, True] and health["hot_count"] == [0, 1]
     assert health["relative_load"][1] == pytest.approx([1 / 3.25] * 3 + [10 / 3.25])
@@ -76,20 +85,21 @@ def test_balance_grad_ratio_against_closed_form_gradients():
     # LM loss = sum_t,e C[e] * p_t,e, so its gradient summed over T = 3 tokens is 3 C. The balance loss with
     # alpha = 0.5, K_e = 1 (N = 4, Z = 2, K = 2) has gradient alpha * f_group(e) w.r.t. P.
     logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    ids = torch.tensor([[0, 1], [0, 4], [2, 5]])                  # 4 FFN picks, 2 zero picks, one FFN group
+    ids = torch.tensor([[0, 1], [0, 4], [2, 5]])  # 4 FFN picks, 2 zero picks, one FFN group
     layer = routing_from_ids(ids, logits=logits)
     routing = Routing([layer], torch.zeros(1, 3, 8), 4)
     C = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0])
     lm_loss = (layer.router_probs * C).sum()
     cfg = tiny_model().config
     balance = aux_losses(routing, LossConfig(balance_loss_coef=0.5, hidden_z_loss_coef=0.0), cfg, 1.0)["balance_loss"]
-    f = torch.tensor([4 / 3] * 4 + [2 / 3] * 2)                    # 1/(K_e T) * 4 and 1/((K - K_e) T) * 2
+    f = torch.tensor([4 / 3] * 4 + [2 / 3] * 2)  # 1/(K_e T) * 4 and 1/((K - K_e) T) * 2
     g_lb, g_lm = 0.5 * f, 3 * C
     assert balance_grad_ratio(lm_loss, balance, routing, tangent=False) == pytest.approx(
-        (g_lb.norm() / g_lm.norm()).item(), rel=1e-5)
+        (g_lb.norm() / g_lm.norm()).item(), rel=1e-5
+    )
     tangent = (g_lb - g_lb.mean()).norm() / (g_lm - g_lm.mean()).norm()
     assert balance_grad_ratio(lm_loss, balance, routing) == pytest.approx(tangent.item(), rel=1e-5)
-    (lm_loss + balance).backward()                                 # the graph was retained
+    (lm_loss + balance).backward()  # the graph was retained
     assert logits.grad is not None
 
 
@@ -103,7 +113,7 @@ def test_balance_grad_ratio_on_the_model_is_linear_in_alpha_and_keeps_the_graph(
         ratios.append(balance_grad_ratio(loss, aux["balance_loss"], routing))
         per_layer = balance_grad_ratio_per_layer(loss, aux["balance_loss"], routing)
         assert len(per_layer) == 2 and all(r > 0 for r in per_layer)
-    assert 0 < ratios[0] and ratios[1] == pytest.approx(2 * ratios[0], rel=1e-5)
+    assert ratios[0] > 0 and ratios[1] == pytest.approx(2 * ratios[0], rel=1e-5)
     (loss + aux["balance_loss"]).backward()
     assert all(b.router.classifier.weight.grad is not None for b in model.moe_blocks())
     off = aux_losses(routing, LossConfig(balance_loss_coef=0.0), model.config, 1.0)["balance_loss"]
@@ -114,8 +124,8 @@ def test_router_cosine_similarity_extremes():
     model = tiny_model()
     with torch.no_grad():
         blocks = model.moe_blocks()
-        blocks[0].router.classifier.weight.copy_(torch.randn(64).expand(6, 64))      # every row the same
-        blocks[1].router.classifier.weight.copy_(torch.eye(6, 64) * 3)                 # orthogonal rows
+        blocks[0].router.classifier.weight.copy_(torch.randn(64).expand(6, 64))  # every row the same
+        blocks[1].router.classifier.weight.copy_(torch.eye(6, 64) * 3)  # orthogonal rows
     assert router_cosine_similarity(model) == pytest.approx([1.0, 0.0], abs=1e-9)
 
 
@@ -126,7 +136,7 @@ def test_tracking_summary_on_hand_made_traces():
     from_above = tracking_summary([2.0, 1.5, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0], target=1.0)
     assert from_above["overshoot"] == pytest.approx(0.1) and from_above["settle_step"] == 4
     assert tracking_summary([0.0, 0.5, 0.9, 0.95, 0.97, 0.97, 0.97, 1.0], 1.0)["settle_step"] is None  # too late
-    zigzag = [0.0, 2.0] * 6                                              # a limit cycle around 1
+    zigzag = [0.0, 2.0] * 6  # a limit cycle around 1
     smoothed = tracking_summary(zigzag, 1.0, window=2)
     assert smoothed["settle_step"] == 2 and smoothed["late_rms_error"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="window=0"):

@@ -21,15 +21,36 @@ import torch
 from longcat_lab import LongCatLM
 from longcat_lab.data import DataConfig
 from longcat_lab.model import presets
-from longcat_lab.train import (StageConfig, TrainConfig, TrainingError, apply_overrides, checkpoint, evaluate, growth,
-                               train, train_preset)
+from longcat_lab.train import (
+    StageConfig,
+    TrainConfig,
+    TrainingError,
+    apply_overrides,
+    checkpoint,
+    evaluate,
+    growth,
+    train,
+    train_preset,
+)
 from longcat_lab.train.config import lr_at
 from longcat_lab.train.overrides import settable_fields
 from longcat_lab.train.trainer import StepResult, Trainer, _check_token_streams
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "tiny_20_steps.json"
-COMPARED = ("loss", "lm_loss", "balance_loss", "hidden_z_loss", "router_z_loss", "grad_norm", "lr",
-            "ffn_experts_per_token_per_layer", "controller_error", "bias_spread", "R_g", "load_imbalance_per_layer")
+COMPARED = (
+    "loss",
+    "lm_loss",
+    "balance_loss",
+    "hidden_z_loss",
+    "router_z_loss",
+    "grad_norm",
+    "lr",
+    "ffn_experts_per_token_per_layer",
+    "controller_error",
+    "bias_spread",
+    "R_g",
+    "load_imbalance_per_layer",
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +59,16 @@ def cache(tmp_path_factory):
 
 
 def config(cache, steps=12, **changes) -> TrainConfig:
-    base = dict(batch_size=4, num_threads=1, peak_flops=1e10, eval_every=6, eval_windows=4, ckpt_every=6,
-                rg_every=4, data=DataConfig(max_bytes_per_domain=150_000, tokenizer_sample_bytes=60_000,
-                                            cache_dir=cache))
+    base = dict(
+        batch_size=4,
+        num_threads=1,
+        peak_flops=1e10,
+        eval_every=6,
+        eval_windows=4,
+        ckpt_every=6,
+        rg_every=4,
+        data=DataConfig(max_bytes_per_domain=150_000, tokenizer_sample_bytes=60_000, cache_dir=cache),
+    )
     return dataclasses.replace(train_preset("tiny").with_steps(steps), **{**base, **changes})
 
 
@@ -62,6 +90,7 @@ def reference(cache, tmp_path_factory):
 def patch_forward(monkeypatch):
     """Wrap LongCatLM.forward: `change(call, loss) -> loss` sees every training forward with targets (call counts
     from 1), so a test can inject NaN or a perturbation into exactly one micro-batch."""
+
     def install(change):
         original = LongCatLM.forward
         calls = {"n": 0}
@@ -76,6 +105,7 @@ def patch_forward(monkeypatch):
 
         monkeypatch.setattr(LongCatLM, "forward", forward)
         return calls
+
     return install
 
 
@@ -84,9 +114,28 @@ def test_metrics_rows(reference):
     rows = reference.rows()
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 13))
-    required = {"step", "stage", "loss", "lm_loss", "balance_loss", "hidden_z_loss", "router_z_loss", "lr",
-                "grad_norm", "tokens_per_s", "mfu", "ffn_experts_per_token", "ffn_experts_per_token_per_layer",
-                "load_imbalance", "R_g", "alerts", "alert_counts", "skipped", "controller_error", "memory_gb"}
+    required = {
+        "step",
+        "stage",
+        "loss",
+        "lm_loss",
+        "balance_loss",
+        "hidden_z_loss",
+        "router_z_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "ffn_experts_per_token",
+        "ffn_experts_per_token_per_layer",
+        "load_imbalance",
+        "R_g",
+        "alerts",
+        "alert_counts",
+        "skipped",
+        "controller_error",
+        "memory_gb",
+    }
     for r in train_rows:
         assert required <= set(r)
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mfu"] > 0
@@ -117,16 +166,23 @@ def test_callback_sees_every_row(cache, tmp_path):
 def test_token_ids_are_checked_once_not_per_micro_batch(cache, tmp_path, monkeypatch):
     """The trainer checks its token streams when it loads them, then runs every training forward with
     validate=False (no host sync); evaluation still validates."""
-    bad = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab_size=lambda: 10), val={},
-                          train={"python": torch.tensor([1, 2, 12], dtype=torch.int32)})
-    with pytest.raises(ValueError, match="the train stream of 'python' holds token ids from 1 to 12; allowed ids are "
-                                         r"0\.\.11 \(vocab_size=12\)"):
+    bad = SimpleNamespace(
+        tokenizer=SimpleNamespace(get_vocab_size=lambda: 10),
+        val={},
+        train={"python": torch.tensor([1, 2, 12], dtype=torch.int32)},
+    )
+    with pytest.raises(
+        ValueError,
+        match="the train stream of 'python' holds token ids from 1 to 12; allowed ids are "
+        r"0\.\.11 \(vocab_size=12\)",
+    ):
         _check_token_streams(bad, 12)
     trainer = Trainer(presets.tiny(), config(cache, steps=2), tmp_path, progress=False)
     checks = []
     original = LongCatLM.check_ids
-    monkeypatch.setattr(LongCatLM, "check_ids", lambda self, name, *a, **k: checks.append(name) or
-                        original(self, name, *a, **k))
+    monkeypatch.setattr(
+        LongCatLM, "check_ids", lambda self, name, *a, **k: checks.append(name) or original(self, name, *a, **k)
+    )
     result = trainer.step()
     assert checks == [] and isinstance(result, StepResult) and result.step == 1 and not result.skipped
     assert set(result.losses) == {"loss", "lm_loss", "balance_loss", "hidden_z_loss", "router_z_loss"}
@@ -145,9 +201,11 @@ def test_resume_is_bit_exact(reference, cache, tmp_path, how):
         first = run(config(cache, stop_after=5, ckpt_every=5), tmp_path)
         assert first.step == 5 and first.checkpoint.name == "step_000005"
     else:
+
         def crash_at_8(row):
             if row["kind"] == "train" and row["step"] == 8:
                 raise Crash()
+
         with pytest.raises(Crash):
             run(config(cache, ckpt_every=5), tmp_path, callback=crash_at_8)
     resumed = run(config(cache), tmp_path, resume=True)
@@ -164,7 +222,7 @@ def test_resume_rules(reference, cache, tmp_path):
         run(config(cache), reference.run_dir)
     with pytest.raises(TrainingError, match=r"stages.0.steps: 10 -> 14"):
         run(config(cache, steps=16), reference.run_dir, resume=True)
-    done = run(config(cache), reference.run_dir, resume=True)        # finished run: nothing to do
+    done = run(config(cache), reference.run_dir, resume=True)  # finished run: nothing to do
     assert done.step == 12 and done.resumed_from == 12 and done.val_loss == reference.val_loss
     assert len(done.rows("train")) == 12
     fresh = run(config(cache, steps=2, eval_every=0), tmp_path, resume=True)  # resume with nothing there: a start
@@ -242,13 +300,15 @@ def test_eval_does_not_count(reference):
 
 # Schedule and configuration ------------------------------------------------------------------------------------------
 def test_lr_schedule():
-    stages = [StageConfig("a", 10, 1.0, 4, 8, {"python": 1}, end_lr_ratio=0.2),
-              StageConfig("b", 5, 0.5, 2, 8, {"python": 1}, end_lr_ratio=0.1)]
+    stages = [
+        StageConfig("a", 10, 1.0, 4, 8, {"python": 1}, end_lr_ratio=0.2),
+        StageConfig("b", 5, 0.5, 2, 8, {"python": 1}, end_lr_ratio=0.1),
+    ]
     lrs = [lr_at(stages, i) for i in range(15)]
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[9] == pytest.approx(0.2)                              # stage a ends at end_lr_ratio * lr
-    assert all(a >= b for a, b in zip(lrs[3:10], lrs[4:10]))         # cosine decays monotonically
-    assert lrs[10] == pytest.approx(0.2 + (0.5 - 0.2) / 2)           # warmup from 0.2 toward 0.5
+    assert lrs[9] == pytest.approx(0.2)  # stage a ends at end_lr_ratio * lr
+    assert all(a >= b for a, b in zip(lrs[3:10], lrs[4:10]))  # cosine decays monotonically
+    assert lrs[10] == pytest.approx(0.2 + (0.5 - 0.2) / 2)  # warmup from 0.2 toward 0.5
     assert lrs[11] == pytest.approx(0.5) and lrs[14] == pytest.approx(0.05)
 
 
@@ -261,28 +321,43 @@ def test_with_steps_rescales_stages():
 
 def test_overrides_resolve_across_configs():
     mc, tc = presets.tiny(), train_preset("tiny")
-    mc2, tc2 = apply_overrides(mc, tc, [
-        "moe_topk=3", "batch_size=3", "bias_controller=pid", "target_ffn_experts=2", "pid_gains=1,2,3",
-        "balance_loss_coef=0", "domains=python,reasoning", "controller.bias_update_rate=0.5", "bf16=true"])
+    mc2, tc2 = apply_overrides(
+        mc,
+        tc,
+        [
+            "moe_topk=3",
+            "batch_size=3",
+            "bias_controller=pid",
+            "target_ffn_experts=2",
+            "pid_gains=1,2,3",
+            "balance_loss_coef=0",
+            "domains=python,reasoning",
+            "controller.bias_update_rate=0.5",
+            "bf16=true",
+        ],
+    )
     assert mc2.moe_topk == 3 and tc2.batch_size == 3 and tc2.bf16 is True
     assert tc2.controller.bias_controller == "pid" and tc2.controller.target_ffn_experts == 2.0
     assert tc2.controller.pid_gains == (1.0, 2.0, 3.0) and tc2.controller.bias_update_rate == 0.5
     assert tc2.losses.balance_loss_coef == 0.0 and tc2.data.domains == ("python", "reasoning")
-    assert mc.moe_topk == 2 and tc.controller.bias_controller == "paper"   # the originals are untouched
+    assert mc.moe_topk == 2 and tc.controller.bias_controller == "paper"  # the originals are untouched
     assert apply_overrides(mc, tc, ["target_ffn_experts=none"])[1].controller.target_ffn_experts is None
     owners = settable_fields()
     assert all(len(v) == 1 for v in owners.values()), "a field name in two configs needs section.field"
 
 
-@pytest.mark.parametrize("item,match", [
-    ("bias_controler=pid", r"unknown field 'bias_controler'; did you mean \['bias_controller'\]"),
-    ("batch_size=three", "batch_size='three' is not allowed: it must be an integer"),
-    ("bias_controller=magic", "bias_controller='magic' is not allowed"),
-    ("moe_topk=99", "moe_topk=99 is not allowed"),
-    ("bf16=maybe", "bf16='maybe' is not allowed"),
-    ("seed", "expected FIELD=VALUE"),
-    ("optim.lr=1", "unknown section 'optim'"),
-])
+@pytest.mark.parametrize(
+    "item,match",
+    [
+        ("bias_controler=pid", r"unknown field 'bias_controler'; did you mean \['bias_controller'\]"),
+        ("batch_size=three", "batch_size='three' is not allowed: it must be an integer"),
+        ("bias_controller=magic", "bias_controller='magic' is not allowed"),
+        ("moe_topk=99", "moe_topk=99 is not allowed"),
+        ("bf16=maybe", "bf16='maybe' is not allowed"),
+        ("seed", "expected FIELD=VALUE"),
+        ("optim.lr=1", "unknown section 'optim'"),
+    ],
+)
 def test_override_errors(item, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(presets.tiny(), train_preset("tiny"), [item])
@@ -296,8 +371,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="mixture.*gives no weight"):
         TrainConfig(stages=[StageConfig(mixture={"python": 1.0})], data=DataConfig(domains=("reasoning",)))
     with pytest.raises(ValueError, match="seq_len=128 is not allowed: it must be <= max_position_embeddings=64"):
-        train(presets.tiny(max_position_embeddings=64), TrainConfig(stages=[StageConfig(seq_len=128)]),
-              "/nonexistent")
+        train(presets.tiny(max_position_embeddings=64), TrainConfig(stages=[StageConfig(seq_len=128)]), "/nonexistent")
     with pytest.raises(ValueError, match="preset='huge'"):
         train_preset("huge")
 
@@ -313,7 +387,7 @@ def test_grow_depth_stacks_layers():
         src = small.layers[i % 2].state_dict()
         assert all(torch.equal(v, src[k]) for k, v in layer.state_dict().items())
     assert torch.equal(big.embed_tokens.weight, small.embed_tokens.weight)
-    assert [blk.block_index for blk in big.layers[3].self_attn] == [6, 7]    # fresh KV-cache slots
+    assert [blk.block_index for blk in big.layers[3].self_attn] == [6, 7]  # fresh KV-cache slots
     idx = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(big.eval()(idx)[0]).all()
     with pytest.raises(ValueError, match="factor=0"):
@@ -323,21 +397,29 @@ def test_grow_depth_stacks_layers():
 def test_growth_init_in_training_keeps_the_schedule(cache, tmp_path):
     one = presets.tiny(num_layers=1)
     train(one, config(cache, steps=12, stop_after=4, eval_every=0), tmp_path / "small", progress=False)
-    grown = train(presets.tiny(), config(cache, steps=12, eval_every=0, init_from=str(tmp_path / "small"),
-                                         init_keep_state=True), tmp_path / "grown", progress=False)
+    grown = train(
+        presets.tiny(),
+        config(cache, steps=12, eval_every=0, init_from=str(tmp_path / "small"), init_keep_state=True),
+        tmp_path / "grown",
+        progress=False,
+    )
     rows = grown.rows("train")
     assert rows[0]["step"] == 5 and grown.step == 12 and math.isfinite(rows[0]["loss"])
     assert rows[0]["lr"] == lr_at(config(cache, steps=12).stages, 4)
     with pytest.raises(ValueError, match="init_from=.*does not give this ModelConfig"):
-        train(presets.tiny(moe_topk=3), config(cache, steps=2, init_from=str(tmp_path / "small")),
-              tmp_path / "bad", progress=False)
+        train(
+            presets.tiny(moe_topk=3),
+            config(cache, steps=2, init_from=str(tmp_path / "small")),
+            tmp_path / "bad",
+            progress=False,
+        )
 
 
 def test_width_transfer_rules():
     rule = growth.transfer_hparams(8, init_std=0.02, lr=1e-3)
     assert rule["embedding"] == {"init_std": 0.02, "lr": 1e-3}
     for kind in ("hidden", "unembedding"):
-        assert rule[kind]["init_std"] ** 2 == pytest.approx(0.02 ** 2 / 8)
+        assert rule[kind]["init_std"] ** 2 == pytest.approx(0.02**2 / 8)
         assert rule[kind]["lr"] == pytest.approx(1.25e-4)
     a, b = LongCatLM(presets.tiny()), LongCatLM(presets.tiny())
     growth.init_with_transfer(a, 4.0, torch.Generator().manual_seed(0))
@@ -345,7 +427,7 @@ def test_width_transfer_rules():
     assert torch.equal(a.embed_tokens.weight, b.embed_tokens.weight)
     assert torch.equal(a.lm_head.weight, b.lm_head.weight / 2)
     assert torch.equal(a.layers[0].mlp.experts.down_proj, b.layers[0].mlp.experts.down_proj / 2)
-    assert torch.equal(a.norm.weight, b.norm.weight)                  # norms keep their ones
+    assert torch.equal(a.norm.weight, b.norm.weight)  # norms keep their ones
     groups = {g["name"]: g for g in growth.param_groups(a, 4.0, weight_decay=0.1)}
     assert groups["embedding"]["lr_mult"] == 1 and groups["hidden"]["lr_mult"] == 0.25
     assert groups["unembedding"]["lr_mult"] == 0.25 and groups["hidden_no_decay"]["weight_decay"] == 0
@@ -374,7 +456,8 @@ def test_golden_loss_curve(tmp_path):
     got = bench.golden_run(tmp_path)
     assert got["versions"]["torch"] == golden["versions"]["torch"], (
         f"the golden file was written with torch {golden['versions']['torch']}; regenerate it with "
-        "`python benchmarks/train_step.py --write-golden` after checking the change is intended")
+        "`python benchmarks/train_step.py --write-golden` after checking the change is intended"
+    )
     for key in golden["series"]:
         rel = 1e-3 if key == "grad_norm" else 1e-5
         assert got["series"][key] == pytest.approx(golden["series"][key], rel=rel), key

@@ -10,8 +10,7 @@ import torch
 
 from longcat_lab.export import PADDING
 from longcat_lab.perf import costmodel as cm
-from longcat_lab.viz import cache_bytes_figure, checkpoint_bytes_figure, gantt_figure, logits_parity_figure, \
-    tpot_figure
+from longcat_lab.viz import cache_bytes_figure, checkpoint_bytes_figure, gantt_figure, logits_parity_figure, tpot_figure
 
 
 def test_export_figures_carry_the_numbers():
@@ -31,8 +30,10 @@ def test_gantt_bars_are_the_schedule_in_microseconds():
     times = cm.LayerTimes(attn0=3e-6, dense0=2e-6, dispatch=4e-6, moe=1e-6, combine=5e-6, dense1=6e-6)
     fig = gantt_figure(times, schedules=("sbo",))
     bars = {(bar.y[0], bar.name): (bar.base[0], bar.x[0]) for bar in fig.data}
-    spans = {(f"sbo · {lane}", stage): (start * 1e6, (end - start) * 1e6)
-             for lane, stage, start, end in cm.layer_gantt(times, "sbo")}
+    spans = {
+        (f"sbo · {lane}", stage): (start * 1e6, (end - start) * 1e6)
+        for lane, stage, start, end in cm.layer_gantt(times, "sbo")
+    }
     assert bars.keys() == spans.keys()
     for key, (base, width) in spans.items():
         assert bars[key] == pytest.approx((base, width))
@@ -40,8 +41,12 @@ def test_gantt_bars_are_the_schedule_in_microseconds():
 
 
 def test_tpot_bars_are_milliseconds_per_schedule():
-    results = {"paper": {"sequential": {"tpot_s": 0.020, "cost_per_million": 0.12},
-                         "sbo": {"tpot_s": 0.016, "cost_per_million": 0.09}}}
+    results = {
+        "paper": {
+            "sequential": {"tpot_s": 0.020, "cost_per_million": 0.12},
+            "sbo": {"tpot_s": 0.016, "cost_per_million": 0.09},
+        }
+    }
     fig = tpot_figure(results)
     assert list(fig.data[0].x) == [cm.SCHEDULE_NAMES["sequential"], cm.SCHEDULE_NAMES["sbo"]]
     assert list(fig.data[0].y) == pytest.approx([20.0, 16.0])

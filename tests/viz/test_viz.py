@@ -40,9 +40,15 @@ def synthetic_routing(ids_LBSK, n_ffn, n_total):
         ids = torch.as_tensor(ids, dtype=torch.long)
         B, S, K = ids.shape
         probs = torch.full((B, S, n_total), 1.0 / n_total)
-        layers.append(LayerRouting(topk_ids=ids, topk_weights=torch.full((B, S, K), 1.0 / n_total),
-                                   ffn_experts_per_token=(ids < n_ffn).sum(-1), router_logits=probs.log(),
-                                   router_probs=probs))
+        layers.append(
+            LayerRouting(
+                topk_ids=ids,
+                topk_weights=torch.full((B, S, K), 1.0 / n_total),
+                ffn_experts_per_token=(ids < n_ffn).sum(-1),
+                router_logits=probs.log(),
+                router_probs=probs,
+            )
+        )
     return Routing(layers, torch.zeros(1, 1, 1), n_ffn)
 
 
@@ -86,8 +92,9 @@ def test_expert_load_from_router_counts_agrees_with_routing(model):
         for b in model.moe_blocks():
             b.router.expert_counts.zero_()
         model.eval()
-    np.testing.assert_array_equal(viz.expert_load(counts, model.config).counts,
-                                  viz.expert_load(routing, model.config).counts)
+    np.testing.assert_array_equal(
+        viz.expert_load(counts, model.config).counts, viz.expert_load(routing, model.config).counts
+    )
     both = viz.expert_load([routing, routed(model, length=5, seed=4)], model.config)
     assert (both.tokens == 21).all()
 
@@ -123,10 +130,10 @@ def test_everything_routed_to_zero_experts():
     c = presets.tiny()
     m = random_model(c, seed=0)
     for b in m.moe_blocks():
-        b.router.e_score_correction_bias[c.n_routed_experts:] = 10.0   # selection only: every pick a zero expert
+        b.router.e_score_correction_bias[c.n_routed_experts :] = 10.0  # selection only: every pick a zero expert
     routing = routed(m, length=10)
     load = viz.expert_load(routing, c)
-    assert load.dead[:, :c.n_routed_experts].all() and not load.dead[:, c.n_routed_experts:].any()
+    assert load.dead[:, : c.n_routed_experts].all() and not load.dead[:, c.n_routed_experts :].any()
     assert (load.ffn_experts_per_token == 0).all() and not load.hot.any()
     assert (viz.token_compute(routing) == 0).all()
     params = viz.activated_params_per_token(routing, c)
@@ -219,8 +226,10 @@ def make_table(model):
     prose = [" The", " cat", ",", " and", " 42", " dogs", ".", "\n"]
     code = ["def", " f", "(", "x", "):", "\n   ", " return", " x", " and", " 1"]
     maths = ["12", " +", " 30", " =", " 42"]
-    samples = [(d, toks, routed(model, length=len(toks), seed=s))
-               for s, (d, toks) in enumerate([("shakespeare", prose), ("python", code), ("reasoning", maths)])]
+    samples = [
+        (d, toks, routed(model, length=len(toks), seed=s))
+        for s, (d, toks) in enumerate([("shakespeare", prose), ("python", code), ("reasoning", maths)])
+    ]
     return viz.token_table(samples), samples
 
 
@@ -238,10 +247,11 @@ def test_token_table_stats_cover_every_token(model):
     assert set(ref) == set(stats)
     for cls, vals in ref.items():
         assert stats[cls]["count"] == len(vals) and stats[cls]["mean"] == pytest.approx(np.mean(vals))
-    assert table.token_class[list(table.token).index(" and")] == "word"             # prose
-    assert table.token_class[len(samples[0][1]) + 8] == "code keyword"               # " and" in code
+    assert table.token_class[list(table.token).index(" and")] == "word"  # prose
+    assert table.token_class[len(samples[0][1]) + 8] == "code keyword"  # " and" in code
     assert table.stats("domain", layer=1)["reasoning"]["mean"] == pytest.approx(
-        samples[2][2].layers[1].ffn_experts_per_token.float().mean().item())
+        samples[2][2].layers[1].ffn_experts_per_token.float().mean().item()
+    )
     combo = table.stats("domain/class")
     assert sum(s["count"] for s in combo.values()) == len(table)
 
@@ -264,12 +274,18 @@ def test_group_figures(model):
 
 
 def test_contrast_against_a_hand_computation():
-    ffn = np.array([[1, 0], [0, 0], [1, 1], [2, 1], [2, 2], [1, 2]])      # 6 tokens, 2 layers
+    ffn = np.array([[1, 0], [0, 0], [1, 1], [2, 1], [2, 2], [1, 2]])  # 6 tokens, 2 layers
     table = viz.TokenTable(
-        domain=np.array(["shakespeare"] * 6, dtype=object), sample=np.zeros(6, int), position=np.arange(6),
+        domain=np.array(["shakespeare"] * 6, dtype=object),
+        sample=np.zeros(6, int),
+        position=np.arange(6),
         token=np.array([",", ".", "a", "b", "c", "d"], dtype=object),
-        token_class=np.array(["punctuation"] * 2 + ["word"] * 4, dtype=object), ffn_experts=ffn, layers=[0, 1],
-        moe_topk=2, n_routed_experts=4)
+        token_class=np.array(["punctuation"] * 2 + ["word"] * 4, dtype=object),
+        ffn_experts=ffn,
+        layers=[0, 1],
+        moe_topk=2,
+        n_routed_experts=4,
+    )
     c = table.stats("class")
     assert c["punctuation"] == {"count": 2, "mean": 0.5, "std": 0.5}
     r = viz.contrast(table, "punctuation", "word")
@@ -334,8 +350,17 @@ def test_read_metrics_skips_a_half_written_last_line(tmp_path):
 
 def test_controller_traces(tmp_path):
     k = viz.CONTROLLER_KEYS
-    rows = [{"step": s, k["error"]: 0.1 / (s + 1), k["spread"]: 0.01 * s, k["per_layer"]: [1.0 + 0.1 * s, 1.5],
-             k["mean"]: 1.25 + 0.05 * s, k["target"]: 1.33} for s in range(5)]
+    rows = [
+        {
+            "step": s,
+            k["error"]: 0.1 / (s + 1),
+            k["spread"]: 0.01 * s,
+            k["per_layer"]: [1.0 + 0.1 * s, 1.5],
+            k["mean"]: 1.25 + 0.05 * s,
+            k["target"]: 1.33,
+        }
+        for s in range(5)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fig = viz.controller_traces(tmp_path)
     layer0 = next(t for t in fig.data if t.name == "layer 0")

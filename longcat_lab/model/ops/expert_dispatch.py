@@ -1,6 +1,6 @@
 """The grouped expert kernel of the MoE (docs/design.md §1): `ExpertDispatch`, gather -> per-expert SwiGLU ->
 routing weight -> scatter-add as one autograd node with a hand-written backward, and the per-thread CPU scratch
-buffers its temporaries live in. `longcat_lab.model.model.Experts` sorts the (token, expert) pairs and calls it.
+buffers its temporaries live in. `longcat_lab.model.moe.Experts` sorts the (token, expert) pairs and calls it.
 
 Shape legend: T tokens, P (token, expert) pairs sorted by expert, D model dim, F expert hidden, N FFN experts.
 """
@@ -56,9 +56,15 @@ class ExpertDispatch(torch.autograd.Function):
     Computes in the autocast dtype when autocast is on, as nn.Linear would."""
 
     @staticmethod
-    def compute(x_TD: torch.Tensor, token_idx_P: torch.Tensor, weights_P: torch.Tensor, gate_up_t: torch.Tensor,
-                down_t: torch.Tensor, sizes: list[int],
-                save: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def compute(
+        x_TD: torch.Tensor,
+        token_idx_P: torch.Tensor,
+        weights_P: torch.Tensor,
+        gate_up_t: torch.Tensor,
+        down_t: torch.Tensor,
+        sizes: list[int],
+        save: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The forward arithmetic: (out_TD, with `save` what backward needs in the compute dtype, else ()). The
         expert weights come transposed, gate_up_t [N, D, 2F] and down_t [N, F, D]: views of the parameters when
         training, contiguous copies from a `LatentCache` when decoding. `Experts` calls this directly when no
@@ -66,7 +72,7 @@ class ExpertDispatch(torch.autograd.Function):
         device = x_TD.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
         with torch.autocast(device_type=device, enabled=False):
-            x_PD = to_dtype(x_TD, dtype).index_select(0, token_idx_P)     # each pair's input, sorted by expert
+            x_PD = to_dtype(x_TD, dtype).index_select(0, token_idx_P)  # each pair's input, sorted by expert
             w_P1 = to_dtype(weights_P, dtype)[:, None]
             w_gu_t, w_d_t = to_dtype(gate_up_t, dtype), to_dtype(down_t, dtype)
             f = w_d_t.shape[1]
@@ -74,12 +80,12 @@ class ExpertDispatch(torch.autograd.Function):
             # decoding sizes the loop's op calls, not its arithmetic, are what costs.
             gate_up_e, down_e = w_gu_t.unbind(0), w_d_t.unbind(0)
             used, rows = used_experts(sizes)
-            h_P2F = x_PD.new_empty(x_PD.shape[0], 2 * f)                 # [gate | up] pre-activations
+            h_P2F = x_PD.new_empty(x_PD.shape[0], 2 * f)  # [gate | up] pre-activations
             for e, x_e, h_e in zip(used, x_PD.split(rows), h_P2F.split(rows)):
                 torch.mm(x_e, gate_up_e[e], out=h_e)
             gate, up = h_P2F[:, :f], h_P2F[:, f:]
             silu_PF = F.silu(gate)
-            scaled_PF = silu_PF * w_P1                                   # the routing weight, folded in at width F
+            scaled_PF = silu_PF * w_P1  # the routing weight, folded in at width F
             act_PF = scaled_PF * up
             y_PD = _scratch.get("y", (x_PD.shape[0], w_d_t.shape[2]), x_PD)
             for e, act_e, y_e in zip(used, act_PF.split(rows), y_PD.split(rows)):
@@ -92,10 +98,18 @@ class ExpertDispatch(torch.autograd.Function):
         return out_TD, (x_PD, token_idx_P, w_P1, w_gu, w_d, h_P2F, silu_PF, scaled_PF, act_PF)
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, token_idx_P: torch.Tensor, weights_P: torch.Tensor,
-                gate_up_proj: torch.Tensor, down_proj: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        out_TD, saved = ExpertDispatch.compute(x_TD, token_idx_P, weights_P, gate_up_proj.transpose(1, 2),
-                                               down_proj.transpose(1, 2), sizes, save=True)
+    def forward(
+        ctx,
+        x_TD: torch.Tensor,
+        token_idx_P: torch.Tensor,
+        weights_P: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        sizes: list[int],
+    ) -> torch.Tensor:
+        out_TD, saved = ExpertDispatch.compute(
+            x_TD, token_idx_P, weights_P, gate_up_proj.transpose(1, 2), down_proj.transpose(1, 2), sizes, save=True
+        )
         ctx.sizes, ctx.n_tokens = sizes, x_TD.shape[0]
         ctx.dtypes = (x_TD.dtype, weights_P.dtype, gate_up_proj.dtype)
         ctx.save_for_backward(*saved)
@@ -107,8 +121,9 @@ class ExpertDispatch(torch.autograd.Function):
         x_dtype, w_dtype, param_dtype = ctx.dtypes
         f = w_d.shape[2]
         used, rows = used_experts(ctx.sizes)
-        grad_y_PD = torch.index_select(grad_out_TD.to(x_PD.dtype), 0, token_idx_P,
-                                       out=_scratch.get("grad_y", x_PD.shape, x_PD))
+        grad_y_PD = torch.index_select(
+            grad_out_TD.to(x_PD.dtype), 0, token_idx_P, out=_scratch.get("grad_y", x_PD.shape, x_PD)
+        )
         # empty, not zeros: every used expert's rows are overwritten below, and zero-filling the whole stacked
         # gradient cost ~8% of the block (profiled); only unused experts get explicit zeros.
         grad_gu, grad_d = torch.empty_like(w_gu), torch.empty_like(w_d)
@@ -124,17 +139,23 @@ class ExpertDispatch(torch.autograd.Function):
         gate, up = h_P2F[:, :f], h_P2F[:, f:]
         grad_h_P2F = _scratch.get("grad_h", h_P2F.shape, h_P2F)
         grad_gate, grad_up = grad_h_P2F[:, :f], grad_h_P2F[:, f:]
-        torch.mul(grad_act_PF, scaled_PF, out=grad_up)                  # d/d up
-        grad_scaled_PF = grad_act_PF.mul_(up)                           # d/d (w * silu(gate)), in place
+        torch.mul(grad_act_PF, scaled_PF, out=grad_up)  # d/d up
+        grad_scaled_PF = grad_act_PF.mul_(up)  # d/d (w * silu(gate)), in place
         grad_w_P = torch.mul(grad_scaled_PF, silu_PF, out=grad_gate).sum(-1)  # d/d w (grad_gate as scratch)
         torch.ops.aten.silu_backward.grad_input(grad_scaled_PF.mul_(w_P1), gate, grad_input=grad_gate)
-        grad_x_PD = grad_y_PD                                           # its rows are dead once read: reuse them
+        grad_x_PD = grad_y_PD  # its rows are dead once read: reuse them
         for e, grad_h_e, x_e, grad_x_e in zip(used, grad_h_P2F.split(rows), x_PD.split(rows), grad_x_PD.split(rows)):
             torch.mm(grad_h_e.t(), x_e, out=grad_gu_e[e])
             torch.mm(grad_h_e, w_gu_e[e], out=grad_x_e)
         grad_x_TD = grad_x_PD.new_zeros(ctx.n_tokens, x_PD.shape[1]).index_add_(0, token_idx_P, grad_x_PD)
-        return (grad_x_TD.to(x_dtype), None, grad_w_P.to(w_dtype), grad_gu.to(param_dtype), grad_d.to(param_dtype),
-                None)
+        return (
+            grad_x_TD.to(x_dtype),
+            None,
+            grad_w_P.to(w_dtype),
+            grad_gu.to(param_dtype),
+            grad_d.to(param_dtype),
+            None,
+        )
 
 
 def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
