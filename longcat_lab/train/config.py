@@ -1,7 +1,7 @@
 """How a model is trained: `StageConfig` (one stage of the multi-stage schedule), `TrainConfig` (everything else,
 with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `default_stages`, `train_preset(name)` for
-"tiny", "small" and "base", and the schedule itself (`stage_at`, `lr_at`). Plain data and arithmetic: nothing here
-touches a model. docs/design.md §4 explains the recipe these defaults follow.
+"tiny", "small" and "base", and the schedule itself (`stage_at`, `lr_at`, `every`). Plain data and arithmetic:
+nothing here touches a model. docs/design.md §4 explains the recipe these defaults follow.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from longcat_lab._util import check_int, check_nonnegative, check_positive_float, from_known_fields, is_number
+from longcat_lab._util import check_int, check_positive_float, from_known_fields, is_number
 from longcat_lab.data import DOMAINS, DataConfig, check_mixture
 from longcat_lab.train.control import ControllerConfig
 from longcat_lab.train.losses import LossConfig
@@ -88,6 +88,26 @@ def default_stages(steps: int, lr: float, seq_len: int) -> list[StageConfig]:
     ]
 
 
+# What TrainConfig.__post_init__ allows beyond the field's type: the counts that must be >= 1 (other ints are >= 0)
+# and each float's range, as (test, the error's wording).
+_AT_LEAST_ONE = {"batch_size", "grad_accum", "eval_windows", "keep_checkpoints", "max_consecutive_skips"}
+_UNIT = (lambda v: 0 < v <= 1, "a number in (0, 1]")
+_BETA = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_NONNEGATIVE = (lambda v: v >= 0, "a finite number >= 0")
+_POSITIVE = (lambda v: v > 0, "a finite number > 0")
+_FLOAT_RANGES = {
+    "weight_decay": _NONNEGATIVE,
+    "adam_beta1": _BETA,
+    "adam_beta2": _BETA,
+    "adam_eps": _POSITIVE,
+    "grad_clip": _POSITIVE,
+    "alert_loss_spike": (lambda v: v > 1, "a number > 1"),
+    "alert_throughput_drop": _UNIT,
+    "alert_memory_fraction": _UNIT,
+    "peak_flops": _NONNEGATIVE,
+}
+
+
 @dataclass
 class TrainConfig:
     """How a model is trained. Scalar fields (here and in `data`, `controller`, `losses`) are reachable by name
@@ -155,45 +175,23 @@ class TrainConfig:
         if not isinstance(self.stages, (list, tuple)) or not self.stages:
             raise ValueError(f"stages={self.stages!r} is not allowed: it must be a non-empty list of StageConfig")
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
-        for name in ("batch_size", "grad_accum", "eval_windows", "keep_checkpoints", "max_consecutive_skips"):
-            check_int(name, getattr(self, name))
-        for name in (
-            "seed",
-            "num_threads",
-            "eval_every",
-            "eval_seq_len",
-            "ckpt_every",
-            "stop_after",
-            "rg_every",
-            "sdc_check_every",
-            "proxy_hidden_size",
-        ):
-            check_int(name, getattr(self, name), 0)
-        for name in ("weight_decay", "peak_flops"):
-            check_nonnegative(name, getattr(self, name))
-        for name in ("adam_beta1", "adam_beta2"):
-            v = getattr(self, name)
-            _check(name, v, is_number(v) and 0 <= v < 1, "a number in [0, 1)")
-        check_positive_float("adam_eps", self.adam_eps)
-        check_positive_float("grad_clip", self.grad_clip)
-        _check(
-            "alert_loss_spike",
-            self.alert_loss_spike,
-            is_number(self.alert_loss_spike) and self.alert_loss_spike > 1,
-            "a number > 1",
-        )
-        for name in ("alert_throughput_drop", "alert_memory_fraction"):
-            v = getattr(self, name)
-            _check(name, v, is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        # Counts are ints (>= 1 where 0 would mean nothing to do, else >= 0 with 0 = off or default), switches
+        # are bools, and each float lies in its _FLOAT_RANGES interval.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                check_int(f.name, v, 1 if f.name in _AT_LEAST_ONE else 0)
+            elif f.type == "float":
+                ok, allowed = _FLOAT_RANGES[f.name]
+                _check(f.name, v, is_number(v) and ok(v), allowed)
+            elif f.type == "bool":
+                _check(f.name, v, isinstance(v, bool), "true or false")
         _check(
             "device",
             self.device,
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")),
             "'auto', 'cpu', 'cuda[:N]'",
         )
-        for name in ("bf16", "deterministic", "init_keep_state"):
-            v = getattr(self, name)
-            _check(name, v, isinstance(v, bool), "true or false")
         _check("init_from", self.init_from, isinstance(self.init_from, str), "a path string ('' = none)")
         for name, cls in (("data", DataConfig), ("controller", ControllerConfig), ("losses", LossConfig)):
             v = getattr(self, name)
@@ -237,44 +235,42 @@ class TrainConfig:
         return from_known_fields(cls, data)
 
 
+# Each preset's schedule as default_stages(steps, lr, seq_len) and the fields it sets; "small" is TrainConfig's
+# defaults.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "stages": (40, 1e-2, 64),
+        "batch_size": 8,
+        "eval_every": 20,
+        "eval_windows": 8,
+        "ckpt_every": 20,
+        "rg_every": 5,
+        "data": {"max_bytes_per_domain": 300_000, "tokenizer_sample_bytes": 100_000},
+    },
+    "small": {"stages": (400, 3e-3, 128)},
+    "base": {
+        "stages": (5000, 1.5e-3, 512),
+        "batch_size": 32,
+        "eval_every": 250,
+        "eval_windows": 32,
+        "ckpt_every": 500,
+        "rg_every": 50,
+        "bf16": True,
+        "data": {"max_bytes_per_domain": 20_000_000, "tokenizer_sample_bytes": 4_000_000},
+    },
+}
+
+
 def train_preset(name: str, **overrides) -> TrainConfig:
     """The TrainConfig that goes with each model preset.
 
     - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
     - small: the main job; 2 stages, ~10 minutes on two CPU cores (steps measured: README results).
     - base: one GPU; bf16, longer sequences."""
-    if name == "tiny":
-        cfg = TrainConfig(
-            stages=default_stages(40, 1e-2, 64),
-            batch_size=8,
-            eval_every=20,
-            eval_windows=8,
-            ckpt_every=20,
-            rg_every=5,
-            data=DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000),
-        )
-    elif name == "small":
-        cfg = TrainConfig(
-            stages=default_stages(400, 3e-3, 128),
-            batch_size=16,
-            eval_every=50,
-            eval_windows=16,
-            ckpt_every=100,
-            rg_every=10,
-        )
-    elif name == "base":
-        cfg = TrainConfig(
-            stages=default_stages(5000, 1.5e-3, 512),
-            batch_size=32,
-            eval_every=250,
-            eval_windows=32,
-            ckpt_every=500,
-            rg_every=50,
-            bf16=True,
-            data=DataConfig(max_bytes_per_domain=20_000_000, tokenizer_sample_bytes=4_000_000),
-        )
-    else:
-        raise ValueError(f"preset={name!r} is not allowed: it must be one of ['base', 'small', 'tiny']")
+    if name not in _PRESETS:
+        raise ValueError(f"preset={name!r} is not allowed: it must be one of {sorted(_PRESETS)}")
+    preset = dict(_PRESETS[name])
+    cfg = TrainConfig(stages=default_stages(*preset.pop("stages")), **preset)
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
@@ -287,6 +283,11 @@ def stage_at(stages: Sequence[StageConfig], step: int) -> tuple[int, int]:
             return i, step - start
         start += s.steps
     return len(stages) - 1, stages[-1].steps - 1
+
+
+def every(n: int, step: int) -> bool:
+    """Whether the 1-based optimizer step `step` is one of an every-`n`-steps schedule (`n=0`: never)."""
+    return bool(n) and step % n == 0
 
 
 def lr_at(stages: Sequence[StageConfig], step: int) -> float:

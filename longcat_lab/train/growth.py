@@ -8,7 +8,7 @@
   s = n_target / n_proxy, the embedding keeps the proxy's init variance and LR, while hidden and unembedding
   matrices take sigma^2 / s and eta / s. `transfer_hparams` states the rule; `init_with_transfer` and
   `param_groups` apply it to a model and an optimizer (the model's `initializer_range` and the stage LRs being the
-  proxy's tuned values).
+  proxy's tuned values); `adamw` is the trainer's optimizer over those groups.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from longcat_lab._util import is_number
 from longcat_lab.model.model import LongCatLM
+from longcat_lab.train.config import TrainConfig, lr_at
 
 KINDS = ("embedding", "hidden", "unembedding")
 
@@ -78,6 +79,18 @@ def param_groups(model: LongCatLM, width_factor: float = 1.0, weight_decay: floa
     return list(groups.values())
 
 
+def adamw(model: LongCatLM, cfg: TrainConfig, width_factor: float = 1.0) -> torch.optim.AdamW:
+    """The trainer's optimizer: AdamW over `param_groups` with `cfg`'s betas, eps and weight decay, starting at the
+    schedule's first LR."""
+    return torch.optim.AdamW(
+        param_groups(model, width_factor=width_factor, weight_decay=cfg.weight_decay),
+        lr=lr_at(cfg.stages, 0),
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
 @torch.no_grad()
 def grow_depth(model: LongCatLM, factor: int = 2) -> LongCatLM:
     """A new model with num_layers * factor layers: layer i is a copy of the source's layer i mod L (weights, expert
@@ -94,4 +107,4 @@ def grow_depth(model: LongCatLM, factor: int = 2) -> LongCatLM:
     return grown.train(model.training)
 
 
-__all__ = ["KINDS", "param_kind", "transfer_hparams", "init_with_transfer", "param_groups", "grow_depth"]
+__all__ = ["KINDS", "param_kind", "transfer_hparams", "init_with_transfer", "param_groups", "adamw", "grow_depth"]

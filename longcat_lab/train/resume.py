@@ -1,6 +1,7 @@
-"""What a checkpoint holds of a `Trainer` beyond the model, and how it is put back: `trainer_state` (optimizer,
-schedule, controller, data position, RNG, alert state, counters, the routers' pending counts), `config_diffs` (what
-a resume may not change), `restore` and `init_from` (growth init, docs/design.md §4).
+"""What a checkpoint holds of a `Trainer` beyond the model, and how it is written and put back: `trainer_state`
+(optimizer, schedule, controller, data position, RNG, alert state, counters, the routers' pending counts),
+`save_checkpoint`, `config_diffs` (what a resume may not change), `restore` and `init_from` (growth init,
+docs/design.md §4).
 
 A resume reproduces an uninterrupted run bit for bit because everything that the next step reads is in here.
 """
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from longcat_lab.train import checkpoint, growth
-from longcat_lab.train.config import lr_at
+from longcat_lab.train.config import lr_at, stage_at
 from longcat_lab.train.telemetry import to_json
 
 if TYPE_CHECKING:
@@ -104,6 +105,32 @@ def trainer_state(t: Trainer) -> dict[str, Any]:
     }
 
 
+def save_checkpoint(t: Trainer) -> Path:
+    """Write the checkpoint of `t` at its current step (model, tokenizer, both configs, `trainer_state` and a
+    summary in meta), keeping the newest `keep_checkpoints`; returns its folder."""
+    stage = t.cfg.stages[stage_at(t.cfg.stages, max(0, t.steps_done - 1))[0]]
+    meta = {
+        "seed": t.cfg.seed,
+        "stage": stage.name,
+        "tokens_seen": t.tokens_seen,
+        "val_loss": t.val_loss,
+        "val_loss_step": t.val_step,
+        "data_key": t.dataset.key,
+        "total_steps": t.cfg.total_steps,
+        "num_params": t.model.num_params(),
+    }
+    return checkpoint.save(
+        t.run_dir,
+        t.steps_done,
+        t.model,
+        t.dataset.tokenizer,
+        t.cfg.to_dict(),
+        trainer_state(t),
+        meta,
+        keep=t.cfg.keep_checkpoints,
+    )
+
+
 def restore(t: Trainer, ckpt: Path) -> None:
     """Load the model and `trainer_state` of checkpoint `ckpt` into `t` (its configs were compared already)."""
     checkpoint.load_model_state(t.model, ckpt)
@@ -140,4 +167,4 @@ def init_from(t: Trainer, source: str) -> None:
         t.tokens_seen = st["counters"]["tokens_seen"]
 
 
-__all__ = ["RESUME_FREE_FIELDS", "config_diffs", "trainer_state", "restore", "init_from"]
+__all__ = ["RESUME_FREE_FIELDS", "config_diffs", "trainer_state", "save_checkpoint", "restore", "init_from"]

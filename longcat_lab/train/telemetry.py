@@ -1,5 +1,6 @@
 """What a training run reports: the metrics row of each step, throughput and MFU, memory, alerts, and the
-`metrics.jsonl` file they go to (`Telemetry` writes it, `read_metrics` reads it back).
+`metrics.jsonl` file they go to (`Telemetry` writes it, `read_metrics` reads it back), and the progress bar
+(`ProgressBar`).
 
 `run_dir/metrics.jsonl` gets one JSON object per line (non-finite floats written as null):
 - `kind="train"`, one per optimizer step: step, stage, loss (LM + aux), lm_loss, balance_loss, hidden_z_loss,
@@ -31,7 +32,7 @@ from longcat_lab.perf import accounting
 from longcat_lab.train.config import TrainConfig
 
 if TYPE_CHECKING:
-    from longcat_lab.train.trainer import StepResult
+    from longcat_lab.train.step import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,17 @@ class Telemetry:
         if self.callback is not None:
             self.callback(row)
 
+    def write_eval(self, step: int, val_loss: dict[str, float]) -> None:
+        """The `kind="eval"` row: the validation loss per domain and its mean."""
+        self.write(
+            {
+                "kind": "eval",
+                "step": step,
+                "val_loss": val_loss,
+                "val_loss_mean": sum(val_loss.values()) / len(val_loss),
+            }
+        )
+
     def truncate(self, upto: int) -> None:
         """On resume: keep the rows of steps <= `upto`, so steps that are redone are not logged twice."""
         if not self.path.is_file():
@@ -254,6 +266,30 @@ class Telemetry:
         }
 
 
+class ProgressBar:
+    """A run's tqdm bar from step `initial` to `total`, showing the latest loss, FFN experts per token and LR
+    (`enabled=False`: drawn nowhere). A context manager: the bar closes on the way out."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan",
+            ffn=f"{row['ffn_experts_per_token'] or 0:.2f}",
+            lr=f"{row['lr']:.2e}",
+        )
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The rows of a run's `metrics.jsonl` (a run folder or the file itself), optionally only those of one kind
     ("train", "eval", "start"). A last line that does not parse is skipped, since a trainer may be writing it right
@@ -285,4 +321,4 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
-__all__ = ["Telemetry", "read_metrics", "measure_matmul_flops", "memory_in_use", "to_json"]
+__all__ = ["Telemetry", "ProgressBar", "read_metrics", "measure_matmul_flops", "memory_in_use", "to_json"]

@@ -4,8 +4,9 @@ telemetry, checkpoints that resume bit for bit, skipped non-finite steps and a d
 - `train(model_config, train_config, out_dir, resume=False, progress=True, callback=None) -> TrainResult`: the
   entry point; `callback(row)` receives every metrics row as it is written (live plots: `viz.training.LivePlot`).
 - `Trainer`: one run. Its constructor builds everything (data, model, optimizer, controller, sampler, telemetry)
-  and, with `resume=True`, restores the newest checkpoint; `step()` takes one optimizer step and returns a
-  `StepResult`, which `Telemetry.row` turns into the metrics row; `run()` loops, evaluates and saves.
+  and, with `resume=True`, restores the newest checkpoint; `step()` takes one optimizer step (its forward and
+  backward and the SDC re-run are `train.step`'s) and returns a `StepResult`, which `Telemetry.row` turns into the
+  metrics row; `run()` loops, evaluates and saves (checkpoint contents: `train.resume`).
 - `TrainResult` (run_dir, model, tokenizer, dataset, step, val_loss, checkpoint, counters; `.rows(kind)`),
   `TrainingError`.
 
@@ -22,6 +23,7 @@ multi-stage data, determinism and SDC checks (docs/design.md §3-4); growth init
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -37,43 +39,19 @@ from longcat_lab.data import Dataset, MixtureSampler, load_dataset
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.train import checkpoint, growth, metrics
-from longcat_lab.train.config import TrainConfig, lr_at, stage_at
+from longcat_lab.train.config import TrainConfig, every, lr_at, stage_at
 from longcat_lab.train.control import BiasController
 from longcat_lab.train.evaluation import evaluate
-from longcat_lab.train.losses import LOSS_KEYS, aux_losses
-from longcat_lab.train.resume import config_diffs, init_from, restore, trainer_state
-from longcat_lab.train.telemetry import Telemetry, read_metrics
+from longcat_lab.train.losses import LOSS_KEYS
+from longcat_lab.train.resume import config_diffs, init_from, restore, save_checkpoint
+from longcat_lab.train.step import StepResult, forward_backward, sdc_check
+from longcat_lab.train.telemetry import ProgressBar, Telemetry, read_metrics
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (too many non-finite steps, an incompatible resume); the message says why."""
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step measured; `Telemetry.row` adds throughput, memory and alerts."""
-
-    step: int  # optimizer steps done, this one included
-    stage_index: int
-    lr: float
-    losses: dict[str, float]  # loss (LM + aux), lm_loss and each of LOSS_KEYS, mean over micro-batches
-    grad_norm: float  # before clipping
-    skipped: bool  # non-finite loss or gradient: no update was made
-    tokens: int
-    tokens_seen: int
-    skipped_total: int
-    seconds: float  # wall time without the diagnostics (R_g, SDC re-run)
-    controller: dict[str, Any]  # BiasController.step()'s report ({} for a skipped step)
-    rg: float | None = None
-    router_cosine: list[float] | None = None
-    health: dict[str, Any] | None = None  # metrics.routing_health at R_g steps
-    sdc: dict[str, Any] | None = None
-
-    @property
-    def ffn_experts_per_token(self) -> float | None:
-        return self.controller.get("ffn_experts_per_token_mean")
 
 
 @dataclass
@@ -167,13 +145,7 @@ class Trainer:
         scale = model_config.hidden_size / cfg.proxy_hidden_size if cfg.proxy_hidden_size else 1.0
         growth.init_with_transfer(self.model, width_factor=scale, generator=torch.Generator().manual_seed(cfg.seed))
         self.model.to(self.device).train()
-        self.optimizer = torch.optim.AdamW(
-            growth.param_groups(self.model, width_factor=scale, weight_decay=cfg.weight_decay),
-            lr=lr_at(cfg.stages, 0),
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = growth.adamw(self.model, cfg, width_factor=scale)
         self.controller = BiasController(cfg.controller, self.model)
         self.sampler = MixtureSampler(self.dataset.train, seed=cfg.seed)
         self.telemetry = Telemetry(cfg, model_config, self.device, self.run_dir / "metrics.jsonl", callback)
@@ -200,67 +172,6 @@ class Trainer:
                 init_from(self, cfg.init_from)
 
     # One step --------------------------------------------------------------------------------------------------
-    def _forward_backward(self, batches, want_rg: bool):
-        """Forward and backward over the micro-batches; returns ([micro, 2 + len(LOSS_KEYS)] losses: total, LM,
-        aux...), R_g (or None), the seconds R_g took, and the last micro-batch's routing."""
-        cfg = self.cfg
-        parts, rg, rg_time, routing = [], None, 0.0, None
-        for i, (x, y) in enumerate(batches):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                _, lm_loss, routing = self.model(x, y, return_routing=True, validate=False)
-                aux = aux_losses(routing, cfg.losses, self.mc, self.controller.target)
-            loss = lm_loss + sum(aux[k] for k in LOSS_KEYS)
-            if want_rg and i == 0:
-                t = time.perf_counter()
-                rg = metrics.balance_grad_ratio(lm_loss, aux["balance_loss"], routing)
-                rg_time = time.perf_counter() - t
-            (loss / cfg.grad_accum).backward()
-            parts.append(
-                torch.stack(
-                    [loss.detach().float(), lm_loss.detach().float(), *(aux[k].detach().float() for k in LOSS_KEYS)]
-                )
-            )
-        return torch.stack(parts), rg, rg_time, routing
-
-    def _sdc_check(self, batches, losses: torch.Tensor, counts_before: list[torch.Tensor]) -> dict[str, Any]:
-        """Re-run this step's forward and backward from the same state and compare bit for bit (docs/design.md §4,
-        SDC). The routers' counts and the first run's gradients are restored afterwards: nothing counts twice."""
-        blocks = self.model.moe_blocks()
-        counts_after = [b.router.expert_counts.clone() for b in blocks]
-        grads = [p.grad.clone() if p.grad is not None else None for p in self.params]
-        for b, c in zip(blocks, counts_before):
-            b.router.expert_counts.copy_(c)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses2, _, _, _ = self._forward_backward(batches, want_rg=False)
-        loss_match = torch.equal(losses, losses2)
-        grad_mismatch, max_diff = 0, 0.0
-        for p, g in zip(self.params, grads):
-            g2 = p.grad
-            if (g is None) != (g2 is None):
-                grad_mismatch += 1
-            elif g is not None and not torch.equal(g, g2):
-                grad_mismatch += 1
-                max_diff = max(max_diff, float((g - g2).abs().max()))
-            p.grad = g
-        for b, c in zip(blocks, counts_after):
-            b.router.expert_counts.copy_(c)
-        match = loss_match and grad_mismatch == 0
-        result = {
-            "match": match,
-            "loss_match": loss_match,
-            "grad_mismatches": grad_mismatch,
-            "max_grad_diff": max_diff,
-            "max_loss_diff": float((losses - losses2).abs().max()),
-        }
-        if not match:
-            self.sdc_mismatches += 1
-            log.warning(
-                "SDC check at step %d: re-running the step did not reproduce it bit for bit (%s)",
-                self.steps_done + 1,
-                result,
-            )
-        return result
-
     def step(self) -> StepResult:
         """One optimizer step: sample, forward and backward every micro-batch, clip, AdamW, controller update; a
         step with a non-finite loss or gradient is skipped (no update, its routing counts dropped)."""
@@ -276,14 +187,16 @@ class Trainer:
             x, y = self.sampler.batch(stage.mixture, cfg.batch_size, stage.seq_len)
             batches.append((x.to(self.device), y.to(self.device)))
         counts_before = [b.router.expert_counts.clone() for b in self.model.moe_blocks()]
-        want_rg = bool(cfg.rg_every) and (index + 1) % cfg.rg_every == 0 and bool(self.model.moe_blocks())
+        want_rg = every(cfg.rg_every, index + 1) and bool(self.model.moe_blocks())
         self.optimizer.zero_grad(set_to_none=True)
         # R_g's extra autograd pass and the SDC re-run are diagnostics: their time stays out of tokens/s and MFU.
-        losses, rg, diag_time, routing = self._forward_backward(batches, want_rg)
+        run = functools.partial(forward_backward, self.model, batches, cfg, self.mc, self.controller.target)
+        losses, rg, diag_time, routing = run(want_rg)
         sdc = None
-        if cfg.sdc_check_every and (index + 1) % cfg.sdc_check_every == 0:
+        if every(cfg.sdc_check_every, index + 1):
             t_sdc = time.perf_counter()
-            sdc = self._sdc_check(batches, losses, counts_before)
+            sdc = sdc_check(self.model, self.params, lambda: run(False)[0], losses, counts_before, index + 1)
+            self.sdc_mismatches += not sdc["match"]
             diag_time += time.perf_counter() - t_sdc
         values = dict(zip(("loss", "lm_loss", *LOSS_KEYS), losses.mean(0).tolist()))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
@@ -335,27 +248,7 @@ class Trainer:
 
     # The run ---------------------------------------------------------------------------------------------------
     def save(self) -> Path:
-        stage = self.cfg.stages[stage_at(self.cfg.stages, max(0, self.steps_done - 1))[0]]
-        meta = {
-            "seed": self.cfg.seed,
-            "stage": stage.name,
-            "tokens_seen": self.tokens_seen,
-            "val_loss": self.val_loss,
-            "val_loss_step": self.val_step,
-            "data_key": self.dataset.key,
-            "total_steps": self.cfg.total_steps,
-            "num_params": self.model.num_params(),
-        }
-        self.last_checkpoint = checkpoint.save(
-            self.run_dir,
-            self.steps_done,
-            self.model,
-            self.dataset.tokenizer,
-            self.cfg.to_dict(),
-            trainer_state(self),
-            meta,
-            keep=self.cfg.keep_checkpoints,
-        )
+        self.last_checkpoint = save_checkpoint(self)
         return self.last_checkpoint
 
     def run_eval(self) -> None:
@@ -363,14 +256,7 @@ class Trainer:
             self.model, self.dataset, self.eval_seq_len, self.cfg.eval_windows, self.cfg.batch_size, self.cfg.bf16
         )
         self.val_step = self.steps_done
-        self.telemetry.write(
-            {
-                "kind": "eval",
-                "step": self.steps_done,
-                "val_loss": self.val_loss,
-                "val_loss_mean": sum(self.val_loss.values()) / len(self.val_loss),
-            }
-        )
+        self.telemetry.write_eval(self.steps_done, self.val_loss)
 
     def run(self) -> TrainResult:
         """Train to the end of the schedule (or `stop_after`), evaluating and saving on the way; every run ends
@@ -389,19 +275,11 @@ class Trainer:
                 "data_filter": self.dataset.report,
             }
         )
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=self.steps_done, disable=not self.progress, desc="train", dynamic_ncols=True)
-        try:
+        with ProgressBar(total, self.steps_done, self.progress) as bar:
             while self.steps_done < end:
                 row = self.telemetry.row(self.step())
                 self.telemetry.write(row)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}" if row["loss"] is not None else "nan",
-                    ffn=f"{row['ffn_experts_per_token'] or 0:.2f}",
-                    lr=f"{row['lr']:.2e}",
-                )
+                bar.update(row)
                 if self.consecutive_skips >= cfg.max_consecutive_skips:
                     where = (
                         f"the last good checkpoint is {self.last_checkpoint}"
@@ -414,12 +292,10 @@ class Trainer:
                         f"(max_consecutive_skips={cfg.max_consecutive_skips}); {where}"
                     )
                 last = self.steps_done == end
-                if last or (cfg.eval_every and self.steps_done % cfg.eval_every == 0):
+                if last or every(cfg.eval_every, self.steps_done):
                     self.run_eval()
-                if last or (cfg.ckpt_every and self.steps_done % cfg.ckpt_every == 0):
+                if last or every(cfg.ckpt_every, self.steps_done):
                     self.save()
-        finally:
-            bar.close()
         if self.last_checkpoint is None or checkpoint.step_dir_name(self.steps_done) != self.last_checkpoint.name:
             # Nothing to train (already at the end) but no checkpoint at this step: write one, as every run does.
             if self.val_step != self.steps_done:
@@ -490,4 +366,4 @@ def train(
         return Trainer(model_config, train_config, out_dir, resume, progress, callback).run()
 
 
-__all__ = ["Trainer", "StepResult", "TrainResult", "TrainingError", "train", "resolve_device"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "train", "resolve_device"]

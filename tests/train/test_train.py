@@ -34,7 +34,8 @@ from longcat_lab.train import (
 )
 from longcat_lab.train.config import lr_at
 from longcat_lab.train.overrides import settable_fields
-from longcat_lab.train.trainer import StepResult, Trainer, _check_token_streams
+from longcat_lab.train.step import StepResult
+from longcat_lab.train.trainer import Trainer, _check_token_streams
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "tiny_20_steps.json"
 COMPARED = (

@@ -1,0 +1,124 @@
+"""The pieces of one optimizer step that `Trainer.step` puts together: `forward_backward` (every micro-batch's
+forward and backward, its losses and R_g), `sdc_check` (the same step re-run from the same state and compared bit
+for bit, docs/design.md §4 "SDC") and `StepResult`, what the step measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longcat_lab.model.config import ModelConfig
+from longcat_lab.model.model import LongCatLM
+from longcat_lab.train import metrics
+from longcat_lab.train.config import TrainConfig
+from longcat_lab.train.losses import LOSS_KEYS, aux_losses
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured; `Telemetry.row` adds throughput, memory and alerts."""
+
+    step: int  # optimizer steps done, this one included
+    stage_index: int
+    lr: float
+    losses: dict[str, float]  # loss (LM + aux), lm_loss and each of LOSS_KEYS, mean over micro-batches
+    grad_norm: float  # before clipping
+    skipped: bool  # non-finite loss or gradient: no update was made
+    tokens: int
+    tokens_seen: int
+    skipped_total: int
+    seconds: float  # wall time without the diagnostics (R_g, SDC re-run)
+    controller: dict[str, Any]  # BiasController.step()'s report ({} for a skipped step)
+    rg: float | None = None
+    router_cosine: list[float] | None = None
+    health: dict[str, Any] | None = None  # metrics.routing_health at R_g steps
+    sdc: dict[str, Any] | None = None
+
+    @property
+    def ffn_experts_per_token(self) -> float | None:
+        return self.controller.get("ffn_experts_per_token_mean")
+
+
+def forward_backward(
+    model: LongCatLM,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    model_config: ModelConfig,
+    target: float,
+    want_rg: bool,
+):
+    """Forward and backward over the micro-batches (gradients accumulate, each scaled by 1 / grad_accum); returns
+    ([micro, 2 + len(LOSS_KEYS)] losses: total, LM, aux...), R_g (or None), the seconds R_g took, and the last
+    micro-batch's routing. `target` is the controller's FFN-experts target the balance loss aims at."""
+    parts, rg, rg_time, routing = [], None, 0.0, None
+    for i, (x, y) in enumerate(batches):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            _, lm_loss, routing = model(x, y, return_routing=True, validate=False)
+            aux = aux_losses(routing, cfg.losses, model_config, target)
+        loss = lm_loss + sum(aux[k] for k in LOSS_KEYS)
+        if want_rg and i == 0:
+            t = time.perf_counter()
+            rg = metrics.balance_grad_ratio(lm_loss, aux["balance_loss"], routing)
+            rg_time = time.perf_counter() - t
+        (loss / cfg.grad_accum).backward()
+        parts.append(
+            torch.stack(
+                [loss.detach().float(), lm_loss.detach().float(), *(aux[k].detach().float() for k in LOSS_KEYS)]
+            )
+        )
+    return torch.stack(parts), rg, rg_time, routing
+
+
+def sdc_check(
+    model: LongCatLM,
+    params: Sequence[torch.nn.Parameter],
+    rerun: Callable[[], torch.Tensor],
+    losses: torch.Tensor,
+    counts_before: list[torch.Tensor],
+    step: int,
+) -> dict[str, Any]:
+    """Re-run step `step` (`rerun()` repeats its forward and backward and returns its losses) from the state it
+    started in, `counts_before` being the routers' counts then, and compare the losses and the gradients of
+    `params` (every trained parameter) bit for bit. The routers' counts and the first run's gradients are restored
+    afterwards: nothing counts twice."""
+    blocks = model.moe_blocks()
+    counts_after = [b.router.expert_counts.clone() for b in blocks]
+    grads = [p.grad.clone() if p.grad is not None else None for p in params]
+    for b, c in zip(blocks, counts_before):
+        b.router.expert_counts.copy_(c)
+    for p in params:
+        p.grad = None
+    losses2 = rerun()
+    loss_match = torch.equal(losses, losses2)
+    grad_mismatch, max_diff = 0, 0.0
+    for p, g in zip(params, grads):
+        g2 = p.grad
+        if (g is None) != (g2 is None):
+            grad_mismatch += 1
+        elif g is not None and not torch.equal(g, g2):
+            grad_mismatch += 1
+            max_diff = max(max_diff, float((g - g2).abs().max()))
+        p.grad = g
+    for b, c in zip(blocks, counts_after):
+        b.router.expert_counts.copy_(c)
+    result = {
+        "match": loss_match and grad_mismatch == 0,
+        "loss_match": loss_match,
+        "grad_mismatches": grad_mismatch,
+        "max_grad_diff": max_diff,
+        "max_loss_diff": float((losses - losses2).abs().max()),
+    }
+    if not result["match"]:
+        log.warning("SDC check at step %d: re-running the step did not reproduce it bit for bit (%s)", step, result)
+    return result
+
+
+__all__ = ["StepResult", "forward_backward", "sdc_check"]
