@@ -25,9 +25,8 @@ import time
 
 import torch
 
-from longcat_lab import LongCatLM
 from longcat_lab.model import presets
-from longcat_lab.testing import SyntheticRouting
+from longcat_lab.testing import SyntheticRouting, random_model
 from longcat_lab.train.control import BiasController, ControllerConfig
 from longcat_lab.train.losses import LossConfig, aux_losses
 from longcat_lab.train.metrics import balance_grad_ratio, tracking_summary
@@ -93,9 +92,7 @@ def train_trace(
     """Train the tiny preset from a fixed init with this controller (and the aux losses when `loss_config` is
     given); per-step FFN experts per token, the last controller report, the last LM loss, and every `rg_every`
     steps (step, tangent R_g, raw R_g) of the balance loss."""
-    model = LongCatLM(presets.tiny()).to(device)
-    model.reset_parameters(torch.Generator(device=device).manual_seed(seed))
-    model.train()
+    model = random_model(presets.tiny(), seed, device=device, train=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     controller = BiasController(config, model)
     trace, ratios = [], []

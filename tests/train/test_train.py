@@ -21,6 +21,7 @@ import torch
 from longcat_lab import LongCatLM
 from longcat_lab.data import DataConfig
 from longcat_lab.model import presets
+from longcat_lab.testing import random_model
 from longcat_lab.train import (
     StageConfig,
     TrainConfig,
@@ -379,8 +380,7 @@ def test_config_errors_name_the_field():
 
 # Growth and width transfer -------------------------------------------------------------------------------------------
 def test_grow_depth_stacks_layers():
-    small = LongCatLM(presets.tiny())
-    small.reset_parameters(generator=torch.Generator().manual_seed(1))
+    small = random_model(presets.tiny(), seed=1, train=True)
     small.moe_blocks()[1].router.e_score_correction_bias.fill_(0.5)
     big = growth.grow_depth(small, 2)
     assert big.config.num_layers == 4 and big.config.replace(num_layers=2) == small.config
