@@ -4,6 +4,7 @@ writes that readers never see half done. One home for each, so that error messag
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -40,6 +41,14 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
 
 
+SEED_LIMIT = 2**63  # torch and numpy generators take a signed 64-bit seed
+
+
+def check_seed(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer from 0 to 2**63 - 1")
+
+
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed: it must be one of {allowed}")
@@ -56,17 +65,48 @@ def from_known_fields(cls, data: dict[str, Any]):
 
 
 # Atomic writes -------------------------------------------------------------------------------------------------
+# A rename is atomic but not durable: without an fsync of the file before it and of the folder after it, a power
+# loss can leave the new name pointing at a file whose bytes never reached the disk. So every rename below is
+# fenced by fsyncs (docs/design.md §12).
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder bottom-up, so the tree is on disk before it is renamed."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
+    """Write to a temporary file beside `path`, fsync it, rename it over `path` and fsync the folder: readers see
+    the old file or the whole new one, and after a crash the disk holds one of the two."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -75,7 +115,10 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename the complete folder `src` to `dst`; an old `dst` is moved aside first and deleted only afterwards."""
+    """Rename the complete folder `src` to `dst` (its files fsynced first, the parent folder after); an old `dst`
+    is moved aside first and deleted only afterwards."""
+    src, dst = Path(src), Path(dst)
+    fsync_tree(src)
     old = None
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
@@ -86,5 +129,25 @@ def replace_dir(src: Path, dst: Path) -> None:
         if old is not None:  # put the old folder back
             os.replace(old / dst.name, dst)
         raise
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def os_error_line(err: OSError, what: str = "path") -> str:
+    """One line for an OSError: the path, what went wrong and what to do about it."""
+    where = err.filename if err.filename is not None else "?"
+    reason = err.strerror or type(err).__name__
+    hints = {
+        errno.ENOSPC: "free some space (or choose another place), then run again",
+        errno.EDQUOT: "free some space (or choose another place), then run again",
+        errno.EACCES: f"choose a {what} you may write to",
+        errno.EPERM: f"choose a {what} you may write to",
+        errno.EROFS: f"choose a {what} on a writable file system",
+        errno.ENOTDIR: f"a file stands where a folder is expected; choose another {what}",
+        errno.EEXIST: f"a file stands where a folder is expected; choose another {what}",
+        errno.EISDIR: f"a folder stands where a file is expected; choose another {what}",
+        errno.ENOENT: f"check the {what}",
+    }
+    hint = hints.get(err.errno, "check the path and the disk")
+    return f"{where}: {reason}; {hint}"

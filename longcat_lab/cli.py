@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -18,16 +20,17 @@ def run_notebooks(out: Path, smoke: bool, only: list[str] | None = None) -> None
     if not paths:
         raise SystemExit(f"no notebooks found under {root}")
     out.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        print(f"[longcat-lab] executing {path.name} (smoke={smoke}) -> {out / path.name}", flush=True)
-        papermill.execute_notebook(
+    for n, path in enumerate(paths, 1):
+        print(f"[longcat-lab] {n}/{len(paths)} {path.name} (smoke={smoke})", flush=True)
+        papermill.execute_notebook(  # its progress bar counts the cells
             str(path),
             str(out / path.name),
             kernel_name="python3",
             parameters={"smoke": smoke},
             cwd=str(root),
-            progress_bar=False,
+            progress_bar=True,
         )
+    print(f"[longcat-lab] executed {len(paths)} notebooks into {out.resolve()}: open them with `jupyter lab {out}`")
 
 
 # train and sample ------------------------------------------------------------------------------------------------
@@ -43,16 +46,45 @@ def report_samples(model, tokenizer, val_texts: dict[str, list[str]], max_new_to
             prompt = doc[: doc.index("Step 1:") + len("Step 1:")] if "Step 1:" in doc else doc[:80]
         else:
             prompt = doc[: doc.rfind("\n", 0, 120) + 1] or doc[:80]
-        text = sample_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, seed=seed)
+        room = model.config.max_position_embeddings - len(tokenizer.encode(prompt).ids)
+        new = min(max_new_tokens, room)  # the report's own prompt must not make a valid --samples fail
+        text = sample_text(model, tokenizer, prompt, max_new_tokens=new, temperature=0.8, seed=seed)
         out.append(f"--- {domain} (prompt: {len(prompt)} chars) ---\n{text}")
     return out
 
 
+def check_out_dir(out: str) -> Path:
+    """`--out` as a Path, refused (one line) unless a run folder can be made or written there: checked before any
+    work, so that a bad path never costs a training run."""
+    if not out.strip():
+        raise ValueError(f"--out={out!r} is not allowed: it must name a run folder, e.g. --out runs/tiny")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out={out!r} is not allowed: it is a file; choose a folder")
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # the nearest part of the path that exists
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"--out={out!r} is not allowed: {probe} is a file, so no folder can be made under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={out!r} is not allowed: {probe} is not writable; choose a folder you may write to")
+    return path
+
+
 def run_train(args) -> None:
     import longcat_lab.data as data
+    from longcat_lab._util import check_int, check_seed
     from longcat_lab.model import presets
     from longcat_lab.train import apply_overrides, train, train_preset
+    from longcat_lab.train.trainer import check_runtime
 
+    # Every argument is checked before any work starts.
+    if args.steps is not None:
+        check_int("--steps", args.steps)
+    check_int("--samples", args.samples, 0)
+    if args.seed is not None:
+        check_seed("--seed", args.seed)
+    args.out = check_out_dir(args.out)
     model_config = presets.get(args.preset)
     train_config = train_preset(args.preset)
     if args.steps is not None:
@@ -61,6 +93,12 @@ def run_train(args) -> None:
     if args.seed is not None:
         sets.append(f"train.seed={args.seed}")
     model_config, train_config = apply_overrides(model_config, train_config, sets)
+    check_runtime(train_config)
+    if args.samples >= model_config.max_position_embeddings:
+        raise ValueError(
+            f"--samples={args.samples} is not allowed: it must be below max_position_embeddings="
+            f"{model_config.max_position_embeddings}"
+        )
     print(
         f"[longcat-lab] training preset {args.preset!r} ({train_config.total_steps} steps) into {args.out}"
         f"{' (resuming if a checkpoint exists)' if args.resume else ''}",
@@ -78,11 +116,26 @@ def run_train(args) -> None:
         val_texts = {d: [doc.text for doc in docs] for d, docs in data.corpora(train_config.data).val.items()}
         for block in report_samples(result.model, result.tokenizer, val_texts, args.samples, train_config.seed):
             print(block)
+    level = ("cheap" if args.preset == "tiny" else "full") if args.eval == "auto" else args.eval
+    if level != "none":
+        from longcat_lab.eval.suite import evaluate_checkpoint, format_table
+
+        report, path = evaluate_checkpoint(result.checkpoint, level)
+        print(f"[longcat-lab] evaluator ({level}, {report['seconds']:.0f} s; written to {path}):")
+        print(format_table(report))
 
 
 def run_sample(args) -> None:
+    from longcat_lab._util import check_int, check_nonnegative, check_seed
     from longcat_lab.train import checkpoint, sample_text
 
+    check_int("--max-new-tokens", args.max_new_tokens, 0)
+    check_nonnegative("--temperature", args.temperature)
+    if not (0 < args.top_p <= 1):
+        raise ValueError(f"--top-p={args.top_p!r} is not allowed: it must be in (0, 1]")
+    check_seed("--seed", args.seed)
+    if not args.prompt:
+        raise ValueError("--prompt='' is not allowed: it must be a non-empty string")
     model, tokenizer, meta = checkpoint.load(args.ckpt)
     print(
         sample_text(
@@ -101,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longcat-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a preset on the built-in data (Shakespeare, Python source, reasoning)")
-    tr.add_argument("--preset", choices=("tiny", "small", "base"), default="small")
-    tr.add_argument("--out", type=Path, required=True, help="run folder: metrics.jsonl and checkpoints/")
+    tr.add_argument("--preset", choices=("tiny", "mini", "small", "base"), default="small")
+    tr.add_argument("--out", required=True, help="run folder: metrics.jsonl and checkpoints/ (one writer at a time)")
     tr.add_argument("--steps", type=int, help="total optimizer steps (stages are rescaled)")
     tr.add_argument(
         "--resume",
@@ -125,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="after training, print one N-token sample per domain (0: none)",
     )
+    tr.add_argument(
+        "--eval",
+        choices=("auto", "full", "cheap", "none"),
+        default="auto",
+        help="evaluator table at the end (longcat-lab eval); auto: full, cheap for the tiny preset",
+    )
     sa = sub.add_parser("sample", help="sample text from a checkpoint (or the newest one of a run folder)")
     sa.add_argument("--ckpt", type=Path, required=True)
     sa.add_argument("--prompt", required=True)
@@ -132,13 +191,40 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--top-p", type=float, default=0.95)
     sa.add_argument("--seed", type=int, default=0)
+    from longcat_lab.eval import cli as eval_cli
+    from longcat_lab.experiments import cli as sweep_cli
+    from longcat_lab.synth import cli as synth_cli
+
+    eval_cli.add_parser(sub)
+    sweep_cli.add_parser(sub)
+    synth_cli.add_parser(sub)
     nb = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill")
     nb.add_argument("--out", type=Path, default=Path("build/notebooks"), help="folder for the executed copies")
     nb.add_argument("--smoke", action="store_true", help="run each notebook's fast smoke configuration")
     nb.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 01 03")
+    fg = sub.add_parser("figures", help="render the README's figures to PNG (plotly static export, system Chromium)")
+    fg.add_argument("--out", type=Path, default=Path("docs/figures"), help="folder for the PNGs")
     args = parser.parse_args(argv)
     if args.command == "notebooks":
         run_notebooks(args.out, args.smoke, args.only)
+    elif args.command == "figures":
+        from longcat_lab.viz.gallery import render
+
+        print(*(f"[longcat-lab] wrote {p}" for p in render(args.out)), sep="\n")
+    elif args.command == "synth":
+        try:
+            synth_cli.run(args)
+        except ValueError as err:
+            print(f"longcat-lab synth: error: {err}", file=sys.stderr)
+            return 2
+    elif args.command in ("eval", "sweep"):
+        from longcat_lab.train.checkpoint import CheckpointError
+
+        try:
+            (eval_cli if args.command == "eval" else sweep_cli).run(args)
+        except (ValueError, CheckpointError) as err:
+            print(f"longcat-lab {args.command}: error: {err}", file=sys.stderr)
+            return 2
     elif args.command in ("train", "sample"):
         from longcat_lab.train import TrainingError
         from longcat_lab.train.checkpoint import CheckpointError
@@ -148,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TrainingError, CheckpointError) as err:
             # One line naming the field, value or file; tracebacks are for bugs, not for bad input.
             print(f"longcat-lab {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # a full disk, a read-only place, a file where a folder should be
+            from longcat_lab._util import os_error_line
+
+            line = os_error_line(err, "--out" if args.command == "train" else "--ckpt")
+            if args.command == "train" and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                line += " with --resume (the checkpoints already written are kept)"
+            print(f"longcat-lab {args.command}: error: {line}", file=sys.stderr)
             return 2
     return 0
 

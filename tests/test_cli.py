@@ -83,7 +83,7 @@ def test_resume_from_damaged_checkpoint_names_the_file(base_args, tmp_path, caps
     weights = tmp_path / "checkpoints" / "step_000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     assert main(["train", "--out", str(tmp_path), *base_args, "--samples", "0", "--steps", "2", "--resume"]) == 2
-    assert "model.safetensors: truncated" in one_line_error(capsys)
+    assert "none of its checkpoints verifies" in one_line_error(capsys)
 
 
 def test_sample(trained, capsys):
@@ -98,3 +98,65 @@ def test_sample(trained, capsys):
 def test_notebooks_subcommand_still_answers():
     with pytest.raises(SystemExit, match="no notebooks found"):
         main(["notebooks", "--only", "zz_no_such_notebook"])
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--samples", "-1"], "--samples=-1 is not allowed"),
+        (["--samples", "600"], "--samples=600 is not allowed: it must be below max_position_embeddings=512"),
+        (["--seed", str(2**63)], "--seed=9223372036854775808 is not allowed"),
+        (["--set", "num_threads=100000"], "num_threads=100000 is not allowed"),
+        (["--set", "device=cuda:99"], "device='cuda:99' is not allowed"),
+        (["--steps", "0"], "--steps=0 is not allowed"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(base_args, tmp_path, capsys, extra, words):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *base_args, *extra]) == 2
+    assert words in one_line_error(capsys)
+    assert not out.exists(), "nothing is written before the arguments are checked"
+
+
+def test_bad_out_is_one_line(base_args, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out, words in (
+        ("", "--out='' is not allowed"),
+        ("  ", "--out='  ' is not allowed"),
+        (str(a_file), "it is a file; choose a folder"),
+        (str(a_file / "sub"), "is a file, so no folder can be made under it"),
+    ):
+        assert main(["train", "--out", out, *base_args]) == 2
+        assert words in one_line_error(capsys)
+    assert a_file.read_text() == "keep me"
+    monkeypatch.chdir(tmp_path)  # an empty --out must never mean the current folder
+    assert main(["train", "--out", "", *base_args]) == 2 and not (tmp_path / "metrics.jsonl").exists()
+    capsys.readouterr()
+
+
+def test_os_errors_are_one_line_naming_the_path(base_args, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import longcat_lab.train.lock as lock
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run" / ".writer.lock"))
+
+    monkeypatch.setattr(lock.RunLock, "acquire", refuse)  # as where the folder turns read-only after the checks
+    assert main(["train", "--out", str(tmp_path / "run"), *base_args, "--samples", "0"]) == 2
+    err = one_line_error(capsys)
+    assert ".writer.lock: Permission denied; choose a --out you may write to" in err
+
+
+def test_sample_edge_values(trained, capsys):
+    assert main(["sample", "--ckpt", str(trained), "--prompt", "def f(", "--max-new-tokens", "511"]) == 2
+    err = one_line_error(capsys)
+    assert "the prompt is" in err and "max_new_tokens=511" in err and "max_position_embeddings=512" in err
+    for extra in (["--temperature", "1e-40"], ["--top-p", "1e-300"]):
+        assert main(["sample", "--ckpt", str(trained), "--prompt", "To be", "--max-new-tokens", "3", *extra]) == 0
+        assert capsys.readouterr().out.startswith("To be")
+    assert main(["sample", "--ckpt", str(trained), "--prompt", "x", "--seed", str(2**63)]) == 2
+    assert "--seed=9223372036854775808 is not allowed" in one_line_error(capsys)
+    assert main(["sample", "--ckpt", str(trained), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "--top-p=0.0 is not allowed" in one_line_error(capsys)

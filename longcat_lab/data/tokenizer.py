@@ -1,11 +1,17 @@
 """The byte-level BPE tokenizer (stage 4 of the pipeline, docs/design.md §4): trained with `tokenizers` on a bounded
-sample of the training split and cached on disk under a key of its inputs."""
+sample of the training split and cached on disk under a key of its inputs.
+
+Besides <|endoftext|> it holds the chat markers (`chat.SPECIAL_TOKENS`, docs/design.md §7) as single special
+tokens, at the last ids of the vocabulary. BPE training is greedy, so training `len(markers)` fewer merges gives a
+prefix of the merges a full-size training would learn: every other token keeps its id, only the rarest merges give
+way to the markers."""
 
 from __future__ import annotations
 
 import hashlib
 
 from longcat_lab._util import atomic_write_bytes, check_int
+from longcat_lab.chat.template import SPECIAL_TOKENS
 from longcat_lab.data.config import CACHE_VERSION, EOT, DataConfig, cache_root, digest
 from longcat_lab.data.corpora import Corpora, corpora
 
@@ -25,10 +31,11 @@ def tokenizer_sample(c: Corpora, sample_bytes: int) -> list[str]:
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE: digits split one per token first (as the paper's tokenizer), then GPT-2-style byte-level
-    pre-tokenisation, so every string encodes (no unknown token) and decoding round-trips exactly."""
+    pre-tokenisation, so every string encodes (no unknown token) and decoding round-trips exactly. The chat markers
+    take the last `len(SPECIAL_TOKENS)` ids; the text inside a chat string is split around them before BPE."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    check_int("vocab_size", vocab_size, 258)
+    check_int("vocab_size", vocab_size, 258 + len(SPECIAL_TOKENS))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -38,12 +45,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
         special_tokens=[EOT],
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 
 
@@ -53,12 +61,15 @@ def _tokenizer_key(texts: list[str], vocab_size: int) -> str:
     h = hashlib.sha256()
     for t in texts:
         h.update(hashlib.sha1(t.encode()).digest())
-    return digest(CACHE_VERSION, "bpe", vocab_size, tokenizers.__version__, h.hexdigest())[:20]
+    # The special-token list is part of the key: a tokenizer cached with other markers is never reused.
+    specials = [EOT, *SPECIAL_TOKENS]
+    return digest(CACHE_VERSION, "bpe", vocab_size, specials, tokenizers.__version__, h.hexdigest())[:20]
 
 
 def load_tokenizer(vocab_size: int = 4096, config: DataConfig | None = None, corpora_: Corpora | None = None):
     """The BPE tokenizer for `vocab_size` trained on this data config's sample: loaded from the cache when one with
-    the same key exists (key = vocabulary size, tokenizers version, the sample's hash), else trained and cached."""
+    the same key exists (key = vocabulary size, special tokens, tokenizers version, the sample's hash), else
+    trained and cached."""
     config = config or DataConfig()
     c = corpora_ or corpora(config)
     texts = tokenizer_sample(c, config.tokenizer_sample_bytes)

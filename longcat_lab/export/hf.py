@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from longcat_lab._util import json_bytes, replace_dir
+from longcat_lab.chat.template import chat_template
 from longcat_lab.model import presets
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
@@ -278,7 +279,8 @@ def save_hf(
     """Write `model` as a Hugging Face LongCat-Flash folder (config.json + model.safetensors) at `path`.
 
     With a `tokenizers.Tokenizer`, also tokenizer.json and a tokenizer_config.json that `AutoTokenizer` (and so
-    vLLM and SGLang) read; `eos_token` (e.g. "<|endoftext|>") then becomes the model's end-of-sequence token.
+    vLLM and SGLang) read, carrying the LongCat chat template; `eos_token` (e.g. "<|endoftext|>") then becomes the
+    model's end-of-sequence token.
     Written atomically: everything goes to a temporary folder beside `path`, which is then renamed, so a crash
     leaves either no folder or a complete one. An existing `path` is replaced only with overwrite=True."""
     if not isinstance(model, LongCatLM):
@@ -311,6 +313,8 @@ def save_hf(
                 "eos_token": eos_token,
                 "model_max_length": model.config.max_position_embeddings,
                 "clean_up_tokenization_spaces": False,
+                # apply_chat_template on the folder gives exactly chat.render's string (docs/design.md §7).
+                "chat_template": chat_template(),
             }
             (tmp / TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         replace_dir(tmp, path)
@@ -320,26 +324,60 @@ def save_hf(
     return path
 
 
+def read_json_file(file: Path) -> Any:
+    """The JSON in `file`, or a one-line ValueError naming it (bad UTF-8, bad JSON, hostile nesting)."""
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text") from None
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{file} is not valid JSON ({str(err).splitlines()[0] if str(err) else 'too deep'})") from None
+
+
+def shard_files(path: Path, index: Path) -> list[Path]:
+    """The shard files that `index` names, each refused unless it is a plain file name inside `path` (an index
+    must not make the loader read files elsewhere)."""
+    data = read_json_file(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no 'weight_map' object naming the shard of each tensor")
+    names = set(weight_map.values())
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{index}: every 'weight_map' value must be a shard file name")
+    root = path.resolve()
+    files = []
+    for name in sorted(names):
+        file = path / name
+        if Path(name).is_absolute() or Path(name).name != name or not file.resolve().is_relative_to(root):
+            raise ValueError(f"{index} lists shard {name!r}, which is not a file inside {path}; refusing to read it")
+        if not file.is_file():
+            raise FileNotFoundError(f"{index} lists shard {name}, which is missing from {path}")
+        files.append(file)
+    return files
+
+
 def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder: model.safetensors, or the shards listed in model.safetensors.index.json."""
+    """All tensors of a folder: model.safetensors, or the shards listed in model.safetensors.index.json. A file
+    that safetensors cannot read, or a tensor with a NaN or an infinity, is a ValueError naming it."""
     single, index = path / WEIGHTS_NAME, path / WEIGHTS_INDEX_NAME
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object naming the shard of each tensor")
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{index} lists shard {file.name}, which is missing from {path}")
+        files = shard_files(path, index)
     else:
         raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
     tensors = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    tensors[key] = f.get_tensor(key)
+        except Exception as err:  # safetensors raises its own types for damaged headers and truncated data
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {first})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {key} holds NaN or infinite values; refusing to load it")
     return tensors
 
 
@@ -354,10 +392,7 @@ def load_hf(
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    data = read_json_file(config_file)
     if not isinstance(data, dict):
         raise ValueError(f"{config_file} holds a {type(data).__name__}, expected a JSON object")
     config = config_from_hf(data, str(config_file))

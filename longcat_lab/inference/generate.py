@@ -97,10 +97,16 @@ def sample_next(
     reaches top_p (always at least the most likely one). Returns [B, 1] token ids."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf (a
+    # near-greedy draw) instead of overflowing every logit to inf and the softmax to NaN.
+    logits = logits_BV.float()
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        # The most likely token always stays: a top_p below float32's smallest value would otherwise drop it too.
+        drop = mass_before >= top_p
+        drop[..., 0] = False
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)

@@ -61,6 +61,8 @@ class ModelConfig:
     initializer_range: float = 0.02
     # "scmoe" (the paper), or the ablation baselines "vanilla" (MoE after the second attention) and "dense".
     layer_style: str = "scmoe"
+    # MLA scale correction alpha_q, alpha_kv (docs/design.md §1.1); off only for the ablation of paper Fig. 5a.
+    mla_scale: bool = True
 
     def __post_init__(self) -> None:
         # Every size is a positive int (zero experts may be absent); every float is a finite positive number.
@@ -70,6 +72,8 @@ class ModelConfig:
                 check_int(f.name, value, 0 if f.name == "zero_expert_num" else 1)
             elif f.type == "float":
                 check_positive_float(f.name, value)
+            elif f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name}={value!r} is not allowed: it must be true or false")
         total = self.n_routed_experts + self.zero_expert_num
         if self.moe_topk > total:
             raise ValueError(
@@ -121,6 +125,8 @@ class ModelConfig:
             raise ValueError(f"{name} has dtype {ids.dtype}: expected an integer dtype such as torch.long")
         if ids.shape[1] == 0:
             raise ValueError(f"{name} has shape {tuple(ids.shape)}: the sequence is empty")
+        if ids.shape[0] == 0:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}: the batch is empty")
         limit = self.max_position_embeddings
         if past + ids.shape[1] > limit:
             raise ValueError(
@@ -131,6 +137,8 @@ class ModelConfig:
         if not low_ok or hi >= self.vocab_size:
             allowed = f"0..{self.vocab_size - 1}" + (f" (or {IGNORE_INDEX} to ignore)" if allow_ignore else "")
             raise ValueError(f"{name} holds token ids from {lo} to {hi}; allowed ids are {allowed}")
+        if allow_ignore and hi == IGNORE_INDEX:
+            raise ValueError(f"{name} ignores every position ({IGNORE_INDEX}): there is no target to take a loss on")
 
     # Serialisation ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

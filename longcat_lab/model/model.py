@@ -112,8 +112,9 @@ class MLA(nn.Module):
             c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
-        self.scale_q = math.sqrt(c.hidden_size / c.q_lora_rank)
-        self.scale_kv = math.sqrt(c.hidden_size / c.kv_lora_rank)
+        # mla_scale=False (the Fig. 5a ablation) multiplies by 1.0 instead, so every path keeps one code shape.
+        self.scale_q = math.sqrt(c.hidden_size / c.q_lora_rank) if c.mla_scale else 1.0
+        self.scale_kv = math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale else 1.0
         self.softmax_scale = c.qk_head_dim**-0.5
 
     def forward(

@@ -1,5 +1,6 @@
-"""Model presets as plain functions (like torchtitan's flavors): `tiny()` for tests, `small()` to train on a laptop
-CPU in minutes, `base()` for one GPU, and `released()`, the 560B LongCat-Flash config, for accounting only.
+"""Model presets as plain functions (like torchtitan's flavors): `tiny()` for tests, `mini()` for sweeps, `small()`
+to train on a laptop CPU in minutes, `base()` for one GPU, and `released()`, the 560B LongCat-Flash config, for
+accounting only.
 
 Each preset states only the fields in which it differs from `ModelConfig()`'s defaults (which are `small`), and
 every preset takes keyword overrides on top: `presets.tiny(layer_style="vanilla")`.
@@ -35,6 +36,32 @@ def tiny(**overrides: Any) -> ModelConfig:
             "zero_expert_num": 2,
             "moe_topk": 2,
             "expert_ffn_hidden_size": 32,
+            "max_position_embeddings": 512,
+        },
+        overrides,
+    )
+
+
+def mini(**overrides: Any) -> ModelConfig:
+    """Between tiny and small, for sweeps: one run of its train preset takes about a minute on two cores, so an
+    ablation with several variants and seeds fits in tens of minutes. N:Z = 2:1 and top-3, so K_e = 2."""
+    return _preset(
+        {
+            "vocab_size": 1024,
+            "hidden_size": 96,
+            "num_layers": 2,
+            "num_attention_heads": 4,
+            "q_lora_rank": 48,
+            "kv_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "head_dim": 8,
+            "ffn_hidden_size": 192,
+            "n_routed_experts": 8,
+            "zero_expert_num": 4,
+            "moe_topk": 3,
+            "expert_ffn_hidden_size": 48,
             "max_position_embeddings": 512,
         },
         overrides,
@@ -99,11 +126,12 @@ def released(**overrides: Any) -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "small": small, "base": base}
+PRESETS = {"tiny": tiny, "mini": mini, "small": small, "base": base}
 
 
 def get(name: str, **overrides: Any) -> ModelConfig:
-    """The preset called `name` ("tiny", "small" or "base"), with overrides; a clear error for an unknown name."""
+    """The preset called `name` ("tiny", "mini", "small" or "base"), with overrides; a clear error for an unknown
+    name."""
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is not allowed: it must be one of {sorted(PRESETS)}")
     return PRESETS[name](**overrides)

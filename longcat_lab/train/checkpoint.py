@@ -9,9 +9,12 @@ A run folder holds `checkpoints/step_000123/` folders, each with
 - `meta.json`          written last: step, seed, versions, validation loss, and the size and sha256 of every other
                        file, so a truncated or corrupted file is caught by name before anything is loaded.
 
-Writes go to a hidden temporary folder that is renamed into place, so a crash leaves the previous checkpoints and
-at most a stale temporary folder (removed by the next save); the last `keep` checkpoints are kept. Public API:
-`save`, `load` (model, tokenizer, meta), `latest`, `list_checkpoints`, `verify`, `read_trainer_state`,
+Writes go to a hidden temporary folder whose files are fsynced before it is renamed into place, so a crash (or a
+power loss) leaves the previous checkpoints and at most a stale temporary folder (removed by the next save); the
+last `keep` checkpoints are kept, older ones renamed out of sight before they are deleted, so a reader sees whole
+checkpoints only (docs/design.md §12). One process writes a run folder at a time (`train.lock`); readers need no
+lock. Public API: `save`, `load` (model, tokenizer, meta; from a run folder, the newest checkpoint that
+verifies), `latest`, `list_checkpoints`, `verify`, `newest_verified`, `move_aside`, `read_trainer_state`,
 `CheckpointError`.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
-from longcat_lab._util import check_int, json_bytes, replace_dir
+from longcat_lab._util import check_int, fsync_dir, json_bytes, replace_dir
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 
@@ -38,6 +43,7 @@ FILES = ("model.safetensors", "config.json", "train_config.json", "tokenizer.jso
 META = "meta.json"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -93,11 +99,12 @@ def save(
         )
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-*"):  # left by a crash during an earlier save
+    for stale in (*folder.glob(".tmp-*"), *folder.glob(".del-*")):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step_dir_name(step)}-", dir=folder))
     try:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        # Serialized here and written by Python, so a full disk is an OSError (ENOSPC) like any other write.
+        (tmp / "model.safetensors").write_bytes(save_bytes(state, metadata={"format": "pt"}))
         (tmp / "config.json").write_bytes(json_bytes(model.config.to_dict()))
         (tmp / "train_config.json").write_bytes(json_bytes(train_config))
         (tmp / "tokenizer.json").write_text(tokenizer.to_str())
@@ -117,8 +124,31 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return folder / step_dir_name(step)
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint folder without ever showing a half-deleted one: rename it out of sight, then delete."""
+    trash = ckpt.with_name(f".del-{ckpt.name}-{os.getpid()}")
+    try:
+        os.replace(ckpt, trash)
+    except OSError:
+        return  # already gone
+    fsync_dir(ckpt.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def move_aside(ckpt: str | os.PathLike) -> Path:
+    """Rename a damaged checkpoint folder to `corrupt_step_N[.k]` beside it (never deleted: its files may still be
+    worth a look), so that `latest` and `resume` no longer pick it; returns the new path."""
+    ckpt = Path(ckpt)
+    target, k = ckpt.with_name(f"corrupt_{ckpt.name}"), 1
+    while target.exists():
+        target, k = ckpt.with_name(f"corrupt_{ckpt.name}.{k}"), k + 1
+    os.replace(ckpt, target)
+    fsync_dir(ckpt.parent)
+    return target
 
 
 def _version() -> str:
@@ -135,16 +165,26 @@ def verify(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: missing, so {ckpt_dir} is not a complete checkpoint")
     try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-        assert isinstance(files, dict) and isinstance(meta["step"], int)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{meta_path}: not a valid checkpoint meta file (truncated or corrupted)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_path}: not a valid checkpoint meta file (no 'files' object)")
+    if isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{meta_path}: not a valid checkpoint meta file ('step' is not an integer)")
+    files = meta["files"]
     for name in FILES:
         path = ckpt_dir / name
         want = files.get(name)
         if want is None:
             raise CheckpointError(f"{meta_path}: lists no checksum for {name}")
+        if not (
+            isinstance(want, dict)
+            and isinstance(want.get("bytes"), int)
+            and not isinstance(want.get("bytes"), bool)
+            and isinstance(want.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{meta_path}: the entry for {name} is not {{'bytes': int, 'sha256': str}}")
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint")
         size = path.stat().st_size
@@ -166,16 +206,53 @@ def resolve(path_or_run_dir: str | os.PathLike) -> Path:
     return newest
 
 
+def newest_verified(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """(the newest checkpoint of `run_dir` that verifies or None, [(newer checkpoint, why it fails)]). A folder
+    that disappears while it is checked was rotated away by a writer and is passed over in silence."""
+    bad = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(ckpt)
+            return ckpt, bad
+        except (CheckpointError, OSError) as err:
+            if ckpt.is_dir():
+                bad.append((ckpt, err if isinstance(err, CheckpointError) else CheckpointError(f"{ckpt}: {err}")))
+    return None, bad
+
+
 def load(path_or_run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model, tokenizer, meta) from a checkpoint folder, or the newest checkpoint of a run folder; the model is
-    in eval mode on `device`. Every file is verified against meta.json first."""
+    """(model, tokenizer, meta) from a checkpoint folder, or from the newest checkpoint of a run folder that
+    verifies (newer, damaged ones are named in a warning and left in place); the model is in eval mode on `device`.
+    Every file is verified against meta.json first. A writer may rotate checkpoints meanwhile: a checkpoint that
+    vanishes while it is read is replaced by the then newest one."""
+    path = Path(path_or_run_dir)
+    if (path / META).is_file() or (path / "model.safetensors").is_file():
+        return _load_folder(path, device)
+    for _ in range(5):
+        good, bad = newest_verified(path)
+        for ckpt, err in bad:
+            log.warning("%s fails verification (%s); loading an older checkpoint instead", ckpt.name, err)
+        if good is None:
+            raise (
+                bad[0][1]
+                if bad
+                else CheckpointError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints/step_*")
+            )
+        try:
+            return _load_folder(good, device)
+        except (CheckpointError, OSError):
+            if good.is_dir():
+                raise
+    raise CheckpointError(f"{path}: its checkpoints kept disappearing while being read (a writer is rotating them)")
+
+
+def _load_folder(ckpt: Path, device: str | torch.device):
     from tokenizers import Tokenizer
 
-    ckpt = resolve(path_or_run_dir)
     meta = verify(ckpt)
     try:
-        config = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    except (json.JSONDecodeError, ValueError, TypeError) as err:
+        config = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_bytes().decode("utf-8")))
+    except (ValueError, TypeError, RecursionError) as err:
         raise CheckpointError(f"{ckpt / 'config.json'}: not a valid ModelConfig ({err})") from None
     model = LongCatLM(config)
     load_model_state(model, ckpt)
@@ -209,6 +286,8 @@ __all__ = [
     "latest",
     "list_checkpoints",
     "verify",
+    "newest_verified",
+    "move_aside",
     "resolve",
     "read_trainer_state",
     "load_model_state",

@@ -1,7 +1,7 @@
 """How a model is trained: `StageConfig` (one stage of the multi-stage schedule), `TrainConfig` (everything else,
 with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `default_stages`, `train_preset(name)` for
-"tiny", "small" and "base", and the schedule itself (`stage_at`, `lr_at`, `every`). Plain data and arithmetic:
-nothing here touches a model. docs/design.md §4 explains the recipe these defaults follow.
+"tiny", "mini", "small" and "base", and the schedule itself (`stage_at`, `lr_at`, `every`). Plain data and
+arithmetic: nothing here touches a model. docs/design.md §4 explains the recipe these defaults follow.
 """
 
 from __future__ import annotations
@@ -247,6 +247,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "rg_every": 5,
         "data": {"max_bytes_per_domain": 300_000, "tokenizer_sample_bytes": 100_000},
     },
+    "mini": {
+        "stages": (300, 5e-3, 64),
+        "batch_size": 16,
+        "eval_every": 100,
+        "eval_windows": 8,
+        "ckpt_every": 100,
+        "rg_every": 0,
+        "data": {"max_bytes_per_domain": 1_000_000, "tokenizer_sample_bytes": 200_000},
+    },
     "small": {"stages": (400, 3e-3, 128)},
     "base": {
         "stages": (5000, 1.5e-3, 512),
@@ -265,6 +274,7 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     """The TrainConfig that goes with each model preset.
 
     - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
+    - mini: one run of a sweep (`longcat_lab.experiments`); about a minute on two cores, 300 steps of 16 x 64.
     - small: the main job; 2 stages, ~10 minutes on two CPU cores (steps measured: README results).
     - base: one GPU; bf16, longer sequences."""
     if name not in _PRESETS:

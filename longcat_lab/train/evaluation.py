@@ -51,7 +51,12 @@ def sample_text(
         raise ValueError(f"prompt={prompt!r} is not allowed: it must be a non-empty string")
     ids = tokenizer.encode(prompt).ids
     limit = model.config.max_position_embeddings
-    ids = ids[-max(1, limit - max_new_tokens) :]
+    if len(ids) + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt is {len(ids)} tokens and max_new_tokens={max_new_tokens}: together more than the "
+            f"model's max_position_embeddings={limit}; shorten the prompt or ask for at most {max(0, limit - len(ids))}"
+            " new tokens"
+        )
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=gen)

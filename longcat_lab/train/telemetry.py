@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,18 +183,35 @@ class Telemetry:
         )
 
     def truncate(self, upto: int) -> None:
-        """On resume: keep the rows of steps <= `upto`, so steps that are redone are not logged twice."""
+        """On resume: keep the rows of steps <= `upto`, so steps that are redone are not logged twice. A damaged
+        line (not a JSON object with an integer step) is dropped with a warning naming the file and line, and the
+        file as it was is kept beside it as `metrics.jsonl.damaged`, so nothing is lost. A half-written last line
+        (a crash while writing it) is dropped in silence."""
         if not self.path.is_file():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line half-written by a crash
-            if row.get("step", 0) <= upto:
-                keep.append(line)
-        atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        keep, damaged = [], []
+        for n, line in enumerate(lines):
+            if not line.strip():
+                continue
+            row, why = parse_line(line)
+            if row is not None and (step := row.get("step", 0)) is not None and _is_int(step):
+                if step <= upto:
+                    keep.append(line)
+            elif n != len(lines) - 1 or why == "":  # the last piece has no newline: half-written by a crash
+                damaged.append(f"line {n + 1} ({why or 'no integer step'})")
+        if damaged:
+            backup = self.path.with_name(self.path.name + ".damaged")
+            atomic_write_bytes(backup, raw)
+            log.warning(
+                "%s: skipped %d damaged line(s): %s; the file as it was is kept in %s",
+                self.path,
+                len(damaged),
+                ", ".join(damaged[:5]),
+                backup.name,
+            )
+        atomic_write_bytes(self.path, b"".join(ln + b"\n" for ln in keep))
 
     def row(self, r: StepResult) -> dict[str, Any]:
         """The `kind="train"` row of one step; updates the alert state and warns on the 1st, 10th, 100th ...
@@ -290,10 +308,28 @@ class ProgressBar:
         self.bar.close()
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_line(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """(the row, "") for one metrics line, or (None, why it is not a row): bad UTF-8, not JSON, not an object."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting; ValueError: bad JSON, huge ints
+        return None, "not JSON"
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not an object"
+    return row, ""
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The rows of a run's `metrics.jsonl` (a run folder or the file itself), optionally only those of one kind
     ("train", "eval", "start"). A last line that does not parse is skipped, since a trainer may be writing it right
-    now; a bad line anywhere else, a missing file or a file with no rows is a ValueError that says so."""
+    now; a damaged line anywhere else is skipped with a warning naming the file and line; a missing file or a file
+    with no rows is a ValueError that says so."""
     path = Path(path)
     file = path / "metrics.jsonl" if path.is_dir() else path
     if not file.is_file():
@@ -304,21 +340,22 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
             f"path={str(path)!r} is not allowed: {where}; expected a run folder written by "
             "longcat_lab.train (or its metrics.jsonl)"
         )
-    lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        raw = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{file}: cannot be read ({err.strerror or type(err).__name__})") from None
+    lines = [(n, ln) for n, ln in enumerate(raw.split(b"\n")) if ln.strip()]
     rows = []
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if n == len(lines) - 1:
-                break
-            raise ValueError(f"{file}: line {n + 1} is not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{file}: line {n + 1} is a {type(row).__name__}, expected a JSON object per line")
+    for i, (n, line) in enumerate(lines):
+        row, why = parse_line(line)
+        if row is None:
+            if i < len(lines) - 1 or raw.endswith(b"\n"):  # a complete line, so not one being written now
+                warnings.warn(f"{file}: line {n + 1} skipped: {why}", stacklevel=2)
+            continue
         rows.append(row)
     if not rows:
         raise ValueError(f"path={str(path)!r} holds no metrics rows yet: the run has not logged a step")
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
-__all__ = ["Telemetry", "ProgressBar", "read_metrics", "measure_matmul_flops", "memory_in_use", "to_json"]
+__all__ = ["Telemetry", "ProgressBar", "read_metrics", "parse_line", "measure_matmul_flops", "memory_in_use", "to_json"]

@@ -10,10 +10,11 @@ telemetry, checkpoints that resume bit for bit, skipped non-finite steps and a d
 - `TrainResult` (run_dir, model, tokenizer, dataset, step, val_loss, checkpoint, counters; `.rows(kind)`),
   `TrainingError`.
 
-Resume: `resume=True` continues from the newest checkpoint of `out_dir` (a fresh start when there is none) and
-logs exactly the losses of an uninterrupted run; it refuses a configuration that differs from the checkpoint's,
-except for fields that only change logging and saving (`train.resume.RESUME_FREE_FIELDS`). A finished run trains
-nothing.
+Resume: `resume=True` continues from the newest checkpoint of `out_dir` that verifies (a fresh start when there
+is none; newer, damaged ones are moved aside with a warning) and logs exactly the losses of an uninterrupted run;
+it refuses a configuration that differs from the checkpoint's, except for fields that only change logging and
+saving (`train.resume.RESUME_FREE_FIELDS`). A finished run trains nothing. A run holds the folder's writer lock
+(`train.lock`) from construction to the end of `run()` (or `close()`).
 
 Token ids are checked once, when the token streams are loaded, so the model runs every training micro-batch with
 `validate=False` (no host sync for id checks). Paper references: AdamW eps, hidden z-loss and the balance loss,
@@ -35,13 +36,16 @@ from typing import Any
 
 import torch
 
+from longcat_lab._util import check_seed
 from longcat_lab.data import Dataset, MixtureSampler, load_dataset
+from longcat_lab.eval.bpb import bits_per_byte
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.train import checkpoint, growth, metrics
 from longcat_lab.train.config import TrainConfig, every, lr_at, stage_at
 from longcat_lab.train.control import BiasController
 from longcat_lab.train.evaluation import evaluate
+from longcat_lab.train.lock import RunLock, RunLockedError
 from longcat_lab.train.losses import LOSS_KEYS
 from longcat_lab.train.resume import config_diffs, init_from, restore, save_checkpoint
 from longcat_lab.train.step import StepResult, forward_backward, sdc_check
@@ -77,9 +81,39 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of `TrainConfig.device`; a ValueError naming the field when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not allowed: it must be 'auto', 'cpu', 'mps' or 'cuda[:N]'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(
+                f"device={name!r} is not allowed: this machine has {count} CUDA device(s); use device=cpu or auto"
+            )
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={name!r} is not allowed: MPS is not available here; use device=cpu or auto")
+    return device
+
+
+# More threads than this only oversubscribes the cores, and very large counts crash the OpenMP runtime.
+MAX_THREADS_PER_CPU = 4
+
+
+def check_runtime(cfg: TrainConfig) -> torch.device:
+    """The checks of a TrainConfig that depend on this machine (device, thread count) or on the generators' range
+    (seed); the CLI runs them before any work. Returns the device."""
+    check_seed("seed", cfg.seed)
+    limit = MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+    if cfg.num_threads > limit:
+        raise ValueError(
+            f"num_threads={cfg.num_threads} is not allowed: it must be from 0 (torch's default) to {limit} "
+            f"({MAX_THREADS_PER_CPU} per logical CPU of this machine)"
+        )
+    return resolve_device(cfg.device)
 
 
 def _check_positions(mc: ModelConfig, cfg: TrainConfig) -> int:
@@ -130,9 +164,21 @@ class Trainer:
         callback: Callable[[dict[str, Any]], Any] | None = None,
     ):
         self.mc, self.cfg, self.run_dir, self.progress = model_config, cfg, Path(out_dir), progress
-        self.device = resolve_device(cfg.device)
+        self.device = check_runtime(cfg)
         self.eval_seq_len = _check_positions(model_config, cfg)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.run_dir)
+        try:
+            self.lock.acquire()
+        except RunLockedError as err:
+            raise TrainingError(str(err)) from None
+        try:
+            self._build(resume, callback)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, resume: bool, callback: Callable[[dict[str, Any]], Any] | None) -> None:
+        model_config, cfg = self.mc, self.cfg
         existing = checkpoint.latest(self.run_dir)
         if existing is not None and not resume:
             raise TrainingError(
@@ -156,7 +202,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
         if resume and existing is not None:
-            checkpoint.verify(existing)  # a one-line CheckpointError naming the bad file
+            existing = self._newest_good_checkpoint()
             diffs = config_diffs(self, existing)
             if diffs:
                 raise TrainingError(
@@ -170,6 +216,24 @@ class Trainer:
             self.telemetry.path.unlink(missing_ok=True)
             if cfg.init_from:
                 init_from(self, cfg.init_from)
+
+    def _newest_good_checkpoint(self) -> Path:
+        """The newest checkpoint that verifies; newer, damaged ones are moved aside (never deleted), each with a
+        one-line warning. None verifying is a TrainingError that changes nothing."""
+        good, bad = checkpoint.newest_verified(self.run_dir)
+        if good is None:
+            raise TrainingError(
+                f"cannot resume {self.run_dir}: none of its checkpoints verifies (newest: {bad[0][1]}); nothing "
+                "was changed: repair or move them, or start a new --out"
+            )
+        for ckpt, err in bad:
+            moved = checkpoint.move_aside(ckpt)
+            log.warning("%s fails verification (%s): moved to %s; resuming from %s", ckpt.name, err, moved, good.name)
+        return good
+
+    def close(self) -> None:
+        """Give back the run folder's writer lock (`run()` does so when it ends)."""
+        self.lock.release()
 
     # One step --------------------------------------------------------------------------------------------------
     def step(self) -> StepResult:
@@ -257,10 +321,27 @@ class Trainer:
         )
         self.val_step = self.steps_done
         self.telemetry.write_eval(self.steps_done, self.val_loss)
+        # The evaluator's cheap subset (longcat_lab.eval): bits per byte on the same windows, one more forward, so
+        # runs with different vocabularies compare; eval mode, so training state and the routers' counts stay put.
+        bpb = bits_per_byte(self.model, self.dataset, self.eval_seq_len, self.cfg.eval_windows, compressors=False)
+        self.telemetry.write(
+            {
+                "kind": "eval_bpb",
+                "step": self.steps_done,
+                "bits_per_byte": {d: r.model for d, r in bpb.items()},
+                "unigram_bits_per_byte": {d: r.unigram for d, r in bpb.items()},
+            }
+        )
 
     def run(self) -> TrainResult:
         """Train to the end of the schedule (or `stop_after`), evaluating and saving on the way; every run ends
         with a checkpoint at its last step."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         total = cfg.total_steps
         end = min(total, cfg.stop_after) if cfg.stop_after else total
@@ -362,8 +443,9 @@ def train(
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     if not isinstance(train_config, TrainConfig):
         raise ValueError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    check_runtime(train_config)  # before the thread count is applied: a huge one crashes the process
     with _threads(train_config.num_threads), _deterministic(train_config.deterministic):
         return Trainer(model_config, train_config, out_dir, resume, progress, callback).run()
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "train", "resolve_device"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "train", "resolve_device", "check_runtime"]

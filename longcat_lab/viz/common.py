@@ -93,10 +93,15 @@ def show(fig: go.Figure) -> None:
     display(bundle, raw=True)
 
 
+# What an executed copy of a notebook shows where a live kernel would show the controls: JupyterLab falls back to a
+# widget's text/plain when its state was not saved, and a raw `VBox(children=...)` repr reads like a bug.
+CONTROLS_NOTE = "Controls ({names}): open this notebook with a running kernel to use them; the figure shows the default."
+
+
 def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> go.Figure:
-    """Show `make_figure(**defaults)` as a static figure (an executed notebook keeps no live widget state), then the
-    ipywidgets `controls` (name -> widget) above an output area that redraws the figure on every change.
-    Returns the static figure."""
+    """Show the ipywidgets `controls` (name -> value widget) above `make_figure(**defaults)`; every change redraws
+    that same figure in place (one display handle, no FigureWidget). A saved notebook keeps the static default figure,
+    and a one-line note instead of the controls. Returns the default figure."""
     import ipywidgets as widgets
     from IPython.display import display
 
@@ -104,18 +109,19 @@ def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> g
         if not isinstance(w, widgets.ValueWidget):
             raise ValueError(f"control {name}={type(w).__name__} is not allowed: it must be an ipywidgets value widget")
     static = make_figure(**{name: w.value for name, w in controls.items()})
-    show(static)
-    out = widgets.Output()
+    message = widgets.Output()  # where a value the figure cannot take is reported
+    box = widgets.VBox([widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")), message])
+    display({**box._repr_mimebundle_(), "text/plain": CONTROLS_NOTE.format(names=", ".join(controls))}, raw=True)
+    handle = display(figure_bundle(static), raw=True, display_id=True)
 
     def redraw(_change=None) -> None:
-        with out:
-            out.clear_output(wait=True)
-            try:
-                show(make_figure(**{name: w.value for name, w in controls.items()}))
-            except ValueError as err:  # e.g. an empty prompt typed into a text box
+        message.clear_output()
+        try:
+            handle.update(figure_bundle(make_figure(**{name: w.value for name, w in controls.items()})), raw=True)
+        except ValueError as err:  # e.g. an empty prompt typed into a text box
+            with message:
                 print(f"cannot draw: {err}")
 
     for w in controls.values():
         w.observe(redraw, names="value")
-    display(widgets.VBox([widgets.HBox(list(controls.values())), out]))
     return static

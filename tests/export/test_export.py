@@ -216,7 +216,7 @@ def test_tokenizer_arguments_are_checked(tmp_path):
         save_hf(make_model(0), tmp_path / "a", eos_token="<|endoftext|>")
     with pytest.raises(ValueError, match="eos_token='<eos>' is not in the tokenizer's vocabulary"):
         save_hf(make_model(0), tmp_path / "b", tokenizer=tiny_tokenizer(), eos_token="<eos>")
-    with pytest.raises(ValueError, match="tokenizer has 298 tokens but the model's vocab_size=200"):
+    with pytest.raises(ValueError, match="tokenizer has 300 tokens but the model's vocab_size=200"):
         save_hf(make_model(0, presets.tiny(vocab_size=200)), tmp_path / "c", tokenizer=tiny_tokenizer())
     assert not any(tmp_path.iterdir())
 

@@ -1,0 +1,44 @@
+"""`longcat-lab sweep NAME`: run a named sweep (`experiments.sweeps`) and print its paired summary."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from longcat_lab.experiments.sweeps import SWEEPS
+
+    p = subparsers.add_parser("sweep", help="a named ablation: variants x paired seeds at matched compute")
+    p.add_argument("name", choices=sorted(SWEEPS), help="the sweep (docs/design.md §13)")
+    p.add_argument("--seeds", type=int, default=3, help="paired seeds per variant (default 3)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweeps"), help="sweeps folder; the sweep uses OUT/NAME")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
+    p.add_argument("--preset", choices=("tiny", "mini", "small"), default="mini")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--results", type=Path, help="also copy the summary to RESULTS/NAME.json (the committed results)")
+    return p
+
+
+def run(args) -> None:
+    from longcat_lab.experiments.runner import run_sweep
+    from longcat_lab.experiments.summary import format_summary
+
+    summary = run_sweep(
+        args.name,
+        args.out,
+        seeds=args.seeds,
+        jobs=args.jobs,
+        steps=args.steps,
+        preset=args.preset,
+        progress=not args.no_progress,
+    )
+    print(format_summary(summary))
+    print(f"[longcat-lab] wrote {summary['path']}")
+    if args.results:
+        from longcat_lab._util import atomic_write_bytes, json_bytes
+
+        path = args.results / f"{args.name}.json"
+        atomic_write_bytes(path, json_bytes({k: v for k, v in summary.items() if k != "path"}))
+        print(f"[longcat-lab] wrote {path}")

@@ -1,0 +1,175 @@
+"""What a sweep reports: `run_metrics` (one run's numbers, from its metrics.jsonl and its final model),
+`summarise` (per metric and variant, the paired difference against the baseline with its verdict,
+`experiments.stats`) and `format_summary` (the printed table).
+
+Metrics (lower is better for the first five; the last three describe the run rather than rank it):
+- `val_loss`: mean validation loss over domains (nats/token) at the last step;
+- `bits_per_byte`: mean over domains of the trainer's last bits-per-byte evaluation;
+- `budget_error`: mean |FFN experts per token - target| over the second half of training;
+- `settle_step`: first step after which the 10-step running mean of FFN experts per token stays within 5% of the
+  target (the run's length when it never does);
+- `load_imbalance`: the most-loaded FFN expert's share over the mean, averaged over the last quarter of steps;
+- `max_hidden` (informational, lower is calmer): the largest |hidden state| of any layer on the validation windows
+  at the end (per layer in `max_hidden_per_layer`);
+- `ffn_experts_per_token` and `grad_rms` (informational): the last quarter's mean, and the median over the second
+  half of the pre-clip gradient norm / sqrt(parameters).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+from longcat_lab.experiments.stats import paired, verdict
+
+INFORMATIONAL = ("max_hidden", "ffn_experts_per_token", "grad_rms")
+
+
+def _tail(values: list[float], share: float) -> list[float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return values[int(len(values) * (1 - share)) :] if values else []
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def settle_step(series: list[float], target: float, window: int = 10, tolerance: float = 0.05) -> int:
+    """First step (1-based) after which the `window`-step running mean stays within tolerance * target."""
+    means = [
+        sum(series[max(0, i - window + 1) : i + 1]) / len(series[max(0, i - window + 1) : i + 1])
+        for i in range(len(series))
+    ]
+    settled = len(series)
+    for i in range(len(means) - 1, -1, -1):
+        if abs(means[i] - target) > tolerance * max(target, 1e-9):
+            break
+        settled = i + 1
+    return settled
+
+
+@torch.no_grad()
+def max_hidden(model, dataset, seq_len: int, windows: int = 4) -> list[float]:
+    """The largest |hidden state| after each layer on the validation windows (forward hooks, eval mode)."""
+    from longcat_lab.data import eval_windows
+
+    peaks = [0.0] * len(model.layers)
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _i, out, k=k: peaks.__setitem__(
+                k, max(peaks[k], float((out[0] if isinstance(out, tuple) else out).abs().max()))
+            )
+        )
+        for k, layer in enumerate(model.layers)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for stream in dataset.val.values():
+            x, _ = eval_windows(stream, seq_len, windows)
+            model(x.to(model.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return peaks
+
+
+def run_metrics(rows: list[dict], hidden_peaks: list[float] | None = None) -> dict:
+    """The metrics of one finished run from its metrics rows (module docstring)."""
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    bpb = [r for r in rows if r.get("kind") == "eval_bpb"]
+    start = next((r for r in rows if r.get("kind") == "start"), {})
+    ffn = [r.get("ffn_experts_per_token") for r in train]
+    target = next((r.get("target_ffn_experts") for r in train if r.get("target_ffn_experts") is not None), None)
+    out: dict = {
+        "steps": train[-1]["step"] if train else 0,
+        "val_loss": evals[-1]["val_loss_mean"] if evals else None,
+        "val_loss_per_domain": evals[-1]["val_loss"] if evals else None,
+        "bits_per_byte": _mean(list(bpb[-1]["bits_per_byte"].values())) if bpb else None,
+        "ffn_experts_per_token": _mean(_tail(ffn, 0.25)),
+        "target_ffn_experts": target,
+        "load_imbalance": _mean(_tail([r.get("load_imbalance") for r in train], 0.25)),
+        "loss_curve": [r["loss"] for r in train],
+    }
+    if target is not None and all(v is not None for v in ffn) and ffn:
+        out["budget_error"] = _mean([abs(v - target) for v in _tail(ffn, 0.5)])
+        out["settle_step"] = settle_step(ffn, target)
+        out["ffn_curve"] = ffn
+    n_params = start.get("num_params")
+    norms = _tail([r.get("grad_norm") for r in train], 0.5)
+    if n_params and norms:
+        out["grad_rms"] = statistics.median(norms) / math.sqrt(n_params)
+    if hidden_peaks is not None:
+        out["max_hidden"] = max(hidden_peaks)
+        out["max_hidden_per_layer"] = hidden_peaks
+    return out
+
+
+def summarise(runs: dict[str, dict[int, dict]], baseline: str, metrics: tuple[str, ...], directions: dict) -> list:
+    """Rows {metric, variant, n, mean, se, diffs, verdict, variant_mean, baseline_mean} for every metric and
+    non-baseline variant, over the seeds both have a value for."""
+    rows = []
+    for metric in metrics:
+        for variant, by_seed in runs.items():
+            if variant == baseline:
+                continue
+            seeds = [
+                s
+                for s in by_seed
+                if runs[baseline].get(s, {}).get(metric) is not None and by_seed[s].get(metric) is not None
+            ]
+            if not seeds:
+                continue
+            v = [by_seed[s][metric] for s in seeds]
+            b = [runs[baseline][s][metric] for s in seeds]
+            p = paired(v, b)
+            rule = (
+                "informational"
+                if metric in INFORMATIONAL
+                else verdict(p["mean"], p["se"], p["n"], directions.get(metric, "lower"))
+            )
+            rows.append(
+                {
+                    "metric": metric,
+                    "variant": variant,
+                    "baseline": baseline,
+                    **p,
+                    "verdict": rule,
+                    "variant_mean": sum(v) / len(v),
+                    "baseline_mean": sum(b) / len(b),
+                }
+            )
+    return rows
+
+
+def format_summary(summary: dict) -> str:
+    """The compute table and the paired-difference table of a sweep summary."""
+    lines = [
+        f"sweep {summary['sweep']!r}: {summary['seeds']} paired seeds x {len(summary['compute'])} variants, "
+        f"{summary['steps']} steps each (preset {summary['preset']})",
+        "compute per variant (activated params, training FLOPs per token, tokens seen):",
+    ]
+    for v, c in summary["compute"].items():
+        note = "  (compute is the variable)" if c.get("varies") else ""
+        lines.append(
+            f"  {v:20s} {c['activated_params']:>12,.0f} {c['flops_per_token']:>14,.0f} {c['tokens_seen']:>10,d}{note}"
+        )
+    lines.append(
+        f"paired difference variant - {summary['baseline']} (mean ± s.e. over seeds; verdict: "
+        "95% t-interval of the mean excludes 0):"
+    )
+    lines.append(f"  {'metric':22s} {'variant':20s} {'baseline':>10s} {'variant':>10s} {'difference':>22s} verdict")
+    for r in summary["rows"]:
+        se = "-" if math.isnan(r["se"]) else f"{r['se']:.2g}"
+        lines.append(
+            f"  {r['metric']:22s} {r['variant']:20s} {r['baseline_mean']:>10.4g} {r['variant_mean']:>10.4g} "
+            f"{r['mean']:>+12.4g} ± {se:<7s} {r['verdict']}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["INFORMATIONAL", "format_summary", "max_hidden", "run_metrics", "settle_step", "summarise"]

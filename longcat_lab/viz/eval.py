@@ -1,0 +1,119 @@
+"""Figures of evaluation and experiments: the published score tables of the 560B model as a radar chart and a
+grouped bar chart (every title says these are published numbers, not measured here), bits per byte per domain of an
+evaluation (`longcat_lab.eval`) against its reference points, one sweep metric per variant with every seed shown
+(`longcat_lab.experiments`), and the budget trace of the controller playground (`testing.SyntheticRouting`)."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from longcat_lab.eval.published import published_scores
+
+PUBLISHED_CAVEAT = "published scores of the 560B LongCat-Flash-Chat and peers, not measured here"
+# LongCat-Flash in the house orange; the others in muted colours.
+_MODEL_COLOURS = ["#f58518", "#4c78a8", "#54a24b", "#b279a2", "#72b7b2", "#e45756", "#9d755d"]
+
+
+def _colours(models: list[str]) -> dict[str, str]:
+    others = iter(_MODEL_COLOURS[1:])
+    return {m: (_MODEL_COLOURS[0] if m.startswith("LongCat") else next(others)) for m in models}
+
+
+def published_radar(table: str = "seed") -> go.Figure:
+    """One closed polygon per model over the table's benchmarks (scores in percent, radial axis 0-100)."""
+    t = published_scores(table)
+    colours = _colours(t["models"])
+    fig = go.Figure()
+    names = t["benchmarks"] + t["benchmarks"][:1]
+    for j, model in enumerate(t["models"]):
+        values = [row[j] for row in t["scores"]]
+        fig.add_trace(go.Scatterpolar(r=values + values[:1], theta=names, name=model, line={"color": colours[model]}))
+    fig.update_layout(
+        title=f"{table} table: {PUBLISHED_CAVEAT}",
+        polar={"radialaxis": {"range": [0, 100]}},
+        height=520,
+    )
+    return fig
+
+
+def published_bars(table: str = "official") -> go.Figure:
+    """Grouped bars: benchmarks along x, one bar per model."""
+    t = published_scores(table)
+    colours = _colours(t["models"])
+    fig = go.Figure()
+    for j, model in enumerate(t["models"]):
+        fig.add_trace(
+            go.Bar(x=t["benchmarks"], y=[row[j] for row in t["scores"]], name=model, marker_color=colours[model])
+        )
+    fig.update_layout(title=f"{table} table: {PUBLISHED_CAVEAT}", barmode="group", yaxis_title="score (%)", height=460)
+    return fig
+
+
+def bits_per_byte_figure(result: dict, title: str = "bits per byte on held-out text (measured)") -> go.Figure:
+    """Grouped bars per domain: the model, the unigram baseline, gzip and lzma on the same bytes."""
+    domains = list(result["bits_per_byte"])
+    fig = go.Figure()
+    for key, colour in (("model", "#f58518"), ("unigram", "#bab0ac"), ("gzip", "#4c78a8"), ("lzma", "#54a24b")):
+        fig.add_trace(
+            go.Bar(x=domains, y=[result["bits_per_byte"][d][key] for d in domains], name=key, marker_color=colour)
+        )
+    fig.update_layout(title=title, barmode="group", yaxis_title="bits per byte", height=380)
+    return fig
+
+
+def sweep_figure(summary: dict, metric: str) -> go.Figure:
+    """One sweep metric: a marker per seed for every variant (the spread is shown, not hidden), lines joining each
+    seed across variants (the pairing), and the variant means."""
+    variants = list(summary["runs"])
+    seeds = sorted({s for by in summary["runs"].values() for s in by}, key=int)
+    fig = go.Figure()
+    for s in seeds:
+        ys = [summary["runs"][v].get(s, {}).get(metric) for v in variants]
+        fig.add_trace(
+            go.Scatter(x=variants, y=ys, mode="lines+markers", name=f"seed {s}", line={"width": 1}, opacity=0.6)
+        )
+    means = []
+    for v in variants:
+        vals = [m.get(metric) for m in summary["runs"][v].values() if m.get(metric) is not None]
+        means.append(sum(vals) / len(vals) if vals else None)
+    fig.add_trace(go.Scatter(x=variants, y=means, mode="markers", name="mean", marker={"size": 14, "symbol": "x"}))
+    fig.update_layout(
+        title=f"sweep {summary['sweep']!r}: {metric} ({summary['seeds']} paired seeds, measured)",
+        yaxis_title=metric,
+        height=360,
+    )
+    return fig
+
+
+def budget_trace_figure(reports: list[dict], title: str = "controller playground: FFN experts per token") -> go.Figure:
+    """The controller's reports over steps (`SyntheticRouting.run`): FFN experts per token per layer against the
+    target."""
+    steps = [r["step"] for r in reports]
+    fig = go.Figure()
+    layers = len(reports[0].get("ffn_experts_per_token", [])) if reports else 0
+    for li in range(layers):
+        fig.add_trace(
+            go.Scatter(x=steps, y=[r["ffn_experts_per_token"][li] for r in reports], mode="lines", name=f"layer {li}")
+        )
+    if reports:
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[reports[0]["target_ffn_experts"]] * len(steps),
+                mode="lines",
+                name="target",
+                line={"dash": "dash", "color": "black"},
+            )
+        )
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="FFN experts per token", height=360)
+    return fig
+
+
+__all__ = [
+    "PUBLISHED_CAVEAT",
+    "bits_per_byte_figure",
+    "budget_trace_figure",
+    "published_bars",
+    "published_radar",
+    "sweep_figure",
+]

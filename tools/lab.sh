@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's third command: install into ./.venv (as main.sh and test.sh do), then serve JupyterLab on notebooks/
+# with the project's kernel as the default. JupyterLab prints the URL to open (with its token). Arguments go to
+# `jupyter lab`, e.g. `bash tools/lab.sh --no-browser --port 8890`.
+source "$(dirname "$0")/env.sh"
+echo "[longcat_lab] JupyterLab on notebooks/ (kernel: the python3 kernelspec in $venv); Ctrl-C stops it"
+# Containers often run as root, which jupyter refuses without --allow-root.
+if [ "$(id -u)" = 0 ]; then set -- --allow-root "$@"; fi
+exec jupyter lab --ServerApp.root_dir="$root/notebooks" --MultiKernelManager.default_kernel_name=python3 "$@"
