@@ -153,6 +153,15 @@ def _provenance() -> dict:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        if commit and dirty:
+            commit += " (with uncommitted changes)"
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
@@ -201,7 +210,7 @@ def run_sweep(
     results: dict[str, dict[int, dict]] = {}
     for r in runs:
         results.setdefault(r.variant, {})[r.seed_index] = json.loads((r.dir / RESULT).read_text())
-    mc0 = runs[0].train_config
+    tc0 = runs[0].train_config
     summary = {
         "sweep": sweep.name,
         "command": command
@@ -209,11 +218,12 @@ def run_sweep(
         **_provenance(),
         "preset": preset,
         "seeds": seeds,
-        "steps": sum(s["steps"] for s in mc0["stages"]),
+        "steps": sum(s["steps"] for s in tc0["stages"]),
         "baseline": sweep.baseline,
         "claim": sweep.claim,
         "lab_caveat": sweep.lab_caveat,
         "variants": {v: list(s) for v, s in sweep.variants.items()},
+        "variant_order": list(sweep.variants),  # the baseline first (JSON files sort their keys)
         "compute": table,
         "tolerance": TOLERANCE,
         "verdict_rule": "better/worse when the 95% Student-t interval of the mean paired difference excludes 0",

@@ -97,7 +97,8 @@ def run_metrics(rows: list[dict], hidden_peaks: list[float] | None = None) -> di
     }
     if target is not None and all(v is not None for v in ffn) and ffn:
         out["budget_error"] = _mean([abs(v - target) for v in _tail(ffn, 0.5)])
-        out["settle_step"] = settle_step(ffn, target)
+        # As an optimizer step: a grown run's rows start where its half-depth run stopped.
+        out["settle_step"] = train[settle_step(ffn, target) - 1]["step"]
         out["ffn_curve"] = ffn
     n_params = start.get("num_params")
     norms = _tail([r.get("grad_norm") for r in train], 0.5)
@@ -153,7 +154,8 @@ def format_summary(summary: dict) -> str:
         f"{summary['steps']} steps each (preset {summary['preset']})",
         "compute per variant (activated params, training FLOPs per token, tokens seen):",
     ]
-    for v, c in summary["compute"].items():
+    for v in summary.get("variant_order", summary["compute"]):
+        c = summary["compute"][v]
         note = "  (compute is the variable)" if c.get("varies") else ""
         lines.append(
             f"  {v:20s} {c['activated_params']:>12,.0f} {c['flops_per_token']:>14,.0f} {c['tokens_seen']:>10,d}{note}"

@@ -106,7 +106,7 @@ SWEEPS: dict[str, Sweep] = {
     )
 }
 
-# Direction of each metric: lower is better for all but none here; kept explicit for the verdict rule.
+# Direction of each metric for the verdict rule (all of ours are lower-is-better; kept explicit per metric).
 METRIC_DIRECTION = {
     "val_loss": "lower",
     "bits_per_byte": "lower",

@@ -89,6 +89,11 @@ def hf_config_dict(
             f"layer_style={config.layer_style!r} cannot be exported: transformers' LongcatFlashForCausalLM (and "
             "vLLM/SGLang) implement only the shortcut-connected layer, layer_style='scmoe'"
         )
+    if not config.mla_scale:
+        raise ValueError(
+            "mla_scale=False cannot be exported: transformers' LongcatFlashForCausalLM always applies the MLA scale "
+            "correction (docs/design.md §1.1), so the exported model would compute something else"
+        )
     out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
     out.update({name: getattr(config, name) for name in SHARED_FIELDS})
     out.update(

@@ -256,7 +256,8 @@ def _load_folder(ckpt: Path, device: str | torch.device):
         raise CheckpointError(f"{ckpt / 'config.json'}: not a valid ModelConfig ({err})") from None
     model = LongCatLM(config)
     load_model_state(model, ckpt)
-    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    # Read by Python, so a checkpoint rotated away meanwhile is an OSError that `load` recognises and retries.
+    tokenizer = Tokenizer.from_str((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
     return model.to(device).eval(), tokenizer, meta
 
 

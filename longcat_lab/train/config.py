@@ -274,7 +274,8 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     """The TrainConfig that goes with each model preset.
 
     - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
-    - mini: one run of a sweep (`longcat_lab.experiments`); about a minute on two cores, 300 steps of 16 x 64.
+    - mini: one run of a sweep (`longcat_lab.experiments`); 300 steps of 16 x 64 tokens, 30-75 s on one thread of
+      two cores depending on load (measured).
     - small: the main job; 2 stages, ~10 minutes on two CPU cores (steps measured: README results).
     - base: one GPU; bf16, longer sequences."""
     if name not in _PRESETS:

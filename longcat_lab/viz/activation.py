@@ -433,8 +433,8 @@ def activated_params_histogram(
         )
     fig.update_layout(
         title=title
-        or f"Activated parameters per token over {values.size} tokens (paper convention: all but the "
-        "input embedding, plus the FFN experts used)",
+        or f"Activated parameters per token over {values.size} tokens<br><sup>paper convention: all but the "
+        "input embedding, plus the FFN experts used</sup>",
         xaxis_title=f"activated parameters ({unit})",
         yaxis_title="share of tokens",
         height=380,

@@ -95,7 +95,9 @@ def show(fig: go.Figure) -> None:
 
 # What an executed copy of a notebook shows where a live kernel would show the controls: JupyterLab falls back to a
 # widget's text/plain when its state was not saved, and a raw `VBox(children=...)` repr reads like a bug.
-CONTROLS_NOTE = "Controls ({names}): open this notebook with a running kernel to use them; the figure shows the default."
+CONTROLS_NOTE = (
+    "Controls ({names}): open this notebook with a running kernel to use them; the figure shows the default."
+)
 
 
 def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> go.Figure:

@@ -64,7 +64,7 @@ def bits_per_byte_figure(result: dict, title: str = "bits per byte on held-out t
 def sweep_figure(summary: dict, metric: str) -> go.Figure:
     """One sweep metric: a marker per seed for every variant (the spread is shown, not hidden), lines joining each
     seed across variants (the pairing), and the variant means."""
-    variants = list(summary["runs"])
+    variants = list(summary.get("variant_order", summary["runs"]))
     seeds = sorted({s for by in summary["runs"].values() for s in by}, key=int)
     fig = go.Figure()
     for s in seeds:

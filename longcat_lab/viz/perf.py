@@ -138,7 +138,8 @@ def timeline_figure(traces: list[list[Span]], schedule: str, title: str | None =
         barmode="overlay",
         title=title or f"{schedule} schedule, one forward step",
         xaxis_title="time since the step started (ms)",
-        height=140 + 45 * len(order),
+        # Tall enough for the legend too (one row per part), so its last entries are not cut off.
+        height=max(140 + 45 * len(order), 200 + 24 * len(fig.data)),
         yaxis=dict(categoryorder="array", categoryarray=order),
         legend_title="part",
     )

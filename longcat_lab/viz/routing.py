@@ -155,11 +155,11 @@ def expert_load_heatmap(load: ExpertLoad, title: str | None = None) -> go.Figure
         fig.add_vline(x=load.n_routed_experts - 0.5, line=dict(color="black", dash="dot"))
     fig.update_layout(
         title=title
-        or "Expert load relative to the ideal share (F = FFN experts vs the FFN selections made, "
-        "Z = zero experts vs the zero selections made)",
+        or "Expert load relative to the ideal share<br><sup>F: FFN experts against the FFN selections made; "
+        "Z: zero experts against the zero selections made</sup>",
         xaxis_title="expert",
         yaxis=dict(autorange="reversed"),
-        height=180 + 40 * L,
+        height=200 + 40 * L,
         legend=dict(orientation="h", y=-0.25),
     )
     return fig
@@ -279,7 +279,8 @@ def coactivation_heatmap(routing: Routing | Sequence[Routing], layer: int, title
         )
     )
     fig.update_layout(
-        title=title or f"Expert co-activation in layer {layer} (diagonal: share of tokens choosing the expert)",
+        title=title
+        or f"Expert co-activation, layer {layer}<br><sup>diagonal: share of tokens choosing the expert</sup>",
         yaxis=dict(autorange="reversed"),
         height=480,
         width=560,
@@ -318,7 +319,7 @@ def router_similarity_heatmap(model: torch.nn.Module, layer: int, title: str | N
         )
     )
     fig.update_layout(
-        title=title or f"Router-row cosine similarity in layer {layer} (mean off-diagonal {mean:.3f})",
+        title=title or f"Router-row cosine similarity, layer {layer}<br><sup>mean off-diagonal {mean:.3f}</sup>",
         yaxis=dict(autorange="reversed"),
         height=480,
         width=560,

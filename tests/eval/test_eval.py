@@ -129,6 +129,11 @@ def test_published_tables():
     assert official["scores"][official["benchmarks"].index("τ²-Bench telecom")][lc] == 73.68
     with pytest.raises(ValueError, match="table='x' is not allowed"):
         published_scores("x")
+    from longcat_lab.viz import eval as viz_eval
+
+    radar, bars = viz_eval.published_radar("seed"), viz_eval.published_bars("official")
+    assert len(radar.data) == 3 and len(bars.data) == 7
+    assert all("not measured here" in f.layout.title.text for f in (radar, bars))
 
 
 @pytest.mark.slow

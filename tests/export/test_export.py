@@ -229,6 +229,14 @@ def test_only_scmoe_exports(tmp_path, style):
     assert not (tmp_path / "x").exists()
 
 
+def test_mla_scale_off_does_not_export(tmp_path):
+    """transformers always applies the MLA scale correction, so a model trained without it must not be exported."""
+    model = LongCatLM(presets.tiny(mla_scale=False))
+    with pytest.raises(ValueError, match="mla_scale=False cannot be exported"):
+        save_hf(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     model = make_model(0)
     target = tmp_path / "export"

@@ -18,7 +18,6 @@ from longcat_lab.model import presets
 from longcat_lab.model.routing import LayerRouting, Routing
 from longcat_lab.testing import random_model
 from longcat_lab.train import metrics, read_metrics
-from longcat_lab.viz import common
 
 
 @pytest.fixture(scope="module")
