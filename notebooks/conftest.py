@@ -26,19 +26,20 @@ def pytest_runtest_call(item):
         return
     _, cells = _ran.setdefault(str(item.parent.path), (nb, {}))
     cells[id(item.cell)] = outputs
+    # Written after every cell, so the copy is current for the tests that run after this notebook in the session.
+    save(Path(item.parent.path).name, nb, cells)
 
 
-def pytest_sessionfinish(session):
-    for path, (nb, cells) in _ran.items():
-        done = copy.deepcopy(nb)
-        count = 0
-        for cell, ran in zip(nb.cells, done.cells):
-            if id(cell) not in cells:
-                continue
-            count += 1
-            ran.outputs = [nbformat.from_dict(o) for o in cells[id(cell)]]
-            ran.execution_count = count
-            for o in ran.outputs:
-                if o.get("output_type") == "execute_result":
-                    o["execution_count"] = count
-        atomic_write_bytes(OUT / Path(path).name, nbformat.writes(done).encode())
+def save(name: str, nb, cells: dict) -> None:
+    done = copy.deepcopy(nb)
+    count = 0
+    for cell, ran in zip(nb.cells, done.cells):
+        if id(cell) not in cells:
+            continue
+        count += 1
+        ran.outputs = [nbformat.from_dict(o) for o in cells[id(cell)]]
+        ran.execution_count = count
+        for o in ran.outputs:
+            if o.get("output_type") == "execute_result":
+                o["execution_count"] = count
+    atomic_write_bytes(OUT / name, nbformat.writes(done).encode())

@@ -50,12 +50,14 @@ def test_committed_clean(path):
     assert nb["metadata"]["kernelspec"]["display_name"] == installed_display_name()
     checked = 0
     for cell in code_cells(nb):
-        if source(cell).startswith(CHECK):
+        if CHECK in source(cell):
+            # nbval reads the marker only on a line of its own.
+            assert source(cell).startswith(CHECK + "\n"), f"{CHECK} must be the cell's first line, alone"
             # Committed with its text output only, which nbval compares.
             checked += 1
             assert cell["outputs"], f"a {CHECK} cell has no committed output"
             assert all(o["output_type"] == "stream" and o["name"] == "stdout" for o in cell["outputs"])
-            assert cell.get("execution_count") is None
+            assert cell.get("execution_count") == 1  # nbval skips the comparison for a cell that never ran
         else:
             assert not cell.get("outputs") and cell.get("execution_count") is None, "outputs not stripped"
     assert checked == CHECKED_CELLS.get(path.stem, 0), f"{checked} cells marked {CHECK}"

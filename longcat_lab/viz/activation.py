@@ -324,8 +324,9 @@ def ffn_experts_by_group(
     fig.update_layout(
         title=title or f"FFN experts per token by {by} ({where})",
         barmode="group",
-        height=380,
-        legend=dict(orientation="h", y=-0.2),
+        height=440,
+        legend=dict(orientation="h", y=-0.42),  # below the axis title and the rotated tick labels
+        margin=dict(b=130),
     )
     fig.update_xaxes(title_text="FFN experts per token", row=1, col=1)
     return fig

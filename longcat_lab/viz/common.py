@@ -101,9 +101,11 @@ CONTROLS_NOTE = (
 
 
 def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> go.Figure:
-    """Show the ipywidgets `controls` (name -> value widget) above `make_figure(**defaults)`; every change redraws
-    that same figure in place (one display handle, no FigureWidget). A saved notebook keeps the static default figure,
-    and a one-line note instead of the controls. Returns the default figure."""
+    """Show the ipywidgets `controls` (name -> value widget) above `make_figure(**defaults)`. A saved notebook keeps
+    that default figure, and a one-line note instead of the controls. In a live kernel the first change swaps the
+    default figure for a one-line pointer and every change redraws one figure in an Output under the controls
+    (JupyterLab's plotly renderer does not redraw a figure updated through its display handle). Returns the default
+    figure."""
     import ipywidgets as widgets
     from IPython.display import display
 
@@ -111,17 +113,19 @@ def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> g
         if not isinstance(w, widgets.ValueWidget):
             raise ValueError(f"control {name}={type(w).__name__} is not allowed: it must be an ipywidgets value widget")
     static = make_figure(**{name: w.value for name, w in controls.items()})
-    message = widgets.Output()  # where a value the figure cannot take is reported
-    box = widgets.VBox([widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")), message])
+    out = widgets.Output()
+    box = widgets.VBox([widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")), out])
     display({**box._repr_mimebundle_(), "text/plain": CONTROLS_NOTE.format(names=", ".join(controls))}, raw=True)
     handle = display(figure_bundle(static), raw=True, display_id=True)
 
     def redraw(_change=None) -> None:
-        message.clear_output()
-        try:
-            handle.update(figure_bundle(make_figure(**{name: w.value for name, w in controls.items()})), raw=True)
-        except ValueError as err:  # e.g. an empty prompt typed into a text box
-            with message:
+        if handle is not None:
+            handle.update({"text/plain": "(the figure follows the controls above)"}, raw=True)
+        with out:
+            out.clear_output(wait=True)
+            try:
+                show(make_figure(**{name: w.value for name, w in controls.items()}))
+            except ValueError as err:  # e.g. an empty prompt typed into a text box
                 print(f"cannot draw: {err}")
 
     for w in controls.values():

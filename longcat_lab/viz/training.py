@@ -51,7 +51,7 @@ def schedule_figure(cfg: TrainConfig, title: str = "The training schedule"):
     fig = make_subplots(
         rows=2,
         cols=1,
-        vertical_spacing=0.18,
+        vertical_spacing=0.26,  # room for the top panel's axis title above the lower panel's title
         row_heights=[0.55, 0.45],
         subplot_titles=("learning rate", "data mixture per stage"),
     )
@@ -67,7 +67,7 @@ def schedule_figure(cfg: TrainConfig, title: str = "The training schedule"):
     for domain in cfg.data.domains:
         shares = [check_mixture(s.mixture, cfg.data.domains)[domain] for s in cfg.stages]
         fig.add_trace(go.Bar(x=names, y=shares, name=domain), 2, 1)
-    fig.update_layout(title=title, barmode="stack", height=520, legend=dict(orientation="h", y=-0.15))
+    fig.update_layout(title=title, barmode="stack", height=560, legend=dict(orientation="h", y=-0.15))
     fig.update_xaxes(title_text="optimizer step", row=1, col=1)
     fig.update_yaxes(title_text="share of sequences", row=2, col=1)
     return fig

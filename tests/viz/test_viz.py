@@ -415,9 +415,9 @@ def test_figure_bundle_and_show(capsys):
         viz.figure_bundle({"data": []})
 
 
-def test_figure_controls_redraw_one_figure_in_place(monkeypatch):
+def test_figure_controls_show_one_figure(monkeypatch):
     widgets = pytest.importorskip("ipywidgets")
-    shown, updates = [], []
+    shown, updates, drawn = [], [], []
 
     class Handle:
         def update(self, bundle, raw):
@@ -428,13 +428,14 @@ def test_figure_controls_redraw_one_figure_in_place(monkeypatch):
         return Handle() if display_id else None
 
     monkeypatch.setattr("IPython.display.display", display)
+    monkeypatch.setattr("longcat_lab.viz.common.show", lambda fig: drawn.append(fig.layout.title.text))
     slider = widgets.IntSlider(value=1, min=0, max=3)
     static = viz.figure_controls(lambda layer: go.Figure(layout=dict(title=f"layer {layer}")), layer=slider)
     # The controls (with a one-line note where no widget state was saved), then the default figure.
     assert static.layout.title.text == "layer 1" and len(shown) == 2
     assert "application/vnd.jupyter.widget-view+json" in shown[0] and "layer" in shown[0]["text/plain"]
     assert shown[1]["text/plain"] == "<plotly figure: layer 1>"
-    slider.value = 2  # redraws through the same display handle: no second figure
-    assert updates == ["<plotly figure: layer 2>"] and len(shown) == 2
+    slider.value = 2  # the default figure gives way to the one under the controls: one figure on screen
+    assert drawn == ["layer 2"] and len(updates) == 1 and "plotly" not in updates[0] and len(shown) == 2
     with pytest.raises(ValueError, match="control layer=int"):
         viz.figure_controls(lambda layer: go.Figure(), layer=3)
