@@ -5,12 +5,14 @@ budget controllers are compared. Not used by training."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from longcat_lab.data.config import DataConfig
 from longcat_lab.model import presets
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
@@ -21,6 +23,7 @@ from longcat_lab.parallel.expert_parallel import (
     set_schedule,
 )
 from longcat_lab.parallel.launch import rank_device
+from longcat_lab.train.config import TrainConfig, train_preset
 from longcat_lab.train.control import BiasController, ControllerConfig
 
 
@@ -49,6 +52,18 @@ def random_model(
 def random_ids(config: ModelConfig, shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     """Uniform random token ids for `config`'s vocabulary, from their own seeded generator."""
     return torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_train_config(cache_dir, steps: int = 12, **changes: Any) -> TrainConfig:
+    """The tiny preset's training config shrunk for tests: batch 4 on one thread, a few hundred kB of data per
+    domain cached in `cache_dir`, `steps` optimizer steps; `changes` override any field."""
+    base = dict(
+        batch_size=4,
+        num_threads=1,
+        peak_flops=1e10,
+        data=DataConfig(max_bytes_per_domain=150_000, tokenizer_sample_bytes=60_000, cache_dir=cache_dir),
+    )
+    return dataclasses.replace(train_preset("tiny").with_steps(steps), **{**base, **changes})
 
 
 # Expert-parallel rank workers (spawned by `longcat_lab.parallel.launch`, so they live in an importable module) ---

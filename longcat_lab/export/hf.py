@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from longcat_lab._util import json_bytes, replace_dir
 from longcat_lab.chat.template import chat_template
@@ -309,7 +309,9 @@ def save_hf(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        # Serialised in memory and written by Python, so a full disk is an OSError naming the file (safetensors'
+        # own writer reports it as its own exception type).
+        (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
         (tmp / CONFIG_NAME).write_bytes(json_bytes(config))
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())

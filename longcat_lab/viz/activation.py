@@ -115,6 +115,7 @@ def token_compute_map(
     zmax = min(K, N) * (len(layers) if layer is None else 1)
     ids = [to_numpy(r.topk_ids[batch_index]) for _, r in moe]  # L x [S, K]
     rows = math.ceil(S / per_row)
+    row_px = 44  # one row of tokens, text included
     z = np.full((rows, per_row), np.nan)
     text = [[""] * per_row for _ in range(rows)]
     hover = [[""] * per_row for _ in range(rows)]
@@ -139,12 +140,17 @@ def token_compute_map(
             colorscale=COMPUTE_SCALE,
             xgap=2,
             ygap=2,
-            colorbar=dict(title="FFN experts"),
+            textfont=dict(size=13),
+            # A colorbar as tall as the grid (at least 120 px): the default follows the plot's height fraction,
+            # which leaves a sliver for a short text.
+            colorbar=dict(title="FFN experts", thickness=14, lenmode="pixels", len=max(120, row_px * rows)),
         )
     )
     fig.update_layout(
         title=title or f"Compute per token: {what}",
-        height=120 + 34 * rows,
+        # Fixed margins and row height, so a short text still gets readable rows.
+        height=90 + max(row_px * rows, 120),
+        margin=dict(t=60, b=20, l=10, r=10),
         xaxis=dict(visible=False),
         yaxis=dict(visible=False, autorange="reversed"),
         plot_bgcolor="white",
@@ -438,8 +444,8 @@ def activated_params_histogram(
         "input embedding, plus the FFN experts used</sup>",
         xaxis_title=f"activated parameters ({unit})",
         yaxis_title="share of tokens",
-        height=380,
+        height=420,
         yaxis2=dict(overlaying="y", range=[0, 1], visible=False),
-        legend=dict(orientation="h", y=-0.25),
+        legend=dict(orientation="h", y=-0.38),  # below the axis title
     )
     return fig

@@ -248,7 +248,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "save_file", crash)
+    monkeypatch.setattr(hf, "safetensors_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         save_hf(make_model(1, presets.tiny()), target, overwrite=True)
     with pytest.raises(OSError, match="disk full"):

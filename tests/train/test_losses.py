@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from longcat_lab.model import presets
-from longcat_lab.model.routing import LayerRouting
+from longcat_lab.model.routing import LayerRouting, RouterOutput
 from longcat_lab.testing import random_model
 from longcat_lab.train.losses import (
     LOSS_KEYS,
@@ -35,14 +35,8 @@ def layer_routing(probs, ids, n_ffn: int, requires_grad: bool = False) -> LayerR
     logits = torch.tensor(probs, dtype=torch.float32).log().requires_grad_(requires_grad)
     probs_TE = logits.softmax(-1)
     ids_TK = torch.tensor(ids)
-    T = ids_TK.shape[0]
-    return LayerRouting(
-        topk_ids=ids_TK.view(1, T, -1),
-        topk_weights=probs_TE.gather(1, ids_TK).view(1, T, -1),
-        ffn_experts_per_token=(ids_TK < n_ffn).sum(-1).view(1, T),
-        router_logits=logits.view(1, T, -1),
-        router_probs=probs_TE.view(1, T, -1),
-    )
+    routed = RouterOutput(ids_TK, probs_TE.gather(1, ids_TK), logits, probs_TE)
+    return LayerRouting.from_router(routed, n_ffn, 1, ids_TK.shape[0])
 
 
 def test_balance_loss_matches_hand_computation_one_group():

@@ -16,7 +16,7 @@ import torch
 
 from longcat_lab import LongCatLM
 from longcat_lab.model import presets
-from longcat_lab.model.routing import LayerRouting, Routing
+from longcat_lab.model.routing import LayerRouting, RouterOutput, Routing
 from longcat_lab.testing import random_model
 from longcat_lab.train.losses import LossConfig, aux_losses
 from longcat_lab.train.metrics import (
@@ -37,13 +37,7 @@ def routing_from_ids(ids_TK: torch.Tensor, E: int = 6, N: int = 4, logits: torch
     if logits is None:
         logits = torch.zeros(T, E)
     probs = logits.softmax(-1)
-    return LayerRouting(
-        topk_ids=ids_TK.view(1, T, -1),
-        topk_weights=probs.gather(1, ids_TK).view(1, T, -1),
-        ffn_experts_per_token=(ids_TK < N).sum(-1).view(1, T),
-        router_logits=logits.view(1, T, -1),
-        router_probs=probs.view(1, T, -1),
-    )
+    return LayerRouting.from_router(RouterOutput(ids_TK, probs.gather(1, ids_TK), logits, probs), N, 1, T)
 
 
 def ids_with_counts(ffn_counts: list[int], zero_counts: list[int]) -> torch.Tensor:

@@ -15,10 +15,10 @@ import socket
 import pytest
 import torch
 
-from longcat_lab.data import DataConfig, train_tokenizer
+from longcat_lab.data import train_tokenizer
 from longcat_lab.model import presets
-from longcat_lab.testing import random_model
-from longcat_lab.train import TrainingError, checkpoint, read_metrics, train, train_preset
+from longcat_lab.testing import random_model, tiny_train_config
+from longcat_lab.train import TrainingError, checkpoint, read_metrics, train
 from longcat_lab.train.checkpoint import CheckpointError
 from longcat_lab.train.lock import LOCK_NAME, RunLock, RunLockedError
 from longcat_lab.train.trainer import check_runtime
@@ -30,17 +30,9 @@ def cache(tmp_path_factory):
 
 
 def config(cache, steps=4, **changes):
-    base = dict(
-        batch_size=4,
-        num_threads=1,
-        peak_flops=1e10,
-        eval_every=0,
-        eval_windows=2,
-        ckpt_every=2,
-        rg_every=0,
-        data=DataConfig(max_bytes_per_domain=150_000, tokenizer_sample_bytes=60_000, cache_dir=cache),
+    return tiny_train_config(
+        cache, steps, **{"eval_every": 0, "eval_windows": 2, "ckpt_every": 2, "rg_every": 0, **changes}
     )
-    return dataclasses.replace(train_preset("tiny").with_steps(steps), **{**base, **changes})
 
 
 def run(cfg, out, **kwargs):

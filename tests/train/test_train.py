@@ -8,7 +8,6 @@ curve in tests/golden/ (regenerate with `python benchmarks/train_step.py --write
 Run: `bash tools/test.sh tests/train/test_train.py`.
 """
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -21,7 +20,7 @@ import torch
 from longcat_lab import LongCatLM
 from longcat_lab.data import DataConfig
 from longcat_lab.model import presets
-from longcat_lab.testing import random_model
+from longcat_lab.testing import random_model, tiny_train_config
 from longcat_lab.train import (
     StageConfig,
     TrainConfig,
@@ -61,17 +60,9 @@ def cache(tmp_path_factory):
 
 
 def config(cache, steps=12, **changes) -> TrainConfig:
-    base = dict(
-        batch_size=4,
-        num_threads=1,
-        peak_flops=1e10,
-        eval_every=6,
-        eval_windows=4,
-        ckpt_every=6,
-        rg_every=4,
-        data=DataConfig(max_bytes_per_domain=150_000, tokenizer_sample_bytes=60_000, cache_dir=cache),
+    return tiny_train_config(
+        cache, steps, **{"eval_every": 6, "eval_windows": 4, "ckpt_every": 6, "rg_every": 4, **changes}
     )
-    return dataclasses.replace(train_preset("tiny").with_steps(steps), **{**base, **changes})
 
 
 def run(cfg, out, **kwargs):
