@@ -27,10 +27,6 @@ def check_int(name: str, value: Any, lowest: int = 1) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}")
 
 
-def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    check_int(name, value, 0 if allow_zero else 1)
-
-
 def check_positive_float(name: str, value: Any) -> None:
     if not is_number(value) or value <= 0:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number > 0")

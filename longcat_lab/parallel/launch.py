@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from longcat_lab._util import check_choice, check_positive_int
+from longcat_lab._util import check_choice, check_int
 
 BACKENDS = ("gloo", "nccl")
 
@@ -67,7 +67,7 @@ def launch(
     `fn` must be importable (a module-level library function); a rank's exception is re-raised here, and a
     collective that hangs fails after `timeout_s`. In a script, call it under `if __name__ == "__main__":`."""
     check_choice("backend", backend, BACKENDS)
-    check_positive_int("world_size", world_size)
+    check_int("world_size", world_size)
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(
             f"backend='nccl' with world_size={world_size} needs that many GPUs; {torch.cuda.device_count()} visible"

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from longcat_lab._util import check_positive_int
+from longcat_lab._util import check_int
 from longcat_lab.model.dispatch import LocalDispatcher, MoEPending, region
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.model.moe import MoE
@@ -69,7 +69,7 @@ def time_side_stream(model: LongCatLM, idx: torch.Tensor, reps: int = 20) -> dic
     after one warm-up each, each step synchronised. Returns per-step times, medians and the ratio. CUDA only; the
     model's dispatchers are put back afterwards."""
     _check_cuda(model, "time_side_stream")
-    check_positive_int("reps", reps)
+    check_int("reps", reps)
     moes = model.moe_blocks()
     own = [moe.dispatcher for moe in moes]
     dispatchers = {

@@ -6,6 +6,7 @@ embedding table, plus the FFN experts a token actually uses. Zero experts cost n
 
 from __future__ import annotations
 
+from longcat_lab._util import check_int
 from longcat_lab.model.config import ModelConfig
 
 
@@ -68,8 +69,7 @@ def flops_per_token(
     """Model FLOPs per token for MFU: 2 * activated params per matmul pass (x3 for forward + backward), plus
     attention scores and weighted values, 2 * H * (qk_head_dim + v_head_dim) * seq_len per attention block per pass
     (PaLM's convention, not discounted for causality)."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len={seq_len!r} is not allowed: it must be a positive integer")
+    check_int("seq_len", seq_len)
     passes = 3 if training else 1
     dense = 2 * activated_params(c, ffn_experts_per_token)["mean"]
     attention = 2 * c.num_layers * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len

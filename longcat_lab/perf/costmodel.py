@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from longcat_lab._util import check_nonnegative, check_positive_float, check_positive_int, is_number
+from longcat_lab._util import check_int, check_nonnegative, check_positive_float, is_number
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.perf import accounting
 
@@ -94,8 +94,8 @@ class Serving:
 
     def __post_init__(self) -> None:
         for name in ("batch_per_device", "expert_parallel", "context_len"):
-            check_positive_int(name, getattr(self, name))
-        check_positive_int("mtp_tokens", self.mtp_tokens, allow_zero=True)
+            check_int(name, getattr(self, name))
+        check_int("mtp_tokens", self.mtp_tokens, 0)
         if not (isinstance(self.mtp_acceptance, (int, float)) and 0 <= self.mtp_acceptance <= 1):
             raise ValueError(f"mtp_acceptance={self.mtp_acceptance!r} is not allowed: it must be in [0, 1]")
         for name in ("weight_bytes", "kv_bytes", "dispatch_bytes", "combine_bytes"):
@@ -247,7 +247,7 @@ def tpot(
     half_batch: LayerTimes | None = None,
 ) -> float:
     """Seconds per output token: num_layers * layer_time / (1 + a + ... + a^m)."""
-    check_positive_int("num_layers", num_layers)
+    check_int("num_layers", num_layers)
     per_step = Serving(mtp_tokens=mtp_tokens, mtp_acceptance=mtp_acceptance).expected_tokens_per_step
     return num_layers * layer_time(times, schedule, half_batch) / per_step
 
@@ -255,7 +255,7 @@ def tpot(
 def cost_per_million(tpot_s: float, batch_per_device: int, price_per_hour: float) -> float:
     """$ per 1M output tokens for a device that emits batch_per_device tokens every tpot_s seconds."""
     check_positive_float("tpot_s", tpot_s)
-    check_positive_int("batch_per_device", batch_per_device)
+    check_int("batch_per_device", batch_per_device)
     check_positive_float("price_per_hour", price_per_hour)
     return price_per_hour / 3600 * tpot_s / batch_per_device * 1e6
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from longcat_lab._util import check_choice, check_positive_int
+from longcat_lab._util import check_choice, check_int
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import EXPERTS_AFTER
 from longcat_lab.parallel.expert_parallel import apply_expert_parallel, set_schedule
@@ -122,7 +122,7 @@ def measure_overlap(
     of the moment), summarised by their median and quartiles; `ratio_of_minima` is the least-disturbed view.
     In a script, call it under `if __name__ == "__main__":` (ranks are spawned processes)."""
     for name, value in (("batch", batch), ("seq_len", seq_len), ("reps", reps), ("profile_steps", profile_steps)):
-        check_positive_int(name, value)
+        check_int(name, value)
     check_choice("experts_after", experts_after, EXPERTS_AFTER)
     results = launch(
         overlap_worker,

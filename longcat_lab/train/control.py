@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from longcat_lab._util import check_nonnegative, check_positive_float, from_known_fields, is_number
+from longcat_lab._util import check_int, check_nonnegative, check_positive_float, from_known_fields, is_number
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 
@@ -252,8 +252,7 @@ class BiasController:
             if shape != (L,):
                 raise ValueError(f"controller state {name} has shape {shape}: this model needs ({L},)")
         step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"controller state step={step!r} is not allowed: it must be an integer >= 0")
+        check_int("controller state step", step, 0)
         for block, bias_E in zip(self.blocks, bias):
             block.router.e_score_correction_bias.copy_(bias_E)
         device = self.integral_L.device

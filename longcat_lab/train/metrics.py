@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from longcat_lab._util import check_int
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.model.routing import Routing
 
@@ -166,8 +167,7 @@ def tracking_summary(values: Sequence[float], target: float, tol: float = 0.02, 
     - late_rms_error: root-mean-square of (value - target) / target over the last quarter of the *unsmoothed* trace,
       so that a limit cycle the moving average hides still shows.
     `window` > 1 first takes a trailing moving average, for noisy traces (a training run's per-batch mean)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window={window!r} is not allowed: it must be a positive integer")
+    check_int("window", window)
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol={tol!r} is not allowed: it must be a number > 0")
     raw = torch.as_tensor(list(values), dtype=torch.float64)

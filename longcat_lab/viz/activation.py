@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from longcat_lab._util import check_int
 from longcat_lab.data.tokenclass import TOKEN_CLASSES, token_class
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.routing import Routing
@@ -102,8 +103,7 @@ def token_compute_map(
     S = per_layer.shape[0]
     if len(tokens) != S or not all(isinstance(t, str) for t in tokens):
         raise ValueError(f"tokens has {len(tokens)} entries: expected {S} strings, one per routed position")
-    if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row < 1:
-        raise ValueError(f"per_row={per_row!r} is not allowed: it must be a positive integer")
+    check_int("per_row", per_row)
     if layer is None:
         values = per_layer.sum(axis=1)
         what = f"FFN experts summed over {len(layers)} MoE layers"

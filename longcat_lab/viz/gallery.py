@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from longcat_lab._util import atomic_write_bytes, check_positive_int
+from longcat_lab._util import atomic_write_bytes, check_int
 
 # Notebook-like width, and a scale that keeps each PNG near 100 kB while staying sharp on a high-DPI screen.
 WIDTH, SCALE = 760, 1.5
@@ -42,7 +42,7 @@ def readme_figures(steps: int = 300, seed: int = 0) -> dict:
     from longcat_lab.perf.trace import load_trace
     from longcat_lab.train import checkpoint, read_metrics, train, train_preset
 
-    check_positive_int("steps", steps)
+    check_int("steps", steps)
     with tempfile.TemporaryDirectory(prefix="longcat-figures-") as tmp:
         # Throughput alerts off: on a shared machine they report the neighbours' load, not the run's.
         cfg = dataclasses.replace(train_preset("tiny", seed=seed).with_steps(steps), alert_throughput_drop=0.01)
