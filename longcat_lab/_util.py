@@ -3,6 +3,7 @@ writes that readers never see half done. One home for each, so that error messag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -10,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,20 @@ def replace_dir(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(dst: Path, prefix: str) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `dst` (named `prefix` + random); when the block ends normally it
+    replaces `dst` (`replace_dir`), when it raises the folder is deleted, so `dst` is never half-written."""
+    dst = Path(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def os_error_line(err: OSError, what: str = "path") -> str:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from longcat_lab._util import json_bytes, replace_dir
+from longcat_lab._util import json_bytes, staged_dir
 from longcat_lab.chat.template import chat_template
 from longcat_lab.model import presets
 from longcat_lab.model.config import ModelConfig
@@ -307,8 +305,7 @@ def save_hf(
     config = hf_config_dict(model.config, model.lm_head.weight.dtype, eos_token_id=eos_token_id)
     tensors = to_hub_state_dict(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path, prefix=f".{path.name}.tmp-") as tmp:
         # Serialised in memory and written by Python, so a full disk is an OSError naming the file (safetensors'
         # own writer reports it as its own exception type).
         (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
@@ -324,10 +321,6 @@ def save_hf(
                 "chat_template": chat_template(),
             }
             (tmp / TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
-from longcat_lab._util import check_int, fsync_dir, json_bytes, replace_dir
+from longcat_lab._util import check_int, fsync_dir, json_bytes, staged_dir
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 
@@ -101,8 +100,7 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (*folder.glob(".tmp-*"), *folder.glob(".del-*")):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step_dir_name(step)}-", dir=folder))
-    try:
+    with staged_dir(folder / step_dir_name(step), prefix=f".tmp-{step_dir_name(step)}-") as tmp:
         # Serialized here and written by Python, so a full disk is an OSError (ENOSPC) like any other write.
         (tmp / "model.safetensors").write_bytes(save_bytes(state, metadata={"format": "pt"}))
         (tmp / "config.json").write_bytes(json_bytes(model.config.to_dict()))
@@ -119,10 +117,6 @@ def save(
         }
         (tmp / META).write_bytes(json_bytes(full_meta))
         verify(tmp)  # read back what was written before it can replace anything
-        replace_dir(tmp, folder / step_dir_name(step))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         _remove(old)
     return folder / step_dir_name(step)
