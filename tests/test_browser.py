@@ -174,10 +174,11 @@ def figure_state(cell) -> str:
 
 
 def wait_changed(page, cell, before: str) -> None:
-    """Wait until the cell's figure differs from `before` (a `figure_state`)."""
+    """Wait until the cell's figure differs from `before` (a `figure_state`). While the control swaps the old
+    figure for the new one there is a moment with no plotted figure in the cell: keep waiting through it."""
     js = (
         "([c, b]) => { const e = c.querySelector('.js-plotly-plot');"
-        " return JSON.stringify([e.layout.title, e.data]) !== b; }"
+        " return !!e && !!e.layout && JSON.stringify([e.layout.title, e.data]) !== b; }"
     )
     page.wait_for_function(js, arg=[cell.element_handle(), before], timeout=30_000)
 
