@@ -71,16 +71,43 @@ def check_out_dir(out: str) -> Path:
     return path
 
 
+# Flags that only the launching process reads; torchrun's workers get the command without them.
+LAUNCH_FLAGS = ("--nproc", "--max-restarts", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The `train` command line without the launcher's flags (each given as `--flag value` or `--flag=value`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in LAUNCH_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
+            out.append(a)
+    return out
+
+
 def run_train(args) -> None:
     import longcat_lab.data as data
     from longcat_lab._util import check_int, check_seed
     from longcat_lab.model import presets
-    from longcat_lab.train import apply_overrides, train, train_preset
+    from longcat_lab.parallel.mesh import in_torchrun, restart_count
+    from longcat_lab.train import TrainingError, apply_overrides, train, train_preset
     from longcat_lab.train.trainer import check_runtime
 
     # Every argument is checked before any work starts.
     if args.steps is not None:
         check_int("--steps", args.steps)
+    check_int("--ep", args.ep)
+    worker = in_torchrun()
+    if args.nproc is None and not worker and args.ep != 1:
+        raise ValueError(f"--ep={args.ep} is not allowed on one process: add --nproc N (N a multiple of {args.ep})")
+    if args.nproc is not None:
+        check_int("--nproc", args.nproc)
+        check_int("--max-restarts", args.max_restarts, 0)
+        if not worker and args.nnodes in ("1", "1:1") and args.nproc % args.ep:
+            raise ValueError(f"--ep={args.ep} is not allowed with --nproc={args.nproc}: it must divide the ranks")
     check_int("--samples", args.samples, 0)
     if args.seed is not None:
         check_seed("--seed", args.seed)
@@ -99,12 +126,55 @@ def run_train(args) -> None:
             f"--samples={args.samples} is not allowed: it must be below max_position_embeddings="
             f"{model_config.max_position_embeddings}"
         )
-    print(
-        f"[longcat-lab] training preset {args.preset!r} ({train_config.total_steps} steps) into {args.out}"
-        f"{' (resuming if a checkpoint exists)' if args.resume else ''}",
-        flush=True,
-    )
-    result = train(model_config, train_config, args.out, resume=args.resume, progress=not args.no_progress)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.nproc is not None and not worker:
+        if args.nnodes in ("1", "1:1") and train_config.batch_size % args.nproc:
+            raise ValueError(
+                f"batch_size={train_config.batch_size} is not allowed with --nproc={args.nproc}: the global batch "
+                f"must split evenly over the ranks (set --set batch_size=B, B a multiple of {args.nproc})"
+            )
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        from longcat_lab.parallel.launch import torchrun
+
+        print(f"[longcat-lab] starting {args.nproc} ranks per node with torchrun", flush=True)
+        try:
+            torchrun(
+                worker_argv(args.argv), args.nproc, args.max_restarts, args.nnodes, args.rdzv_endpoint, args.rdzv_id
+            )
+        except ChildFailedError as err:
+            rank, failure = err.get_first_failure()
+            raise TrainingError(
+                f"training on {args.nproc} ranks failed: rank {rank} exited with code {failure.exitcode} "
+                f"after {args.max_restarts} restart(s) (--max-restarts); its error is printed above"
+            ) from None
+        return
+    if main_rank:
+        print(
+            f"[longcat-lab] training preset {args.preset!r} ({train_config.total_steps} steps) into {args.out}"
+            f"{' (resuming if a checkpoint exists)' if args.resume else ''}",
+            flush=True,
+        )
+    if worker:
+        import dataclasses
+
+        import torch.distributed as dist
+
+        from longcat_lab.train import checkpoint
+        from longcat_lab.train.distributed import train_distributed
+
+        # After a rank died, torchrun's agent starts the group again: continue from the newest checkpoint.
+        resume = args.resume or restart_count() > 0
+        result = train_distributed(
+            model_config, train_config, args.out, args.ep, resume=resume, progress=not args.no_progress
+        )
+        dist.destroy_process_group()
+        if not main_rank:
+            return
+        # The ranks held expert shards: the report samples from the whole model of the last checkpoint.
+        result = dataclasses.replace(result, model=checkpoint.load(result.checkpoint)[0])
+    else:
+        result = train(model_config, train_config, args.out, resume=args.resume, progress=not args.no_progress)
     if result.resumed_from == result.step:
         print(f"[longcat-lab] {args.out} had already reached step {result.step}: nothing to train")
     print(f"[longcat-lab] step {result.step}, checkpoint {result.checkpoint}")
@@ -172,6 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     tr.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     tr.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N ranks per node, started by torchrun's elastic agent (gloo on CPU, NCCL on GPUs); "
+        "--set batch_size is the global batch, split evenly over the ranks",
+    )
+    tr.add_argument("--ep", type=int, default=1, metavar="E", help="ranks that share the FFN experts (divides N)")
+    tr.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restarts after a rank dies")
+    tr.add_argument("--nnodes", default="1", help="with --nproc: nodes (or MIN:MAX), all given this command")
+    tr.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="with --nnodes > 1: rendezvous")
+    tr.add_argument("--rdzv-id", default="longcat", help="with --nnodes > 1: one id per job")
+    tr.add_argument(
         "--samples",
         type=int,
         default=60,
@@ -191,13 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--top-p", type=float, default=0.95)
     sa.add_argument("--seed", type=int, default=0)
+    from longcat_lab.agent import chat as chat_cli
     from longcat_lab.eval import cli as eval_cli
     from longcat_lab.experiments import cli as sweep_cli
+    from longcat_lab.serve import cli as serve_cli
     from longcat_lab.synth import cli as synth_cli
+    from longcat_lab.train import sft_cli
 
     eval_cli.add_parser(sub)
+    sft_cli.add_parser(sub)
     sweep_cli.add_parser(sub)
     synth_cli.add_parser(sub)
+    chat_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
     nb = sub.add_parser("notebooks", help="execute the numbered notebooks with papermill")
     nb.add_argument("--out", type=Path, default=Path("build/notebooks"), help="folder for the executed copies")
     nb.add_argument("--smoke", action="store_true", help="run each notebook's fast smoke configuration")
@@ -205,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     fg = sub.add_parser("figures", help="render the README's figures to PNG (plotly static export, system Chromium)")
     fg.add_argument("--out", type=Path, default=Path("docs/figures"), help="folder for the PNGs")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # torchrun's workers get the same command
     if args.command == "notebooks":
         run_notebooks(args.out, args.smoke, args.only)
     elif args.command == "figures":
@@ -216,6 +305,35 @@ def main(argv: list[str] | None = None) -> int:
             synth_cli.run(args)
         except ValueError as err:
             print(f"longcat-lab synth: error: {err}", file=sys.stderr)
+            return 2
+    elif args.command == "serve":
+        from longcat_lab.train.checkpoint import CheckpointError
+
+        try:
+            serve_cli.run(args)
+        except (ValueError, CheckpointError) as err:
+            print(f"longcat-lab serve: error: {err}", file=sys.stderr)
+            return 2
+    elif args.command == "chat":
+        from longcat_lab.train.checkpoint import CheckpointError
+
+        try:
+            chat_cli.run(args)
+        except (ValueError, CheckpointError) as err:
+            print(f"longcat-lab chat: error: {err}", file=sys.stderr)
+            return 2
+    elif args.command == "sft":
+        from longcat_lab._util import os_error_line
+        from longcat_lab.train import TrainingError
+        from longcat_lab.train.checkpoint import CheckpointError
+
+        try:
+            sft_cli.run(args)
+        except (ValueError, TrainingError, CheckpointError) as err:
+            print(f"longcat-lab sft: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:
+            print(f"longcat-lab sft: error: {os_error_line(err, '--out')}", file=sys.stderr)
             return 2
     elif args.command in ("eval", "sweep"):
         from longcat_lab.train.checkpoint import CheckpointError

@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "longcat_lab"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 # Where each optional dependency may be imported (a path prefix inside the package).
-OPTIONAL_HOMES = {"plotly": ("viz/",), "ipywidgets": ("viz/",), "transformers": ("export/",), "papermill": ("cli.py",)}
+OPTIONAL_HOMES = {
+    "plotly": ("viz/",),
+    "ipywidgets": ("viz/",),
+    "transformers": ("export/",),
+    "papermill": ("cli.py",),
+    "fastapi": ("serve/",),
+    "uvicorn": ("serve/",),
+}
 MAX_FILE_LINES = 500
 
 

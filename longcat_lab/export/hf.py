@@ -69,8 +69,12 @@ FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down
 # Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight.
 HUB_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-# Multi-token-prediction weights of the release; transformers ignores them on load too (docs/design.md §5, §8).
+# Multi-token-prediction weights (docs/design.md §5): transformers ignores them on load; vLLM and SGLang read them for
+# speculative decoding; we read them when the config has the MTP module (num_nextn_predict_layers) and skip them
+# otherwise. Three module names differ between the release and our model.
 IGNORED_HUB_PREFIX = "model.mtp."
+MTP_HUB_NAMES = {"enorm": "enorm.m", "hnorm": "hnorm.m", "mlp": "transformer_layer.mlp"}
+HUB_MTP_RENAMED = re.compile(r"^model\.mtp\.layers\.(\d+)\.(enorm\.m|hnorm\.m|transformer_layer\.mlp)\.(.+)$")
 
 
 # Config ----------------------------------------------------------------------------------------------------------
@@ -115,6 +119,8 @@ def hf_config_dict(
         router_bias=False,
         dtype=str(dtype).removeprefix("torch."),
     )
+    if config.num_nextn_predict_layers:  # the MTP module, under DeepSeek-V3's field name that vLLM reads
+        out["num_nextn_predict_layers"] = config.num_nextn_predict_layers
     return out
 
 
@@ -151,6 +157,7 @@ def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConf
     if "num_layers" not in data and "num_hidden_layers" in data:  # transformers counts attention blocks there
         fields["num_layers"] = data["num_hidden_layers"] // 2
     fields["rope_theta"] = rope.get("rope_theta", data.get("rope_theta", defaults.rope_theta))
+    fields["num_nextn_predict_layers"] = data.get("num_nextn_predict_layers", 0)
     qk_head_dim = data.get("qk_head_dim")
     if qk_head_dim is not None and qk_head_dim != fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]:
         raise ValueError(
@@ -175,7 +182,7 @@ def to_hub_state_dict(model: LongCatLM) -> dict[str, torch.Tensor]:
         tensor = tensor.detach().cpu()
         fused = FUSED_EXPERT_KEY.match(key)
         if fused is None:
-            out[key if key.startswith("lm_head.") else f"model.{key}"] = tensor.contiguous()
+            out[hub_name(key)] = tensor.contiguous()
             continue
         prefix = f"model.layers.{fused.group(1)}.mlp.experts"
         if fused.group(2) == "gate_up_proj":  # [N, 2F, D], rows [gate ; up]
@@ -219,9 +226,12 @@ def from_hub_state_dict(
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (layer, proj) -> {expert: [F, D] or [D, F]}
     unexpected = []
     for key, tensor in tensors.items():
-        if key.startswith(IGNORED_HUB_PREFIX):
+        if key.startswith(IGNORED_HUB_PREFIX) and not config.num_nextn_predict_layers:
             continue
-        if match := HUB_EXPERT_KEY.match(key):
+        if match := HUB_MTP_RENAMED.match(key):
+            ours = {v: k for k, v in MTP_HUB_NAMES.items()}[match.group(2)]
+            out[f"mtp.layers.{match.group(1)}.{ours}.{match.group(3)}"] = tensor
+        elif match := HUB_EXPERT_KEY.match(key):
             layer, e, proj = match.group(1), int(match.group(2)), match.group(3)
             if e < N:
                 check_shape(source, key, tensor, (D, F_) if proj == "down_proj" else (F_, D))
@@ -271,8 +281,13 @@ def from_hub_state_dict(
 
 
 def hub_name(key: str) -> str:
-    """Our key as the hub spells it (for error messages)."""
-    return key if key.startswith("lm_head.") else f"model.{key}"
+    """Our key as the hub spells it: a `model.` prefix on all but the LM head, and the release's MTP module names."""
+    if key.startswith("lm_head."):
+        return key
+    parts = key.split(".")
+    if parts[0] == "mtp" and len(parts) > 3 and parts[1] == "layers" and parts[3] in MTP_HUB_NAMES:
+        parts[3] = MTP_HUB_NAMES[parts[3]]
+    return "model." + ".".join(parts)
 
 
 # Folders -----------------------------------------------------------------------------------------------------------
@@ -397,6 +412,8 @@ def load_hf(
         raise ValueError(f"{config_file} holds a {type(data).__name__}, expected a JSON object")
     config = config_from_hf(data, str(config_file))
     tensors = read_hub_tensors(path)
+    if not config.num_nextn_predict_layers and any(k.startswith(IGNORED_HUB_PREFIX) for k in tensors):
+        config = config.replace(num_nextn_predict_layers=1)  # MTP weights, no field: one module, as vLLM assumes
     if data.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # tied: stored once
     state = from_hub_state_dict(tensors, config, str(path / WEIGHTS_NAME))
@@ -416,7 +433,8 @@ def serve_commands(
 ) -> dict[str, str]:
     """Shell commands that serve an exported folder with vLLM and SGLang (both register LongcatFlashForCausalLM)
     and query it. They need a CUDA GPU; nothing here runs them. Without tokenizer files in the folder, the engines
-    skip tokenizer set-up and take token ids."""
+    skip tokenizer set-up and take token ids. A folder with the MTP module gets LongCat's speculative settings (one
+    draft token, docs/design.md §5)."""
     path = Path(path).resolve()
     config = json.loads((path / CONFIG_NAME).read_text())
     config_from_hf(config, str(path / CONFIG_NAME))
@@ -424,11 +442,18 @@ def serve_commands(
     no_tokenizer = not (path / TOKENIZER_NAME).is_file()
     skip = " --skip-tokenizer-init" if no_tokenizer else ""
     prompt = '"prompt": [1, 2, 3]' if no_tokenizer else '"prompt": "To be, or not to be"'
+    vllm_mtp = sglang_mtp = ""
+    if config.get("num_nextn_predict_layers"):
+        vllm_mtp = """ --speculative-config '{"method": "longcat_flash_mtp", "num_speculative_tokens": 1}'"""
+        sglang_mtp = (
+            " --speculative-algorithm NEXTN --speculative-num-draft-tokens 2 --speculative-num-steps 1"
+            " --speculative-eagle-topk 1"
+        )
     return {
         "vllm": f"vllm serve {path} --served-model-name {served_name} --dtype {dtype} --max-model-len {context} "
-        f"--port {port}{skip}",
+        f"--port {port}{skip}{vllm_mtp}",
         "sglang": f"python -m sglang.launch_server --model-path {path} --served-model-name {served_name} "
-        f"--dtype {dtype} --context-length {context} --port {port}{skip}",
+        f"--dtype {dtype} --context-length {context} --port {port}{skip}{sglang_mtp}",
         "query": f"curl http://localhost:{port}/v1/completions -H 'Content-Type: application/json' "
         f'-d \'{{"model": "{served_name}", {prompt}, "max_tokens": 32, "temperature": 0}}\'',
     }

@@ -17,6 +17,7 @@ from longcat_lab.model.model import LongCatLM
 
 # Tensor groups of the hub layout, first match wins; zero experts' gate/up tensors are counted apart as padding.
 TENSOR_GROUPS = (
+    ("MTP module", re.compile(r"^model\.mtp\.")),  # the multi-token-prediction module (docs/design.md §5)
     ("embedding + LM head", re.compile(r"embed_tokens|lm_head")),
     ("FFN experts", re.compile(r"\.mlp\.experts\.")),
     ("router + expert bias", re.compile(r"\.mlp\.router\.")),

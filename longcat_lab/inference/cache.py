@@ -68,6 +68,7 @@ class LatentCache:
         self._derived: dict[tuple, object] = {}
         self._angles: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rotation: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._hidden: tuple[tuple[int, int], torch.Tensor] | None = None  # `attend_many`'s causal mask
 
     def angles(
         self, config: ModelConfig, past: int, length: int, device: torch.device
@@ -107,17 +108,25 @@ class LatentCache:
         (R is apply_rope of the identity, so the rotation is written once). Built once per step (keyed by the step's
         cos tensor, which every block receives) and shared by all blocks, so each block rotates its query and its key
         with one matmul each instead of slicing, rotating and writing back. The zeros off the diagonal add nothing,
-        so the kv_rank part comes out exactly as an elementwise product would."""
+        so the kv_rank part comes out exactly as an elementwise product would.
+
+        For S > 1 positions (cos [S, rope/2], a speculative verification) the matrices are [S, C, C], one per
+        position, so that [B, S, H, C] @ M_q rotates each position by its own angle."""
         if self._rotation is None or self._rotation[0] is not cos:
-            rope = cos.shape[-1] * 2
-            rotation = apply_rope(torch.eye(rope, dtype=dtype, device=cos.device), cos, sin)
-            if self._rotation is None:
-                m_q = torch.eye(kv_rank + rope, dtype=dtype, device=cos.device)
+            S, rope = cos.shape[0], cos.shape[-1] * 2
+            eye = torch.eye(rope, dtype=dtype, device=cos.device)
+            if S == 1:
+                rotation = apply_rope(eye, cos, sin)
+            else:
+                rotation = apply_rope(eye.expand(S, rope, rope), cos[:, None], sin[:, None])
+            shape = (kv_rank + rope,) * 2 if S == 1 else (S, kv_rank + rope, kv_rank + rope)
+            if self._rotation is None or self._rotation[1][0].shape != shape:
+                m_q = torch.eye(kv_rank + rope, dtype=dtype, device=cos.device).expand(shape).clone()
                 matrices = (m_q, m_q * scale_kv)
             else:  # the previous step's matrices: only their rotation block changes
                 matrices = self._rotation[1]
             for m in matrices:
-                m[kv_rank:, kv_rank:] = rotation
+                m[..., kv_rank:, kv_rank:] = rotation
             self._rotation = (cos, matrices)
         return self._rotation[1]
 
@@ -152,6 +161,33 @@ class LatentCache:
         cached = self.append(block, latent_B1C)  # [B, T, kv_rank + rope]
         probs_BHT = torch.bmm(q_BHC, cached.transpose(1, 2)).softmax(dim=-1)
         return torch.bmm(probs_BHT, cached[..., :kv_rank])
+
+    def attend_many(self, block: int, q_BSHC: torch.Tensor, latent_BSC: torch.Tensor, kv_rank: int) -> torch.Tensor:
+        """`attend` for S new positions at once (a speculative verification): new position i sees the cached ones
+        and the new ones up to itself. Returns [B, S, H, kv_lora_rank]."""
+        B, S, H, C = q_BSHC.shape
+        cached = self.append(block, latent_BSC)  # [B, T, C]
+        T = cached.shape[1]
+        scores = torch.bmm(q_BSHC.reshape(B, S * H, C), cached.transpose(1, 2)).view(B, S, H, T)
+        if self._hidden is None or self._hidden[0] != (S, T):  # built once per step, shared by the blocks
+            hidden = torch.ones(S, T, dtype=torch.bool, device=cached.device).triu(diagonal=T - S + 1)
+            self._hidden = ((S, T), hidden[None, :, None])
+        probs = scores.masked_fill(self._hidden[1], float("-inf")).softmax(dim=-1)
+        return torch.bmm(probs.view(B, S * H, T), cached[..., :kv_rank]).view(B, S, H, kv_rank)
+
+    # Decoding that is a few positions at a time (speculative verification) takes the absorbed path too, while the
+    # cache already holds a prefix; a longer chunk or a prompt re-expands keys and values (MLA.forward's own path).
+    ABSORB_MAX = 8
+
+    def absorbs(self, block: int, length: int) -> bool:
+        """Whether `length` new positions of attention block `block` take `decode.absorbed_attention`."""
+        return length == 1 or (length <= self.ABSORB_MAX and self.lengths[block] > 0)
+
+    def truncate(self, length: int, blocks: range | None = None) -> None:
+        """Forget every position from `length` on in `blocks` (default all): rejected speculative tokens. The
+        buffers stay; the next append overwrites them."""
+        for b in blocks if blocks is not None else range(len(self.lengths)):
+            self.lengths[b] = min(self.lengths[b], length)
 
     def bytes_per_token(self) -> int:
         """Cache bytes per token per sequence: (kv_lora_rank + qk_rope_head_dim) * blocks * dtype size."""

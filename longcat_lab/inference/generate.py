@@ -42,16 +42,7 @@ def stream(
     mode (cheaper per op than no_grad), so the yielded tensors are inference tensors: clone one before modifying it
     in place outside inference mode. The prompt is checked once; later steps skip `forward`'s id checks (their
     host syncs), since generated ids are in range by construction."""
-    check_int("max_new_tokens", max_new_tokens, 0)
-    check_nonnegative("temperature", temperature)
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} is not allowed: it must be in (0, 1]")
-    model.check_ids("idx", idx)
-    limit = model.config.max_position_embeddings
-    if idx.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds max_position_embeddings={limit}"
-        )
+    check_generation(model, idx, max_new_tokens, temperature, top_p)
     was_training = model.training
     model.eval()
     try:
@@ -72,6 +63,22 @@ def stream(
                 inputs = token
     finally:
         nn.Module.train(model, was_training)  # not model.train: keep the decoding weights for the next call
+
+
+def check_generation(
+    model: LongCatLM, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
+    """The argument checks every generation loop makes (`stream`, `inference.speculative`), as one-line errors."""
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_nonnegative("temperature", temperature)
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is not allowed: it must be in (0, 1]")
+    model.check_ids("idx", idx)
+    limit = model.config.max_position_embeddings
+    if idx.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds max_position_embeddings={limit}"
+        )
 
 
 @torch.no_grad()
@@ -97,6 +104,12 @@ def sample_next(
     reaches top_p (always at least the most likely one). Returns [B, 1] token ids."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(next_token_probs(logits_BV, temperature, top_p), 1, generator=generator)
+
+
+def next_token_probs(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The weights `sample_next` draws from at temperature > 0 ([B, vocab], fp32): softmax at `temperature`, cut to
+    the top-p nucleus, not renormalised (torch.multinomial does that). Speculative sampling compares two of these."""
     # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf (a
     # near-greedy draw) instead of overflowing every logit to inf and the softmax to NaN.
     logits = logits_BV.float()
@@ -109,4 +122,4 @@ def sample_next(
         drop[..., 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, sorted_ids, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)
+    return probs

@@ -63,13 +63,16 @@ class ModelConfig:
     layer_style: str = "scmoe"
     # MLA scale correction alpha_q, alpha_kv (docs/design.md §1.1); off only for the ablation of paper Fig. 5a.
     mla_scale: bool = True
+    # Multi-token prediction modules (docs/design.md §5): the release has one; 0 (no MTP) keeps models, checkpoints
+    # and transformers parity as they were. DeepSeek-V3's field name, which vLLM reads for LongCat's MTP too.
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
         # Every size is a positive int (zero experts may be absent); every float is a finite positive number.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type == "int":
-                check_int(f.name, value, 0 if f.name == "zero_expert_num" else 1)
+                check_int(f.name, value, 0 if f.name in ("zero_expert_num", "num_nextn_predict_layers") else 1)
             elif f.type == "float":
                 check_positive_float(f.name, value)
             elif f.type == "bool" and not isinstance(value, bool):
@@ -90,6 +93,11 @@ class ModelConfig:
                 f"qk_rope_head_dim={self.qk_rope_head_dim} is not allowed: RoPE rotates pairs, so it must be even"
             )
         check_choice("layer_style", self.layer_style, LAYER_STYLES)
+        if self.num_nextn_predict_layers > 1:
+            raise ValueError(
+                f"num_nextn_predict_layers={self.num_nextn_predict_layers} is not allowed: it must be 0 or 1 (the "
+                "release has one MTP module)"
+            )
 
     # Derived sizes ---------------------------------------------------------------------------------------------
     @property

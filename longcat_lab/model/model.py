@@ -84,13 +84,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Attention -----------------------------------------------------------------------------------------------------
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool, True where query i may attend key j: j <= i and both in the same segment (block-diagonal
+    causal, docs/design.md §17). RoPE scores depend only on j - i, so positions need not restart per segment."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    S = segment_ids.shape[1]
+    return (same & torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril())[:, None]
+
+
 class MLA(nn.Module):
     """Multi-head latent attention with scale correction (paper Eq. 6-7, docs/design.md §1.1):
     c_Q = RMSNorm(W_DQ h); q = alpha_q W_UQ c_Q; [c, k_R] = W_DKV h; c_KV = alpha_kv RMSNorm(c); [k_C, v] = W_UKV c_KV;
     score = [q_C; RoPE(q_R)] . [k_C; RoPE(k_R)] / sqrt(qk_head_dim), causal softmax, out = W_O o.
 
-    One new position against a `LatentCache` without gradients takes the absorbed form instead, W_UK folded into
-    the query map and W_UV into the output map (`longcat_lab.inference.decode.absorbed_attention`)."""
+    One new position against a `LatentCache` without gradients (or a few after a cached prefix, a speculative
+    verification: `LatentCache.absorbs`) takes the absorbed form instead, W_UK folded into the query map and W_UV
+    into the output map (`longcat_lab.inference.decode.absorbed_attention`)."""
 
     def __init__(self, config: ModelConfig, block_index: int):
         super().__init__()
@@ -118,10 +127,17 @@ class MLA(nn.Module):
         self.softmax_scale = c.qk_head_dim**-0.5
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask` ([B, 1, S, S] bool, True = may attend; `segment_mask`) replaces the causal mask of a pass
+        without cache: packed fine-tuning rows, whose dialogues must not see each other."""
         B, S, _ = x.shape
-        if S == 1 and cache is not None and not torch.is_grad_enabled():
+        if cache is not None and not torch.is_grad_enabled() and cache.absorbs(self.block_index, S):
             from longcat_lab.inference.decode import absorbed_attention
 
             return absorbed_attention(self, x, cos, sin, cache)
@@ -141,8 +157,15 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None].expand(B, H, total, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        if past == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        if past == 0:  # causal, or `mask`
+            # torch's fused (flash) attention wants one head dim for q, k and v and otherwise runs unfused matmul +
+            # softmax, slower forward and backward on CPU (docs/design.md §15). Zero columns appended to v change
+            # no other output column and are sliced off again.
+            pad = q.shape[-1] - self.v_dim
+            v_in = F.pad(v, (0, pad)) if pad > 0 else v
+            o = F.scaled_dot_product_attention(
+                q, k, v_in, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
+            )[..., : self.v_dim]
         else:  # queries sit at positions past..past+S-1 and may see every key up to their own position
             allowed = torch.ones(S, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
@@ -208,10 +231,11 @@ class LongCatLayer(nn.Module):
         sin: torch.Tensor,
         cache: LatentCache | None = None,
         return_routing: bool = True,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, LayerRouting | None]:
         moe, routing = self.style != "dense", None
         with region("ep.attn0"):
-            h1 = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, cache)
+            h1 = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, cache, mask)
             u = self.post_attention_layernorm[0](h1)
         if self.style == "scmoe":
             pending = self.mlp.start(u, cache)  # the shortcut: dispatch starts right after the first attention
@@ -220,7 +244,7 @@ class LongCatLayer(nn.Module):
         if self.style == "scmoe" and self.experts_after == "ffn0":
             pending = self.mlp.compute(pending)
         with region("ep.attn1"):
-            h3 = h2 + self.self_attn[1](self.input_layernorm[1](h2), cos, sin, cache)
+            h3 = h2 + self.self_attn[1](self.input_layernorm[1](h2), cos, sin, cache, mask)
             v = self.post_attention_layernorm[1](h3)
         if self.style == "vanilla":
             pending = self.mlp.start(v, cache)  # conventional: must wait for the second attention
@@ -248,6 +272,11 @@ class LongCatLM(nn.Module):
         self.layers = nn.ModuleList([LongCatLayer(config, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = None  # the multi-token-prediction module (docs/design.md §5), when the config asks for one
+        if config.num_nextn_predict_layers:
+            from longcat_lab.model.mtp import MTP  # mtp.py builds on this module's classes
+
+            self.mtp = MTP(config)  # registered last, so the other parameters keep their init order
         from longcat_lab.inference.cache import DecodingWeights
 
         self.decoding_weights = DecodingWeights()  # what `stream` decodes with; dropped by train()
@@ -296,10 +325,12 @@ class LongCatLM(nn.Module):
         cache: LatentCache | None = None,
         logits_to_keep: int = 0,
         validate: bool = True,
+        segment_ids: torch.Tensor | None = None,
     ):
         """(logits [B, S, vocab] fp32 (the last `logits_to_keep` positions if > 0), mean loss or None), plus the
         `Routing` record with return_routing=True. `validate=False` skips `check_ids` (its host sync) for ids the
-        caller produced or checked itself: the trainer's token streams, generated tokens."""
+        caller produced or checked itself: the trainer's token streams, generated tokens. `segment_ids` ([B, S]
+        ints) keeps packed sequences apart: a position attends only to earlier ones of its own segment."""
         past = cache.seq_len if cache is not None else 0
         if validate:
             self.check_ids("idx", idx, past)
@@ -307,6 +338,14 @@ class LongCatLM(nn.Module):
                 self.check_ids("targets", targets, allow_ignore=True)
                 if targets.shape != idx.shape:
                     raise ValueError(f"targets has shape {tuple(targets.shape)}: expected idx's {tuple(idx.shape)}")
+        mask = None
+        if segment_ids is not None:
+            if cache is not None or segment_ids.shape != idx.shape:
+                raise ValueError(
+                    f"segment_ids of shape {tuple(segment_ids.shape)} is not allowed: it needs idx's shape "
+                    f"{tuple(idx.shape)} and no cache"
+                )
+            mask = segment_mask(segment_ids)
         if cache is not None:
             cos, sin = cache.angles(self.config, past, idx.shape[1], idx.device)
         else:
@@ -315,7 +354,7 @@ class LongCatLM(nn.Module):
             x = self.embed_tokens(idx.long())
         layer_routing = []
         for layer in self.layers:
-            x, r = layer(x, cos, sin, cache, return_routing)
+            x, r = layer(x, cos, sin, cache, return_routing, mask)
             layer_routing.append(r)
         last_hidden = x
         with region("ep.head"):

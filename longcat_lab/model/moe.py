@@ -83,9 +83,10 @@ class Experts(nn.Module):
 
     Dispatch: sort the T*K (token, expert) pairs by expert, run each FFN expert on its contiguous slice, scale by the
     pair's weight and scatter-add back; the zero experts add weight * x in one elementwise step. Without gradients the
-    grouped kernel runs outside autograd, and a single token (batch-1 decoding) skips the sort: each chosen expert
-    runs on it directly (`longcat_lab.inference.decode`). Given a decoding `LatentCache` (and no gradients), the
-    weights come from its transposed copies (`LatentCache.transposed`)."""
+    grouped kernel runs outside autograd, and a few tokens (batch-1 decoding, a speculative verification) skip the
+    sort: each chosen expert runs on each token directly (`longcat_lab.inference.decode.experts_few_tokens`). Given
+    a decoding `LatentCache` (and no gradients), the weights come from its transposed copies
+    (`LatentCache.transposed`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -107,8 +108,8 @@ class Experts(nn.Module):
         if not grad:
             from longcat_lab.inference import decode
 
-            if x_TD.shape[0] == 1:
-                return decode.experts_one_token(self, x_TD, topk_ids_TK, topk_weights_TK, cache)
+            if 0 < x_TD.shape[0] <= decode.FEW_TOKENS:  # decoding, speculative verification (a rank may get 0)
+                return decode.experts_few_tokens(self, x_TD, topk_ids_TK, topk_weights_TK, cache)
         order_P, counts_N = sort_pairs(topk_ids_TK, N)  # P = T*K pairs
         sizes = counts_N.tolist()  # the block's one host sync: slice sizes
         n_pairs = sum(sizes)

@@ -1,5 +1,7 @@
-"""Spawning ranks: run a function in `world_size` processes inside an initialised `torch.distributed` group (gloo on
-CPU, NCCL with one GPU per rank), and the device each rank computes on."""
+"""Starting ranks. `launch` runs a function in `world_size` spawned processes inside an initialised
+`torch.distributed` group (gloo on CPU, NCCL with one GPU per rank), for tests, profiling and notebooks;
+`torchrun` starts a command's workers under torchrun's elastic agent (what `longcat-lab train --nproc` does), which
+restarts the whole group when a worker dies; `rank_device` is the device each rank computes on."""
 
 from __future__ import annotations
 
@@ -83,4 +85,31 @@ def launch(
         return [torch.load(os.path.join(tmp, f"result_{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
-__all__ = ["BACKENDS", "launch", "rank_device"]
+def torchrun(
+    module_args: list[str],
+    nproc: int,
+    max_restarts: int = 0,
+    nnodes: str = "1",
+    rdzv_endpoint: str = "",
+    rdzv_id: str = "longcat",
+) -> None:
+    """`torchrun --nproc-per-node nproc ... -m longcat_lab *module_args` in this process: torchrun's elastic agent
+    starts the workers, watches them, and restarts them all (up to `max_restarts` times) when one fails. One node:
+    a standalone rendezvous on a free local port; several (`nnodes` "2" or "2:4"): the c10d rendezvous at
+    `rdzv_endpoint` (host:port), run the same command on every node. Raises ChildFailedError when the workers fail
+    for good."""
+    from torch.distributed import run
+
+    check_int("--nproc", nproc)
+    check_int("--max-restarts", max_restarts, 0)
+    argv = ["--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--nnodes", str(nnodes)]
+    if str(nnodes) in ("1", "1:1"):
+        argv.append("--standalone")
+    elif not rdzv_endpoint:
+        raise ValueError(f"--nnodes={nnodes} is not allowed without --rdzv-endpoint HOST:PORT (one node's address)")
+    else:
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
+    run.run(run.get_args_parser().parse_args([*argv, "-m", "longcat_lab", *module_args]))
+
+
+__all__ = ["BACKENDS", "launch", "rank_device", "torchrun"]

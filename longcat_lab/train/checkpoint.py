@@ -9,13 +9,17 @@ A run folder holds `checkpoints/step_000123/` folders, each with
 - `meta.json`          written last: step, seed, versions, validation loss, and the size and sha256 of every other
                        file, so a truncated or corrupted file is caught by name before anything is loaded.
 
+A run on several ranks writes `dcp/` (torch.distributed.checkpoint, one file per rank and `.metadata`) in place of
+model.safetensors and says `"layout": "dcp"` in meta.json (`longcat_lab.parallel.dcp`); `load` reads both layouts.
+
 Writes go to a hidden temporary folder whose files are fsynced before it is renamed into place, so a crash (or a
 power loss) leaves the previous checkpoints and at most a stale temporary folder (removed by the next save); the
 last `keep` checkpoints are kept, older ones renamed out of sight before they are deleted, so a reader sees whole
 checkpoints only (docs/design.md §12). One process writes a run folder at a time (`train.lock`); readers need no
 lock. Public API: `save`, `load` (model, tokenizer, meta; from a run folder, the newest checkpoint that
 verifies), `latest`, `list_checkpoints`, `verify`, `newest_verified`, `move_aside`, `read_trainer_state`,
-`CheckpointError`.
+`is_sharded`, `CheckpointError`; `prepare_folder`, `write_rest` and `rotate` are the steps of `save` that the
+sharded writer shares.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ from longcat_lab.model.model import LongCatLM
 
 CHECKPOINTS = "checkpoints"
 FILES = ("model.safetensors", "config.json", "train_config.json", "tokenizer.json", "trainer_state.pt")
+# A checkpoint saved by several ranks (`longcat_lab.parallel.dcp`): its weights and optimizer moments are a
+# torch.distributed.checkpoint folder `dcp/` (one file per rank plus `.metadata`) instead of model.safetensors.
+SHARDED = "dcp"
+SHARDED_FILES = ("dcp/.metadata", *FILES[1:])
 META = "meta.json"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -96,30 +104,56 @@ def save(
         raise CheckpointError(
             f"refusing to save step {step}: non-finite values in {bad[:3]}; the last good checkpoint is kept"
         )
-    folder = Path(run_dir) / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in (*folder.glob(".tmp-*"), *folder.glob(".del-*")):  # left by a crash during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
+    folder = prepare_folder(run_dir)
     with staged_dir(folder / step_dir_name(step), prefix=f".tmp-{step_dir_name(step)}-") as tmp:
         # Serialized here and written by Python, so a full disk is an OSError (ENOSPC) like any other write.
         (tmp / "model.safetensors").write_bytes(save_bytes(state, metadata={"format": "pt"}))
-        (tmp / "config.json").write_bytes(json_bytes(model.config.to_dict()))
-        (tmp / "train_config.json").write_bytes(json_bytes(train_config))
-        (tmp / "tokenizer.json").write_text(tokenizer.to_str())
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
-        full_meta = {
-            **(meta or {}),
-            "format": FORMAT,
-            "step": step,
-            "files": files,
-            "versions": {"torch": torch.__version__, "longcat_lab": _version()},
-        }
-        (tmp / META).write_bytes(json_bytes(full_meta))
-        verify(tmp)  # read back what was written before it can replace anything
+        write_rest(tmp, step, model.config, tokenizer, train_config, trainer_state, meta)
+    rotate(run_dir, keep)
+    return folder / step_dir_name(step)
+
+
+def prepare_folder(run_dir: str | os.PathLike) -> Path:
+    """The run's checkpoints/ folder, made if missing and cleared of what a crash during a save left behind."""
+    folder = Path(run_dir) / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in (*folder.glob(".tmp-*"), *folder.glob(".del-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder
+
+
+def write_rest(
+    tmp: Path,
+    step: int,
+    config: ModelConfig,
+    tokenizer,
+    train_config: dict[str, Any],
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any] | None,
+) -> None:
+    """Complete the staged checkpoint folder `tmp` whose weights are written: configs, tokenizer, trainer state, and
+    meta.json last, with the size and sha256 of every file in the folder; then read it all back (`verify`)."""
+    (tmp / "config.json").write_bytes(json_bytes(config.to_dict()))
+    (tmp / "train_config.json").write_bytes(json_bytes(train_config))
+    (tmp / "tokenizer.json").write_text(tokenizer.to_str())
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
+    full_meta = {
+        **(meta or {}),
+        "format": FORMAT,
+        "step": step,
+        "files": files,
+        "versions": {"torch": torch.__version__, "longcat_lab": _version()},
+    }
+    (tmp / META).write_bytes(json_bytes(full_meta))
+    verify(tmp)  # read back what was written before it can replace anything
+
+
+def rotate(run_dir: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` checkpoints of a run."""
     for old in list_checkpoints(run_dir)[:-keep]:
         _remove(old)
-    return folder / step_dir_name(step)
 
 
 def _remove(ckpt: Path) -> None:
@@ -167,7 +201,10 @@ def verify(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     if isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int):
         raise CheckpointError(f"{meta_path}: not a valid checkpoint meta file ('step' is not an integer)")
     files = meta["files"]
-    for name in FILES:
+    required = SHARDED_FILES if meta.get("layout") == SHARDED else FILES
+    for name in (*required, *sorted(set(files) - set(required))):
+        if name.startswith("/") or ".." in name.split("/"):
+            raise CheckpointError(f"{meta_path}: lists a file outside the checkpoint ({name!r})")
         path = ckpt_dir / name
         want = files.get(name)
         if want is None:
@@ -192,7 +229,7 @@ def verify(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 def resolve(path_or_run_dir: str | os.PathLike) -> Path:
     """A checkpoint folder as given, or the newest checkpoint of a run folder."""
     path = Path(path_or_run_dir)
-    if (path / META).is_file() or (path / "model.safetensors").is_file():
+    if (path / META).is_file() or (path / "model.safetensors").is_file() or is_sharded(path):
         return path
     newest = latest(path)
     if newest is None:
@@ -220,7 +257,7 @@ def load(path_or_run_dir: str | os.PathLike, device: str | torch.device = "cpu")
     Every file is verified against meta.json first. A writer may rotate checkpoints meanwhile: a checkpoint that
     vanishes while it is read is replaced by the then newest one."""
     path = Path(path_or_run_dir)
-    if (path / META).is_file() or (path / "model.safetensors").is_file():
+    if (path / META).is_file() or (path / "model.safetensors").is_file() or is_sharded(path):
         return _load_folder(path, device)
     for _ in range(5):
         good, bad = newest_verified(path)
@@ -255,7 +292,18 @@ def _load_folder(ckpt: Path, device: str | torch.device):
     return model.to(device).eval(), tokenizer, meta
 
 
+def is_sharded(ckpt: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder was saved by several ranks (weights in `dcp/`, not model.safetensors)."""
+    return (Path(ckpt) / SHARDED / ".metadata").is_file()
+
+
 def load_model_state(model: LongCatLM, ckpt: Path) -> None:
+    """Load a checkpoint's weights into a whole (not expert-parallel) model, whichever layout it was saved in."""
+    if is_sharded(ckpt):
+        from longcat_lab.parallel import dcp
+
+        dcp.load_into(model, None, ckpt)
+        return
     path = Path(ckpt) / "model.safetensors"
     try:
         state = load_file(str(path))
@@ -286,5 +334,9 @@ __all__ = [
     "resolve",
     "read_trainer_state",
     "load_model_state",
+    "is_sharded",
+    "prepare_folder",
+    "write_rest",
+    "rotate",
     "step_dir_name",
 ]

@@ -37,6 +37,9 @@ class StageConfig:
     seq_len: int = 128
     mixture: dict[str, float] = field(default_factory=lambda: {"shakespeare": 0.45, "python": 0.4, "reasoning": 0.15})
     end_lr_ratio: float = 0.1
+    # Weight of the MTP loss (docs/design.md §5) in this stage; > 0 needs a model with num_nextn_predict_layers=1.
+    # 0 leaves the MTP module untouched, so a late stage can add it as the paper does (DeepSeek-V3 uses 0.3, then 0.1).
+    mtp_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         p = f"stage {self.name!r}: "
@@ -54,6 +57,12 @@ class StageConfig:
             self.end_lr_ratio,
             is_number(self.end_lr_ratio) and 0 <= self.end_lr_ratio <= 1,
             "a number in [0, 1]",
+        )
+        _check(
+            p + "mtp_loss_weight",
+            self.mtp_loss_weight,
+            is_number(self.mtp_loss_weight) and self.mtp_loss_weight >= 0,
+            "a finite number >= 0",
         )
         self.mixture = dict(self.mixture)
         check_mixture(self.mixture, DOMAINS, p + "mixture")
@@ -105,6 +114,7 @@ _FLOAT_RANGES = {
     "alert_throughput_drop": _UNIT,
     "alert_memory_fraction": _UNIT,
     "peak_flops": _NONNEGATIVE,
+    "sft_pretrain_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 
 
@@ -132,6 +142,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     # bf16 autocast for forward and backward (weights and optimizer stay fp32); off on CPU by default.
     bf16: bool = False
+    # torch.compile (inductor) of every layer's attention and dense FFNs (`train.speed`, docs/design.md §15). Off by
+    # default: it saved -1% to 11% of a CPU step; compiling costs what 180 small-preset steps save at best (measured).
+    torch_compile: bool = False
     # "auto" picks CUDA when present, else CPU.
     device: str = "auto"
     # torch threads for this run (0 = leave torch's default); results depend on it in the last bits.
@@ -167,6 +180,14 @@ class TrainConfig:
     init_from: str = ""
     # With init_from: continue the source run's step counter, LR schedule and data position (fresh optimizer).
     init_keep_state: bool = False
+    # Fine-tuning (docs/design.md §17; `train.sft.finetune` sets these): a JSONL of `longcat-lab synth` dialogues
+    # ("" = pre-training) and its records' sha256 (a resume refuses other data); the fraction of rows drawn from
+    # the stage's pre-training mixture against forgetting (1 in 4, about half the loss's tokens since a dialogue row
+    # trains only its assistant tokens: 1 in 8 forgot 7x more Python, measured); dialogues held out for a val loss.
+    sft_data: str = ""
+    sft_data_sha256: str = ""
+    sft_pretrain_ratio: float = 0.25
+    sft_val_dialogues: int = 8
     data: DataConfig = field(default_factory=DataConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     losses: LossConfig = field(default_factory=LossConfig)
@@ -192,7 +213,8 @@ class TrainConfig:
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")),
             "'auto', 'cpu', 'cuda[:N]'",
         )
-        _check("init_from", self.init_from, isinstance(self.init_from, str), "a path string ('' = none)")
+        for name in ("init_from", "sft_data", "sft_data_sha256"):
+            _check(name, getattr(self, name), isinstance(getattr(self, name), str), "a string ('' = none)")
         for name, cls in (("data", DataConfig), ("controller", ControllerConfig), ("losses", LossConfig)):
             v = getattr(self, name)
             if isinstance(v, dict):

@@ -22,11 +22,13 @@ from longcat_lab.model.model import LongCatLM
 from longcat_lab.train.config import TrainConfig, lr_at
 
 KINDS = ("embedding", "hidden", "unembedding")
+# Where torch has a fused AdamW kernel that `adamw` uses.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 def param_kind(name: str) -> str:
     """Which transfer rule a parameter follows: the input embedding, the LM head, or everything in between."""
-    if name.startswith("embed_tokens."):
+    if name.startswith(("embed_tokens.", "mtp.embed_tokens.")):  # the MTP module's copy too (docs/design.md §5)
         return "embedding"
     if name.startswith("lm_head."):
         return "unembedding"
@@ -81,13 +83,16 @@ def param_groups(model: LongCatLM, width_factor: float = 1.0, weight_decay: floa
 
 def adamw(model: LongCatLM, cfg: TrainConfig, width_factor: float = 1.0) -> torch.optim.AdamW:
     """The trainer's optimizer: AdamW over `param_groups` with `cfg`'s betas, eps and weight decay, starting at the
-    schedule's first LR."""
+    schedule's first LR. On CPU and CUDA it is torch's fused kernel, one pass over each tensor instead of a dozen
+    elementwise ops: about 3x faster than the default per-parameter loop on CPU, the same update to float rounding
+    (docs/design.md §15)."""
     return torch.optim.AdamW(
         param_groups(model, width_factor=width_factor, weight_decay=cfg.weight_decay),
         lr=lr_at(cfg.stages, 0),
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
+        fused=True if model.device.type in FUSED_ADAMW_DEVICES else None,
     )
 
 
@@ -104,6 +109,8 @@ def grow_depth(model: LongCatLM, factor: int = 2) -> LongCatLM:
     grown.lm_head.load_state_dict(model.lm_head.state_dict())
     for i, layer in enumerate(grown.layers):
         layer.load_state_dict(model.layers[i % L].state_dict())
+    if model.mtp is not None:  # the MTP module (docs/design.md §5) follows the last layer, whatever the depth
+        grown.mtp.load_state_dict(model.mtp.state_dict())
     return grown.train(model.training)
 
 

@@ -9,11 +9,14 @@ Shape legend: B batch, S sequence, T = B*S tokens, E = N + Z experts, N FFN expe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from longcat_lab._util import check_int, check_nonnegative, from_known_fields, is_number
 from longcat_lab.model.config import ModelConfig
@@ -51,6 +54,23 @@ class LossConfig:
         return from_known_fields(cls, data)
 
 
+# The process group whose selections the balance loss counts (None: this process's only); set by `global_statistics`.
+_STATS_GROUP: Any = None
+
+
+@contextlib.contextmanager
+def global_statistics(group: Any) -> Iterator[None]:
+    """Inside the block, `balance_loss_layer` takes f_j from the selections of every rank of `group` (summed with
+    one all-reduce per layer), so that the mean of the ranks' losses is the loss of the whole batch and its gradient
+    is that of one process on the whole batch (docs/design.md §14). `group=None` changes nothing."""
+    global _STATS_GROUP
+    before, _STATS_GROUP = _STATS_GROUP, group
+    try:
+        yield
+    finally:
+        _STATS_GROUP = before
+
+
 def balance_loss_layer(
     layer: LayerRouting, n_ffn: int, top_k: int, target_ffn_experts: float, groups: int = 1
 ) -> torch.Tensor:
@@ -73,6 +93,11 @@ def balance_loss_layer(
     P_G = torch.zeros(n_groups, dtype=probs_TE.dtype, device=probs_TE.device).index_add(0, group_E, probs_TE.sum(0)) / T
     with torch.no_grad():
         picks_G = torch.bincount(group_E[ids_P], minlength=n_groups).to(probs_TE.dtype)
+        T_picks = T
+        if _STATS_GROUP is not None:  # f_j of the global batch; P_j stays this rank's (its gradient is local)
+            picks_T = torch.cat([picks_G, picks_G.new_tensor([T])])
+            dist.all_reduce(picks_T, group=_STATS_GROUP)
+            picks_G, T_picks = picks_T[:-1], picks_T[-1]
         norm_G = torch.full(
             (n_groups,),
             D / target_ffn_experts if target_ffn_experts > 0 else 0.0,
@@ -82,7 +107,7 @@ def balance_loss_layer(
         if E > N:
             zero_share = top_k - target_ffn_experts
             norm_G[D] = 1.0 / zero_share if zero_share > 0 else 0.0
-        f_G = norm_G * picks_G / T
+        f_G = norm_G * picks_G / T_picks
     return (f_G * P_G).sum()
 
 
@@ -127,4 +152,12 @@ def aux_losses(
     return out
 
 
-__all__ = ["LOSS_KEYS", "LossConfig", "aux_losses", "balance_loss_layer", "hidden_z_loss", "router_z_loss_layer"]
+__all__ = [
+    "LOSS_KEYS",
+    "LossConfig",
+    "aux_losses",
+    "balance_loss_layer",
+    "global_statistics",
+    "hidden_z_loss",
+    "router_z_loss_layer",
+]

@@ -8,14 +8,16 @@ A resume reproduces an uninterrupted run bit for bit because everything that the
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from longcat_lab.model.config import ModelConfig
 from longcat_lab.train import checkpoint, growth
-from longcat_lab.train.config import lr_at, stage_at
+from longcat_lab.train.config import TrainConfig, lr_at, stage_at
 from longcat_lab.train.telemetry import to_json
 
 if TYPE_CHECKING:
@@ -78,6 +80,12 @@ def config_diffs(trainer: Trainer, ckpt: Path) -> list[str]:
     """The differences between the checkpoint's configs and the trainer's, RESUME_FREE_FIELDS left out."""
     saved_cfg = json.loads((ckpt / "train_config.json").read_text())
     saved_model = json.loads((ckpt / "config.json").read_text())
+    # A field added since the checkpoint was written holds its default there: read both files through their
+    # dataclass so that only real differences are refused.
+    with contextlib.suppress(ValueError, TypeError):
+        saved_cfg = TrainConfig.from_dict(saved_cfg).to_dict()
+    with contextlib.suppress(ValueError, TypeError):
+        saved_model = ModelConfig.from_dict(saved_model).to_dict()
     return _config_diff(saved_cfg, trainer.cfg.to_dict()) + [
         f"model.{d}" for d in _config_diff(saved_model, trainer.mc.to_dict())
     ]
@@ -105,11 +113,10 @@ def trainer_state(t: Trainer) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(t: Trainer) -> Path:
-    """Write the checkpoint of `t` at its current step (model, tokenizer, both configs, `trainer_state` and a
-    summary in meta), keeping the newest `keep_checkpoints`; returns its folder."""
+def checkpoint_meta(t: Trainer) -> dict[str, Any]:
+    """The run's summary that meta.json carries beside the checksums."""
     stage = t.cfg.stages[stage_at(t.cfg.stages, max(0, t.steps_done - 1))[0]]
-    meta = {
+    return {
         "seed": t.cfg.seed,
         "stage": stage.name,
         "tokens_seen": t.tokens_seen,
@@ -119,6 +126,16 @@ def save_checkpoint(t: Trainer) -> Path:
         "total_steps": t.cfg.total_steps,
         "num_params": t.model.num_params(),
     }
+
+
+def save_checkpoint(t: Trainer) -> Path:
+    """Write the checkpoint of `t` at its current step (model, tokenizer, both configs, `trainer_state` and a
+    summary in meta), keeping the newest `keep_checkpoints`; returns its folder. A run on several ranks writes a
+    sharded checkpoint (`parallel.dcp`)."""
+    if t.parallel is not None:
+        from longcat_lab.parallel import dcp
+
+        return dcp.save_checkpoint(t)
     return checkpoint.save(
         t.run_dir,
         t.steps_done,
@@ -126,16 +143,22 @@ def save_checkpoint(t: Trainer) -> Path:
         t.dataset.tokenizer,
         t.cfg.to_dict(),
         trainer_state(t),
-        meta,
+        checkpoint_meta(t),
         keep=t.cfg.keep_checkpoints,
     )
 
 
 def restore(t: Trainer, ckpt: Path) -> None:
-    """Load the model and `trainer_state` of checkpoint `ckpt` into `t` (its configs were compared already)."""
-    checkpoint.load_model_state(t.model, ckpt)
+    """Load the model and `trainer_state` of checkpoint `ckpt` into `t` (its configs were compared already). A
+    sharded checkpoint, or a run on several ranks, reshards through `parallel.dcp` (any layout to any layout)."""
     st = checkpoint.read_trainer_state(ckpt)
-    t.optimizer.load_state_dict(st["optimizer"])
+    if t.parallel is not None or checkpoint.is_sharded(ckpt):
+        from longcat_lab.parallel import dcp
+
+        dcp.load_into(t.model, t.optimizer, ckpt, t.parallel.ctx if t.parallel else None, st)
+    else:
+        checkpoint.load_model_state(t.model, ckpt)
+        t.optimizer.load_state_dict(st["optimizer"])
     t.controller.load_state_dict(st["controller"])
     t.sampler.load_state_dict(st["sampler"])
     _set_rng_state(st["rng"], t.device)
@@ -144,22 +167,27 @@ def restore(t: Trainer, ckpt: Path) -> None:
     t.skipped_total, t.consecutive_skips = c["skipped_total"], c["consecutive_skips"]
     t.sdc_mismatches, t.tokens_seen = c["sdc_mismatches"], c["tokens_seen"]
     for b, counts in zip(t.model.moe_blocks(), st["expert_counts"]):
-        b.router.expert_counts.copy_(counts)
+        # Every rank's counts were summed into rank 0's before the save: the other ranks start from zero.
+        b.router.expert_counts.copy_(counts if t.main else torch.zeros_like(counts))
     t.val_loss, t.val_step = st["val_loss"], st["val_step"]
     t.steps_done = t.resumed_from = st["step"]
 
 
 def init_from(t: Trainer, source: str) -> None:
     """Growth init (docs/design.md §4): the source checkpoint's model, stacked to this depth; with
-    `init_keep_state`, also its step counter and data position (the optimizer starts fresh)."""
+    `init_keep_state`, also its step counter and data position (the optimizer starts fresh). A source without the
+    MTP module may start a model with one (docs/design.md §5): the module is then new, its embedding copied."""
     src_model, _, meta = checkpoint.load(source)
     grown = growth.grow_depth(src_model, t.mc.num_layers // max(1, src_model.config.num_layers))
-    if grown.config != t.mc:
+    adds_mtp = src_model.mtp is None and t.model.mtp is not None
+    if (grown.config.replace(num_nextn_predict_layers=1) if adds_mtp else grown.config) != t.mc:
         raise ValueError(
             f"init_from={source!r} is not allowed: stacking its {src_model.config.num_layers}-layer "
             f"model does not give this ModelConfig (depth must be a multiple and all else equal)"
         )
-    t.model.load_state_dict(grown.state_dict())
+    t.model.load_state_dict(grown.state_dict(), strict=not adds_mtp)
+    if adds_mtp:
+        t.model.mtp.start_from(t.model)
     if t.cfg.init_keep_state:
         st = checkpoint.read_trainer_state(checkpoint.resolve(source))
         t.sampler.load_state_dict(st["sampler"])
@@ -167,4 +195,12 @@ def init_from(t: Trainer, source: str) -> None:
         t.tokens_seen = st["counters"]["tokens_seen"]
 
 
-__all__ = ["RESUME_FREE_FIELDS", "config_diffs", "trainer_state", "save_checkpoint", "restore", "init_from"]
+__all__ = [
+    "RESUME_FREE_FIELDS",
+    "checkpoint_meta",
+    "config_diffs",
+    "trainer_state",
+    "save_checkpoint",
+    "restore",
+    "init_from",
+]

@@ -15,9 +15,17 @@ import torch
 
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
+from longcat_lab.model.mtp import mtp_loss
 from longcat_lab.train import metrics
 from longcat_lab.train.config import TrainConfig
 from longcat_lab.train.losses import LOSS_KEYS, aux_losses
+
+
+def step_loss_keys(model: LongCatLM) -> tuple[str, ...]:
+    """What a step adds to the LM loss: the auxiliary losses and, for a model with the MTP module, the weighted MTP
+    loss (0 in a stage without MTP weight)."""
+    return (*LOSS_KEYS, "mtp_loss") if model.mtp is not None else LOSS_KEYS
+
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +37,7 @@ class StepResult:
     step: int  # optimizer steps done, this one included
     stage_index: int
     lr: float
-    losses: dict[str, float]  # loss (LM + aux), lm_loss and each of LOSS_KEYS, mean over micro-batches
+    losses: dict[str, float]  # loss (LM + aux), lm_loss and each of step_loss_keys, mean over micro-batches
     grad_norm: float  # before clipping
     skipped: bool  # non-finite loss or gradient: no update was made
     tokens: int
@@ -53,26 +61,39 @@ def forward_backward(
     cfg: TrainConfig,
     model_config: ModelConfig,
     target: float,
+    mtp_weight: float,
     want_rg: bool,
 ):
     """Forward and backward over the micro-batches (gradients accumulate, each scaled by 1 / grad_accum); returns
-    ([micro, 2 + len(LOSS_KEYS)] losses: total, LM, aux...), R_g (or None), the seconds R_g took, and the last
-    micro-batch's routing. `target` is the controller's FFN-experts target the balance loss aims at."""
-    parts, rg, rg_time, routing = [], None, 0.0, None
-    for i, (x, y) in enumerate(batches):
+    ([micro, 2 + len(step_loss_keys(model))] losses: total, LM, aux...), R_g (or None), the seconds R_g took, and
+    the last micro-batch's routing. `target` is the controller's FFN-experts target the balance loss aims at. A batch
+    may carry a third tensor, packed rows' segment ids (fine-tuning, `data.sft`). `mtp_weight` > 0 adds the MTP
+    loss with that weight (the stage's `mtp_loss_weight`, docs/design.md §5)."""
+    if mtp_weight and model.mtp is None:
+        raise ValueError(
+            f"mtp_loss_weight={mtp_weight} is not allowed for a model without an MTP module: set "
+            "num_nextn_predict_layers=1 in the ModelConfig, or the weight to 0"
+        )
+    parts, rg, rg_time, routing, keys = [], None, 0.0, None, step_loss_keys(model)
+    for i, (x, y, *segments) in enumerate(batches):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            _, lm_loss, routing = model(x, y, return_routing=True, validate=False)
+            seg = segments[0] if segments else None
+            _, lm_loss, routing = model(x, y, return_routing=True, validate=False, segment_ids=seg)
             aux = aux_losses(routing, cfg.losses, model_config, target)
-        loss = lm_loss + sum(aux[k] for k in LOSS_KEYS)
+            if model.mtp is not None:
+                aux["mtp_loss"] = (
+                    mtp_weight * mtp_loss(model, routing.last_hidden, y, seg)
+                    if mtp_weight
+                    else torch.zeros_like(lm_loss)
+                )
+        loss = lm_loss + sum(aux[k] for k in keys)
         if want_rg and i == 0:
             t = time.perf_counter()
             rg = metrics.balance_grad_ratio(lm_loss, aux["balance_loss"], routing)
             rg_time = time.perf_counter() - t
         (loss / cfg.grad_accum).backward()
         parts.append(
-            torch.stack(
-                [loss.detach().float(), lm_loss.detach().float(), *(aux[k].detach().float() for k in LOSS_KEYS)]
-            )
+            torch.stack([loss.detach().float(), lm_loss.detach().float(), *(aux[k].detach().float() for k in keys)])
         )
     return torch.stack(parts), rg, rg_time, routing
 
@@ -121,4 +142,4 @@ def sdc_check(
     return result
 
 
-__all__ = ["StepResult", "forward_backward", "sdc_check"]
+__all__ = ["StepResult", "forward_backward", "sdc_check", "step_loss_keys"]

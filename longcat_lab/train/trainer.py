@@ -3,7 +3,8 @@ telemetry, checkpoints that resume bit for bit, skipped non-finite steps and a d
 
 - `train(model_config, train_config, out_dir, resume=False, progress=True, callback=None) -> TrainResult`: the
   entry point; `callback(row)` receives every metrics row as it is written (live plots: `viz.training.LivePlot`).
-- `Trainer`: one run. Its constructor builds everything (data, model, optimizer, controller, sampler, telemetry)
+- `Trainer`: one run (on several ranks, each rank's part of it: `train.distributed`, docs/design.md §14). Its
+  constructor builds everything (data, model, optimizer, controller, sampler, telemetry)
   and, with `resume=True`, restores the newest checkpoint; `step()` takes one optimizer step (its forward and
   backward and the SDC re-run are `train.step`'s) and returns a `StepResult`, which `Telemetry.row` turns into the
   metrics row; `run()` loops, evaluates and saves (checkpoint contents: `train.resume`).
@@ -41,14 +42,13 @@ from longcat_lab.data import Dataset, MixtureSampler, load_dataset
 from longcat_lab.eval.bpb import bits_per_byte
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
-from longcat_lab.train import checkpoint, growth, metrics
+from longcat_lab.train import checkpoint, growth, metrics, speed
 from longcat_lab.train.config import TrainConfig, every, lr_at, stage_at
 from longcat_lab.train.control import BiasController
 from longcat_lab.train.evaluation import evaluate
 from longcat_lab.train.lock import RunLock, RunLockedError
-from longcat_lab.train.losses import LOSS_KEYS
 from longcat_lab.train.resume import config_diffs, init_from, restore, save_checkpoint
-from longcat_lab.train.step import StepResult, forward_backward, sdc_check
+from longcat_lab.train.step import StepResult, forward_backward, sdc_check, step_loss_keys
 from longcat_lab.train.telemetry import ProgressBar, Telemetry, read_metrics
 
 log = logging.getLogger(__name__)
@@ -162,13 +162,19 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         callback: Callable[[dict[str, Any]], Any] | None = None,
+        parallel: Any = None,
     ):
-        self.mc, self.cfg, self.run_dir, self.progress = model_config, cfg, Path(out_dir), progress
-        self.device = check_runtime(cfg)
+        self.mc, self.cfg, self.run_dir = model_config, cfg, Path(out_dir)
+        # Several ranks (train.distributed.DataExpertParallel): rank 0 holds the lock, logs and draws the bar.
+        self.parallel = parallel
+        self.main = parallel is None or parallel.ctx.is_main
+        self.progress = progress and self.main
+        self.device = check_runtime(cfg) if parallel is None else parallel.ctx.device
         self.eval_seq_len = _check_positions(model_config, cfg)
         self.lock = RunLock(self.run_dir)
         try:
-            self.lock.acquire()
+            if self.main:
+                self.lock.acquire()
         except RunLockedError as err:
             raise TrainingError(str(err)) from None
         try:
@@ -191,10 +197,16 @@ class Trainer:
         scale = model_config.hidden_size / cfg.proxy_hidden_size if cfg.proxy_hidden_size else 1.0
         growth.init_with_transfer(self.model, width_factor=scale, generator=torch.Generator().manual_seed(cfg.seed))
         self.model.to(self.device).train()
+        speed.prepare(self.model, cfg)  # TrainConfig.torch_compile (docs/design.md §15)
+        self.rows = slice(None)  # this rank's rows of every global batch
+        if self.parallel is not None:
+            self.parallel.shard(self.model)
+            self.rows = self.parallel.ctx.rows(cfg.batch_size)
         self.optimizer = growth.adamw(self.model, cfg, width_factor=scale)
         self.controller = BiasController(cfg.controller, self.model)
-        self.sampler = MixtureSampler(self.dataset.train, seed=cfg.seed)
-        self.telemetry = Telemetry(cfg, model_config, self.device, self.run_dir / "metrics.jsonl", callback)
+        self.sampler = self.build_sampler()
+        make_telemetry = Telemetry if self.parallel is None else self.parallel.telemetry
+        self.telemetry = make_telemetry(cfg, model_config, self.device, self.run_dir / "metrics.jsonl", callback)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.steps_done = self.tokens_seen = self.skipped_total = self.consecutive_skips = self.sdc_mismatches = 0
         self.val_loss: dict[str, float] = {}
@@ -213,9 +225,15 @@ class Trainer:
             self.telemetry.truncate(self.steps_done)
             self.last_checkpoint = existing
         else:
-            self.telemetry.path.unlink(missing_ok=True)
+            if self.main:
+                self.telemetry.path.unlink(missing_ok=True)
             if cfg.init_from:
                 init_from(self, cfg.init_from)
+
+    def build_sampler(self):
+        """The batch source: `batch(mixture, batch_size, seq_len)` -> (x, y) or (x, y, segment_ids), with
+        `state_dict`/`load_state_dict` (the data position). Fine-tuning (`train.sft.SFTTrainer`) swaps in its own."""
+        return MixtureSampler(self.dataset.train, seed=self.cfg.seed)
 
     def _newest_good_checkpoint(self) -> Path:
         """The newest checkpoint that verifies; newer, damaged ones are moved aside (never deleted), each with a
@@ -226,7 +244,7 @@ class Trainer:
                 f"cannot resume {self.run_dir}: none of its checkpoints verifies (newest: {bad[0][1]}); nothing "
                 "was changed: repair or move them, or start a new --out"
             )
-        for ckpt, err in bad:
+        for ckpt, err in bad if self.main else ():
             moved = checkpoint.move_aside(ckpt)
             log.warning("%s fails verification (%s): moved to %s; resuming from %s", ckpt.name, err, moved, good.name)
         return good
@@ -248,22 +266,28 @@ class Trainer:
         t0 = time.perf_counter()
         batches = []
         for _ in range(cfg.grad_accum):
-            x, y = self.sampler.batch(stage.mixture, cfg.batch_size, stage.seq_len)
-            batches.append((x.to(self.device), y.to(self.device)))
+            batch = self.sampler.batch(stage.mixture, cfg.batch_size, stage.seq_len)
+            batches.append(tuple(t[self.rows].to(self.device) for t in batch))
         counts_before = [b.router.expert_counts.clone() for b in self.model.moe_blocks()]
         want_rg = every(cfg.rg_every, index + 1) and bool(self.model.moe_blocks())
         self.optimizer.zero_grad(set_to_none=True)
         # R_g's extra autograd pass and the SDC re-run are diagnostics: their time stays out of tokens/s and MFU.
-        run = functools.partial(forward_backward, self.model, batches, cfg, self.mc, self.controller.target)
-        losses, rg, diag_time, routing = run(want_rg)
-        sdc = None
-        if every(cfg.sdc_check_every, index + 1):
-            t_sdc = time.perf_counter()
-            sdc = sdc_check(self.model, self.params, lambda: run(False)[0], losses, counts_before, index + 1)
-            self.sdc_mismatches += not sdc["match"]
-            diag_time += time.perf_counter() - t_sdc
-        values = dict(zip(("loss", "lm_loss", *LOSS_KEYS), losses.mean(0).tolist()))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        run = functools.partial(
+            forward_backward, self.model, batches, cfg, self.mc, self.controller.target, stage.mtp_loss_weight
+        )
+        with self.parallel.global_statistics() if self.parallel else contextlib.nullcontext():
+            losses, rg, diag_time, routing = run(want_rg)
+            sdc = None
+            if every(cfg.sdc_check_every, index + 1):
+                t_sdc = time.perf_counter()
+                sdc = sdc_check(self.model, self.params, lambda: run(False)[0], losses, counts_before, index + 1)
+                self.sdc_mismatches += not sdc["match"]
+                diag_time += time.perf_counter() - t_sdc
+        if self.parallel is not None:  # gradients, losses and the routers' counts over all ranks; global clip
+            losses, grad_norm = self.parallel.synchronize(self.model, losses, cfg.grad_clip)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        values = dict(zip(("loss", "lm_loss", *step_loss_keys(self.model)), losses.mean(0).tolist()))
         finite = math.isfinite(values["loss"]) and math.isfinite(grad_norm)
         report: dict[str, Any] = {}
         health = None
@@ -438,13 +462,18 @@ def train(
 
     resume=True continues from the newest checkpoint in `out_dir` (none: a fresh start) and reproduces the losses
     of an uninterrupted run bit for bit; resume=False refuses a folder that already holds checkpoints. A run that
-    already reached its last step trains nothing and returns the final state. Every run ends with a checkpoint."""
+    already reached its last step trains nothing and returns the final state. Every run ends with a checkpoint.
+    A config with `sft_data` fine-tunes on those dialogues (`train.sft`, which sets it up from a checkpoint)."""
     if not isinstance(model_config, ModelConfig):
         raise ValueError(f"model_config must be a ModelConfig, got {type(model_config).__name__}")
     if not isinstance(train_config, TrainConfig):
         raise ValueError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
     check_runtime(train_config)  # before the thread count is applied: a huge one crashes the process
     with _threads(train_config.num_threads), _deterministic(train_config.deterministic):
+        if train_config.sft_data:
+            from longcat_lab.train.sft import SFTTrainer
+
+            return SFTTrainer(model_config, train_config, out_dir, resume, progress, callback).run()
         return Trainer(model_config, train_config, out_dir, resume, progress, callback).run()
 
 

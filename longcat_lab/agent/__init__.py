@@ -1,0 +1,30 @@
+"""Agents on synthesised tasks (docs/design.md §18): `run_episode` plays one task with a model against the task's
+environment and a live user simulator (`loop`), the baselines and the model as agents (`policies`), and the
+interactive `longcat-lab chat` (`chat`)."""
+
+from longcat_lab.agent.loop import (
+    DEFAULT_MAX_TURNS,
+    STOP_REASONS,
+    ContextFull,
+    Episode,
+    SimulatedUser,
+    cell_name,
+    play,
+    run_episode,
+)
+from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, generate_reply
+
+__all__ = [
+    "DEFAULT_MAX_TURNS",
+    "STOP_REASONS",
+    "ContextFull",
+    "Episode",
+    "ExpertAgent",
+    "ModelAgent",
+    "RandomValidAgent",
+    "SimulatedUser",
+    "cell_name",
+    "generate_reply",
+    "play",
+    "run_episode",
+]

@@ -1,0 +1,186 @@
+"""The agents that play tasks in the loop (docs/design.md §18), each with `reply(messages, tools) -> str`:
+
+- `ModelAgent`: a `LongCatLM` renders the conversation with the chat template and generates the reply
+  (`generate_reply`, which the chat command streams to the terminal);
+- `RandomValidAgent`: the floor, calls offered tools at random with arguments that satisfy their schemas (strings
+  and numbers taken from the conversation so far), then ends;
+- `ExpertAgent`: the ceiling, replays the expert solver's reference replies for the task.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from longcat_lab._util import check_int, check_nonnegative
+from longcat_lab.chat import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, render, tool_call_block
+from longcat_lab.data import eot_id
+from longcat_lab.synth.agents import ExpertSolver
+from longcat_lab.synth.env import Task
+
+
+def prompt_ids(tokenizer, prompt: str, keep: int) -> list[int]:
+    """The prompt's ids, encoded as one string as the fine-tuning data encodes a dialogue (docs/design.md §17), of
+    which the last `keep` are kept: fine-tuning trains on pieces that start anywhere in a dialogue, so a model
+    has learned to reply from a window that begins mid-conversation."""
+    return tokenizer.encode(prompt).ids[-keep:]
+
+
+def generate_reply(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 192,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_text: Callable[[str], None] | None = None,
+    window: int | None = None,
+) -> str:
+    """The assistant reply the model generates after `prompt` (which ends with ` ASSISTANT:`): until
+    `</longcat_s>`, the document separator, a closing tool-call marker that no further call follows, or
+    `max_new_tokens`. The prompt and the reply share `window` positions (default: the model's
+    max_position_embeddings); a longer prompt keeps its last tokens. `on_text` receives the text as it grows."""
+    window = window or model.config.max_position_embeddings
+    check_int("window", window, 2)
+    max_new_tokens = min(max_new_tokens, window // 2)
+    ids = prompt_ids(tokenizer, prompt, window - max_new_tokens)
+    stops = {tokenizer.token_to_id(END_OF_TURN), eot_id(tokenizer)}
+    close, reopen = tokenizer.token_to_id(TOOL_CALL_CLOSE), tokenizer.token_to_id(TOOL_CALL_OPEN)
+    idx = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out: list[int] = []
+    shown = ""
+    for token in model.stream(idx, max_new_tokens, temperature=temperature, top_p=top_p, generator=generator):
+        t = int(token[0, 0])
+        # Calls end a reply (the template puts only `</longcat_s>` after them), unless another call follows.
+        if t in stops or (out and out[-1] == close and t != reopen):
+            break
+        out.append(t)
+        if on_text is not None:
+            text = tokenizer.decode(out, skip_special_tokens=False)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                on_text(text[len(shown) :])
+                shown = text
+    text = tokenizer.decode(out, skip_special_tokens=False)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown) :])
+    return text
+
+
+class ModelAgent:
+    """A model as the agent: each reply is generated from the whole conversation rendered with the tools."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_new_tokens: int = 192,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        window: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ):
+        check_int("max_new_tokens", max_new_tokens)
+        check_nonnegative("temperature", temperature)
+        self.model, self.tokenizer = model, tokenizer
+        self.options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "window": window}
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.on_text = on_text
+
+    def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+        prompt = render(messages, tools or None, add_generation_prompt=True)
+        return generate_reply(
+            self.model, self.tokenizer, prompt, generator=self.generator, on_text=self.on_text, **self.options
+        )
+
+
+def _candidates(messages: list[dict[str, Any]]) -> tuple[list[str], list[int]]:
+    """Strings and integers a random caller could pass: ids, e-mails, names and numbers seen in the conversation."""
+    text = "\n".join(m.get("content") or "" for m in messages if m.get("role") != "system")
+    strings = set(re.findall(r"\b[A-Z]+\d+\b|[\w.+-]+@[\w.-]+\w|\b[A-Z][a-z]+ [A-Z][a-z]+\b", text))
+    strings |= {s for s in re.findall(r'"([^"\n]{1,40})"', text)}
+    numbers = {int(n) for n in re.findall(r"(?<![\w.])\d{1,6}(?![\w.])", text)}
+    return sorted(strings) or ["x"], sorted(numbers) or [1]
+
+
+def random_arguments(rng: random.Random, schema: dict[str, Any], strings: list[str], numbers: list[int]) -> dict:
+    """Arguments that satisfy a tool's schema (required properties only), drawn from the candidates."""
+
+    def value(s: dict[str, Any]) -> Any:
+        if "enum" in s:
+            return rng.choice(s["enum"])
+        if "anyOf" in s:
+            return value(s["anyOf"][0])
+        kind = s.get("type")
+        if kind == "integer":
+            return rng.choice(numbers)
+        if kind == "number":
+            return float(rng.choice(numbers))
+        if kind == "boolean":
+            return rng.random() < 0.5
+        if kind == "array":
+            return [value(s.get("items", {"type": "string"}))]
+        if kind == "object":
+            return {}
+        return rng.choice(strings)
+
+    return {name: value(schema["properties"][name]) for name in schema.get("required", [])}
+
+
+class RandomValidAgent:
+    """The random-valid-call baseline: each turn, with probability `p_call`, one call to a random offered tool with
+    schema-valid arguments; otherwise (and after `max_calls`) a closing message, which ends the dialogue."""
+
+    def __init__(self, seed: int = 0, p_call: float = 0.8, max_calls: int = 8):
+        self.rng = random.Random(seed)
+        self.p_call, self.max_calls, self.calls = p_call, max_calls, 0
+
+    def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+        if not tools or self.calls >= self.max_calls or self.rng.random() >= self.p_call:
+            return "Done: your request has been handled."
+        self.calls += 1
+        f = self.rng.choice(tools)["function"]
+        strings, numbers = _candidates(messages)
+        return tool_call_block(f["name"], random_arguments(self.rng, f["parameters"], strings, numbers))
+
+
+def reply_text(message: dict[str, Any]) -> str:
+    """An assistant message as the model writes it: its content, then one block per call."""
+    calls = [c.get("function", c) for c in message.get("tool_calls") or []]
+    return (message.get("content") or "") + "".join(tool_call_block(c["name"], c["arguments"]) for c in calls)
+
+
+class ExpertAgent:
+    """The ceiling: replays the expert solver's reference replies for `task`, in order (then says nothing)."""
+
+    def __init__(self, task: Task):
+        reference = ExpertSolver(task).run()
+        self.replies = [reply_text(m) for m in reference if m["role"] == "assistant"]
+
+    def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+        return self.replies.pop(0) if self.replies else ""
+
+
+def describe(message: dict[str, Any]) -> str:
+    """One line per call of an assistant message, `name({"arg": ...})`, for terminal output."""
+    calls = [c.get("function", c) for c in message.get("tool_calls") or []]
+    return "\n".join(f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" for c in calls)
+
+
+__all__ = [
+    "ExpertAgent",
+    "ModelAgent",
+    "RandomValidAgent",
+    "describe",
+    "generate_reply",
+    "prompt_ids",
+    "random_arguments",
+    "reply_text",
+]

@@ -1,0 +1,177 @@
+"""The FastAPI application of `longcat-lab serve` (docs/design.md §16): the OpenAI chat-completions API over an
+`Engine`, plus `/health` and Prometheus `/metrics`.
+
+Errors use the OpenAI body, `{"error": {"message", "type", "param", "code"}}`, so the official client raises its
+usual exceptions: 400 for a request the server refuses, 404 for another model's name, 503 when the queue is full,
+500 when generation itself fails. Streams are server-sent events: `data: {chunk}` lines and a final `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from longcat_lab.serve.engine import BadRequest, Engine, QueueFull, Result, new_id, tool_calls_json
+
+COMPLETIONS = "/v1/chat/completions"
+PATHS = ("/health", "/metrics", "/v1/models", COMPLETIONS)
+
+
+def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = {404: "not_found_error", 503: "server_busy", 500: "server_error"}.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+def usage(result: Result) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The application serving `engine`; the engine's worker thread is stopped when the application shuts down."""
+    metrics = engine.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()
+
+    app = FastAPI(
+        title="longcat-lab",
+        description="OpenAI-compatible chat completions for a longcat_lab checkpoint",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        path = request.url.path if request.url.path in PATHS else "other"  # bounded label values
+        metrics.request(path, response.status_code)
+        return response
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": engine.name, "queue_depth": metrics.queue_depth}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        model = {"id": engine.name, "object": "model", "created": int(metrics.started), "owned_by": "longcat-lab"}
+        return {"object": "list", "data": [model]}
+
+    @app.post(COMPLETIONS)
+    async def chat_completions(request: Request):
+        start = time.perf_counter()
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            return error(400, "the request body is not valid JSON")
+        try:
+            req = engine.parse(body)
+        except BadRequest as err:
+            return error(err.status, str(err), err.param)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            job = engine.submit(req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        except QueueFull as err:
+            return error(503, str(err))
+        cid, created = new_id("chatcmpl"), int(time.time())
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name}
+            return f"data: {json.dumps({**body, 'choices': [choice]}, ensure_ascii=False)}\n\n"
+
+        async def stream():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await events.get()
+                    if kind == "delta":
+                        yield chunk({"content": value})
+                    elif kind == "error":
+                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                        break
+                    else:
+                        calls = tool_calls_json(value.tool_calls)
+                        if calls:
+                            yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                        yield chunk({}, value.finish_reason)
+                        if req.include_usage:
+                            tail = {"id": cid, "object": "chat.completion.chunk", "created": created}
+                            tail |= {"model": engine.name, "choices": [], "usage": usage(value)}
+                            yield f"data: {json.dumps(tail)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:  # also when the client went away: the worker stops at its next token
+                job.cancelled.set()
+                metrics.latency(time.perf_counter() - start)
+
+        if req.stream:
+            return StreamingResponse(stream(), media_type="text/event-stream")
+        try:
+            kind, value = await events.get()
+            while kind == "delta":
+                kind, value = await events.get()
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        metrics.latency(time.perf_counter() - start)
+        if kind == "error":
+            return error(500, value)
+        calls = tool_calls_json(value.tool_calls)
+        message = {"role": "assistant", "content": value.content if (value.content or not calls) else None}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "finish_reason": value.finish_reason}
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": engine.name,
+            "choices": [choice],
+            "usage": usage(value),
+        }
+
+    return app
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on a free localhost port in a daemon thread, for tests, benchmarks and notebooks:
+    `url` is the OpenAI base URL (`.../v1`), `root` the server's; `stop()` shuts it down."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        self.root = f"http://{host}:{port}"
+        self.url = f"{self.root}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="longcat-serve-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on {self.root} within {timeout:g} s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

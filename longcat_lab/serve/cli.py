@@ -1,0 +1,65 @@
+"""`longcat-lab serve --ckpt RUN`: an OpenAI-compatible HTTP server for a checkpoint (or a run folder's newest),
+optionally int8-quantised or compiled, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve a checkpoint over the OpenAI chat-completions API (FastAPI)")
+    p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint folder or a run folder (its newest)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the model name clients send (default: --ckpt as given, as vLLM does)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: weight-only, per channel")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding attention and dense FFNs (slower on the CPUs measured; minutes to build)",
+    )
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; one more gets 503")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def run(args) -> None:
+    from longcat_lab._util import check_int
+
+    check_int("--port", args.port, 1)
+    if args.port > 65535:
+        raise ValueError(f"--port={args.port} is not allowed: it must be in [1, 65535]")
+    check_int("--max-queue", args.max_queue, 1)
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1)
+    name = args.model_name if args.model_name is not None else str(args.ckpt)
+    if not name.strip():
+        raise ValueError(f"--model-name={name!r} is not allowed: it must be a non-empty string")
+
+    import torch
+    import uvicorn
+
+    from longcat_lab.serve.app import create_app
+    from longcat_lab.serve.engine import Engine
+    from longcat_lab.train import checkpoint
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, meta = checkpoint.load(args.ckpt)
+    if args.quantize == "int8":
+        from longcat_lab.inference.quant import quantize_int8
+
+        model = quantize_int8(model)
+    if args.compile:
+        from longcat_lab.inference.compiled import compile_decoding
+
+        model = compile_decoding(model)
+    app = create_app(Engine(model, tokenizer, name, max_queue=args.max_queue))
+    print(
+        f"[longcat-lab] serving {name!r} (step {meta.get('step')}, {args.quantize} weights"
+        f"{', compiled' if args.compile else ''}) at "
+        f"http://{args.host}:{args.port}/v1 ; /health and /metrics beside it; Ctrl-C stops",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -1,0 +1,255 @@
+"""Supervised fine-tuning into an agent (docs/design.md §17): a pre-trained checkpoint trained further on verified
+tool-use dialogues (`longcat-lab synth`), with the loss on the assistant's tokens only, packed rows whose
+dialogues never see each other, and a stated fraction of pre-training rows against forgetting. It is the
+trainer's run, not a second trainer: the same checkpoints, resume, metrics and evaluations, with the batch source
+swapped (`Trainer.build_sampler`) and one more evaluation.
+
+- `finetune(init_from, data, out_dir, steps=None, resume=False, progress=True, **overrides) -> TrainResult`: the
+  entry point; `data` is a JSONL of synth records or a list of them, copied into the run folder
+  (`sft_data.jsonl`), so a run folder holds everything its resume needs.
+- `prepare(...) -> (ModelConfig, TrainConfig)`: the configs `finetune` trains with (the CLI's first half).
+- `sft_config(source_model_config, source_train_config, ...)`: the fine-tuning schedule derived from the source
+  run's config: one stage at `SEQ_LEN` (the model's context, as an agent's prompt fills it), `LR`, the source's
+  last mixture for the pre-training rows, its data config (hence its tokenizer) and seed.
+- `SFTTrainer`: `Trainer` with the dialogue sampler (`data.sft.SFTSampler`) and, at every evaluation and once
+  before the first step, the loss on held-out dialogues (`sft_val_loss` rows, `kind: "eval_sft"`), beside the
+  pre-training validation loss that shows forgetting.
+- `sft_loss(model, rows, batch_size)`: mean loss per assistant token of packed rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longcat_lab._util import atomic_write_bytes, check_int
+from longcat_lab.data.mixture import MixtureSampler
+from longcat_lab.data.sft import (
+    PackedRows,
+    SFTSampler,
+    encode_dialogue,
+    load_records,
+    pack_dialogues,
+    records_digest,
+    split_held_out,
+)
+from longcat_lab.data.tokenizer import eot_id
+from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
+from longcat_lab.model.model import LongCatLM
+from longcat_lab.train import checkpoint
+from longcat_lab.train.config import StageConfig, TrainConfig
+from longcat_lab.train.overrides import apply_overrides
+from longcat_lab.train.trainer import Trainer, TrainResult, train
+
+# The schedule's defaults (docs/design.md §17). STEPS of GRAD_ACCUM x BATCH_SIZE rows of SEQ_LEN positions fit
+# about ten minutes on two quiet CPU cores for the small preset (estimate and measurements: docs/design.md §17);
+# two micro-batches of 4 rows peak at 2.9 GB resident where one of 8 took 4.3 GB (measured). LR is a third of the
+# source's peak: the model is already trained, and large steps on a narrow data set are what cause forgetting.
+STEPS = 80
+LR = 1e-3
+BATCH_SIZE = 4
+GRAD_ACCUM = 2
+SEQ_LEN = 1024  # capped at the model's max_position_embeddings
+DATA_FILE = "sft_data.jsonl"
+# Keys of `finetune`'s overrides that set the stage rather than a TrainConfig field.
+STAGE_KEYS = ("lr", "seq_len", "warmup")
+
+
+@torch.no_grad()
+def sft_loss(model: LongCatLM, rows: PackedRows, batch_size: int = 8, bf16: bool = False) -> float:
+    """Mean cross-entropy (nats) per trained token of packed rows, in eval mode (the routers count nothing)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(rows), batch_size):
+            x, y, seg = (t[i : i + batch_size].to(model.device) for t in (rows.x, rows.y, rows.segment_ids))
+            n = int((y != IGNORE_INDEX).sum())
+            if not n:
+                continue
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                _, loss = model(x, y, validate=False, segment_ids=seg)
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+class SFTTrainer(Trainer):
+    """A `Trainer` whose batches are packed dialogue rows mixed with pre-training rows (`TrainConfig.sft_*`)."""
+
+    def build_sampler(self) -> SFTSampler:
+        cfg = self.cfg
+        records = load_records(cfg.sft_data)
+        if cfg.sft_data_sha256 and records_digest(records) != cfg.sft_data_sha256:
+            raise ValueError(
+                f"sft_data={cfg.sft_data!r} is not allowed: its records changed since this run was configured "
+                f"(sha256 {cfg.sft_data_sha256[:12]}...); restore the file or start a new run"
+            )
+        train_records, held_out = split_held_out(records, cfg.sft_val_dialogues)
+        tok, seq_len = self.dataset.tokenizer, cfg.stages[-1].seq_len
+        self.held_out = pack_dialogues([encode_dialogue(r, tok) for r in held_out], seq_len, eot_id(tok))
+        dialogues = [encode_dialogue(r, tok) for r in train_records]
+        pretrain = MixtureSampler(self.dataset.train, seed=cfg.seed) if cfg.sft_pretrain_ratio else None
+        return SFTSampler(dialogues, pretrain, cfg.sft_pretrain_ratio, cfg.seed, eot_id(tok))
+
+    def _build(self, resume: bool, callback) -> None:
+        super()._build(resume, callback)
+        if self.resumed_from is None and self.cfg.init_from:
+            # The dialogues are encoded with the data config's tokenizer; the model must have learned that one.
+            source = checkpoint.resolve(self.cfg.init_from) / "tokenizer.json"
+            if json.loads(source.read_text()) != json.loads(self.dataset.tokenizer.to_str()):
+                raise ValueError(
+                    f"init_from={self.cfg.init_from!r} is not allowed: its tokenizer differs from the one this "
+                    "data config builds; fine-tune with the source run's data settings"
+                )
+
+    def run_eval(self) -> None:
+        super().run_eval()
+        if self.main:
+            loss = (
+                sft_loss(self.model, self.held_out, self.cfg.batch_size, self.cfg.bf16) if len(self.held_out) else None
+            )
+            self.telemetry.write(
+                {
+                    "kind": "eval_sft",
+                    "step": self.steps_done,
+                    "sft_val_loss": loss,
+                    "held_out_dialogues": self.cfg.sft_val_dialogues,
+                    "held_out_targets": self.held_out.targets,
+                    **self.sampler.counts,
+                }
+            )
+
+    def _run(self) -> TrainResult:
+        if self.steps_done == 0 and self.val_step is None:
+            self.run_eval()  # the source checkpoint's losses: the baseline for the gain and for forgetting
+        return super()._run()
+
+
+def sft_config(
+    source_model: ModelConfig,
+    source: TrainConfig,
+    init_from: str,
+    data_path: str,
+    digest: str,
+    steps: int | None = None,
+    **overrides: Any,
+) -> TrainConfig:
+    """The fine-tuning TrainConfig for a checkpoint trained with `source`: its data config, seed, losses and
+    controller; one stage "sft" of `steps` (default STEPS) at LR with a 5% warmup and a cosine to 0.1 x LR, at
+    SEQ_LEN positions, whose mixture (the pre-training rows') is the source's last; evaluation at the source's
+    sequence length, so the pre-training validation loss compares with the source run's. `overrides`: `lr`,
+    `seq_len`, `warmup` set the stage, anything else a TrainConfig field."""
+    steps = STEPS if steps is None else steps
+    check_int("steps", steps)
+    stage_args = {k: overrides.pop(k) for k in STAGE_KEYS if k in overrides}
+    stage = StageConfig(
+        name="sft",
+        steps=steps,
+        lr=stage_args.get("lr", LR),
+        warmup=stage_args.get("warmup", max(1, round(0.05 * steps))),
+        seq_len=stage_args.get("seq_len", min(SEQ_LEN, source_model.max_position_embeddings)),
+        mixture=dict(source.stages[-1].mixture),
+        end_lr_ratio=0.1,
+    )
+    every = max(1, steps // 2)
+    changes = {
+        "stages": [stage],
+        "batch_size": BATCH_SIZE,
+        "grad_accum": GRAD_ACCUM,
+        "eval_seq_len": source.eval_seq_len or source.stages[0].seq_len,
+        "eval_every": every,
+        "ckpt_every": every,
+        "keep_checkpoints": 2,
+        "stop_after": 0,
+        "rg_every": 20,
+        "init_from": str(init_from),
+        "init_keep_state": False,
+        "sft_data": str(data_path),
+        "sft_data_sha256": digest,
+    }
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(
+            f"overrides {unknown} are not allowed: use {list(STAGE_KEYS)} or TrainConfig fields (e.g. batch_size)"
+        )
+    return dataclasses.replace(source, **{**changes, **overrides})
+
+
+def _write_data(records: list[dict[str, Any]], digest: str, out_dir: Path) -> Path:
+    """The run's copy of the dialogues; an existing copy with other records is refused once checkpoints exist."""
+    path = out_dir / DATA_FILE
+    if path.is_file():
+        if records_digest(load_records(path)) == digest:
+            return path
+        if checkpoint.latest(out_dir) is not None:
+            raise ValueError(
+                f"data is not allowed: {out_dir} was fine-tuned on other dialogues ({path}); pass the same "
+                "data to resume, or choose a new output folder"
+            )
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(path, body.encode())
+    return path
+
+
+def prepare(
+    init_from: str | os.PathLike,
+    data: str | os.PathLike | list[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    steps: int | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    **overrides: Any,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Check the dialogues, copy them into `out_dir` and build the configs: the source checkpoint's ModelConfig and
+    `sft_config`, then `sets` (`--set FIELD=VALUE`, as for `longcat-lab train`). `init_from` is a checkpoint
+    folder or a run folder (its newest checkpoint)."""
+    source = checkpoint.resolve(init_from)
+    checkpoint.verify(source)
+    records = load_records(data)
+    digest = records_digest(records)
+    model_config = ModelConfig.from_dict(json.loads((source / "config.json").read_text()))
+    source_cfg = TrainConfig.from_dict(json.loads((source / "train_config.json").read_text()))
+    out = Path(out_dir)
+    path = _write_data(records, digest, out)
+    cfg = sft_config(model_config, source_cfg, str(source), str(path.resolve()), digest, steps, **overrides)
+    model_config, cfg = apply_overrides(model_config, cfg, list(sets))
+    split_held_out(records, cfg.sft_val_dialogues)  # a bad held-out count fails before any work
+    return model_config, cfg
+
+
+def finetune(
+    init_from: str | os.PathLike,
+    data: str | os.PathLike | list[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback=None,
+    **overrides: Any,
+) -> TrainResult:
+    """Fine-tune the checkpoint `init_from` (or a run folder's newest) on `data` (a JSONL of `longcat-lab synth`
+    records, or a list of them) into `out_dir`; `resume=True` continues that run from its newest checkpoint (with
+    the same arguments). Overrides as `sft_config`. The checkpoints load with `checkpoint.load` like any other."""
+    model_config, cfg = prepare(init_from, data, out_dir, steps, **overrides)
+    return train(model_config, cfg, out_dir, resume=resume, progress=progress, callback=callback)
+
+
+__all__ = [
+    "STEPS",
+    "LR",
+    "BATCH_SIZE",
+    "GRAD_ACCUM",
+    "SEQ_LEN",
+    "SFTTrainer",
+    "finetune",
+    "prepare",
+    "sft_config",
+    "sft_loss",
+]
