@@ -220,6 +220,31 @@ def run_sample(args) -> None:
     )
 
 
+# Where an OSError of each command most likely points; the one-line message names it.
+_OS_ERROR_ARGUMENT = {"train": "--out", "sft": "--out", "sweep": "--out", "synth": "--out"}
+
+
+def run_command(args, runner) -> int:
+    """Run one subcommand; bad input (a field, a value, a file) becomes one line on stderr and exit code 2, since
+    tracebacks are for bugs, not for bad input."""
+    from longcat_lab._util import os_error_line
+    from longcat_lab.train import TrainingError
+    from longcat_lab.train.checkpoint import CheckpointError
+
+    try:
+        runner(args)
+    except (ValueError, TrainingError, CheckpointError) as err:
+        line = str(err)
+    except OSError as err:  # a full disk, a read-only place, a file where a folder should be
+        line = os_error_line(err, _OS_ERROR_ARGUMENT.get(args.command, "--ckpt"))
+        if args.command in ("train", "sft") and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            line += " with --resume (the checkpoints already written are kept)"
+    else:
+        return 0
+    print(f"longcat-lab {args.command}: error: {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longcat-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,67 +325,20 @@ def main(argv: list[str] | None = None) -> int:
         from longcat_lab.viz.gallery import render
 
         print(*(f"[longcat-lab] wrote {p}" for p in render(args.out)), sep="\n")
-    elif args.command == "synth":
-        try:
-            synth_cli.run(args)
-        except ValueError as err:
-            print(f"longcat-lab synth: error: {err}", file=sys.stderr)
-            return 2
-    elif args.command == "serve":
-        from longcat_lab.train.checkpoint import CheckpointError
-
-        try:
-            serve_cli.run(args)
-        except (ValueError, CheckpointError) as err:
-            print(f"longcat-lab serve: error: {err}", file=sys.stderr)
-            return 2
-    elif args.command == "chat":
-        from longcat_lab.train.checkpoint import CheckpointError
-
-        try:
-            chat_cli.run(args)
-        except (ValueError, CheckpointError) as err:
-            print(f"longcat-lab chat: error: {err}", file=sys.stderr)
-            return 2
-    elif args.command == "sft":
-        from longcat_lab._util import os_error_line
-        from longcat_lab.train import TrainingError
-        from longcat_lab.train.checkpoint import CheckpointError
-
-        try:
-            sft_cli.run(args)
-        except (ValueError, TrainingError, CheckpointError) as err:
-            print(f"longcat-lab sft: error: {err}", file=sys.stderr)
-            return 2
-        except OSError as err:
-            print(f"longcat-lab sft: error: {os_error_line(err, '--out')}", file=sys.stderr)
-            return 2
-    elif args.command in ("eval", "sweep"):
-        from longcat_lab.train.checkpoint import CheckpointError
-
-        try:
-            (eval_cli if args.command == "eval" else sweep_cli).run(args)
-        except (ValueError, CheckpointError) as err:
-            print(f"longcat-lab {args.command}: error: {err}", file=sys.stderr)
-            return 2
-    elif args.command in ("train", "sample"):
-        from longcat_lab.train import TrainingError
-        from longcat_lab.train.checkpoint import CheckpointError
-
-        try:
-            (run_train if args.command == "train" else run_sample)(args)
-        except (ValueError, TrainingError, CheckpointError) as err:
-            # One line naming the field, value or file; tracebacks are for bugs, not for bad input.
-            print(f"longcat-lab {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        except OSError as err:  # a full disk, a read-only place, a file where a folder should be
-            from longcat_lab._util import os_error_line
-
-            line = os_error_line(err, "--out" if args.command == "train" else "--ckpt")
-            if args.command == "train" and err.errno in (errno.ENOSPC, errno.EDQUOT):
-                line += " with --resume (the checkpoints already written are kept)"
-            print(f"longcat-lab {args.command}: error: {line}", file=sys.stderr)
-            return 2
+    else:
+        return run_command(
+            args,
+            {
+                "train": run_train,
+                "sample": run_sample,
+                "sft": sft_cli.run,
+                "eval": eval_cli.run,
+                "sweep": sweep_cli.run,
+                "synth": synth_cli.run,
+                "chat": chat_cli.run,
+                "serve": serve_cli.run,
+            }[args.command],
+        )
     return 0
 
 
