@@ -207,16 +207,33 @@ def run_sample(args) -> None:
     if not args.prompt:
         raise ValueError("--prompt='' is not allowed: it must be a non-empty string")
     model, tokenizer, meta = checkpoint.load(args.ckpt)
+    if args.speculative and model.mtp is None:
+        raise ValueError(f"--speculative is not allowed: {args.ckpt} has no MTP module (train an MTP stage first)")
+    if args.quantize == "int8":
+        from longcat_lab.inference.quant import quantize_int8
+
+        model = quantize_int8(model)
+    if args.compile:
+        from longcat_lab.inference.compiled import compile_decoding
+
+        model = compile_decoding(model)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if not args.speculative:
+        print(sample_text(model, tokenizer, args.prompt, seed=args.seed, **options))
+        return
+    import torch
+
+    from longcat_lab.inference.speculative import speculative_generate
+
+    idx = torch.tensor([tokenizer.encode(args.prompt).ids], device=model.device)
+    model.check_ids("--prompt", idx)
+    options["generator"] = torch.Generator(device=model.device).manual_seed(args.seed)
+    out, stats = speculative_generate(model, idx, options.pop("max_new_tokens"), **options)
+    print(tokenizer.decode(out[0].tolist(), skip_special_tokens=False))
     print(
-        sample_text(
-            model,
-            tokenizer,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
+        f"[longcat-lab] speculative: {sum(stats.accepted)} of {stats.drafted} drafts accepted "
+        f"({stats.acceptance_rate:.0%}), {stats.tokens_per_forward:.2f} tokens per main-model forward",
+        file=sys.stderr,
     )
 
 
@@ -298,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--top-p", type=float, default=0.95)
     sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--speculative", action="store_true", help="draft with the checkpoint's MTP module (batch 1)")
+    sa.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: weight-only, per channel")
+    sa.add_argument("--compile", action="store_true", help="torch.compile the decoding step (minutes to build)")
     from longcat_lab.agent import chat as chat_cli
     from longcat_lab.eval import cli as eval_cli
     from longcat_lab.experiments import cli as sweep_cli

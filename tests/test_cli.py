@@ -95,6 +95,26 @@ def test_sample(trained, capsys):
     assert "temperature=-1.0 is not allowed" in one_line_error(capsys)
 
 
+def test_sample_speculative_and_int8(trained, base_args, tmp_path, capsys):
+    """`sample --speculative` writes plain greedy's text (and says how many drafts were accepted); a checkpoint
+    without the MTP module is refused in one line; `--quantize int8` samples from the quantised copy."""
+    out = tmp_path / "mtp"
+    args = [a for a in base_args if a != "--steps" and a != "4"]
+    assert main(["train", "--out", str(out), *args, "--steps", "2", "--samples", "0", "--eval", "none",
+                 "--set", "num_nextn_predict_layers=1"]) == 0  # fmt: skip
+    capsys.readouterr()
+    greedy = ["sample", "--ckpt", str(out), "--prompt", "To be", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--speculative"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "drafts accepted" in captured.err
+    assert main(["sample", "--ckpt", str(trained), "--prompt", "x", "--speculative"]) == 2
+    assert "has no MTP module" in one_line_error(capsys)
+    assert main([*greedy, "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+
+
 def test_notebooks_subcommand_still_answers():
     with pytest.raises(SystemExit, match="no notebooks found"):
         main(["notebooks", "--only", "zz_no_such_notebook"])

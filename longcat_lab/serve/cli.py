@@ -19,6 +19,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the decoding attention and dense FFNs (slower on the CPUs measured; minutes to build)",
     )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="decode with the checkpoint's MTP module as the draft (self-speculative; needs an MTP checkpoint)",
+    )
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; one more gets 503")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p
@@ -47,6 +52,8 @@ def run(args) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer, meta = checkpoint.load(args.ckpt)
+    if args.speculative and model.mtp is None:  # before minutes of quantising or compiling
+        raise ValueError(f"--speculative is not allowed: {args.ckpt} has no MTP module (train an MTP stage first)")
     if args.quantize == "int8":
         from longcat_lab.inference.quant import quantize_int8
 
@@ -55,7 +62,7 @@ def run(args) -> None:
         from longcat_lab.inference.compiled import compile_decoding
 
         model = compile_decoding(model)
-    app = create_app(Engine(model, tokenizer, name, max_queue=args.max_queue))
+    app = create_app(Engine(model, tokenizer, name, max_queue=args.max_queue, speculative=args.speculative))
     print(
         f"[longcat-lab] serving {name!r} (step {meta.get('step')}, {args.quantize} weights"
         f"{', compiled' if args.compile else ''}) at "

@@ -139,10 +139,22 @@ def _stop(raw: Any) -> list[str]:
 class Engine:
     """A model and its tokenizer behind a FIFO queue and one generation thread."""
 
-    def __init__(self, model, tokenizer, name: str, metrics: Metrics | None = None, max_queue: int = 64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        metrics: Metrics | None = None,
+        max_queue: int = 64,
+        speculative: bool = False,
+    ):
         from longcat_lab.data.tokenizer import eot_id
 
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        if speculative and getattr(model, "mtp", None) is None:
+            raise ValueError(
+                "speculative=True is not allowed for a model without an MTP module (num_nextn_predict_layers=0)"
+            )
+        self.model, self.tokenizer, self.name, self.speculative = model, tokenizer, name, speculative
         self.metrics = metrics or Metrics()
         self.max_queue = max_queue
         self.stop_ids = {i for i in (tokenizer.token_to_id(END_OF_TURN), eot_id(tokenizer)) if i is not None}
@@ -261,7 +273,13 @@ class Engine:
         out: list[int] = []
         sent, text, finish = 0, "", "length"
         holding = False  # once a tool call starts, its text is held back for the parser
-        steps = self.model.stream(idx, r.max_tokens, temperature=r.temperature, top_p=r.top_p, generator=generator)
+        options = {"temperature": r.temperature, "top_p": r.top_p, "generator": generator}
+        if self.speculative:  # one sequence at a time anyway (the queue), so the MTP draft applies
+            from longcat_lab.inference.speculative import speculative_stream
+
+            steps = speculative_stream(self.model, idx, r.max_tokens, **options)
+        else:
+            steps = self.model.stream(idx, r.max_tokens, **options)
         for token in steps:
             tid = int(token[0, 0])
             if tid in self.stop_ids:

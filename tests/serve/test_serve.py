@@ -278,3 +278,17 @@ def test_the_cli_refuses_bad_arguments_in_one_line(capsys, tmp_path):
     assert "--port=70000" in capsys.readouterr().err
     assert main(["serve", "--ckpt", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_speculative_serving_writes_what_plain_greedy_writes(tokenizer):
+    config = dataclasses.replace(presets.tiny(num_nextn_predict_layers=1), max_position_embeddings=2048)
+    model = random_model(config, seed=9, bias_std=0.05)
+    with pytest.raises(ValueError, match="speculative=True is not allowed"):
+        Engine(random_model(seed=9), tokenizer, NAME, speculative=True)
+    srv = Server(Engine(model, tokenizer, NAME, speculative=True))
+    try:
+        messages = [{"role": "user", "content": "Say something."}]
+        reply = srv.client().chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+        assert reply.choices[0].message.content == greedy_text(srv.engine, messages, 12)
+    finally:
+        srv.stop()
