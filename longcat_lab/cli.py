@@ -197,7 +197,8 @@ def run_train(args) -> None:
 
 def run_sample(args) -> None:
     from longcat_lab._util import check_int, check_nonnegative, check_seed
-    from longcat_lab.train import checkpoint, sample_text
+    from longcat_lab.inference.options import load_for_decoding
+    from longcat_lab.train import sample_text
 
     check_int("--max-new-tokens", args.max_new_tokens, 0)
     check_nonnegative("--temperature", args.temperature)
@@ -206,17 +207,7 @@ def run_sample(args) -> None:
     check_seed("--seed", args.seed)
     if not args.prompt:
         raise ValueError("--prompt='' is not allowed: it must be a non-empty string")
-    model, tokenizer, meta = checkpoint.load(args.ckpt)
-    if args.speculative and model.mtp is None:
-        raise ValueError(f"--speculative is not allowed: {args.ckpt} has no MTP module (train an MTP stage first)")
-    if args.quantize == "int8":
-        from longcat_lab.inference.quant import quantize_int8
-
-        model = quantize_int8(model)
-    if args.compile:
-        from longcat_lab.inference.compiled import compile_decoding
-
-        model = compile_decoding(model)
+    model, tokenizer, meta = load_for_decoding(args)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if not args.speculative:
         print(sample_text(model, tokenizer, args.prompt, seed=args.seed, **options))
@@ -315,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--top-p", type=float, default=0.95)
     sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--speculative", action="store_true", help="draft with the checkpoint's MTP module (batch 1)")
-    sa.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: weight-only, per channel")
-    sa.add_argument("--compile", action="store_true", help="torch.compile the decoding step (minutes to build)")
+    from longcat_lab.inference.options import add_decoding_arguments
+
+    add_decoding_arguments(sa)
     from longcat_lab.agent import chat as chat_cli
     from longcat_lab.eval import cli as eval_cli
     from longcat_lab.experiments import cli as sweep_cli

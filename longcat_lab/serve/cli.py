@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from longcat_lab.inference.options import add_decoding_arguments, load_for_decoding
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve a checkpoint over the OpenAI chat-completions API (FastAPI)")
@@ -13,17 +15,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the model name clients send (default: --ckpt as given, as vLLM does)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: weight-only, per channel")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decoding attention and dense FFNs (slower on the CPUs measured; minutes to build)",
-    )
-    p.add_argument(
-        "--speculative",
-        action="store_true",
-        help="decode with the checkpoint's MTP module as the draft (self-speculative; needs an MTP checkpoint)",
-    )
+    add_decoding_arguments(p)
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; one more gets 503")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p
@@ -47,21 +39,10 @@ def run(args) -> None:
 
     from longcat_lab.serve.app import create_app
     from longcat_lab.serve.engine import Engine
-    from longcat_lab.train import checkpoint
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tokenizer, meta = checkpoint.load(args.ckpt)
-    if args.speculative and model.mtp is None:  # before minutes of quantising or compiling
-        raise ValueError(f"--speculative is not allowed: {args.ckpt} has no MTP module (train an MTP stage first)")
-    if args.quantize == "int8":
-        from longcat_lab.inference.quant import quantize_int8
-
-        model = quantize_int8(model)
-    if args.compile:
-        from longcat_lab.inference.compiled import compile_decoding
-
-        model = compile_decoding(model)
+    model, tokenizer, meta = load_for_decoding(args)
     app = create_app(Engine(model, tokenizer, name, max_queue=args.max_queue, speculative=args.speculative))
     print(
         f"[longcat-lab] serving {name!r} (step {meta.get('step')}, {args.quantize} weights"
