@@ -39,6 +39,12 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number >= 0")
 
 
+def check_top_p(name: str, value: Any) -> None:
+    """Raise a ValueError naming `name` unless `value` is a nucleus-sampling mass in (0, 1]."""
+    if not is_number(value) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be in (0, 1]")
+
+
 SEED_LIMIT = 2**63  # torch and numpy generators take a signed 64-bit seed
 
 

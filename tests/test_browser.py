@@ -77,7 +77,7 @@ def lab(tmp_path_factory):
         if not (EXECUTED / p.name).exists() or (EXECUTED / p.name).stat().st_mtime < p.stat().st_mtime
     ]
     if stale:  # run alone: execute what nbval has not left behind
-        from longcat_lab.cli import run_notebooks
+        from longcat_lab.cli.notebooks import run_notebooks
 
         run_notebooks(EXECUTED, smoke=True, only=[p.name[:2] for p in stale])
     root = tmp_path_factory.mktemp("lab")

@@ -21,7 +21,7 @@ OPTIONAL_HOMES = {
     "plotly": ("viz/",),
     "ipywidgets": ("viz/",),
     "transformers": ("export/",),
-    "papermill": ("cli.py",),
+    "papermill": ("cli/",),
     "fastapi": ("serve/",),
     "uvicorn": ("serve/",),
 }

@@ -9,19 +9,18 @@ records (the same JSONL format as `longcat-lab synth`) and `arithmetic_exact_mat
   the result and answers `Answer: N`.
 Exact match compares the last `Answer:` of the final reply with the reference; model text is only parsed.
 
-`python -m longcat_lab.agent.arithmetic --n N --out FILE.jsonl [--seed S]` writes the records.
+`longcat-lab arithmetic --n N --out FILE.jsonl [--seed S]` writes the records.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-from pathlib import Path
 from typing import Any
 
-from longcat_lab._util import atomic_write_bytes, check_int
-from longcat_lab.chat import parse_assistant, render
+from longcat_lab._util import check_int
+from longcat_lab.agent.policies import generate_reply
+from longcat_lab.agent.turn import tool_turn
+from longcat_lab.chat import render
 from longcat_lab.data.reasoning import SplitMix64, reasoning_problem
 from longcat_lab.tools import CALCULATOR, Registry
 
@@ -95,23 +94,16 @@ def calculator_records(n: int, seed: int = RECORD_SEED) -> list[dict[str, Any]]:
 def solve(model, tokenizer, problem: dict[str, Any], use_calculator: bool, max_turns: int = 3, **generation) -> dict:
     """One problem as a chat: the model's replies (calls run by a calculator-only registry, their results fed
     back) until a reply without calls or `max_turns`; returns the transcript and whether the answer is exact."""
-    from longcat_lab.agent.policies import generate_reply
-
     registry = Registry([CALCULATOR] if use_calculator else [])
     tools = registry.specs() or None
     messages: list[dict[str, Any]] = [{"role": "user", "content": problem["question"]}]
     final = ""
     for _ in range(max_turns):
         text = generate_reply(model, tokenizer, render(messages, tools), **generation)
-        parsed = parse_assistant(text, tools or [])
-        messages.append(parsed.to_message())
-        final = parsed.content
-        if not (parsed.tool_calls or parsed.errors):
+        turn = tool_turn(text, registry, messages)
+        final = turn.reply.content
+        if not turn.called:
             break
-        messages += [
-            {"role": "tool", "content": registry.call(c["name"], c["arguments"]).to_text()} for c in parsed.tool_calls
-        ]
-        messages += [{"role": "tool", "content": f"Error: {e}"} for e in parsed.errors]
     return {"messages": messages, "exact": answer_of(final) == problem["answer"]}
 
 
@@ -130,21 +122,6 @@ def arithmetic_exact_match(model, tokenizer, n: int = 32, seed: int = EVAL_SEED,
             "transcripts": [r["messages"] for r in runs[:transcripts]],
         }
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m longcat_lab.agent.arithmetic", description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, required=True, help="problems (two records each)")
-    p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
-    p.add_argument("--seed", type=int, default=RECORD_SEED)
-    args = p.parse_args(argv)
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in calculator_records(args.n, args.seed))
-    atomic_write_bytes(args.out, body.encode())
-    print(f"[longcat-lab] wrote {2 * args.n} arithmetic records to {args.out}")
-
-
-if __name__ == "__main__":
-    main()
 
 
 __all__ = ["EVAL_SEED", "RECORD_SEED", "answer_of", "arithmetic_exact_match", "calculator_records", "problems", "solve"]

@@ -1,12 +1,11 @@
 """The agent loop (docs/design.md §18): an agent plays one synthesised task against the task's environment and a
 live user simulator, and the verifier of docs/design.md §7 scores the dialogue.
 
-One turn: the agent replies (text, tool-call blocks or both); the reply is parsed with `chat.parse_assistant`
-against the offered tools; well-formed calls are validated and run by the environment's `Registry` and each result
-goes back as a `tool` message; each malformed call goes back as a `tool` message `Error: ...` marked
-`"malformed": True` (the model reads why, the verifier skips it, nothing raises). A reply with no call is said to the
-user, who answers a question and ends the dialogue (`###STOP###`) on anything else. The episode ends when the user
-stops, at `max_turns` assistant turns, or when the prompt no longer fits the model's context.
+One turn: the agent replies (text, tool-call blocks or both), and `agent.turn.tool_turn` parses the reply against
+the offered tools, runs the well-formed calls in the environment's `Registry` and feeds back each result or
+malformed-call error as a `tool` message. A reply with no call is said to the user, who answers a question and ends
+the dialogue (`###STOP###`) on anything else. The episode ends when the user stops, at `max_turns` assistant turns,
+or when the prompt no longer fits the model's context.
 
 Agents are anything with `reply(messages, tools) -> str` (the text after ` ASSISTANT:`, without `</longcat_s>`):
 `agent.policies` holds the model, the random-valid-call baseline and the expert.
@@ -19,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from longcat_lab._util import check_int
-from longcat_lab.chat import parse_assistant
+from longcat_lab.agent.policies import ModelAgent
+from longcat_lab.agent.turn import tool_turn
 from longcat_lab.synth.agents import DOMAINS, ENVIRONMENTS, UserSimulator, verify
 from longcat_lab.synth.env import STOP, Task
 
@@ -135,19 +135,13 @@ def play(agent: Agent, task: Task, max_turns: int = DEFAULT_MAX_TURNS) -> Episod
             stop_reason = "context_full"
             break
         turns += 1
-        parsed = parse_assistant(text, tools)
-        messages.append(parsed.to_message())
-        if parsed.tool_calls or parsed.errors:
-            for call in parsed.tool_calls:
-                result = registry.call(call["name"], call["arguments"])
-                calls += 1
-                errors += not result.ok
-                messages.append({"role": "tool", "content": result.to_text()})
-            for error in parsed.errors:
-                malformed += 1
-                messages.append({"role": "tool", "content": f"Error: {error}", "malformed": True})
+        turn = tool_turn(text, registry, messages, tools)
+        if turn.called:
+            calls += len(turn.results)
+            errors += sum(not result.ok for _, result in turn.results)
+            malformed += len(turn.errors)
             continue
-        answer, done = user.respond(parsed.content)
+        answer, done = user.respond(turn.reply.content)
         messages.append({"role": "user", "content": answer})
         if done:
             stop_reason = "user_stop"
@@ -170,8 +164,6 @@ def play(agent: Agent, task: Task, max_turns: int = DEFAULT_MAX_TURNS) -> Episod
 def run_episode(model, tokenizer, task: Task, *, max_turns: int = DEFAULT_MAX_TURNS, **generation) -> Episode:
     """Play `task` with `model` (generation options as in `agent.policies.ModelAgent`: max_new_tokens,
     temperature, top_p, seed, on_text)."""
-    from longcat_lab.agent.policies import ModelAgent
-
     return play(ModelAgent(model, tokenizer, **generation), task, max_turns)
 
 

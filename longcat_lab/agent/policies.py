@@ -13,13 +13,14 @@ import json
 import random
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from longcat_lab._util import check_int, check_nonnegative
-from longcat_lab.chat import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, render, tool_call_block
-from longcat_lab.data import eot_id
+from longcat_lab.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, render, tool_call_block
+from longcat_lab.inference.text import TextStream, reply_stop_ids, token_stream
 from longcat_lab.synth.agents import ExpertSolver
 from longcat_lab.synth.env import Task
 
@@ -50,26 +51,25 @@ def generate_reply(
     check_int("window", window, 2)
     max_new_tokens = min(max_new_tokens, window // 2)
     ids = prompt_ids(tokenizer, prompt, window - max_new_tokens)
-    stops = {tokenizer.token_to_id(END_OF_TURN), eot_id(tokenizer)}
     close, reopen = tokenizer.token_to_id(TOOL_CALL_CLOSE), tokenizer.token_to_id(TOOL_CALL_OPEN)
-    idx = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out: list[int] = []
-    shown = ""
-    for token in model.stream(idx, max_new_tokens, temperature=temperature, top_p=top_p, generator=generator):
-        t = int(token[0, 0])
+
+    def ends(kept: list[int], token: int) -> bool:
         # Calls end a reply (the template puts only `</longcat_s>` after them), unless another call follows.
-        if t in stops or (out and out[-1] == close and t != reopen):
-            break
-        out.append(t)
-        if on_text is not None:
-            text = tokenizer.decode(out, skip_special_tokens=False)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                on_text(text[len(shown) :])
-                shown = text
-    text = tokenizer.decode(out, skip_special_tokens=False)
-    if on_text is not None and len(text) > len(shown):
-        on_text(text[len(shown) :])
-    return text
+        return bool(kept) and kept[-1] == close and token != reopen
+
+    idx = torch.tensor([ids], dtype=torch.long, device=model.device)
+    tokens = token_stream(model, idx, max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    return TextStream(tokenizer, tokens, reply_stop_ids(tokenizer), ends).follow(on_text)
+
+
+def sft_window(ckpt: Path) -> int | None:
+    """The sequence length a checkpoint last trained on (its last stage), the window its replies are generated in;
+    None when its train_config.json does not say."""
+    try:
+        stages = json.loads((Path(ckpt) / "train_config.json").read_text())["stages"]
+        return int(stages[-1]["seq_len"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 class ModelAgent:
@@ -183,4 +183,5 @@ __all__ = [
     "prompt_ids",
     "random_arguments",
     "reply_text",
+    "sft_window",
 ]

@@ -21,10 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from longcat_lab._util import atomic_write_bytes, check_int, check_nonnegative, json_bytes
+from longcat_lab.agent.arithmetic import arithmetic_exact_match
 from longcat_lab.agent.loop import DEFAULT_MAX_TURNS, Agent, Episode, cell_name, play
+from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, sft_window
+from longcat_lab.data.sft import load_records
+from longcat_lab.eval.suite import one_thread
 from longcat_lab.synth.agents import AXES, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
 from longcat_lab.synth.env import Task
+from longcat_lab.train import checkpoint
 
 AGENTIC_FILE = "agentic.json"
 HELDOUT_SEED = 1  # the designer seed of evaluation tasks; `longcat-lab synth` defaults to seed 0
@@ -152,8 +159,6 @@ def evaluate_agents(
 ) -> dict[str, Any]:
     """Each agent ((factory, deterministic)) plays each task k times; a deterministic agent plays once and its
     episode counts for every trial. Returns per agent the pass tables, stop reasons, categories and transcripts."""
-    from tqdm.auto import tqdm
-
     check_int("k", k)
     cells = {t.task_id: cell_name(t.difficulty) for t in tasks}
     out: dict[str, Any] = {}
@@ -182,15 +187,11 @@ def evaluate_agents(
 
 def model_factory(model, tokenizer, **generation) -> AgentFactory:
     """Agents for `model`, trial t sampling with seed t."""
-    from longcat_lab.agent.policies import ModelAgent
-
     return lambda task, trial: ModelAgent(model, tokenizer, seed=trial, **generation)
 
 
 def baseline_agents() -> dict[str, tuple[AgentFactory, bool]]:
     """The random-valid-call floor (seeded by task and trial) and the expert ceiling."""
-    from longcat_lab.agent.policies import ExpertAgent, RandomValidAgent
-
     return {
         "random-valid": (
             lambda task, trial: RandomValidAgent(seed=zlib.crc32(f"{task.task_id}/{trial}".encode())),
@@ -198,16 +199,6 @@ def baseline_agents() -> dict[str, tuple[AgentFactory, bool]]:
         ),
         "expert": (lambda task, trial: ExpertAgent(task), True),
     }
-
-
-def sft_window(ckpt: Path) -> int | None:
-    """The sequence length a checkpoint last trained on (its last stage), the window its replies are generated in;
-    None when its train_config.json does not say."""
-    try:
-        stages = json.loads((Path(ckpt) / "train_config.json").read_text())["stages"]
-        return int(stages[-1]["seq_len"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 def source_of(ckpt: Path) -> Path | None:
@@ -236,17 +227,11 @@ def evaluate_agentic_checkpoint(
     """(result, path of agentic.json or None): module docstring. `base` is the pre-trained checkpoint (default: the
     one `ckpt` was fine-tuned from, when it still exists); `sft_data` (a JSONL file) is checked for overlap with the
     evaluation tasks."""
-    from longcat_lab.agent.arithmetic import arithmetic_exact_match
-    from longcat_lab.eval.suite import _one_thread
-    from longcat_lab.train import checkpoint
-
     check_int("per_cell", per_cell)
     check_int("k", k)
     check_nonnegative("temperature", temperature)
     tasks = heldout_tasks(per_cell, seed)
     if sft_data is not None:
-        from longcat_lab.data.sft import load_records
-
         check_heldout(tasks, load_records(sft_data))
     models = {"fine-tuned": checkpoint.resolve(ckpt)}
     base = base if base is not None else source_of(models["fine-tuned"])
@@ -255,7 +240,7 @@ def evaluate_agentic_checkpoint(
     t0 = time.perf_counter()
     result: dict[str, Any] = {"tasks": len(tasks), "per_cell": per_cell, "k": k, "seed": seed, "models": {}}
     agents = {}
-    with _one_thread():
+    with one_thread():
         for name, path in models.items():
             model, tokenizer, meta = checkpoint.load(path)
             options = {"max_new_tokens": max_new_tokens, "window": sft_window(path)}
@@ -325,6 +310,5 @@ __all__ = [
     "heldout_tasks",
     "model_factory",
     "pass_table",
-    "sft_window",
     "source_of",
 ]

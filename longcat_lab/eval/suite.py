@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 
 from longcat_lab._util import atomic_write_bytes, check_choice, json_bytes
+from longcat_lab.data import load_dataset
 from longcat_lab.eval.bpb import bits_per_byte
 from longcat_lab.eval.routing import routing_summary
 from longcat_lab.eval.tasks import arithmetic, code
+from longcat_lab.perf.accounting import activated_params
+from longcat_lab.train import checkpoint
+from longcat_lab.train.config import TrainConfig
 
 LEVELS = ("cheap", "full")
 EVAL_FILE = "eval.json"
@@ -67,15 +71,13 @@ def evaluate_model(
 def evaluate_checkpoint(path, level: str = "full", arithmetic_n: int = 32, code_n: int = 24, write: bool = True):
     """(result, path of eval.json or None): the evaluator on a checkpoint, written next to its files. Runs on one
     torch thread (restored afterwards)."""
-    from longcat_lab.train import checkpoint
-
     ckpt = checkpoint.resolve(path)
-    with _one_thread():
+    with one_thread():
         return _evaluate_checkpoint(ckpt, level, arithmetic_n, code_n, write)
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     # Generation of a lab-sized model is one small op after another: a second thread only waits for a core, and on
     # a busy machine that wait made decoding many times slower (measured on two shared cores).
     before = torch.get_num_threads()
@@ -87,10 +89,6 @@ def _one_thread():
 
 
 def _evaluate_checkpoint(ckpt, level, arithmetic_n, code_n, write):
-    from longcat_lab.data import load_dataset
-    from longcat_lab.train import checkpoint
-    from longcat_lab.train.config import TrainConfig
-
     model, _, meta = checkpoint.load(ckpt)
     tc = TrainConfig.from_dict(json.loads((ckpt / "train_config.json").read_text()))
     dataset = load_dataset(model.config.vocab_size, tc.data)
@@ -112,8 +110,6 @@ def _evaluate_checkpoint(ckpt, level, arithmetic_n, code_n, write):
 
 
 def _activated(config) -> float:
-    from longcat_lab.perf.accounting import activated_params
-
     return activated_params(config)["mean"]
 
 
@@ -154,4 +150,4 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVAL_FILE", "LEVELS", "evaluate_checkpoint", "evaluate_model", "format_table"]
+__all__ = ["EVAL_FILE", "LEVELS", "evaluate_checkpoint", "evaluate_model", "format_table", "one_thread"]

@@ -1,6 +1,7 @@
 """`longcat-lab serve`: an OpenAI-compatible HTTP server for a checkpoint (docs/design.md §16).
 
 `engine` validates chat requests, renders them with the chat template and runs generation on one worker thread
-(requests queue in arrival order); `metrics` keeps the Prometheus counters; `app` is the FastAPI application; `cli`
-the subcommand. fastapi and uvicorn (the `serve` extra) are imported only by `app` and `cli.run`.
+(requests queue in arrival order); `metrics` keeps the Prometheus counters; `app` is the FastAPI application and
+runs it with uvicorn. fastapi and uvicorn (the `serve` extra) are imported only by `app`; the subcommand itself is
+`longcat_lab.cli.serve`.
 """

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import threading
 import time
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -148,16 +151,16 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
+def run_app(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` with uvicorn at host:port until Ctrl-C."""
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
 class BackgroundServer:
     """uvicorn serving `app` on a free localhost port in a daemon thread, for tests, benchmarks and notebooks:
     `url` is the OpenAI base URL (`.../v1`), `root` the server's; `stop()` shuts it down."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0):
-        import socket
-        import threading
-
-        import uvicorn
-
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]

@@ -18,14 +18,15 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from longcat_lab.chat import parse_assistant, render
-from longcat_lab.chat.template import END_OF_TURN, TOOL_CALL_OPEN, ChatFormatError
+from longcat_lab.chat.template import TOOL_CALL_OPEN, ChatFormatError
+from longcat_lab.inference.text import TextStream, reply_stop_ids, token_stream
 from longcat_lab.serve.metrics import Metrics
 
 MAX_STOP = 4  # as the OpenAI API
@@ -148,8 +149,6 @@ class Engine:
         max_queue: int = 64,
         speculative: bool = False,
     ):
-        from longcat_lab.data.tokenizer import eot_id
-
         if speculative and getattr(model, "mtp", None) is None:
             raise ValueError(
                 "speculative=True is not allowed for a model without an MTP module (num_nextn_predict_layers=0)"
@@ -157,7 +156,7 @@ class Engine:
         self.model, self.tokenizer, self.name, self.speculative = model, tokenizer, name, speculative
         self.metrics = metrics or Metrics()
         self.max_queue = max_queue
-        self.stop_ids = {i for i in (tokenizer.token_to_id(END_OF_TURN), eot_id(tokenizer)) if i is not None}
+        self.stop_ids = reply_stop_ids(tokenizer)
         c = model.config
         # The latent cache per token: [c_KV ; k_R] in every attention block (docs/design.md §1.1).
         dtype_size = model.lm_head.weight.element_size()
@@ -265,34 +264,28 @@ class Engine:
                     self._pending -= 1
                     self.metrics.set_queue_depth(self._pending)
 
+    def tokens(self, idx: torch.Tensor, max_new_tokens: int, **options) -> Iterator[torch.Tensor]:
+        """The new tokens of one request (`inference.text.token_stream`; one sequence at a time anyway, the queue,
+        so the MTP draft applies when the engine is speculative)."""
+        return token_stream(self.model, idx, max_new_tokens, speculative=self.speculative, **options)
+
     def _generate(self, job: Job) -> Result:
         r = job.request
         start = time.perf_counter()
         generator = torch.Generator(device=self.model.device).manual_seed(r.seed) if r.seed is not None else None
         idx = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.model.device)
-        out: list[int] = []
-        sent, text, finish = 0, "", "length"
-        holding = False  # once a tool call starts, its text is held back for the parser
         options = {"temperature": r.temperature, "top_p": r.top_p, "generator": generator}
-        if self.speculative:  # one sequence at a time anyway (the queue), so the MTP draft applies
-            from longcat_lab.inference.speculative import speculative_stream
-
-            steps = speculative_stream(self.model, idx, r.max_tokens, **options)
-        else:
-            steps = self.model.stream(idx, r.max_tokens, **options)
-        for token in steps:
-            tid = int(token[0, 0])
-            if tid in self.stop_ids:
-                finish = "stop"
-                break
-            out.append(tid)
-            self.metrics.set_cache_bytes((len(r.prompt_ids) + len(out)) * self.cache_bytes_per_token)
-            text = self.tokenizer.decode(out, skip_special_tokens=False)
-            if text.endswith("\ufffd"):  # a UTF-8 character split between tokens: wait for the rest
+        decoded = TextStream(self.tokenizer, self.tokens(idx, r.max_tokens, **options), self.stop_ids)
+        sent, text, cut = 0, "", -1
+        holding = False  # once a tool call starts, its text is held back for the parser
+        for complete in decoded:
+            self.metrics.set_cache_bytes((len(r.prompt_ids) + len(decoded.ids)) * self.cache_bytes_per_token)
+            if complete is None:  # a UTF-8 character split between tokens: wait for the rest
                 continue
+            text = complete
             cut = min((p for p in (text.find(s) for s in r.stop) if p >= 0), default=-1)
             if cut >= 0:
-                text, finish = text[:cut], "stop"
+                text = text[:cut]
             if r.tools and TOOL_CALL_OPEN in text:
                 holding = True
             # A stop string may be forming at the end of the text: keep back what could be its start.
@@ -302,11 +295,15 @@ class Engine:
                 sent = safe
             if cut >= 0 or job.cancelled.is_set():
                 break
-        steps.close()
+        decoded.close()
+        if cut < 0:  # the whole text, a last character still missing bytes included
+            text = decoded.text
         if not holding and len(text) > sent:  # what was held back as a possible stop-string start
             job.emit(("delta", text[sent:]))
         seconds = time.perf_counter() - start
+        out = decoded.ids
         self.metrics.generation(len(r.prompt_ids), len(out), seconds)
+        finish = "stop" if decoded.stopped or cut >= 0 else "length"
         content, calls = text, []
         if r.tools:
             parsed = parse_assistant(text, r.tools)

@@ -1,7 +1,7 @@
 """Multi-agent task synthesis verified like τ²-bench (docs/design.md §7): two small domains (`bank`, `shop`) with
 plain-data databases, tools and written policies; scripted agents (task designer, user simulator, expert solver)
-that produce reference dialogues on three difficulty axes; a verifier and pass^k; `generate` for the
-`longcat-lab synth` command."""
+that produce reference dialogues on three difficulty axes; a verifier and pass^k; `generate` and `summarize`
+(`dialogues`) for the `longcat-lab synth` command."""
 
 from longcat_lab.synth.agents import (
     AXES,
@@ -17,6 +17,7 @@ from longcat_lab.synth.agents import (
     verify,
 )
 from longcat_lab.synth.bank import BankEnv
+from longcat_lab.synth.dialogues import format_summary, generate, summarize
 from longcat_lab.synth.env import STOP, Environment, Task
 from longcat_lab.synth.shop import ShopEnv
 
@@ -33,8 +34,11 @@ __all__ = [
     "TaskDesigner",
     "UserSimulator",
     "Verdict",
+    "format_summary",
+    "generate",
     "pass_hat_k",
     "replay",
+    "summarize",
     "to_record",
     "verify",
 ]

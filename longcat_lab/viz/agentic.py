@@ -52,7 +52,7 @@ def pair_grid(cells: dict[str, list[float]], a: int, b: int, k: int = 1) -> list
 
 
 def difficulty_figure(summary: dict[str, Any]) -> go.Figure:
-    """Dialogues per level of each difficulty axis (grouped bars), from `synth.cli.summarize`."""
+    """Dialogues per level of each difficulty axis (grouped bars), from `synth.summarize`."""
     fig = go.Figure()
     for lvl, colour in zip(LEVELS, ("#c6dbef", "#6baed6", "#08519c"), strict=True):
         ys = [summary["levels"][axis][lvl] for axis in AXES]

@@ -18,6 +18,7 @@ from longcat_lab.agent import (
     play,
     run_episode,
 )
+from longcat_lab.agent import policies
 from longcat_lab.agent.loop import NOTHING_TO_ADD
 from longcat_lab.agent.policies import random_arguments, reply_text
 from longcat_lab.chat import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_call_block
@@ -181,6 +182,12 @@ def _ids(text):
     return _Tokenizer().encode(text).ids
 
 
+@pytest.fixture
+def stub_streams(monkeypatch):
+    """`generate_reply` decodes through `inference.text.token_stream`: the stub model's tokens come from its script."""
+    monkeypatch.setattr(policies, "token_stream", lambda model, idx, n, **options: model.stream(idx, n, **options))
+
+
 @pytest.mark.parametrize(
     "script, expected",
     [
@@ -194,14 +201,14 @@ def _ids(text):
         (_ids("abcdefghij"), "abcdefgh"),  # max_new_tokens
     ],
 )
-def test_generate_reply_stops_where_a_reply_ends(script, expected):
+def test_generate_reply_stops_where_a_reply_ends(script, expected, stub_streams):
     streamed = []
     model = _StubModel(script)
     assert generate_reply(model, _Tokenizer(), "p", max_new_tokens=8, on_text=streamed.append) == expected
     assert "".join(streamed) == expected
 
 
-def test_generate_reply_keeps_the_end_of_a_long_prompt():
+def test_generate_reply_keeps_the_end_of_a_long_prompt(stub_streams):
     model = _StubModel(_ids("ok") + [1000], limit=32)
     assert generate_reply(model, _Tokenizer(), "x" * 40 + "END", max_new_tokens=8) == "ok"
     prompt, new = model.prompts[0]

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longcat_lab.cli import main, worker_argv
+from longcat_lab.cli import main
+from longcat_lab.cli.train import worker_argv
 from longcat_lab.export import load_hf, save_hf
 from longcat_lab.model import presets
 from longcat_lab.parallel.dcp import consolidate

@@ -22,6 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from longcat_lab.chat import render  # noqa: E402
 from longcat_lab.chat.template import END_OF_TURN, tool_call_block  # noqa: E402
 from longcat_lab.data import DataConfig, load_tokenizer  # noqa: E402
+from longcat_lab.inference import generate  # noqa: E402
 from longcat_lab.model import presets  # noqa: E402
 from longcat_lab.serve.app import BackgroundServer, create_app  # noqa: E402
 from longcat_lab.serve.engine import Engine  # noqa: E402
@@ -67,7 +68,7 @@ def server(tokenizer):
 def greedy_text(engine: Engine, messages, max_tokens: int) -> str:
     """What greedy decoding of the rendered prompt writes, up to the first end-of-turn or end-of-text id."""
     ids = engine.tokenizer.encode(render(messages)).ids
-    out = engine.model.generate(torch.tensor([ids]), max_tokens)[0, len(ids) :].tolist()
+    out = generate(engine.model, torch.tensor([ids]), max_tokens)[0, len(ids) :].tolist()
     for i, t in enumerate(out):
         if t in engine.stop_ids:
             out = out[:i]
@@ -76,7 +77,7 @@ def greedy_text(engine: Engine, messages, max_tokens: int) -> str:
 
 
 def scripted(tokenizer, text: str, gate: threading.Event | None = None):
-    """A `stream` replacement that yields the ids of `text` one by one (after `gate` is set, if given)."""
+    """An `Engine.tokens` replacement that yields the ids of `text` one by one (after `gate` is set, if given)."""
     ids = tokenizer.encode(text).ids
 
     def stream(idx, max_new_tokens, **options):
@@ -137,7 +138,7 @@ def test_sampling_is_reproducible_with_a_seed_and_stops_at_a_stop_string(server)
 def test_tool_calls_come_back_through_the_template_and_parser(server, monkeypatch):
     tok = server.engine.tokenizer
     reply = "Let me compute." + tool_call_block("calculate", {"expression": "2+3"}) + END_OF_TURN
-    monkeypatch.setattr(server.engine.model, "stream", scripted(tok, reply), raising=False)
+    monkeypatch.setattr(server.engine, "tokens", scripted(tok, reply), raising=False)
     client = server.client()
     messages = [{"role": "user", "content": "What is 2+3?"}]
     r = client.chat.completions.create(model=NAME, messages=messages, tools=[CALCULATOR], max_tokens=64)
@@ -156,7 +157,7 @@ def test_tool_calls_come_back_through_the_template_and_parser(server, monkeypatc
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me compute."
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # The client runs the tool and sends the result back; the call's arguments come back as a JSON string.
-    monkeypatch.setattr(server.engine.model, "stream", scripted(tok, "It is 5." + END_OF_TURN), raising=False)
+    monkeypatch.setattr(server.engine, "tokens", scripted(tok, "It is 5." + END_OF_TURN), raising=False)
     follow = messages + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "5"},
@@ -164,14 +165,14 @@ def test_tool_calls_come_back_through_the_template_and_parser(server, monkeypatc
     r = client.chat.completions.create(model=NAME, messages=follow, tools=[CALCULATOR], max_tokens=16)
     assert r.choices[0].message.content == "It is 5." and r.choices[0].finish_reason == "stop"
     # Without tools in the request nothing is parsed: the reply is text.
-    monkeypatch.setattr(server.engine.model, "stream", scripted(tok, reply), raising=False)
+    monkeypatch.setattr(server.engine, "tokens", scripted(tok, reply), raising=False)
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=64)
     assert not r.choices[0].message.tool_calls and "<longcat_tool_call>" in r.choices[0].message.content
 
 
 def test_a_stop_string_never_leaks_into_the_stream(server, monkeypatch):
     tok = server.engine.tokenizer
-    monkeypatch.setattr(server.engine.model, "stream", scripted(tok, "first part STOP second part"), raising=False)
+    monkeypatch.setattr(server.engine, "tokens", scripted(tok, "first part STOP second part"), raising=False)
     client = server.client()
     kw = dict(model=NAME, messages=[{"role": "user", "content": "go"}], max_tokens=32, stop=["STOP", "zzz"])
     chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)]
@@ -230,7 +231,7 @@ def test_twenty_concurrent_clients_get_their_own_answers(server):
 def test_a_full_queue_answers_503(tokenizer):
     engine = Engine(random_model(seed=8), tokenizer, NAME, max_queue=1)
     gate = threading.Event()
-    engine.model.stream = scripted(tokenizer, "hello" + END_OF_TURN, gate)
+    engine.tokens = scripted(tokenizer, "hello" + END_OF_TURN, gate)
     srv = Server(engine)
     try:
         client = srv.client()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from longcat_lab._util import atomic_write_bytes, json_bytes
+from longcat_lab.experiments.runner import run_sweep
+from longcat_lab.experiments.summary import format_summary
+from longcat_lab.experiments.sweeps import SWEEPS
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from longcat_lab.experiments.sweeps import SWEEPS
-
     p = subparsers.add_parser("sweep", help="a named ablation: variants x paired seeds at matched compute")
     p.add_argument("name", choices=sorted(SWEEPS), help="the sweep (docs/design.md §13)")
     p.add_argument("--seeds", type=int, default=3, help="paired seeds per variant (default 3)")
@@ -21,10 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> None:
-    from longcat_lab.experiments.runner import run_sweep
-    from longcat_lab.experiments.summary import format_summary
-
+def run(args: argparse.Namespace) -> None:
     summary = run_sweep(
         args.name,
         args.out,
@@ -37,8 +37,9 @@ def run(args) -> None:
     print(format_summary(summary))
     print(f"[longcat-lab] wrote {summary['path']}")
     if args.results:
-        from longcat_lab._util import atomic_write_bytes, json_bytes
-
         path = args.results / f"{args.name}.json"
         atomic_write_bytes(path, json_bytes({k: v for k, v in summary.items() if k != "path"}))
         print(f"[longcat-lab] wrote {path}")
+
+
+__all__ = ["add_parser", "run"]

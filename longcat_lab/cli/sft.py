@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from longcat_lab.cli.arguments import check_out_dir
+from longcat_lab.train import train
+from longcat_lab.train.sft import LR, STEPS, prepare
+from longcat_lab.train.trainer import check_runtime
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from longcat_lab.train.sft import LR, STEPS
-
     p = subparsers.add_parser("sft", help="fine-tune a checkpoint on synthesised tool-use dialogues")
     p.add_argument("--init-from", required=True, help="the checkpoint to start from, or a run folder (its newest)")
     p.add_argument("--data", type=Path, required=True, help="a JSONL of `longcat-lab synth` records")
@@ -30,11 +33,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from longcat_lab.cli import check_out_dir
-    from longcat_lab.train import train
-    from longcat_lab.train.sft import prepare
-    from longcat_lab.train.trainer import check_runtime
-
     out = check_out_dir(args.out)
     extra = {"lr": args.lr} if args.lr is not None else {}
     model_config, cfg = prepare(args.init_from, args.data, out, args.steps, args.set or (), **extra)
@@ -60,3 +58,6 @@ def run(args: argparse.Namespace) -> None:
         before, after = evals[0], evals[-1]
         for domain, loss in after["val_loss"].items():
             print(f"  {domain:12s} {before['val_loss'][domain]:.4f} -> {loss:.4f}")
+
+
+__all__ = ["add_parser", "run"]

@@ -1,12 +1,16 @@
 """`longcat-lab serve --ckpt RUN`: an OpenAI-compatible HTTP server for a checkpoint (or a run folder's newest),
-optionally int8-quantised or compiled, until Ctrl-C."""
+optionally int8-quantised or compiled, until Ctrl-C (`serve`, docs/design.md §16)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from longcat_lab.inference.options import add_decoding_arguments, load_for_decoding
+import torch
+
+from longcat_lab._util import check_int
+from longcat_lab.cli.arguments import add_decoding_arguments, load_decoding_model
+from longcat_lab.serve.engine import Engine
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,9 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> None:
-    from longcat_lab._util import check_int
-
+def run(args: argparse.Namespace) -> None:
     check_int("--port", args.port, 1)
     if args.port > 65535:
         raise ValueError(f"--port={args.port} is not allowed: it must be in [1, 65535]")
@@ -33,16 +35,12 @@ def run(args) -> None:
     name = args.model_name if args.model_name is not None else str(args.ckpt)
     if not name.strip():
         raise ValueError(f"--model-name={name!r} is not allowed: it must be a non-empty string")
-
-    import torch
-    import uvicorn
-
-    from longcat_lab.serve.app import create_app
-    from longcat_lab.serve.engine import Engine
+    # The application needs fastapi and uvicorn (the `serve` extra): every other subcommand works without them.
+    from longcat_lab.serve.app import create_app, run_app
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tokenizer, meta = load_for_decoding(args)
+    model, tokenizer, meta = load_decoding_model(args)
     app = create_app(Engine(model, tokenizer, name, max_queue=args.max_queue, speculative=args.speculative))
     print(
         f"[longcat-lab] serving {name!r} (step {meta.get('step')}, {args.quantize} weights"
@@ -50,4 +48,7 @@ def run(args) -> None:
         f"http://{args.host}:{args.port}/v1 ; /health and /metrics beside it; Ctrl-C stops",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    run_app(app, args.host, args.port)
+
+
+__all__ = ["add_parser", "run"]

@@ -1,17 +1,16 @@
-"""`longcat-lab synth --n N --out FILE.jsonl --seed S` (docs/design.md §7): design N tasks, solve each with the
-expert solver, keep only dialogues that pass their verifier, write one JSON record per line, and print a summary of
-the difficulty distribution. `generate` and `summarize` are the same from Python."""
+"""Synthesised dialogues in bulk (docs/design.md §7), what `longcat-lab synth` writes: `generate` designs N tasks,
+solves each with the expert solver and keeps only dialogues that pass their verifier (one JSON-ready record each);
+`summarize` and `format_summary` describe the difficulty distribution."""
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from longcat_lab._util import atomic_write_bytes, check_int
+from tqdm.auto import tqdm
+
+from longcat_lab._util import check_int
 from longcat_lab.synth.agents import AXES, DOMAINS, LEVELS, ExpertSolver, TaskDesigner, to_record, verify
 
 
@@ -22,8 +21,6 @@ def generate(
     that fails its verifier would be a bug; it raises rather than being skipped, so the count is always N."""
     check_int("n", n, 1)
     designer = TaskDesigner(seed, domains)
-    from tqdm.auto import tqdm
-
     for i in tqdm(range(n), desc="synth", disable=not progress, dynamic_ncols=True):
         task = designer.design(i)
         messages = ExpertSolver(task).run()
@@ -59,18 +56,4 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_parser(subparsers) -> None:
-    sy = subparsers.add_parser("synth", help="synthesise verified tool-use dialogues on three difficulty axes")
-    sy.add_argument("--n", type=int, required=True, help="number of dialogues")
-    sy.add_argument("--out", type=Path, required=True, help="output .jsonl file (one record per line)")
-    sy.add_argument("--seed", type=int, default=0)
-    sy.add_argument("--domains", nargs="*", default=list(DOMAINS), help=f"any of {', '.join(DOMAINS)}")
-    sy.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> None:
-    records = list(generate(args.n, args.seed, tuple(args.domains), progress=not args.no_progress))
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_bytes(args.out, body.encode())
-    print(format_summary(summarize(records)))
-    print(f"[longcat-lab] wrote {args.out}")
+__all__ = ["format_summary", "generate", "summarize"]

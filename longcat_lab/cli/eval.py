@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from longcat_lab._util import check_int, check_seed
+from longcat_lab.eval.agentic import evaluate_agentic_checkpoint, format_agentic
+from longcat_lab.eval.suite import evaluate_checkpoint, format_table
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="bits per byte, arithmetic, code and routing metrics of a checkpoint")
@@ -34,11 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     if args.agentic:
         return run_agentic(args)
-    from longcat_lab.eval.suite import evaluate_checkpoint, format_table
-
     result, path = evaluate_checkpoint(args.ckpt, args.level, args.arithmetic, args.code, write=not args.no_write)
     print(f"[longcat-lab] evaluation of {result['checkpoint']} (step {result['step']}, {result['seconds']:.0f} s)")
     print(format_table(result))
@@ -46,10 +48,7 @@ def run(args) -> None:
         print(f"[longcat-lab] wrote {path}")
 
 
-def run_agentic(args) -> None:
-    from longcat_lab._util import check_int, check_seed
-    from longcat_lab.eval.agentic import evaluate_agentic_checkpoint, format_agentic
-
+def run_agentic(args: argparse.Namespace) -> None:
     for name in ("per_cell", "k", "max_new_tokens", "max_turns"):
         check_int("--" + name.replace("_", "-"), getattr(args, name))
     check_int("--arithmetic", args.arithmetic)
@@ -73,3 +72,6 @@ def run_agentic(args) -> None:
     print(format_agentic(result))
     if path:
         print(f"[longcat-lab] wrote {path}")
+
+
+__all__ = ["add_parser", "run", "run_agentic"]

@@ -1,0 +1,33 @@
+"""`longcat-lab synth --n N --out FILE.jsonl --seed S` (docs/design.md §7): design N tasks, solve each with the
+expert solver, keep only dialogues that pass their verifier, write one JSON record per line, and print a summary of
+the difficulty distribution (`synth.generate`, `synth.summarize` from Python)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from longcat_lab._util import atomic_write_bytes
+from longcat_lab.synth import DOMAINS, format_summary, generate, summarize
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    sy = subparsers.add_parser("synth", help="synthesise verified tool-use dialogues on three difficulty axes")
+    sy.add_argument("--n", type=int, required=True, help="number of dialogues")
+    sy.add_argument("--out", type=Path, required=True, help="output .jsonl file (one record per line)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--domains", nargs="*", default=list(DOMAINS), help=f"any of {', '.join(DOMAINS)}")
+    sy.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return sy
+
+
+def run(args: argparse.Namespace) -> None:
+    records = list(generate(args.n, args.seed, tuple(args.domains), progress=not args.no_progress))
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(args.out, body.encode())
+    print(format_summary(summarize(records)))
+    print(f"[longcat-lab] wrote {args.out}")
+
+
+__all__ = ["add_parser", "run"]
