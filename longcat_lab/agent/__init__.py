@@ -1,6 +1,7 @@
 """Agents on synthesised tasks (docs/design.md §18): `run_episode` plays one task with a model against the task's
-environment and a live user simulator (`loop`), the baselines and the model as agents (`policies`), and the
-interactive `longcat-lab chat` (`chat`)."""
+environment and a live user simulator (`loop`), the baselines and the model as agents (`policies`), one tool-call
+turn shared by every conversation (`turn`), arithmetic with and without the calculator (`arithmetic`), and the
+terminal chat of `longcat-lab chat` (`chat`)."""
 
 from longcat_lab.agent.loop import (
     DEFAULT_MAX_TURNS,
@@ -13,6 +14,7 @@ from longcat_lab.agent.loop import (
     run_episode,
 )
 from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, generate_reply
+from longcat_lab.agent.turn import Turn, tool_turn
 
 __all__ = [
     "DEFAULT_MAX_TURNS",
@@ -23,8 +25,10 @@ __all__ = [
     "ModelAgent",
     "RandomValidAgent",
     "SimulatedUser",
+    "Turn",
     "cell_name",
     "generate_reply",
     "play",
     "run_episode",
+    "tool_turn",
 ]

@@ -1,7 +1,8 @@
 """The agents that play tasks in the loop (docs/design.md §18), each with `reply(messages, tools) -> str`:
 
 - `ModelAgent`: a `LongCatLM` renders the conversation with the chat template and generates the reply
-  (`generate_reply`, which the chat command streams to the terminal);
+  (`generate_reply`, which the chat command streams to the terminal, in the window `sft_window` reads off the
+  checkpoint);
 - `RandomValidAgent`: the floor, calls offered tools at random with arguments that satisfy their schemas (strings
   and numbers taken from the conversation so far), then ends;
 - `ExpertAgent`: the ceiling, replays the expert solver's reference replies for the task.

@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> None:
         )
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.nproc is not None and not worker:
-        return launch(args, train_config.batch_size)
+        launch(args, train_config.batch_size)
+        return
     if main_rank:
         print(
             f"[longcat-lab] training preset {args.preset!r} ({train_config.total_steps} steps) into {args.out}"

@@ -16,9 +16,9 @@ from longcat_lab.agent import (
     SimulatedUser,
     generate_reply,
     play,
+    policies,
     run_episode,
 )
-from longcat_lab.agent import policies
 from longcat_lab.agent.loop import NOTHING_TO_ADD
 from longcat_lab.agent.policies import random_arguments, reply_text
 from longcat_lab.chat import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_call_block

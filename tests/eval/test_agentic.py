@@ -22,7 +22,7 @@ from longcat_lab.eval.agentic import (
     pass_table,
 )
 from longcat_lab.synth import ExpertSolver
-from longcat_lab.synth import generate
+from longcat_lab.synth.dialogues import generate
 from longcat_lab.tools import calculate
 
 

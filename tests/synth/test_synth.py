@@ -24,7 +24,7 @@ from longcat_lab.synth import (
     to_record,
     verify,
 )
-from longcat_lab.synth import generate, summarize
+from longcat_lab.synth.dialogues import generate, summarize
 
 
 def solved(n, seed):

@@ -74,7 +74,7 @@ def test_gradients_do_not_cross_segments():
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A tiny pre-trained run and a dozen synthesised dialogues."""
-    from longcat_lab.synth import generate
+    from longcat_lab.synth.dialogues import generate
 
     base = tmp_path_factory.mktemp("sft")
     threads = torch.get_num_threads()
