@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from longcat_lab.data import DataConfig
 from longcat_lab.model import presets
-from longcat_lab.perf import accounting
+from longcat_lab.model import accounting
 from longcat_lab.train import Trainer, train, train_preset
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tiny_20_steps.json"

@@ -112,7 +112,7 @@ def _evaluate_checkpoint(ckpt, level, arithmetic_n, code_n, write):
 
 
 def _activated(config) -> float:
-    from longcat_lab.perf.accounting import activated_params
+    from longcat_lab.model.accounting import activated_params
 
     return activated_params(config)["mean"]
 

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from longcat_lab.inference.compiled import compile_decoding
-from longcat_lab.model.model import MLA, LongCatLM, SwiGLU
+from longcat_lab.model.attention import MLA
+from longcat_lab.model.blocks import SwiGLU
+from longcat_lab.model.model import LongCatLM
 from longcat_lab.train.config import TrainConfig
 
 

@@ -1,5 +1,5 @@
 """Absorbed-MLA decoding lives inside the model's own forward: a single-position no-grad step against a LatentCache
-takes `inference.decode.absorbed_attention` (folded weights kept in the cache), a step with gradients takes the
+takes `model.attention.absorbed_attention` (folded weights kept in the cache), a step with gradients takes the
 re-expanding path, and both agree with the full forward; the no-grad one-token expert path matches the sorted
 dispatch. Models come from `longcat_lab.testing.random_model` with a non-zero expert bias (bias_std=0.1), so that
 selection depends on it.

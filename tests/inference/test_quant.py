@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from longcat_lab.data import DataConfig, load_dataset
 from longcat_lab.eval.bpb import bits_per_byte
-from longcat_lab.inference.cache import DecodingWeights
+from longcat_lab.model.cache import DecodingWeights
 from longcat_lab.inference.quant import Int8Matrix, model_bytes, quantize_int8, quantize_rows
 from longcat_lab.testing import random_ids, random_model
 

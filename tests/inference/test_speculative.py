@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longcat_lab.inference import speculative
-from longcat_lab.inference.cache import LatentCache
+from longcat_lab.model.cache import LatentCache
 from longcat_lab.inference.speculative import SpeculativeStats, accept_or_resample, speculative_generate
 from longcat_lab.model import presets
 from longcat_lab.testing import random_ids, random_model

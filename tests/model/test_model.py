@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from longcat_lab import LatentCache, ModelConfig
 from longcat_lab.model import EXPERTS_AFTER, MoE, presets, rope_angles
 from longcat_lab.model.ops.expert_dispatch import _scratch
-from longcat_lab.perf import accounting
+from longcat_lab.model import accounting
 from longcat_lab.testing import random_ids, random_model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longcat_lab.inference.cache import LatentCache
+from longcat_lab.model.cache import LatentCache
 from longcat_lab.model import presets
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
 from longcat_lab.model.mtp import mtp_logits, mtp_loss

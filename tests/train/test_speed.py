@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from longcat_lab.model import presets
-from longcat_lab.model.model import rope_angles, segment_mask
+from longcat_lab.model.attention import segment_mask
+from longcat_lab.model.rope import rope_angles
 from longcat_lab.testing import random_ids, random_model
 from longcat_lab.train import growth, speed
 from longcat_lab.train.config import train_preset
