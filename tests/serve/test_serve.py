@@ -22,6 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from longcat_lab.chat import render  # noqa: E402
 from longcat_lab.chat.template import END_OF_TURN, tool_call_block  # noqa: E402
 from longcat_lab.data import DataConfig, load_tokenizer  # noqa: E402
+from longcat_lab.inference.generate import generate  # noqa: E402
 from longcat_lab.model import presets  # noqa: E402
 from longcat_lab.serve.app import BackgroundServer, create_app  # noqa: E402
 from longcat_lab.serve.engine import Engine  # noqa: E402
@@ -67,7 +68,7 @@ def server(tokenizer):
 def greedy_text(engine: Engine, messages, max_tokens: int) -> str:
     """What greedy decoding of the rendered prompt writes, up to the first end-of-turn or end-of-text id."""
     ids = engine.tokenizer.encode(render(messages)).ids
-    out = engine.model.generate(torch.tensor([ids]), max_tokens)[0, len(ids) :].tolist()
+    out = generate(engine.model, torch.tensor([ids]), max_tokens)[0, len(ids) :].tolist()
     for i, t in enumerate(out):
         if t in engine.stop_ids:
             out = out[:i]

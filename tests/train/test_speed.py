@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def loss_and_grads(model, idx, targets):
     model.zero_grad(set_to_none=True)
-    _, loss = model(idx, targets, validate=False)
+    loss = model(idx, targets=targets, validate=False).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -44,7 +44,7 @@ def test_fused_adamw_makes_the_default_update():
     idx = random_ids(presets.tiny(), (2, 17))
     for _ in range(3):
         for model, optimizer in ((fused_model, fused), (loop_model, loop)):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss = model(idx[:, :-1], targets=idx[:, 1:]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
