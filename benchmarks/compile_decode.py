@@ -17,6 +17,7 @@ import time
 import torch
 
 from longcat_lab.inference.compiled import compile_decoding
+from longcat_lab.inference.generate import generate
 from longcat_lab.model import presets
 from longcat_lab.testing import random_ids, random_model
 
@@ -47,15 +48,15 @@ def main() -> None:
         f"{args.prompt_len}, {args.new_tokens} new tokens, greedy, {args.threads} thread(s), backend "
         f"{args.backend}; torch {torch.__version__}"
     )
-    ref = eager.generate(prompt, args.new_tokens)
+    ref = generate(eager, prompt, args.new_tokens)
     t = time.perf_counter()
-    out = compiled.generate(prompt, args.new_tokens)
+    out = generate(compiled, prompt, args.new_tokens)
     print(f"first compiled call (compilation included): {time.perf_counter() - t:.1f} s")
     best = {"eager": float("inf"), "compiled": float("inf")}
     for _ in range(args.repeats):
         for name, model in (("eager", eager), ("compiled", compiled)):
             t = time.perf_counter()
-            model.generate(prompt, args.new_tokens)
+            generate(model, prompt, args.new_tokens)
             best[name] = min(best[name], time.perf_counter() - t)
     same = float((out == ref).float().mean())
     print(

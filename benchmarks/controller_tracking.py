@@ -98,7 +98,8 @@ def train_trace(
     trace, ratios = [], []
     for step, x in enumerate(batches):
         x = x.to(device)
-        _, loss, routing = model(x[:, :-1], x[:, 1:], return_routing=True)
+        out = model(x[:, :-1], targets=x[:, 1:], return_routing=True)
+        loss, routing = out.loss, out.routing
         total = loss
         if loss_config is not None:
             aux = aux_losses(routing, loss_config, model.config, controller.target)

@@ -1,5 +1,5 @@
-"""Generation speed: our `LongCatLM.generate` and MTP speculative decoding against transformers on the same exported
-checkpoint, and KV-cache bytes.
+"""Generation speed: our `inference.generate.generate` and MTP speculative decoding against transformers on the same
+exported checkpoint, and KV-cache bytes.
 
 Exports a model with `longcat_lab.export.save_hf` (a trained checkpoint given by `--checkpoint`, else a freshly
 initialised one of `--preset` with a non-zero router bias), loads the folder back with our `load_hf` and with
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from longcat_lab.export import cache_bytes_per_token, load_hf, save_hf
+from longcat_lab.inference.generate import generate
 from longcat_lab.inference.speculative import SpeculativeStats, speculative_generate
 from longcat_lab.model import presets
 from longcat_lab.model.config import ModelConfig
@@ -207,7 +208,7 @@ def main() -> None:
         prompt = prompts(batch, args.seed + batch)
         runs = {
             "hf": lambda p=prompt: hf.generate(p, attention_mask=torch.ones_like(p), **hf_options),
-            "ours": lambda p=prompt: ours.generate(p, args.new_tokens),
+            "ours": lambda p=prompt: generate(ours, p, args.new_tokens),
         }
         best, wall, cpu, out = compare(runs, args.repeats)
         tokens = batch * args.new_tokens
@@ -247,7 +248,7 @@ def speculate(args, ours, hf, prompts, hf_options) -> None:
 
         runs = {
             "hf": lambda p=prompt: hf.generate(p, attention_mask=torch.ones_like(p), **hf_options),
-            "plain": lambda p=prompt: ours.generate(p, args.new_tokens),
+            "plain": lambda p=prompt: generate(ours, p, args.new_tokens),
             "spec": spec,
         }
         best, wall, cpu, out = compare(runs, args.repeats)

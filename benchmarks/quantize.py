@@ -27,6 +27,7 @@ import torch
 
 from longcat_lab.data import DataConfig, load_dataset
 from longcat_lab.eval.bpb import bits_per_byte
+from longcat_lab.inference.generate import generate
 from longcat_lab.inference.quant import Int8Matrix, model_bytes, quantize_int8
 from longcat_lab.model import presets
 from longcat_lab.testing import random_ids, random_model
@@ -104,11 +105,11 @@ def main() -> None:
         prompt = random_ids(fp32.config, (batch, args.prompt_len), seed=args.seed + batch)
         outputs, best = {}, {name: float("inf") for name in variants}
         for name, model in variants.items():  # warm-up: builds the decoding stores
-            outputs[name] = model.generate(prompt, args.new_tokens)
+            outputs[name] = generate(model, prompt, args.new_tokens)
         for _ in range(args.repeats):
             for name, model in variants.items():
                 t = time.perf_counter()
-                model.generate(prompt, args.new_tokens)
+                generate(model, prompt, args.new_tokens)
                 best[name] = min(best[name], time.perf_counter() - t)
         for name in variants:
             new = outputs[name][:, args.prompt_len :]

@@ -27,6 +27,7 @@ import openai
 import torch
 
 from longcat_lab.data import DataConfig, load_tokenizer
+from longcat_lab.inference.generate import generate
 from longcat_lab.model import presets
 from longcat_lab.serve.app import create_app
 from longcat_lab.serve.engine import Engine
@@ -77,9 +78,9 @@ def serve(args, port: int, ready) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer, what = load(args)
     prompt = torch.tensor([tokenizer.encode("Client 0, request 0: once upon a").ids])
-    model.generate(prompt, 4)
+    generate(model, prompt, 4)
     t = time.perf_counter()
-    model.generate(prompt, args.max_tokens)
+    generate(model, prompt, args.max_tokens)
     ready.put((what, args.max_tokens / (time.perf_counter() - t)))
     app = create_app(Engine(model, tokenizer, NAME, max_queue=args.clients * 2))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from longcat_lab.data import DataConfig
-from longcat_lab.model import presets
-from longcat_lab.perf import accounting
+from longcat_lab.model import accounting, presets
 from longcat_lab.train import Trainer, train, train_preset
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tiny_20_steps.json"
@@ -157,7 +156,7 @@ def plain_adamw(model: torch.nn.Module, cfg, lr: float) -> torch.optim.AdamW:
 
 
 def ours_loss(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return model(idx, targets, validate=False)[1]
+    return model(idx, targets=targets, validate=False).loss
 
 
 def hf_loss(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

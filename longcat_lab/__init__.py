@@ -1,7 +1,6 @@
 """longcat_lab: a readable, scaled-down LongCat-Flash to learn and research on."""
 
-from longcat_lab.inference import LatentCache
-from longcat_lab.model import LongCatLM, ModelConfig, Routing, presets
+from longcat_lab.model import CausalLMOutput, LatentCache, LongCatLM, ModelConfig, Routing, presets
 
-__all__ = ["ModelConfig", "LongCatLM", "LatentCache", "Routing", "presets"]
+__all__ = ["CausalLMOutput", "ModelConfig", "LongCatLM", "LatentCache", "Routing", "presets"]
 __version__ = "0.1.0"

@@ -124,7 +124,8 @@ def parity_worker(
     inputs, targets = idx[:, :-1], idx[:, 1:]
     rows = local_rows(batch, world, rank)
     share = inputs[rows].numel() / inputs.numel()
-    ref_logits, ref_loss = ref(inputs, targets)
+    ref_out = ref(inputs, targets=targets)
+    ref_logits, ref_loss = ref_out.logits, ref_out.loss
     ref_loss.backward()
     ref_grads = {n: p.grad.detach().cpu() for n, p in ref.named_parameters()}
     result: dict[str, Any] = {
@@ -134,13 +135,14 @@ def parity_worker(
         "runs": {},
     }
     with torch.no_grad():
-        _, _, routing = ref(inputs[rows], return_routing=True)
+        routing = ref(inputs[rows], return_routing=True).routing
     ffn_pairs = [int((r.topk_ids < config.n_routed_experts).sum()) for r in routing.layers]
     for variant in EP_VARIANTS:
         schedule, experts_after = variant.split("/")
         set_schedule(ep, overlap=schedule == "overlapped", experts_after=experts_after)
         ep.zero_grad(set_to_none=True)
-        logits, loss = ep(inputs[rows], targets[rows])
+        out = ep(inputs[rows], targets=targets[rows])
+        logits, loss = out.logits, out.loss
         (loss * share).backward()  # the global mean = sum over ranks of local mean * local share
         all_reduce_replicated_grads(ep)
         global_loss = (loss.detach() * share).reshape(1)
@@ -170,10 +172,10 @@ def parity_worker(
     for model in (ref, ep):
         torch.optim.SGD(model.parameters(), lr=0.5).step()
     with torch.no_grad():
-        logits, _ = ep(inputs[rows])
+        logits = ep(inputs[rows]).logits
         result["step"] = {
             "logits": gather_rows(logits).cpu(),
-            "ref_logits": ref(inputs)[0].cpu(),
+            "ref_logits": ref(inputs).logits.cpu(),
             "params": _full(ep, dict(ep.named_parameters())),
             "ref_params": {n: p.detach().cpu() for n, p in ref.named_parameters()},
         }
@@ -181,17 +183,17 @@ def parity_worker(
         sizes = [r + 1 for r in range(world)]
         lo = sum(sizes[:rank])
         uneven = torch.randint(0, config.vocab_size, (sum(sizes), seq_len), generator=gen).to(device)
-        ep_uneven, _ = ep(uneven[lo : lo + sizes[rank]])
-        result["uneven"] = {"logits": gather_rows(ep_uneven).cpu(), "ref_logits": ref(uneven)[0].cpu()}
+        ep_uneven = ep(uneven[lo : lo + sizes[rank]]).logits
+        result["uneven"] = {"logits": gather_rows(ep_uneven).cpu(), "ref_logits": ref(uneven).logits.cpu()}
         # Skewed routing: the last rank's experts are never chosen, so it receives nothing.
         last = list(range(config.n_routed_experts - config.n_routed_experts // world, config.n_routed_experts))
         for model in (ref, ep):
             for moe in model.moe_blocks():
                 moe.router.e_score_correction_bias[last] = -10.0
-        result["skewed"] = {"ref_logits": ref(inputs)[0].cpu()}
+        result["skewed"] = {"ref_logits": ref(inputs).logits.cpu()}
         for schedule in ("sequential", "overlapped"):
             set_schedule(ep, overlap=schedule == "overlapped")
-            result["skewed"][schedule] = gather_rows(ep(inputs[rows])[0]).cpu()
+            result["skewed"][schedule] = gather_rows(ep(inputs[rows]).logits).cpu()
         result["skewed"]["moved"] = gather_objects([moe.dispatcher.last_stats for moe in ep.moe_blocks()])
     try:
         apply_expert_parallel(random_model(config.replace(n_routed_experts=2 * world + 1), seed))

@@ -94,7 +94,7 @@ def model_nats(model, x: torch.Tensor, y: torch.Tensor, byte_len: torch.Tensor, 
     try:
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i : i + batch_size].to(model.device), y[i : i + batch_size].to(model.device)
-            logits = model(xb)[0].float()
+            logits = model(xb).logits.float()
             nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
             total += float((nll * (byte_len.to(nll.device)[yb.flatten()] > 0)).sum())
     finally:

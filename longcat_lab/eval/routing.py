@@ -32,7 +32,7 @@ def routing_summary(model, dataset, seq_len: int, windows: int = 8, batch_size: 
             classes = {i: token_class(text_of.get(i, ""), domain == "python") for i in x.unique().tolist()}
             for i in range(0, x.shape[0], batch_size):
                 xb = x[i : i + batch_size]
-                _, _, routing = model(xb.to(model.device), return_routing=True)
+                routing = model(xb.to(model.device), return_routing=True).routing
                 mean_ffn = None
                 for li, r in enumerate(routing.layers):
                     if r is None:

@@ -19,6 +19,7 @@ import torch
 
 from longcat_lab._util import check_int
 from longcat_lab.data import check_solution, eot_id
+from longcat_lab.inference.generate import stream
 
 
 def heldout_documents(dataset, domain: str) -> list[str]:
@@ -45,7 +46,7 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, stop, temperatu
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     out: list[int] = []
-    for token in model.stream(idx, max_new_tokens, temperature=temperature, generator=gen):
+    for token in stream(model, idx, max_new_tokens, temperature=temperature, generator=gen):
         t = int(token[0, 0])
         if t == eot:
             break

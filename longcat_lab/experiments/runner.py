@@ -21,9 +21,17 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from longcat_lab._util import atomic_write_bytes, check_int, json_bytes
-from longcat_lab.experiments.summary import summarise
+from longcat_lab.experiments.summary import max_hidden, run_metrics, summarise
 from longcat_lab.experiments.sweeps import METRIC_DIRECTION, Sweep, get
+from longcat_lab.model import presets
+from longcat_lab.model.accounting import activated_params, flops_per_token
+from longcat_lab.model.config import ModelConfig
+from longcat_lab.train import apply_overrides, train, train_preset
+from longcat_lab.train.config import TrainConfig
+from longcat_lab.train.control import resolve_target
 
 SEED0 = 1000
 TOLERANCE = 0.05  # relative spread of activated params, FLOPs per token and tokens seen allowed between variants
@@ -49,9 +57,6 @@ class Run:
 
 
 def _configs(preset: str, steps: int | None, sets: tuple[str, ...], seed: int):
-    from longcat_lab.model import presets
-    from longcat_lab.train import apply_overrides, train_preset
-
     tc = train_preset(preset)
     if steps is not None:
         tc = tc.with_steps(steps)
@@ -80,11 +85,6 @@ def plan(sweep: Sweep | str, out: Path, seeds: int = 3, steps: int | None = None
 def compute_table(sweep: Sweep, runs: list[Run]) -> dict[str, dict]:
     """Per variant: activated parameters (at the controller's FFN-expert target), training FLOPs per token and
     tokens seen; growth variants count their half-depth first half."""
-    from longcat_lab.model.config import ModelConfig
-    from longcat_lab.perf.accounting import activated_params, flops_per_token
-    from longcat_lab.train.config import TrainConfig
-    from longcat_lab.train.control import resolve_target
-
     out = {}
     for r in runs:
         if r.variant in out:
@@ -128,13 +128,6 @@ def check_matched(sweep: Sweep, table: dict[str, dict], tolerance: float = TOLER
 def execute(run: Run) -> dict:
     """Train one run (resuming a half-finished one), measure it, and write result.json last. In its own process
     under `run_sweep(jobs > 1)`."""
-    import torch
-
-    from longcat_lab.experiments.summary import max_hidden, run_metrics
-    from longcat_lab.model.config import ModelConfig
-    from longcat_lab.train import train
-    from longcat_lab.train.config import TrainConfig
-
     torch.set_num_threads(1)
     if run.half and not (Path(run.half["dir"]) / RESULT).is_file():
         half_tc = TrainConfig.from_dict(run.half["train_config"])

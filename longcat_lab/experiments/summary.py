@@ -22,6 +22,7 @@ import statistics
 
 import torch
 
+from longcat_lab.data import eval_windows
 from longcat_lab.experiments.stats import paired, verdict
 
 INFORMATIONAL = ("max_hidden", "ffn_experts_per_token", "grad_rms")
@@ -53,8 +54,6 @@ def settle_step(series: list[float], target: float, window: int = 10, tolerance:
 @torch.no_grad()
 def max_hidden(model, dataset, seq_len: int, windows: int = 4) -> list[float]:
     """The largest |hidden state| after each layer on the validation windows (forward hooks, eval mode)."""
-    from longcat_lab.data import eval_windows
-
     peaks = [0.0] * len(model.layers)
     hooks = [
         layer.register_forward_hook(

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from longcat_lab.export.hf import CONFIG_NAME, HUB_EXPERT_KEY, WEIGHTS_NAME, config_from_hf
-from longcat_lab.inference.cache import LatentCache
+from longcat_lab.model.cache import LatentCache
 from longcat_lab.model.model import LongCatLM
 
 # Tensor groups of the hub layout, first match wins; zero experts' gate/up tensors are counted apart as padding.
@@ -82,6 +82,6 @@ def cache_bytes_per_token(model: LongCatLM, idx: torch.Tensor, hf_model=None) ->
             hf_cache = hf_model(idx[:1].to(hf_model.device), use_cache=True).past_key_values
             total = sum(t.numel() * t.element_size() for layer in hf_cache.layers for t in (layer.keys, layer.values))
             out["transformers cache"] = total // idx.shape[1]
-    out["MLA formula"] = (c.kv_lora_rank + c.qk_rope_head_dim) * blocks * dtype_size
+    out["MLA formula"] = c.kv_cache_bytes_per_token(dtype_size)
     out["full K/V"] = blocks * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * dtype_size
     return out

@@ -1,7 +1,7 @@
 """`torch.compile` for decoding (docs/design.md §16): `compile_decoding(model)` compiles the parts of the model's
 decoding step whose work does not depend on the data: each MLA block (absorbed attention against the latent cache)
 and each dense SwiGLU FFN. The MoE block stays eager: at one token its experts are chosen by the router and run as a
-loop over the chosen ids with their weights as Python numbers (`decode.experts_one_token`), so a compiled version
+loop over the chosen ids with their weights as Python numbers (`model.moe.experts_few_tokens`), so a compiled version
 would specialise on, and recompile for, every new choice (measured: the recompile limit is hit within a few
 tokens). The cache is the usual `LatentCache`, preallocated for prompt + new tokens; the growing cache length is
 compiled as a dynamic dimension, so decoding steps reuse one graph per block.
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from longcat_lab.model.model import MLA, LongCatLM, SwiGLU
+from longcat_lab.model.attention import MLA
+from longcat_lab.model.blocks import SwiGLU
+from longcat_lab.model.model import LongCatLM
 
 RECOMPILE_LIMIT = 64  # compiled variants per code object: prefill and decoding of every block of a preset
 

@@ -1,24 +1,21 @@
 """Autoregressive generation (docs/design.md §10): `stream` yields tokens one at a time, `generate` collects them,
-`sample_next` picks each token (greedy or top-p). `LongCatLM.stream` and `LongCatLM.generate` call these.
+`sample_next` picks each token (greedy or top-p): `generate(model, idx, max_new_tokens)`.
 
 Decoding goes through the model's own `forward`: the prompt once, filling a `LatentCache`, then one position per
-step against the cache, in which each MLA block takes its absorbed step and the MoE its one-token expert path
-(`longcat_lab.inference.decode`).
+step against the cache, in which each MLA block takes its absorbed step and the MoE its few-token expert path
+(`longcat_lab.model.attention`, `longcat_lab.model.moe`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from longcat_lab._util import check_int, check_nonnegative
-from longcat_lab.inference.cache import LatentCache
-
-if TYPE_CHECKING:  # annotations only: the model module imports this one when its methods run
-    from longcat_lab.model.model import LongCatLM
+from longcat_lab.model.cache import LatentCache
+from longcat_lab.model.model import LongCatLM
 
 
 @torch.inference_mode()
@@ -54,7 +51,7 @@ def stream(
         )
         seq = inputs = idx.long()
         for _ in range(max_new_tokens):
-            logits = model.forward(inputs, None, False, cache, 1, validate=False)[0][:, -1]
+            logits = model.forward(inputs, cache=cache, logits_to_keep=1, validate=False).logits[:, -1]
             token = sample_next(logits, temperature, top_p, generator)
             yield (token, logits) if return_logits else token
             if cache is None:

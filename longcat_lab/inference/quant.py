@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longcat_lab.inference.cache import DecodingWeights
+from longcat_lab.model.cache import DecodingWeights
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.model.moe import Experts, Router
 

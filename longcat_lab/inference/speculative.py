@@ -22,17 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from longcat_lab.inference.cache import LatentCache
 from longcat_lab.inference.generate import check_generation, next_token_probs
+from longcat_lab.model.cache import LatentCache
+from longcat_lab.model.model import LongCatLM
 from longcat_lab.model.mtp import mtp_logits
-
-if TYPE_CHECKING:
-    from longcat_lab.model.model import LongCatLM
 
 
 @dataclass
@@ -93,7 +90,7 @@ def _forward(model: LongCatLM, ids: torch.Tensor, cache: LatentCache) -> tuple[t
     seen = []
     handle = model.norm.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        logits = model.forward(ids, None, False, cache, validate=False)[0]
+        logits = model.forward(ids, cache=cache, validate=False).logits
     finally:
         handle.remove()
     return logits, seen[-1]

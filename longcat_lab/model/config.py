@@ -115,6 +115,28 @@ class ModelConfig:
         return self.moe_topk * self.n_routed_experts / self.num_experts
 
     @property
+    def min_ffn_experts(self) -> int:
+        """The fewest FFN experts a token can use: K - Z when it picks every zero expert (0 if Z >= K)."""
+        return max(0, self.moe_topk - self.zero_expert_num)
+
+    @property
+    def max_ffn_experts(self) -> int:
+        """The most FFN experts a token can use: K, or N when there are fewer FFN experts than K."""
+        return min(self.moe_topk, self.n_routed_experts)
+
+    @property
+    def kv_latent_dim(self) -> int:
+        """Numbers one attention block caches per token: the KV latent c_KV and the shared RoPE key k_R
+        (docs/design.md §1.1), instead of per-head keys and values."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int) -> int:
+        """KV-cache bytes per token and sequence of the main model (2 * num_layers attention blocks), at
+        `bytes_per_value` bytes per cached number (4 for fp32, 2 for bf16)."""
+        check_int("bytes_per_value", bytes_per_value)
+        return self.kv_latent_dim * 2 * self.num_layers * bytes_per_value
+
+    @property
     def dense_moe_width(self) -> int:
         """Width of the dense FFN that replaces the MoE in layer_style="dense": the MoE's activated width under
         uniform routing, so the ablation compares equal activated compute."""

@@ -5,6 +5,7 @@ the experts' tokens are in flight (the point of the shortcut-connected layer, pa
     state = dispatcher.start(moe, u_TD, routed, cache)   # e.g. sort pairs and launch an exchange
     state = dispatcher.compute(moe, pending)             # run the experts (pending.state is start's state)
     out_TD = dispatcher.finish(moe, pending)             # FFN experts and zero experts, [T, D]
+Each stage receives the calling `MoE` as `moe` (typed `nn.Module` here: `moe.py` builds on this module).
 `LocalDispatcher` runs every expert in this process; `longcat_lab.parallel` swaps in dispatchers that exchange
 tokens between ranks or run the experts on a side CUDA stream, on the same model. `region` labels each part of a
 layer for the profiler.
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from longcat_lab.model.routing import RouterOutput
-
-if TYPE_CHECKING:  # annotations only: model.py imports this module
-    from longcat_lab.model.moe import MoE
 
 
 def region(name: str) -> contextlib.AbstractContextManager:
@@ -48,12 +47,12 @@ class LocalDispatcher:
     """Every expert runs here, in this process, when the layer calls `MoE.compute`. Its state is the decoding
     cache (or None) after `start` and the experts' output [T, D] after `compute`."""
 
-    def start(self, moe: MoE, u_TD: torch.Tensor, routed: RouterOutput, cache: Any = None) -> Any:
+    def start(self, moe: nn.Module, u_TD: torch.Tensor, routed: RouterOutput, cache: Any = None) -> Any:
         return cache
 
-    def compute(self, moe: MoE, pending: MoEPending) -> torch.Tensor:
+    def compute(self, moe: nn.Module, pending: MoEPending) -> torch.Tensor:
         routed = pending.routed
         return moe.experts(pending.u_TD, routed.topk_ids_TK, routed.topk_weights_TK, pending.state)
 
-    def finish(self, moe: MoE, pending: MoEPending) -> torch.Tensor:
+    def finish(self, moe: nn.Module, pending: MoEPending) -> torch.Tensor:
         return pending.state

@@ -1,4 +1,7 @@
-"""A scaled-down LongCat-Flash, read top-down like the paper (arXiv 2509.01322; design notes: docs/design.md).
+"""A scaled-down LongCat-Flash, read top-down like the paper (arXiv 2509.01322; design notes: docs/design.md): the
+shortcut-connected layer and the model. Their parts sit beside this file: `blocks.py` (RMSNorm, the dense SwiGLU
+FFN), `rope.py`, `attention.py` (MLA), `moe.py` (router, FFN and zero experts), `mtp.py` (multi-token prediction)
+and `cache.py` (the latent KV cache).
 
 Notable features, with the paper section each implements:
 - MLA attention with the scale correction alpha_q = sqrt(d/d_q), alpha_kv = sqrt(d/d_kv), applied after the latent
@@ -15,8 +18,9 @@ Notable features, with the paper section each implements:
 - Sort-based expert dispatch: one host sync per MoE block (the slice sizes), none per expert; the grouped kernel
   with its own backward is `longcat_lab.model.ops.expert_dispatch`.
 - A KV cache that stores the MLA latent (c_KV and the rotated shared key) rather than full keys and values;
-  decoding one position attends in latent space with W_UK and W_UV absorbed, inside the same `forward`, so the
-  layer wiring exists once (`longcat_lab.inference`: the cache, the decoding branches, generation).
+  decoding one position attends in latent space with W_UK and W_UV absorbed (`attention.absorbed_attention`) and
+  runs the few chosen experts token by token (`moe.experts_few_tokens`), inside the same `forward`, so the layer
+  wiring exists once. The loops that decode (generation, speculative decoding) live in `longcat_lab.inference`.
 
 Shape legend inside the MoE code: B batch, S sequence, T tokens (B*S), D model dim, F expert hidden, E = N + Z
 experts, N FFN experts, Z zero experts, K top-k.
@@ -24,170 +28,23 @@ experts, N FFN experts, Z zero experts, K top-k.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from longcat_lab._util import check_choice
+from longcat_lab.model import accounting
+from longcat_lab.model.attention import MLA, segment_mask
+from longcat_lab.model.blocks import RMSNorm, SwiGLU
+from longcat_lab.model.cache import DecodingWeights, LatentCache
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
 from longcat_lab.model.dispatch import region
 from longcat_lab.model.moe import MoE
+from longcat_lab.model.mtp import MTP
+from longcat_lab.model.rope import rope_angles
 from longcat_lab.model.routing import LayerRouting, Routing
-from longcat_lab.perf import accounting
-
-# `longcat_lab.inference` builds on this module (it imports the model classes), so this module reaches it inside
-# the methods that decode or generate rather than at import time.
-if TYPE_CHECKING:
-    from longcat_lab.inference.cache import LatentCache
-
-# transformers hard-codes this eps for the MLA latent norms (docs/design.md D1, §11.3).
-LATENT_NORM_EPS = 1e-6
-
-
-# Norms and positions -------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 (as transformers' LongcatFlashRMSNorm)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch.rms_norm is w * x * rsqrt(mean(x^2) + eps) in one call, bitwise equal (forward and gradient) to the
-        # elementwise ops it replaces, which matters when decoding spends its time in op calls. Below fp32 the weight
-        # stays outside, to keep transformers' order: normalise in fp32, cast, then scale.
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-
-
-def rope_angles(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [S, rope_dim/2] for the given positions, in fp32 whatever the model dtype."""
-    dim = config.qk_rope_head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=positions.device) / dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... and emit them de-interleaved as [even' | odd'], exactly as
-    transformers' `apply_rotary_pos_emb_interleave` does (dot products do not care; parity does)."""
-    if cos.dtype != x.dtype:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-# Attention -----------------------------------------------------------------------------------------------------
-def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] bool, True where query i may attend key j: j <= i and both in the same segment (block-diagonal
-    causal, docs/design.md §17). RoPE scores depend only on j - i, so positions need not restart per segment."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    S = segment_ids.shape[1]
-    return (same & torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril())[:, None]
-
-
-class MLA(nn.Module):
-    """Multi-head latent attention with scale correction (paper Eq. 6-7, docs/design.md §1.1):
-    c_Q = RMSNorm(W_DQ h); q = alpha_q W_UQ c_Q; [c, k_R] = W_DKV h; c_KV = alpha_kv RMSNorm(c); [k_C, v] = W_UKV c_KV;
-    score = [q_C; RoPE(q_R)] . [k_C; RoPE(k_R)] / sqrt(qk_head_dim), causal softmax, out = W_O o.
-
-    One new position against a `LatentCache` without gradients (or a few after a cached prefix, a speculative
-    verification: `LatentCache.absorbs`) takes the absorbed form instead, W_UK folded into the query map and W_UV
-    into the output map (`longcat_lab.inference.decode.absorbed_attention`)."""
-
-    def __init__(self, config: ModelConfig, block_index: int):
-        super().__init__()
-        c = config
-        self.block_index = block_index  # 2 * layer + i: this block's slot in the KV cache, as transformers
-        self.num_heads = c.num_attention_heads
-        self.nope, self.rope, self.v_dim, self.kv_rank = (
-            c.qk_nope_head_dim,
-            c.qk_rope_head_dim,
-            c.v_head_dim,
-            c.kv_lora_rank,
-        )
-        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
-        self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
-        self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(
-            c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
-        )
-        self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
-        # mla_scale=False (the Fig. 5a ablation) multiplies by 1.0 instead, so every path keeps one code shape.
-        self.scale_q = math.sqrt(c.hidden_size / c.q_lora_rank) if c.mla_scale else 1.0
-        self.scale_kv = math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale else 1.0
-        self.softmax_scale = c.qk_head_dim**-0.5
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: LatentCache | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`mask` ([B, 1, S, S] bool, True = may attend; `segment_mask`) replaces the causal mask of a pass
-        without cache: packed fine-tuning rows, whose dialogues must not see each other."""
-        B, S, _ = x.shape
-        if cache is not None and not torch.is_grad_enabled() and cache.absorbs(self.block_index, S):
-            from longcat_lab.inference.decode import absorbed_attention
-
-            return absorbed_attention(self, x, cos, sin, cache)
-        H = self.num_heads
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) * self.scale_q
-        q = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)  # [B, H, S, nope + rope]
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv) * self.scale_kv  # [B, S, kv_rank]
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope, cos, sin)  # [B, S, rope], shared by all heads
-        if cache is not None:
-            c_kv, k_rope = cache.update(self.block_index, c_kv, k_rope)
-        total = c_kv.shape[1]
-        past = total - S
-        kv = self.kv_b_proj(c_kv).view(B, total, H, self.nope + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope[:, None].expand(B, H, total, self.rope)], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        if past == 0:  # causal, or `mask`
-            # torch's fused (flash) attention wants one head dim for q, k and v and otherwise runs unfused matmul +
-            # softmax, slower forward and backward on CPU (docs/design.md §15). Zero columns appended to v change
-            # no other output column and are sliced off again.
-            pad = q.shape[-1] - self.v_dim
-            v_in = F.pad(v, (0, pad)) if pad > 0 else v
-            o = F.scaled_dot_product_attention(
-                q, k, v_in, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
-            )[..., : self.v_dim]
-        else:  # queries sit at positions past..past+S-1 and may see every key up to their own position
-            allowed = torch.ones(S, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
-        return self.o_proj(o.transpose(1, 2).reshape(B, S, H * self.v_dim))
-
-
-# Dense FFN -----------------------------------------------------------------------------------------------------
-class SwiGLU(nn.Module):
-    """FFN(x) = W_down (silu(W_gate x) * W_up x)."""
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
-        if cache is not None and not torch.is_grad_enabled():  # decoding: gate and up in one matmul
-            gate, up = (x @ cache.transposed(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
-            return (F.silu(gate) * up) @ cache.transposed(self.down_proj)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 # The shortcut-connected layer ----------------------------------------------------------------------------------
 EXPERTS_AFTER = ("attn1", "ffn0")  # where a "scmoe" layer runs its experts: after MLA_1, or after FFN_0
@@ -260,10 +117,22 @@ class LongCatLayer(nn.Module):
 
 
 # The model -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CausalLMOutput:
+    """What `LongCatLM.forward` returns, always the same fields (as transformers' `CausalLMOutputWithPast`):
+    `logits` [B, S, vocab] in fp32 (the last `logits_to_keep` positions if asked), the mean `loss` when targets were
+    given, and the `Routing` record when `return_routing=True` (else None)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    routing: Routing | None = None
+
+
 class LongCatLM(nn.Module):
     """Embedding -> num_layers LongCat layers -> RMSNorm -> untied LM head.
 
-    `logits, loss = model(idx, targets)`; with `return_routing=True` also the `Routing` record."""
+    `out = model(idx, targets=targets)`: `out.logits`, `out.loss`, and `out.routing` with `return_routing=True`
+    (`CausalLMOutput`). Everything but `idx` is passed by keyword."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -274,12 +143,9 @@ class LongCatLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = None  # the multi-token-prediction module (docs/design.md §5), when the config asks for one
         if config.num_nextn_predict_layers:
-            from longcat_lab.model.mtp import MTP  # mtp.py builds on this module's classes
-
             self.mtp = MTP(config)  # registered last, so the other parameters keep their init order
-        from longcat_lab.inference.cache import DecodingWeights
-
-        self.decoding_weights = DecodingWeights()  # what `stream` decodes with; dropped by train()
+        # What `longcat_lab.inference.generate.stream` decodes with; dropped by train().
+        self.decoding_weights = DecodingWeights()
         self.reset_parameters()
 
     def train(self, mode: bool = True) -> LongCatLM:
@@ -320,16 +186,18 @@ class LongCatLM(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
+        *,
         targets: torch.Tensor | None = None,
-        return_routing: bool = False,
         cache: LatentCache | None = None,
         logits_to_keep: int = 0,
-        validate: bool = True,
+        return_routing: bool = False,
         segment_ids: torch.Tensor | None = None,
-    ):
-        """(logits [B, S, vocab] fp32 (the last `logits_to_keep` positions if > 0), mean loss or None), plus the
-        `Routing` record with return_routing=True. `validate=False` skips `check_ids` (its host sync) for ids the
-        caller produced or checked itself: the trainer's token streams, generated tokens. `segment_ids` ([B, S]
+        validate: bool = True,
+    ) -> CausalLMOutput:
+        """The `CausalLMOutput` of idx [B, S]: logits (the last `logits_to_keep` positions if > 0), the mean loss
+        against `targets` if given, and the `Routing` record with return_routing=True. A `cache` (`LatentCache`)
+        holds the positions before idx and receives idx's. `validate=False` skips `check_ids` (its host sync) for ids
+        the caller produced or checked itself: the trainer's token streams, generated tokens. `segment_ids` ([B, S]
         ints) keeps packed sequences apart: a position attends only to earlier ones of its own segment."""
         past = cache.seq_len if cache is not None else 0
         if validate:
@@ -354,7 +222,7 @@ class LongCatLM(nn.Module):
             x = self.embed_tokens(idx.long())
         layer_routing = []
         for layer in self.layers:
-            x, r = layer(x, cos, sin, cache, return_routing, mask)
+            x, r = layer(x, cos, sin, cache=cache, return_routing=return_routing, mask=mask)
             layer_routing.append(r)
         last_hidden = x
         with region("ep.head"):
@@ -370,23 +238,8 @@ class LongCatLM(nn.Module):
             loss = F.cross_entropy(
                 logits.view(-1, logits.shape[-1]), targets.long().reshape(-1), ignore_index=IGNORE_INDEX
             )
-        if return_routing:
-            return logits, loss, Routing(layer_routing, last_hidden, self.config.n_routed_experts)
-        return logits, loss
-
-    # Generation (longcat_lab.inference.generate) --------------------------------------------------------------
-    def stream(self, idx: torch.Tensor, max_new_tokens: int, **options) -> Iterator[torch.Tensor]:
-        """Yield each new token ([B, 1]) as it is decoded. Options (`temperature`, `top_p`, `generator`,
-        `use_cache`, `return_logits`) as in `longcat_lab.inference.generate.stream`."""
-        from longcat_lab.inference.generate import stream
-
-        return stream(self, idx, max_new_tokens, **options)
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-        """idx followed by max_new_tokens decoded tokens. Options as in `longcat_lab.inference.generate.generate`."""
-        from longcat_lab.inference.generate import generate
-
-        return generate(self, idx, max_new_tokens, **options)
+        routing = Routing(layer_routing, last_hidden, self.config.n_routed_experts) if return_routing else None
+        return CausalLMOutput(logits, loss, routing)
 
     # Accounting ------------------------------------------------------------------------------------------------
     def num_params(self) -> int:

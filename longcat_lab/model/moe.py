@@ -1,6 +1,6 @@
 """The MoE block (paper 2.1, Eq. 1; docs/design.md §2): the router with its expert bias, the N SwiGLU experts and
-Z zero-computation (identity) experts, and the MoE that runs them as start / compute / finish behind a swappable
-token dispatcher (`longcat_lab.model.dispatch`).
+Z zero-computation (identity) experts, the few-token path the experts take when decoding, and the MoE that runs
+them as start / compute / finish behind a swappable token dispatcher (`longcat_lab.model.dispatch`).
 
 Shape legend: T tokens (B*S), D model dim, F expert hidden, E = N + Z experts, N FFN experts, Z zero experts,
 K top-k, P (token, expert) pairs.
@@ -8,19 +8,15 @@ K top-k, P (token, expert) pairs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longcat_lab.model.cache import LatentCache
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.dispatch import LocalDispatcher, MoEPending, region
 from longcat_lab.model.ops.expert_dispatch import ExpertDispatch, to_dtype
 from longcat_lab.model.routing import LayerRouting, RouterOutput
-
-if TYPE_CHECKING:
-    from longcat_lab.inference.cache import LatentCache
 
 
 # Router --------------------------------------------------------------------------------------------------------
@@ -84,9 +80,8 @@ class Experts(nn.Module):
     Dispatch: sort the T*K (token, expert) pairs by expert, run each FFN expert on its contiguous slice, scale by the
     pair's weight and scatter-add back; the zero experts add weight * x in one elementwise step. Without gradients the
     grouped kernel runs outside autograd, and a few tokens (batch-1 decoding, a speculative verification) skip the
-    sort: each chosen expert runs on each token directly (`longcat_lab.inference.decode.experts_few_tokens`). Given
-    a decoding `LatentCache` (and no gradients), the weights come from its transposed copies
-    (`LatentCache.transposed`)."""
+    sort: each chosen expert runs on each token directly (`experts_few_tokens`). Given a decoding `LatentCache` (and
+    no gradients), the weights come from its transposed copies (`LatentCache.transposed`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -105,11 +100,8 @@ class Experts(nn.Module):
         K = topk_ids_TK.shape[1]
         N = self.n_ffn
         grad = torch.is_grad_enabled()
-        if not grad:
-            from longcat_lab.inference import decode
-
-            if 0 < x_TD.shape[0] <= decode.FEW_TOKENS:  # decoding, speculative verification (a rank may get 0)
-                return decode.experts_few_tokens(self, x_TD, topk_ids_TK, topk_weights_TK, cache)
+        if not grad and 0 < x_TD.shape[0] <= FEW_TOKENS:  # decoding, speculative verification (a rank may get 0)
+            return experts_few_tokens(self, x_TD, topk_ids_TK, topk_weights_TK, cache)
         order_P, counts_N = sort_pairs(topk_ids_TK, N)  # P = T*K pairs
         sizes = counts_N.tolist()  # the block's one host sync: slice sizes
         n_pairs = sum(sizes)
@@ -121,8 +113,59 @@ class Experts(nn.Module):
         weights_P = topk_weights_TK.reshape(-1)[pair_idx]
         if grad:
             return out_TD + ExpertDispatch.apply(x_TD, token_idx, weights_P, self.gate_up_proj, self.down_proj, sizes)
-        weights_t = decode.transposed_experts(self, cache)
+        weights_t = transposed_experts(self, cache)
         return out_TD + to_dtype(ExpertDispatch.compute(x_TD, token_idx, weights_P, *weights_t, sizes)[0], x_TD.dtype)
+
+
+# The few-token expert path -------------------------------------------------------------------------------------
+# Up to this many tokens the experts run token by token (`experts_few_tokens`) rather than sorted by expert: at a
+# handful of tokens the sort's glue costs more than running a shared expert twice.
+FEW_TOKENS = 4
+
+
+def transposed_experts(experts: Experts, cache: LatentCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert weights transposed, [N, D, 2F] and [N, F, D], for the no-gradient paths: the decoding cache's
+    contiguous copies when there is a cache, else views of the parameters."""
+    if cache is not None:
+        return cache.transposed(experts.gate_up_proj), cache.transposed(experts.down_proj)
+    return experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+
+
+def experts_few_tokens(
+    experts: Experts,
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    cache: LatentCache | None,
+) -> torch.Tensor:
+    """`Experts.forward` for T <= FEW_TOKENS tokens (decoding, a speculative verification) without the sort, gather
+    and scatter: the same sum, token by token and expert by expert, since at a few tokens the dispatch glue, not the
+    arithmetic, is what costs. The weights come transposed, as `ExpertDispatch.compute` takes them, unbound into one
+    tensor per expert (kept by the cache when there is one)."""
+    gate_up_t, down_t = transposed_experts(experts, cache)
+
+    def unbind():
+        return gate_up_t.unbind(0), down_t.unbind(0)
+
+    gate_up_e, down_e = (
+        unbind()
+        if cache is None
+        else cache.derived((id(experts), "per expert"), lambda: (experts.gate_up_proj, experts.down_proj), unbind)
+    )
+    N = experts.n_ffn
+    # The block's host syncs (ids and weights as Python numbers): each expert's weight then rides in addmm's
+    # alpha, so one op adds a weighted expert, and the zero experts' total weight scales x once.
+    rows = (x_TD,) if x_TD.shape[0] == 1 else x_TD.split(1)
+    outs = []
+    for x_1D, ids, weights in zip(rows, topk_ids_TK.tolist(), topk_weights_TK.tolist()):
+        choices = list(zip(ids, weights))
+        out_1D = x_1D * sum(w for e, w in choices if e >= N)
+        for e, w in choices:
+            if e < N:
+                gate, up = (x_1D @ gate_up_e[e]).chunk(2, dim=-1)
+                out_1D = torch.addmm(out_1D, F.silu(gate) * up, down_e[e], alpha=w)
+        outs.append(out_1D)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # MoE -----------------------------------------------------------------------------------------------------------

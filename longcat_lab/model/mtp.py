@@ -10,23 +10,22 @@ h_t is the main model's last hidden state *after* its final norm (what its LM he
 it to their LongCat MTP; E' is the module's own copy of the embedding. The attention block has its own slot in the
 `LatentCache`, index 2 * num_layers (after the main model's 2 * num_layers blocks, as vLLM numbers it).
 `mtp_loss` is the training objective: cross-entropy on the token two ahead, which `train.step.forward_backward`
-weights per stage (`StageConfig.mtp_loss_weight`).
+weights per stage (`StageConfig.mtp_loss_weight`). `mtp_logits`, `mtp_loss` and `MTP.start_from` take the main
+`LongCatLM` (typed `nn.Module` here, since `model.py` builds on this module): they read its `mtp`, `norm`,
+`lm_head` and `embed_tokens`.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longcat_lab.model.attention import MLA, segment_mask
+from longcat_lab.model.blocks import RMSNorm, SwiGLU
+from longcat_lab.model.cache import LatentCache
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
-from longcat_lab.model.model import MLA, RMSNorm, SwiGLU, rope_angles, segment_mask
-
-if TYPE_CHECKING:
-    from longcat_lab.inference.cache import LatentCache
-    from longcat_lab.model.model import LongCatLM
+from longcat_lab.model.rope import rope_angles
 
 
 class MTPLayer(nn.Module):
@@ -97,14 +96,14 @@ class MTP(nn.Module):
         return self.norm(x)
 
     @torch.no_grad()
-    def start_from(self, model: LongCatLM) -> None:
+    def start_from(self, model: nn.Module) -> None:
         """Initialise the embedding copy from the main model's embedding (the rest keeps its random init): the
         module then starts from token vectors the main model already learnt, when MTP is added late."""
         self.embed_tokens.weight.copy_(model.embed_tokens.weight)
 
 
 def mtp_logits(
-    model: LongCatLM,
+    model: nn.Module,
     hidden: torch.Tensor,
     next_ids: torch.Tensor,
     cache: LatentCache | None = None,
@@ -120,7 +119,7 @@ def mtp_logits(
 
 
 def mtp_loss(
-    model: LongCatLM, last_hidden: torch.Tensor, targets: torch.Tensor, segment_ids: torch.Tensor | None = None
+    model: nn.Module, last_hidden: torch.Tensor, targets: torch.Tensor, segment_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean cross-entropy of the MTP's prediction of the token two ahead over a training window.
 

@@ -171,7 +171,7 @@ def apply_expert_parallel(
     it: each MoE keeps only this rank's shard of FFN experts and dispatches through `AllToAllDispatcher`; everything
     else stays replicated. Build the same model on every rank first (e.g. from one seed or one checkpoint).
 
-    Each rank then feeds its own batch (data-parallel attention, as in wide-EP serving); `model(idx, targets)`
+    Each rank then feeds its own batch (data-parallel attention, as in wide-EP serving); `model(idx, targets=...)`
     returns this rank's logits and mean loss over its tokens. To train, call `all_reduce_replicated_grads(model)`
     after backward. The router's `expert_counts` (read by the bias controller, docs/design.md §3) count this rank's
     tokens only: they are not all-reduced, so under expert parallelism each rank's controller sees its own load."""

@@ -37,8 +37,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from longcat_lab._util import check_int, check_nonnegative, check_positive_float, is_number
+from longcat_lab.model import accounting
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.perf import accounting
 
 SCHEDULES = ("sequential", "tbo", "sbo")
 SCHEDULE_NAMES = {
@@ -195,13 +195,13 @@ def layer_times(config: ModelConfig, hw: Hardware | None = None, serving: Servin
             "it must divide the number of FFN experts"
         )
     k = c.uniform_ffn_experts if sv.ffn_experts_per_token is None else sv.ffn_experts_per_token
-    if k > min(c.moe_topk, N):
+    if k > c.max_ffn_experts:
         raise ValueError(
             f"ffn_experts_per_token={k} is not allowed: it must be at most "
-            f"min(moe_topk, n_routed_experts) = {min(c.moe_topk, N)}"
+            f"min(moe_topk, n_routed_experts) = {c.max_ffn_experts}"
         )
     n = sv.tokens_per_step
-    H, latent = c.num_attention_heads, c.kv_lora_rank + c.qk_rope_head_dim
+    H, latent = c.num_attention_heads, c.kv_latent_dim
     mla = accounting.mla_params(c)
     # Absorbed MLA decode: scores over the latent + RoPE key, values from the latent, per head per cached token.
     core_flops = n * H * sv.context_len * 2 * (latent + c.kv_lora_rank)

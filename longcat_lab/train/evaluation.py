@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from longcat_lab.data import Dataset, eval_windows
+from longcat_lab.inference.generate import generate
 from longcat_lab.model.model import LongCatLM
 
 
@@ -28,7 +29,7 @@ def evaluate(
             for i in range(0, x.shape[0], batch_size):
                 xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    _, loss = model(xb, yb)
+                    loss = model(xb, targets=yb).loss
                 total += float(loss) * yb.numel()
                 count += yb.numel()
             out[domain] = total / count
@@ -59,7 +60,7 @@ def sample_text(
         )
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=gen)
+    out = generate(model, idx, max_new_tokens, temperature=temperature, top_p=top_p, generator=gen)
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
 

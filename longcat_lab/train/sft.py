@@ -73,7 +73,7 @@ def sft_loss(model: LongCatLM, rows: PackedRows, batch_size: int = 8, bf16: bool
             if not n:
                 continue
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                _, loss = model(x, y, validate=False, segment_ids=seg)
+                loss = model(x, targets=y, validate=False, segment_ids=seg).loss
             total += float(loss) * n
             count += n
     finally:

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from longcat_lab.inference.compiled import compile_decoding
-from longcat_lab.model.model import MLA, LongCatLM, SwiGLU
+from longcat_lab.model.attention import MLA
+from longcat_lab.model.blocks import SwiGLU
+from longcat_lab.model.model import LongCatLM
 from longcat_lab.train.config import TrainConfig
 
 
@@ -45,7 +47,7 @@ def graph_breaks(model: LongCatLM, idx: torch.Tensor, targets: torch.Tensor) -> 
     """What dynamo makes of the whole model's training forward on (idx, targets): the number of graphs, graph
     breaks, and each distinct break reason (`torch._dynamo.explain`). It runs that forward once (a training one
     adds to the routers' counts) and compiles nothing, then resets dynamo, so compiled modules recompile."""
-    explanation = torch._dynamo.explain(model)(idx, targets, return_routing=True, validate=False)
+    explanation = torch._dynamo.explain(model)(idx, targets=targets, return_routing=True, validate=False)
     torch._dynamo.reset()
     reasons = sorted({str(b.reason).splitlines()[0] for b in explanation.break_reasons})
     return {

@@ -78,7 +78,8 @@ def forward_backward(
     for i, (x, y, *segments) in enumerate(batches):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             seg = segments[0] if segments else None
-            _, lm_loss, routing = model(x, y, return_routing=True, validate=False, segment_ids=seg)
+            out = model(x, targets=y, return_routing=True, validate=False, segment_ids=seg)
+            lm_loss, routing = out.loss, out.routing
             aux = aux_losses(routing, cfg.losses, model_config, target)
             if model.mtp is not None:
                 aux["mtp_loss"] = (

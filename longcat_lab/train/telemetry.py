@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from longcat_lab._util import atomic_write_bytes
+from longcat_lab.model import accounting
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.perf import accounting
 from longcat_lab.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -220,11 +220,7 @@ class Telemetry:
         stage = self.cfg.stages[r.stage_index]
         tps = r.tokens / r.seconds
         ffn_mean = report.get("ffn_experts_per_token_mean")
-        k = (
-            None
-            if ffn_mean is None
-            else min(max(ffn_mean, max(0, mc.moe_topk - mc.zero_expert_num)), min(mc.moe_topk, mc.n_routed_experts))
-        )
+        k = None if ffn_mean is None else min(max(ffn_mean, mc.min_ffn_experts), mc.max_ffn_experts)
         mfu = tps * accounting.flops_per_token(mc, stage.seq_len, k) / self.peak_flops
         mem, mem_total = memory_in_use(self.device)
         loss = r.losses["loss"]

@@ -25,9 +25,9 @@ from plotly.subplots import make_subplots
 
 from longcat_lab._util import check_int
 from longcat_lab.data.tokenclass import TOKEN_CLASSES, token_class
+from longcat_lab.model import accounting
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.routing import Routing
-from longcat_lab.perf import accounting
 from longcat_lab.viz.common import (
     CLASS_COLOURS,
     COMPUTE_SCALE,
@@ -64,7 +64,7 @@ def route_text(
     model.eval()
     try:
         with torch.no_grad():
-            _, _, routing = model(torch.tensor([ids], device=model.device), return_routing=True)
+            routing = model(torch.tensor([ids], device=model.device), return_routing=True).routing
     finally:
         model.train(was_training)
     return tokens, routing

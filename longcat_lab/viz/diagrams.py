@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from longcat_lab.model import accounting
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.perf import accounting
 
 # (name, x, y, kind) for each box; kind picks the colour. y grows downwards through the layer.
 _BOXES = {

@@ -5,12 +5,21 @@ a tiny model trained here for a few hundred steps, so they change (a little) whe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from longcat_lab._util import atomic_write_bytes, check_int
+from longcat_lab.data import validation_texts
+from longcat_lab.model import presets
+from longcat_lab.perf.overlap import measure_overlap
+from longcat_lab.perf.trace import load_trace
+from longcat_lab.train import checkpoint, read_metrics, train, train_preset
+from longcat_lab.viz.activation import route_text, token_compute_map
+from longcat_lab.viz.perf import timeline_figure
+from longcat_lab.viz.routing import controller_traces, expert_load, expert_load_heatmap
 
 # Notebook-like width, and a scale that keeps each PNG near 100 kB while staying sharp on a high-DPI screen.
 WIDTH, SCALE = 760, 1.5
@@ -33,15 +42,6 @@ def readme_figures(steps: int = 300, seed: int = 0) -> dict:
     """name -> plotly figure: the expert-load heatmap and a per-token compute map of held-out prose routed by a
     tiny model trained for `steps` steps, that run's controller trace, and one overlapped expert-parallel step of
     two gloo ranks as a timeline."""
-    import dataclasses
-
-    import longcat_lab.data as data
-    from longcat_lab import viz
-    from longcat_lab.model import presets
-    from longcat_lab.perf.overlap import measure_overlap
-    from longcat_lab.perf.trace import load_trace
-    from longcat_lab.train import checkpoint, read_metrics, train, train_preset
-
     check_int("steps", steps)
     with tempfile.TemporaryDirectory(prefix="longcat-figures-") as tmp:
         # Throughput alerts off: on a shared machine they report the neighbours' load, not the run's.
@@ -50,18 +50,18 @@ def readme_figures(steps: int = 300, seed: int = 0) -> dict:
         model, tokenizer, _ = checkpoint.load(Path(tmp) / "run")
         model.eval()
         rows = read_metrics(Path(tmp) / "run")
-        texts = data.validation_texts(cfg.data)
-        routed = [viz.route_text(model, tokenizer, doc, max_tokens=192) for docs in texts.values() for doc in docs[:4]]
-        prose_tokens, prose_routing = viz.route_text(model, tokenizer, texts["shakespeare"][0][:400], max_tokens=96)
+        texts = validation_texts(cfg.data)
+        routed = [route_text(model, tokenizer, doc, max_tokens=192) for docs in texts.values() for doc in docs[:4]]
+        prose_tokens, prose_routing = route_text(model, tokenizer, texts["shakespeare"][0][:400], max_tokens=96)
         overlap = measure_overlap(presets.tiny(), seed=seed, batch=2, seq_len=32, reps=2, trace_dir=Path(tmp) / "tr")
         traces = [load_trace(p) for p in overlap["traces"]]
     return {
-        "expert_load": viz.expert_load_heatmap(viz.expert_load([r for _, r in routed], model.config)),
-        "token_compute": viz.token_compute_map(
+        "expert_load": expert_load_heatmap(expert_load([r for _, r in routed], model.config)),
+        "token_compute": token_compute_map(
             prose_tokens, prose_routing, title="Shakespeare, held out: FFN experts per token (all layers)"
         ),
-        "controller": viz.controller_traces(rows),
-        "overlap_timeline": viz.timeline_figure(traces, "overlapped", title="overlapped (ScMoE) step, two gloo ranks"),
+        "controller": controller_traces(rows),
+        "overlap_timeline": timeline_figure(traces, "overlapped", title="overlapped (ScMoE) step, two gloo ranks"),
     }
 
 

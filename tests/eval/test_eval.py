@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from longcat_lab import CausalLMOutput
 from longcat_lab.cli import main
 from longcat_lab.data import DataConfig, Dataset, load_dataset
 from longcat_lab.eval import (
@@ -45,7 +46,7 @@ class _FixedModel(torch.nn.Module):
         self.logp = torch.tensor([0.5, 0.25, 0.125, 0.125]).log()
 
     def forward(self, x):
-        return (self.logp.expand(*x.shape, 4).clone(),)
+        return CausalLMOutput(self.logp.expand(*x.shape, 4).clone())
 
 
 def test_bits_per_byte_matches_a_hand_computation():
@@ -84,7 +85,7 @@ def test_bits_per_byte_of_a_model_against_its_own_cross_entropy(one_thread):
     x, y = eval_windows(ds.val["reasoning"], 32, 2)
     lengths = token_byte_lengths(ds.tokenizer, 512)
     with torch.no_grad():
-        nll = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="none")
+        nll = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), reduction="none")
     text = lengths[y.flatten()] > 0
     want = float(nll[text].sum()) / math.log(2) / int(lengths[y.flatten()].sum())
     assert got.model == pytest.approx(want, rel=1e-5)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import longcat_lab.export as export
 from longcat_lab import LongCatLM
 from longcat_lab.export import hf, load_hf, save_hf
+from longcat_lab.inference.generate import generate
 from longcat_lab.model import presets
 from longcat_lab.testing import random_model
 
@@ -79,12 +80,13 @@ def test_logits_and_greedy_generation_match_transformers(tmp_path, seed):
     g = torch.Generator().manual_seed(100 + seed)
     idx = torch.randint(0, c.vocab_size, (2, 24), generator=g)
     with torch.no_grad():
-        ours, _, routing = model(idx, return_routing=True)
+        out = model(idx, return_routing=True)
+        ours, routing = out.logits, out.routing
         theirs = hf(idx).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     if c.zero_expert_num:  # the identity experts really were chosen, so their path was compared too
         assert any(bool((r.topk_ids >= c.n_routed_experts).any()) for r in routing.layers)
-    ids, logits = model.generate(idx[:, :6], 12, return_logits=True)
+    ids, logits = generate(model, idx[:, :6], 12, return_logits=True)
     out = hf.generate(
         idx[:, :6],
         attention_mask=torch.ones_like(idx[:, :6]),
@@ -144,7 +146,7 @@ def test_loads_a_model_transformers_created(tmp_path):
     assert ours.config.rope_theta == 1e7  # transformers' default base, read from rope_parameters
     idx = torch.randint(0, 96, (1, 10))
     with torch.no_grad():
-        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(idx).logits, hf(idx).logits, rtol=0, atol=1e-5)
 
 
 # The folder itself -------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_transformers_still_loads_the_folder(exported):
     assert not any(not k.startswith("model.mtp.") for k in info["unexpected_keys"])
     idx = random_ids(CONFIG, (2, 16), seed=7)
     with torch.no_grad():
-        torch.testing.assert_close(hf.eval()(idx).logits.float(), model(idx)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf.eval()(idx).logits.float(), model(idx).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_serve_commands_turn_on_speculation(exported, tmp_path):

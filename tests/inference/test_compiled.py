@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from longcat_lab.inference.compiled import compile_decoding, is_compiled
+from longcat_lab.inference.generate import generate
 from longcat_lab.testing import random_ids, random_model
 
 
@@ -22,8 +23,8 @@ def test_compiled_decoding_writes_the_same_tokens(one_thread):
     assert compiled.layers[0].self_attn[0]._compiled_call_impl is not None
     assert compiled.layers[0].mlp._compiled_call_impl is None  # the MoE stays eager
     ids = random_ids(model.config, (1, 6))
-    want, want_logits = model.generate(ids, 5, return_logits=True)
-    got, got_logits = compiled.generate(ids, 5, return_logits=True)
+    want, want_logits = generate(model, ids, 5, return_logits=True)
+    got, got_logits = generate(compiled, ids, 5, return_logits=True)
     assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="LongCatLM"):

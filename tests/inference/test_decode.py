@@ -1,5 +1,5 @@
 """Absorbed-MLA decoding lives inside the model's own forward: a single-position no-grad step against a LatentCache
-takes `inference.decode.absorbed_attention` (folded weights kept in the cache), a step with gradients takes the
+takes `model.attention.absorbed_attention` (folded weights kept in the cache), a step with gradients takes the
 re-expanding path, and both agree with the full forward; the no-grad one-token expert path matches the sorted
 dispatch. Models come from `longcat_lab.testing.random_model` with a non-zero expert bias (bias_std=0.1), so that
 selection depends on it.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from longcat_lab import LatentCache
+from longcat_lab.inference.generate import generate
 from longcat_lab.testing import random_ids, random_model
 
 
@@ -19,7 +20,7 @@ def test_single_position_step_takes_the_absorbed_path_only_without_grad():
     model = random_model(bias_std=0.1)
     blocks = 2 * model.config.num_layers
     idx = random_ids(model.config, (2, 9), 1)
-    full = model(idx)[0].detach()
+    full = model(idx).logits.detach()
     absorbed, expanded = LatentCache(blocks), LatentCache(blocks)
 
     def folded(cache):
@@ -28,10 +29,10 @@ def test_single_position_step_takes_the_absorbed_path_only_without_grad():
     with torch.no_grad():
         model(idx[:, :8], cache=absorbed)
         assert folded(absorbed) == []  # prefill re-expands keys and values
-        step = model(idx[:, 8:], cache=absorbed)[0]
+        step = model(idx[:, 8:], cache=absorbed).logits
     assert folded(absorbed) == list(range(blocks))
     model(idx[:, :8], cache=expanded)
-    step_grad = model(idx[:, 8:], cache=expanded)[0]
+    step_grad = model(idx[:, 8:], cache=expanded).logits
     assert expanded.weights.entries == {} and step_grad.requires_grad
     torch.testing.assert_close(step, full[:, 8:], rtol=0, atol=1e-5)
     torch.testing.assert_close(step_grad.detach(), full[:, 8:], rtol=0, atol=1e-5)
@@ -54,17 +55,17 @@ def testdecoding_weights_are_rebuilt_when_weights_change():
     in-place edit must be seen by the next call, exactly as a model that never decoded before sees it."""
     model = random_model(seed=4, bias_std=0.1)
     prompt = random_ids(model.config, (2, 6), 5)
-    before = model.generate(prompt, 4, return_logits=True)[1]
+    before = generate(model, prompt, 4, return_logits=True)[1]
     assert model.decoding_weights.entries  # kept for the next call
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(prompt, prompt)[1].backward()
+    model(prompt, targets=prompt).loss.backward()
     opt.step()  # bumps every weight's version counter
     with torch.no_grad():
         model.layers[0].self_attn[1].kv_b_proj.weight.mul_(1.5)  # and an edit by hand
-    after = model.generate(prompt, 4, return_logits=True)[1]
+    after = generate(model, prompt, 4, return_logits=True)[1]
     fresh = random_model(seed=4, bias_std=0.1)
     fresh.load_state_dict(model.state_dict())
-    expected = fresh.generate(prompt, 4, return_logits=True)[1]
+    expected = generate(fresh, prompt, 4, return_logits=True)[1]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
 
@@ -72,9 +73,9 @@ def testdecoding_weights_are_rebuilt_when_weights_change():
 def test_train_drops_thedecoding_weights_and_generate_keeps_the_mode():
     model = random_model(bias_std=0.1).train()
     prompt = torch.zeros(1, 3, dtype=torch.long)
-    model.generate(prompt, 2)
+    generate(model, prompt, 2)
     assert model.training and model.decoding_weights.entries
     model.train()
     assert model.decoding_weights.entries == {}
-    model.eval().generate(prompt, 2)
+    generate(model.eval(), prompt, 2)
     assert not model.training and model.decoding_weights.entries

@@ -1,9 +1,9 @@
 """Generation: the MLA latent KV cache, absorbed-MLA decoding, streaming, and temperature / top-p sampling.
 
-The cached decoding step (absorbed attention against [c_KV ; k_R], LongCatLM.stream) is held to the full forward
-pass at every position (1e-5, fp32) for all three layer styles and for batch 1 and batch > 1 (the two expert paths);
-greedy generation is held to transformers' generate() on the same exported checkpoint. Sampling is checked against
-the distribution it should draw from, with seeded generators.
+The cached decoding step (absorbed attention against [c_KV ; k_R], `inference.generate.stream`) is held to the full
+forward pass at every position (1e-5, fp32) for all three layer styles and for batch 1 and batch > 1 (the two expert
+paths); greedy generation is held to transformers' generate() on the same exported checkpoint. Sampling is checked
+against the distribution it should draw from, with seeded generators.
 
 Run:  .venv/bin/python -m pytest tests/inference/test_generate.py -q
 """
@@ -15,6 +15,7 @@ import torch
 
 from longcat_lab import LatentCache
 from longcat_lab.inference import sample_next
+from longcat_lab.inference.generate import generate, stream
 from longcat_lab.model import presets
 from longcat_lab.testing import random_ids, random_model
 
@@ -34,12 +35,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def test_cached_decoding_matches_the_full_forward(style, batch):
     model = random_model(presets.tiny(layer_style=style), bias_std=0.1)
     idx = random_ids(model.config, (batch, 7))
-    ids, logits = model.generate(idx, 24, return_logits=True)
+    ids, logits = generate(model, idx, 24, return_logits=True)
     with torch.no_grad():
-        full = model(ids)[0]
+        full = model(ids).logits
     # logits[:, t] drew token t+7; the full forward saw exactly the same prefix at position t+6.
     torch.testing.assert_close(logits, full[:, 6:-1], rtol=0, atol=1e-5)
-    uncached_ids, uncached_logits = model.generate(idx, 24, return_logits=True, use_cache=False)
+    uncached_ids, uncached_logits = generate(model, idx, 24, return_logits=True, use_cache=False)
     assert torch.equal(ids, uncached_ids)
     torch.testing.assert_close(logits, uncached_logits, rtol=0, atol=1e-5)
 
@@ -48,11 +49,11 @@ def test_decoding_uses_zero_experts_and_every_batch_row_independently():
     """Rows of a batch decode as if alone (no cross-talk through the sorted expert dispatch)."""
     model = random_model(seed=3, bias_std=0.1)
     idx = random_ids(model.config, (4, 5), 4)
-    together = model.generate(idx, 10)
-    alone = torch.cat([model.generate(idx[b : b + 1], 10) for b in range(4)])
+    together = generate(model, idx, 10)
+    alone = torch.cat([generate(model, idx[b : b + 1], 10) for b in range(4)])
     assert torch.equal(together, alone)
     with torch.no_grad():
-        routing = model(together, return_routing=True)[2]
+        routing = model(together, return_routing=True).routing
     assert any(bool((r.topk_ids >= model.config.n_routed_experts).any()) for r in routing.layers)
 
 
@@ -69,7 +70,7 @@ def test_greedy_generation_matches_transformers(tmp_path, batch):
     save_hf(model, tmp_path / "export")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     idx = random_ids(model.config, (batch, 5), 6)
-    ours = model.generate(idx, 20)
+    ours = generate(model, idx, 20)
     theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
 
@@ -77,23 +78,23 @@ def test_greedy_generation_matches_transformers(tmp_path, batch):
 def test_stream_yields_tokens_one_at_a_time():
     model = random_model(bias_std=0.1)
     idx = random_ids(model.config, (2, 4))
-    stream = model.stream(idx, 6)
-    first = next(stream)
+    tokens = stream(model, idx, 6)
+    first = next(tokens)
     assert first.shape == (2, 1) and first.dtype == torch.long
-    rest = list(stream)
+    rest = list(tokens)
     assert len(rest) == 5
-    assert torch.equal(torch.cat([idx, first, *rest], dim=1), model.generate(idx, 6))
-    assert model.generate(idx, 0).equal(idx)
-    ids, logits = model.generate(idx, 0, return_logits=True)
+    assert torch.equal(torch.cat([idx, first, *rest], dim=1), generate(model, idx, 6))
+    assert generate(model, idx, 0).equal(idx)
+    ids, logits = generate(model, idx, 0, return_logits=True)
     assert ids.equal(idx) and logits.shape == (2, 0, model.config.vocab_size)
 
 
 def test_training_mode_is_restored_even_when_a_stream_is_abandoned():
     model = random_model(bias_std=0.1).train()
-    stream = model.stream(random_ids(model.config, (1, 3)), 5)
-    next(stream)
+    tokens = stream(model, random_ids(model.config, (1, 3)), 5)
+    next(tokens)
     assert not model.training  # decoding runs in eval mode
-    stream.close()
+    tokens.close()
     assert model.training
 
 
@@ -145,24 +146,24 @@ def test_seeded_sampling_reproduces_and_matches_uncached():
     idx = random_ids(model.config, (2, 4))
 
     def sample(use_cache: bool) -> torch.Tensor:
-        return model.generate(
-            idx, 16, temperature=0.9, top_p=0.9, generator=torch.Generator().manual_seed(7), use_cache=use_cache
+        return generate(
+            model, idx, 16, temperature=0.9, top_p=0.9, generator=torch.Generator().manual_seed(7), use_cache=use_cache
         )
 
     assert torch.equal(sample(True), sample(True))
     assert torch.equal(sample(True), sample(False))
-    assert not torch.equal(sample(True), model.generate(idx, 16))  # it did sample, not argmax
+    assert not torch.equal(sample(True), generate(model, idx, 16))  # it did sample, not argmax
 
 
 def test_bf16_decoding_stays_as_close_to_fp32_as_the_bf16_forward():
     model = random_model(seed=4, bias_std=0.1)
     half = random_model(seed=4, bias_std=0.1).to(torch.bfloat16)
     idx = random_ids(model.config, (2, 6))
-    ids, cached = half.generate(idx, 8, return_logits=True)
+    ids, cached = generate(half, idx, 8, return_logits=True)
     assert cached.dtype == torch.float32 and ids.shape == (2, 14)
     with torch.no_grad():
-        reference = model(ids)[0][:, 5:-1]  # fp32, on the tokens bf16 decoding chose
-        forward_bf16 = half(ids)[0][:, 5:-1]
+        reference = model(ids).logits[:, 5:-1]  # fp32, on the tokens bf16 decoding chose
+        forward_bf16 = half(ids).logits[:, 5:-1]
     assert (cached - reference).abs().max() <= 2 * (forward_bf16 - reference).abs().max() + 1e-3
 
 
@@ -172,9 +173,9 @@ def test_gpu_decoding_matches_cpu(tmp_path):
 
     model = random_model(seed=6, bias_std=0.1)
     idx = random_ids(model.config, (3, 5))
-    cpu_ids, cpu_logits = model.generate(idx, 12, return_logits=True)
+    cpu_ids, cpu_logits = generate(model, idx, 12, return_logits=True)
     save_hf(model.cuda(), tmp_path / "export")  # exporting from the GPU writes CPU tensors
     gpu = load_hf(tmp_path / "export", device="cuda")
-    gpu_ids, gpu_logits = gpu.generate(idx.cuda(), 12, return_logits=True)
+    gpu_ids, gpu_logits = generate(gpu, idx.cuda(), 12, return_logits=True)
     assert torch.equal(gpu_ids.cpu(), cpu_ids)
     torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, rtol=1e-4, atol=1e-4)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from longcat_lab.data import DataConfig, load_dataset
 from longcat_lab.eval.bpb import bits_per_byte
-from longcat_lab.inference.cache import DecodingWeights
+from longcat_lab.inference.generate import generate, stream
 from longcat_lab.inference.quant import Int8Matrix, model_bytes, quantize_int8, quantize_rows
+from longcat_lab.model.cache import DecodingWeights
 from longcat_lab.testing import random_ids, random_model
 
 
@@ -93,17 +94,17 @@ def test_a_quantised_copy_forwards_and_decodes_close_to_the_original(one_thread,
     quant = quantize_int8(model)
     ids = random_ids(model.config, (2, 10))
     with torch.no_grad():
-        ref, got = model(ids)[0].float(), quant(ids)[0].float()
+        ref, got = model(ids).logits.float(), quant(ids).logits.float()
     assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
     # Decoding against the cache reads the store's int8 matrices (absorbed maps included) and agrees with the
     # copy's own forward over the whole sequence.
-    out, logits = quant.generate(ids, 6, return_logits=True)
+    out, logits = generate(quant, ids, 6, return_logits=True)
     assert all(isinstance(v[1], (Int8Matrix, tuple)) for v in quant.decoding_weights.entries.values())
     with torch.no_grad():
-        full = quant(out[:, :-1])[0][:, ids.shape[1] - 1 :].float()
+        full = quant(out[:, :-1]).logits[:, ids.shape[1] - 1 :].float()
     tol = 0.02 if dtype == torch.float32 else 0.1
     assert float((full - logits).abs().max()) < tol * float(full.abs().max())
-    streamed = torch.cat(list(quant.stream(ids[:1], 6)), dim=1)
+    streamed = torch.cat(list(stream(quant, ids[:1], 6)), dim=1)
     assert torch.equal(streamed, out[:1, ids.shape[1] :])
 
 

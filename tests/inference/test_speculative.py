@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from longcat_lab.inference import speculative
-from longcat_lab.inference.cache import LatentCache
+from longcat_lab.inference.generate import generate
 from longcat_lab.inference.speculative import SpeculativeStats, accept_or_resample, speculative_generate
 from longcat_lab.model import presets
+from longcat_lab.model.cache import LatentCache
 from longcat_lab.testing import random_ids, random_model
 
 CONFIG = presets.tiny(num_nextn_predict_layers=1, vocab_size=64)
@@ -28,7 +29,7 @@ def test_greedy_equals_plain_greedy_with_the_real_draft(model, one_thread):
         prompt = random_ids(CONFIG, (1, 1 + seed % 9), seed=seed)
         n = 1 + 7 * seed % 23
         got, stats = speculative_generate(model, prompt, n)
-        assert torch.equal(got, model.generate(prompt, n)), seed
+        assert torch.equal(got, generate(model, prompt, n)), seed
         assert stats.drafted <= n - 1
 
 
@@ -37,12 +38,12 @@ def test_a_few_positions_against_the_cache_equal_the_full_forward(model):
     experts (`LatentCache.absorbs`); their logits and the cache match one full forward."""
     x = random_ids(CONFIG, (1, 20), seed=11)
     with torch.inference_mode():
-        full = model(x)[0]
+        full = model(x).logits
         cache = LatentCache(2 * CONFIG.num_layers, 20)
         parts, start = [], 0
         for size in (5, 2, 3, 1, 2, 4, 3):
             assert cache.absorbs(0, size) == (start > 0 and size <= LatentCache.ABSORB_MAX)
-            parts.append(model(x[:, start : start + size], cache=cache)[0])
+            parts.append(model(x[:, start : start + size], cache=cache).logits)
             start += size
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.seq_len == 20
@@ -72,7 +73,7 @@ def test_greedy_equals_plain_greedy_when_drafts_are_often_right(model, monkeypat
     for seed in range(12):
         prompt = random_ids(CONFIG, (1, 2 + seed % 5), seed=100 + seed)
         n = 5 + 3 * seed
-        reference = model.generate(prompt, n + 2)
+        reference = generate(model, prompt, n + 2)
         planted_draft(monkeypatch, reference, 0.7, seed)
         got, stats = speculative_generate(model, prompt, n)
         assert torch.equal(got, reference[:, : got.shape[1]]), seed
@@ -84,7 +85,7 @@ def test_greedy_equals_plain_greedy_when_drafts_are_often_right(model, monkeypat
 def test_rejection_rolls_the_cache_back(model, monkeypatch):
     """Every draft wrong: each verification writes two positions and keeps one."""
     prompt = random_ids(CONFIG, (1, 4), seed=3)
-    reference = model.generate(prompt, 8)
+    reference = generate(model, prompt, 8)
     planted_draft(monkeypatch, reference, 0.0, 0)
     made = []
     original = LatentCache.__init__
@@ -134,9 +135,9 @@ def test_sampling_end_to_end_follows_the_model(one_thread):
     prompt = random_ids(cfg, (1, 5), seed=9)
     V = cfg.vocab_size
     with torch.no_grad():
-        p1 = torch.softmax(m(prompt)[0][0, -1], -1)
+        p1 = torch.softmax(m(prompt).logits[0, -1], -1)
         both = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)
-        p2 = torch.softmax(m(both)[0][:, -1], -1)  # [t1, t2]
+        p2 = torch.softmax(m(both).logits[:, -1], -1)  # [t1, t2]
     exact = p1[:, None] * p2
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(V, V)
@@ -164,7 +165,7 @@ def test_figure_marks_each_token(model, monkeypatch):
     from longcat_lab.viz.speculative import speculative_figure
 
     prompt = random_ids(CONFIG, (1, 4), seed=4)
-    planted_draft(monkeypatch, model.generate(prompt, 14), 0.7, 1)
+    planted_draft(monkeypatch, generate(model, prompt, 14), 0.7, 1)
     _, stats = speculative_generate(model, prompt, 12)
     fig = speculative_figure(stats, [f"t{i}" for i in range(12)])
     drafts, main, line = fig.data

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from longcat_lab import LatentCache, ModelConfig
-from longcat_lab.model import EXPERTS_AFTER, MoE, presets, rope_angles
+from longcat_lab.inference.generate import generate
+from longcat_lab.model import EXPERTS_AFTER, MoE, accounting, presets, rope_angles
 from longcat_lab.model.ops.expert_dispatch import _scratch
-from longcat_lab.perf import accounting
 from longcat_lab.testing import random_ids, random_model
 
 
@@ -40,7 +40,8 @@ def test_shapes_and_routing_record():
     model = random_model(train=True)
     c = model.config
     idx = random_ids(c, (3, 11))
-    logits, loss, routing = model(idx, idx, return_routing=True)
+    out = model(idx, targets=idx, return_routing=True)
+    logits, loss, routing = out.logits, out.loss, out.routing
     assert logits.shape == (3, 11, c.vocab_size) and logits.dtype == torch.float32
     assert loss.shape == () and torch.isfinite(loss)
     assert len(routing.layers) == c.num_layers
@@ -49,7 +50,7 @@ def test_shapes_and_routing_record():
     assert r.router_probs.shape == (3, 11, c.num_experts)
     assert torch.equal(r.ffn_experts_per_token, (r.topk_ids < c.n_routed_experts).sum(-1))
     assert routing.last_hidden.shape == (3, 11, c.hidden_size)
-    assert model(idx)[1] is None
+    assert model(idx).loss is None
 
 
 def earlier_logits_change(model, t: int = 9) -> float:
@@ -57,7 +58,7 @@ def earlier_logits_change(model, t: int = 9) -> float:
     idx = random_ids(model.config, (2, 16))
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 7) % model.config.vocab_size
-    a, b = model(idx)[0], model(changed)[0]
+    a, b = model(idx).logits, model(changed).logits
     assert not torch.allclose(a[:, t:], b[:, t:])  # the change does reach its own and later positions
     return (a[:, :t] - b[:, :t]).abs().max().item()
 
@@ -201,7 +202,7 @@ def test_vanilla_same_params_different_function():
     assert sc.num_params() == va.num_params()
     va.load_state_dict(sc.state_dict())
     idx = random_ids(sc.config, (1, 12))
-    assert not torch.allclose(sc(idx)[0], va(idx)[0])  # same weights, different wiring
+    assert not torch.allclose(sc(idx).logits, va(idx).logits)  # same weights, different wiring
 
 
 def test_released_accounting_matches_paper():
@@ -219,7 +220,7 @@ def test_every_expert_gets_gradient_when_forced_balanced():
     for moe in model.moe_blocks():
         moe.router.force_balanced = True
     idx = random_ids(model.config, (2, 12))
-    _, loss = model(idx, idx)
+    loss = model(idx, targets=idx).loss
     loss.backward()
     for moe in model.moe_blocks():
         per_expert = moe.experts.gate_up_proj.grad.abs().sum(dim=(1, 2))
@@ -295,41 +296,42 @@ def test_bad_targets_and_generation_args():
     model = random_model(train=True)
     idx = random_ids(model.config, (1, 6))
     with pytest.raises(ValueError, match="targets has shape"):
-        model(idx, idx[:, :3])
+        model(idx, targets=idx[:, :3])
     targets = idx.clone()
     targets[0, 0] = -100  # ignore_index is allowed in targets
-    model(idx, targets)
+    model(idx, targets=targets)
     with pytest.raises(ValueError, match="temperature=-1"):
-        model.generate(idx, 3, temperature=-1)
+        generate(model, idx, 3, temperature=-1)
     with pytest.raises(ValueError, match="top_p=0"):
-        model.generate(idx, 3, top_p=0)
+        generate(model, idx, 3, top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens=600"):
-        model.generate(idx, 600)
+        generate(model, idx, 600)
 
 
 def test_kv_cache_matches_full_recompute():
     model = random_model()
     c = model.config
     idx = random_ids(c, (2, 14))
-    full = model(idx)[0]
+    full = model(idx).logits
     cache = LatentCache(2 * c.num_layers)
-    parts = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:6], cache=cache)[0], model(idx[:, 6:], cache=cache)[0]]
+    parts = [model(idx[:, :5], cache=cache).logits, model(idx[:, 5:6], cache=cache).logits]
+    parts.append(model(idx[:, 6:], cache=cache).logits)
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
     # The cache holds the MLA latent: (kv_lora_rank + qk_rope_head_dim) per block, fp32.
     assert cache.bytes_per_token() == (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_layers * 4
-    greedy_cached = model.generate(idx[:, :4], 20)
-    greedy_full = model.generate(idx[:, :4], 20, use_cache=False)
+    greedy_cached = generate(model, idx[:, :4], 20)
+    greedy_full = generate(model, idx[:, :4], 20, use_cache=False)
     assert torch.equal(greedy_cached, greedy_full)
 
 
 def test_sampling_is_seeded_and_top_p_limits_choices():
     model = random_model()
     idx = random_ids(model.config, (1, 4))
-    a = model.generate(idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(5))
-    b = model.generate(idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    a = generate(model, idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = generate(model, idx, 12, temperature=1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
-    greedy = model.generate(idx, 12)
-    tiny_p = model.generate(idx, 12, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(6))
+    greedy = generate(model, idx, 12)
+    tiny_p = generate(model, idx, 12, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(6))
     assert torch.equal(greedy, tiny_p)  # top_p -> 0 keeps only the most likely token
     assert model.training is False
 
@@ -338,7 +340,7 @@ def test_bf16_autocast_trains():
     model = random_model(train=True)
     idx = random_ids(model.config, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(idx, idx)
+        loss = model(idx, targets=idx).loss
     loss.backward()
     assert torch.isfinite(loss)
     grad = model.layers[0].mlp.experts.gate_up_proj.grad

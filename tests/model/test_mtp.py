@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longcat_lab.inference.cache import LatentCache
 from longcat_lab.model import presets
+from longcat_lab.model.cache import LatentCache
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
 from longcat_lab.model.mtp import mtp_logits, mtp_loss
 from longcat_lab.testing import random_ids, random_model, tiny_train_config
@@ -40,7 +40,7 @@ def test_adding_mtp_keeps_the_main_model():
     mtp_state = with_mtp.state_dict()
     assert all(torch.equal(v, mtp_state[k]) for k, v in plain.state_dict().items())
     idx = random_ids(MTP_CONFIG, (2, 12))
-    assert torch.equal(plain(idx)[0], with_mtp(idx)[0])
+    assert torch.equal(plain(idx).logits, with_mtp(idx).logits)
     assert with_mtp.mtp.block_index == 2 * MTP_CONFIG.num_layers
 
 
@@ -54,7 +54,7 @@ def test_loss_matches_a_position_by_position_reference():
     masked = targets.clone()
     masked[:, 3] = IGNORE_INDEX
     with torch.no_grad():
-        _, _, routing = model(idx, targets, return_routing=True)
+        routing = model(idx, targets=targets, return_routing=True).routing
         hidden = model.norm(routing.last_hidden)
         for tgt, dropped in ((targets, ()), (masked, (2, 3))):
             inputs = tgt.clamp_min(0)
@@ -87,7 +87,8 @@ def test_cached_decoding_equals_the_full_forward():
 def test_gradients_reach_the_main_model_and_weight_zero_leaves_mtp_alone():
     model = random_model(MTP_CONFIG, seed=7, train=True)
     x = random_ids(MTP_CONFIG, (2, 12))
-    _, lm, routing = model(x[:, :-1], x[:, 1:], return_routing=True)
+    out = model(x[:, :-1], targets=x[:, 1:], return_routing=True)
+    lm, routing = out.loss, out.routing
     (lm + 0.3 * mtp_loss(model, routing.last_hidden, x[:, 1:])).backward()
     assert model.mtp.layers[0].eh_proj.weight.grad.abs().sum() > 0
     assert model.mtp.embed_tokens.weight.grad.abs().sum() > 0
@@ -150,6 +151,6 @@ def test_segments_keep_the_mtp_attention_apart():
         for ids in (x, other):
             targets = ids[:, 1:].clone()
             targets[:, :8] = IGNORE_INDEX  # only the second segment's positions count
-            _, _, routing = model(ids[:, :-1], None, return_routing=True, segment_ids=seg)
+            routing = model(ids[:, :-1], return_routing=True, segment_ids=seg).routing
             losses.append(float(mtp_loss(model, routing.last_hidden, targets, seg)))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from longcat_lab import LongCatLM
+from longcat_lab.inference.generate import generate
 from longcat_lab.model import presets
 from longcat_lab.testing import SyntheticRouting, random_model
 from longcat_lab.train.control import BiasController, ControllerConfig, resolve_target
@@ -223,7 +224,7 @@ def test_eval_forwards_leave_counts_alone():
     ctl = BiasController(ControllerConfig(), model)
     model(tokens(model))
     with torch.no_grad():
-        model.generate(tokens(model, 1, 4), max_new_tokens=3)
+        generate(model, tokens(model, 1, 4), max_new_tokens=3)
     assert all(b.router.expert_counts.sum() == 0 for b in model.moe_blocks())
     with pytest.raises(RuntimeError, match="training-mode forwards"):
         ctl.step()
@@ -307,7 +308,8 @@ def test_bias_never_enters_the_weights():
     assert all(torch.equal(p, params[name]) for name, p in model.named_parameters())
     offset = ctl.state_dict()["bias"][:, :4].mean() - ctl.state_dict()["bias"][:, 4:].mean()
     assert offset > 0  # the target pushed the FFN experts up
-    _, loss, routing = model(tokens(model, seed=9), targets=tokens(model, seed=9), return_routing=True)
+    out = model(tokens(model, seed=9), targets=tokens(model, seed=9), return_routing=True)
+    loss, routing = out.loss, out.routing
     scale = model.config.routed_scaling_factor
     for layer in routing.layers:
         expected = scale * layer.router_logits.softmax(-1).gather(-1, layer.topk_ids)

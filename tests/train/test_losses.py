@@ -110,7 +110,8 @@ def forward():
 
 def test_aux_losses_contract(forward):
     model, idx = forward
-    _, loss, routing = model(idx, idx, return_routing=True)
+    out = model(idx, targets=idx, return_routing=True)
+    loss, routing = out.loss, out.routing
     cfg = LossConfig(balance_loss_coef=0.01, balance_groups=2, hidden_z_loss_coef=1e-4, router_z_loss_coef=1e-3)
     target = model.config.uniform_ffn_experts
     out = aux_losses(routing, cfg, model.config, target)
@@ -131,7 +132,7 @@ def test_aux_losses_contract(forward):
 
 def test_zero_coefficients_turn_losses_off(forward):
     model, idx = forward
-    _, _, routing = model(idx, idx, return_routing=True)
+    routing = model(idx, targets=idx, return_routing=True).routing
     cfg = LossConfig(balance_loss_coef=0.0, hidden_z_loss_coef=0.0, router_z_loss_coef=0.0)
     out = aux_losses(routing, cfg, model.config, 1.0)
     assert all(v.item() == 0.0 and not v.requires_grad for v in out.values())
@@ -139,7 +140,7 @@ def test_zero_coefficients_turn_losses_off(forward):
 
 def test_aux_losses_reject_bad_target_or_groups(forward):
     model, idx = forward
-    _, _, routing = model(idx, idx, return_routing=True)
+    routing = model(idx, targets=idx, return_routing=True).routing
     with pytest.raises(ValueError, match=r"target_ffn_experts=3\.0.*moe_topk=2"):
         aux_losses(routing, LossConfig(), model.config, 3.0)
     with pytest.raises(ValueError, match="balance_groups=3.*n_routed_experts=4"):

@@ -100,7 +100,8 @@ def test_balance_grad_ratio_against_closed_form_gradients():
 def test_balance_grad_ratio_on_the_model_is_linear_in_alpha_and_keeps_the_graph():
     model = tiny_model().train()
     idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
-    _, loss, routing = model(idx, idx, return_routing=True)
+    out = model(idx, targets=idx, return_routing=True)
+    loss, routing = out.loss, out.routing
     ratios = []
     for alpha in (1e-3, 2e-3):
         aux = aux_losses(routing, LossConfig(balance_loss_coef=alpha), model.config, 1.0)

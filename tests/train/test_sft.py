@@ -30,10 +30,10 @@ def test_packed_sequences_do_not_see_each_other():
     row = torch.cat([a, b, pad], dim=1)
     seg = torch.tensor([[0] * 11 + [1] * 7 + [-1] * 4])
     with torch.no_grad():
-        packed, _ = model(row, segment_ids=seg)
-        alone_a, _ = model(a)
-        alone_b, _ = model(b)
-        leaky, _ = model(row)  # without segments b attends to a
+        packed = model(row, segment_ids=seg).logits
+        alone_a = model(a).logits
+        alone_b = model(b).logits
+        leaky = model(row).logits  # without segments b attends to a
     torch.testing.assert_close(packed[:, :11], alone_a, rtol=1e-5, atol=1e-5)
     # b sits at positions 11..17 of the row: RoPE scores depend only on relative positions, so positions need
     # not restart per segment (up to rounding of the larger angles).
@@ -46,8 +46,10 @@ def test_one_segment_is_the_causal_path_and_bad_segments_are_refused():
     x = random_ids(model.config, (2, 9), seed=5)
     y = random_ids(model.config, (2, 9), seed=6)
     with torch.no_grad():
-        causal, loss = model(x, y)
-        masked, loss2 = model(x, y, segment_ids=torch.zeros(2, 9, dtype=torch.long))
+        out = model(x, targets=y)
+        causal, loss = out.logits, out.loss
+        out = model(x, targets=y, segment_ids=torch.zeros(2, 9, dtype=torch.long))
+        masked, loss2 = out.logits, out.loss
     torch.testing.assert_close(masked, causal, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids of shape \\(2, 8\\) is not allowed"):
@@ -64,7 +66,7 @@ def test_gradients_do_not_cross_segments():
     x_emb = emb[x].detach().requires_grad_(True)
     # The same forward as the model's, from embeddings, to read the gradient per input position.
     model.embed_tokens.forward = lambda ids: x_emb
-    _, loss = model(x, y, segment_ids=seg, validate=False)
+    loss = model(x, targets=y, segment_ids=seg, validate=False).loss
     loss.backward()
     per_position = x_emb.grad.abs().sum(-1)[0]
     assert torch.all(per_position[:6] == 0) and torch.all(per_position[6:9] > 0)

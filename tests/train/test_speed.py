@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from longcat_lab.model import presets
-from longcat_lab.model.model import rope_angles, segment_mask
+from longcat_lab.model.attention import segment_mask
+from longcat_lab.model.rope import rope_angles
 from longcat_lab.testing import random_ids, random_model
 from longcat_lab.train import growth, speed
 from longcat_lab.train.config import train_preset
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def loss_and_grads(model, idx, targets):
     model.zero_grad(set_to_none=True)
-    _, loss = model(idx, targets, validate=False)
+    loss = model(idx, targets=targets, validate=False).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -43,7 +44,7 @@ def test_fused_adamw_makes_the_default_update():
     idx = random_ids(presets.tiny(), (2, 17))
     for _ in range(3):
         for model, optimizer in ((fused_model, fused), (loop_model, loop)):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss = model(idx[:, :-1], targets=idx[:, 1:]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ def model():
 def routed(model, length=20, batch=1, seed=1):
     idx = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        _, _, routing = model(idx, return_routing=True)
+        routing = model(idx, return_routing=True).routing
     return routing
 
 

@@ -17,7 +17,7 @@ def mla_params(c: ModelConfig) -> int:
         c.hidden_size * c.q_lora_rank
         + c.q_lora_rank
         + c.q_lora_rank * H * c.qk_head_dim
-        + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
+        + c.hidden_size * c.kv_latent_dim
         + c.kv_lora_rank
         + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)
         + H * c.v_head_dim * c.hidden_size
@@ -51,7 +51,7 @@ def activated_params(c: ModelConfig, ffn_experts_per_token: float | None = None)
     always = counts["total"] - counts["embedding"] - counts["experts"]
     if c.layer_style == "dense":
         return {"min": always, "mean": always, "max": always, "ffn_experts_per_token": 0.0}
-    lo, hi = max(0, c.moe_topk - c.zero_expert_num), min(c.moe_topk, c.n_routed_experts)
+    lo, hi = c.min_ffn_experts, c.max_ffn_experts
     k = c.uniform_ffn_experts if ffn_experts_per_token is None else float(ffn_experts_per_token)
     if not lo <= k <= hi:
         raise ValueError(

@@ -1,6 +1,8 @@
 """The decoding cache and the weights decoding reads (docs/design.md §1.1, §10): `LatentCache` stores each MLA
 block's latent [c_KV ; k_R] instead of full keys and values, and `DecodingWeights` keeps weights rearranged for
-few-row matmuls (transposed copies, absorbed MLA maps), rebuilt whenever a source weight changes.
+few-row matmuls (transposed copies, absorbed MLA maps), rebuilt whenever a source weight changes. The model's
+forward takes its decoding branches when handed a cache (`attention.absorbed_attention`, `moe.experts_few_tokens`);
+the loops that decode live in `longcat_lab.inference`.
 """
 
 from __future__ import annotations
@@ -9,18 +11,17 @@ import torch
 from torch import nn
 
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.model.model import apply_rope, rope_angles
+from longcat_lab.model.rope import apply_rope, rope_angles
 
 
 class DecodingWeights:
     """Weights rearranged for decoding, each built on first use and rebuilt when a weight it came from changes: a
     different tensor, storage or version counter (every in-place update, an optimizer step included, bumps it).
 
-    What it holds: each MLA block's folded decoding weights (`decode.absorbed_weights`) and the other weights
+    What it holds: each MLA block's folded decoding weights (`attention.absorbed_weights`) and the other weights
     transposed (`transpose`), all as contiguous copies on CPU, where at decoding's few rows a matmul against the
-    transposed layout beat F.linear against nn.Linear's [out, in] layout: 1.4x at 8 rows with the weights out of
-    cache, 1.5-2.5x with them in cache, the same at one row out of cache (measured, one thread, torch 2.13);
-    elsewhere views, as GPU BLAS reads either layout. A `LongCatLM` keeps one store across `generate`
+    transposed layout is faster than F.linear against nn.Linear's [out, in] layout (benchmarks/RESULTS.md
+    "generate"); elsewhere views, as GPU BLAS reads either layout. A `LongCatLM` keeps one store across `generate`
     calls, so the copies are built once; `model.train()` drops them. They cost memory: on CPU about one more
     model's worth of weights while they live."""
 
@@ -54,11 +55,11 @@ class LatentCache:
     Buffers are preallocated (`capacity`, or grown by doubling), so appending a token copies only that token.
 
     `update` serves `MLA.forward` (prefill: keys and values re-expanded from the latent); `attend` serves
-    `decode.absorbed_attention`, absorbed decoding of one new position (queries already mapped into latent space,
+    `attention.absorbed_attention`, absorbed decoding of one new position (queries already mapped into latent space,
     so nothing is re-expanded). `weights` is the `DecodingWeights` store the decoding modules take their weights
-    from: the model's own when `stream` made the cache, else a fresh one. The cache asks the store once per weight
-    and then keeps the answer: decoding steps pay a dict lookup, and a cache belongs to the weights it started
-    with, as its latents do (a new cache, one per `generate` call, picks up changed weights)."""
+    from: the model's own when `inference.generate.stream` made the cache, else a fresh one. The cache asks the
+    store once per weight and then keeps the answer: decoding steps pay a dict lookup, and a cache belongs to the
+    weights it started with, as its latents do (a new cache, one per `generate` call, picks up changed weights)."""
 
     def __init__(self, num_blocks: int, capacity: int | None = None, weights: DecodingWeights | None = None):
         self.buffers: list[torch.Tensor | None] = [None] * num_blocks
@@ -180,7 +181,7 @@ class LatentCache:
     ABSORB_MAX = 8
 
     def absorbs(self, block: int, length: int) -> bool:
-        """Whether `length` new positions of attention block `block` take `decode.absorbed_attention`."""
+        """Whether `length` new positions of attention block `block` take `attention.absorbed_attention`."""
         return length == 1 or (length <= self.ABSORB_MAX and self.lengths[block] > 0)
 
     def truncate(self, length: int, blocks: range | None = None) -> None:
