@@ -1,7 +1,7 @@
 """longcat_lab: a readable, scaled-down LongCat-Flash to learn and research on."""
 
+from longcat_lab._version import __version__
 from longcat_lab.inference import LatentCache
 from longcat_lab.model import LongCatLM, ModelConfig, Routing, presets
 
-__all__ = ["ModelConfig", "LongCatLM", "LatentCache", "Routing", "presets"]
-__version__ = "0.1.0"
+__all__ = ["ModelConfig", "LongCatLM", "LatentCache", "Routing", "presets", "__version__"]

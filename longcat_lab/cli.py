@@ -160,7 +160,7 @@ def run_train(args) -> None:
 
         import torch.distributed as dist
 
-        from longcat_lab.train import checkpoint
+        from longcat_lab import checkpoint
         from longcat_lab.train.distributed import train_distributed
 
         # After a rank died, torchrun's agent starts the group again: continue from the newest checkpoint.
@@ -236,8 +236,8 @@ def run_command(args, runner) -> int:
     """Run one subcommand; bad input (a field, a value, a file) becomes one line on stderr and exit code 2, since
     tracebacks are for bugs, not for bad input."""
     from longcat_lab._util import os_error_line
+    from longcat_lab.checkpoint import CheckpointError
     from longcat_lab.train import TrainingError
-    from longcat_lab.train.checkpoint import CheckpointError
 
     try:
         runner(args)

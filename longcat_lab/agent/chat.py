@@ -88,10 +88,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     import torch
 
+    from longcat_lab import checkpoint
     from longcat_lab._util import check_int, check_nonnegative, check_seed
     from longcat_lab.agent.policies import generate_reply
     from longcat_lab.eval.agentic import sft_window
-    from longcat_lab.train import checkpoint
 
     check_int("--max-new-tokens", args.max_new_tokens)
     check_nonnegative("--temperature", args.temperature)

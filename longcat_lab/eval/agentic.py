@@ -236,9 +236,9 @@ def evaluate_agentic_checkpoint(
     """(result, path of agentic.json or None): module docstring. `base` is the pre-trained checkpoint (default: the
     one `ckpt` was fine-tuned from, when it still exists); `sft_data` (a JSONL file) is checked for overlap with the
     evaluation tasks."""
+    from longcat_lab import checkpoint
     from longcat_lab.agent.arithmetic import arithmetic_exact_match
     from longcat_lab.eval.suite import _one_thread
-    from longcat_lab.train import checkpoint
 
     check_int("per_cell", per_cell)
     check_int("k", k)

@@ -67,7 +67,7 @@ def evaluate_model(
 def evaluate_checkpoint(path, level: str = "full", arithmetic_n: int = 32, code_n: int = 24, write: bool = True):
     """(result, path of eval.json or None): the evaluator on a checkpoint, written next to its files. Runs on one
     torch thread (restored afterwards)."""
-    from longcat_lab.train import checkpoint
+    from longcat_lab import checkpoint
 
     ckpt = checkpoint.resolve(path)
     with _one_thread():
@@ -87,8 +87,8 @@ def _one_thread():
 
 
 def _evaluate_checkpoint(ckpt, level, arithmetic_n, code_n, write):
+    from longcat_lab import checkpoint
     from longcat_lab.data import load_dataset
-    from longcat_lab.train import checkpoint
     from longcat_lab.train.config import TrainConfig
 
     model, _, meta = checkpoint.load(ckpt)

@@ -24,7 +24,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 def load_for_decoding(args: argparse.Namespace):
     """(model, tokenizer, meta) of `args.ckpt`, quantised and compiled as `args` asks. A `--speculative` request
     for a checkpoint without the MTP module is refused before minutes of quantising or compiling."""
-    from longcat_lab.train import checkpoint
+    from longcat_lab import checkpoint
 
     model, tokenizer, meta = checkpoint.load(args.ckpt)
     if args.speculative and model.mtp is None:

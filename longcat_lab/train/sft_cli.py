@@ -31,8 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     from longcat_lab.cli import check_out_dir
-    from longcat_lab.train import train
-    from longcat_lab.train.sft import prepare
+    from longcat_lab.train.sft import prepare, train_sft
     from longcat_lab.train.trainer import check_runtime
 
     out = check_out_dir(args.out)
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
         f"{' (resuming if a checkpoint exists)' if args.resume else ''}",
         flush=True,
     )
-    result = train(model_config, cfg, out, resume=args.resume, progress=not args.no_progress)
+    result = train_sft(model_config, cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"[longcat-lab] step {result.step}, checkpoint {result.checkpoint}")
     sft_rows = result.rows("eval_sft")
     evals = result.rows("eval")

@@ -36,11 +36,11 @@ def readme_figures(steps: int = 300, seed: int = 0) -> dict:
     import dataclasses
 
     import longcat_lab.data as data
-    from longcat_lab import viz
+    from longcat_lab import checkpoint, viz
     from longcat_lab.model import presets
     from longcat_lab.perf.overlap import measure_overlap
     from longcat_lab.perf.trace import load_trace
-    from longcat_lab.train import checkpoint, read_metrics, train, train_preset
+    from longcat_lab.train import read_metrics, train, train_preset
 
     check_int("steps", steps)
     with tempfile.TemporaryDirectory(prefix="longcat-figures-") as tmp:

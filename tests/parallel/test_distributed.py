@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab.cli import main, worker_argv
 from longcat_lab.export import load_hf, save_hf
 from longcat_lab.model import presets
-from longcat_lab.parallel.dcp import consolidate
 from longcat_lab.testing import tiny_train_config
-from longcat_lab.train import checkpoint, read_metrics, train
-from longcat_lab.train.distributed import train_ranks
+from longcat_lab.train import read_metrics, train
+from longcat_lab.train.distributed import consolidate, train_ranks
 
 CONFIG = presets.tiny()
 STEPS = 20
