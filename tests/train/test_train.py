@@ -33,8 +33,8 @@ from longcat_lab.train import (
 )
 from longcat_lab.train.config import lr_at
 from longcat_lab.train.overrides import settable_fields
-from longcat_lab.train.step import StepResult
 from longcat_lab.train.runtime import check_token_streams
+from longcat_lab.train.step import StepResult
 from longcat_lab.train.trainer import Trainer
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "tiny_20_steps.json"
