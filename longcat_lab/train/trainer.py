@@ -14,9 +14,9 @@ A checkpoint holds the model and the trainer's `states()`, each `Stateful` (opti
 alert state, the routers' pending counts and the run's `Progress`): everything the next step reads. Resume:
 `resume=True` continues from the newest checkpoint of `out_dir` that verifies (a fresh start when there is none;
 newer, damaged ones are moved aside with a warning) and logs exactly the losses of an uninterrupted run; it refuses
-a configuration that differs from the checkpoint's except in the fields marked `FREE_ON_RESUME` (`train.resume`).
-A finished run trains nothing. A run holds the folder's writer lock (`train.lock`) from construction to the end of
-`run()` (or `close()`).
+a configuration that differs from the checkpoint's except in the fields marked `FREE_ON_RESUME` (`train.config`;
+the comparison and the reading back are `train.resume`'s). A finished run trains nothing. A run holds the
+folder's writer lock (`train.lock`) from construction to the end of `run()` (or `close()`).
 
 Token ids are checked once, when the token streams are loaded, so the model runs every training micro-batch with
 `validate=False` (no host sync for id checks). Paper references: AdamW eps, hidden z-loss and the balance loss,

@@ -1,4 +1,4 @@
-"""Tests of training on several processes (`train.distributed`, `parallel.mesh`, `parallel.dcp`, the torchrun
+"""Tests of training on several processes (`train.distributed`, `parallel.mesh`, `checkpoint.sharded`, the torchrun
 launcher of `longcat-lab train --nproc`), on two gloo ranks with one thread each.
 
 One spawn of two ranks trains four runs in turn: data parallel, data + expert parallel, and two resumes that change
