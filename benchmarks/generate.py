@@ -79,7 +79,7 @@ def parse_args() -> argparse.Namespace:
 
 def train_mtp(args: argparse.Namespace) -> None:
     """The late MTP stage from `args.train_mtp` (a checkpoint without MTP) into the run folder `args.out`."""
-    from longcat_lab.train import checkpoint
+    from longcat_lab import checkpoint
     from longcat_lab.train.config import StageConfig, TrainConfig
     from longcat_lab.train.trainer import train
 
@@ -131,8 +131,8 @@ def build(args: argparse.Namespace):
         # A trained model's expert bias is not zero: draw one, so that routing depends on it.
         model = random_model(config, args.seed, bias_std=0.05)
         return model, lambda batch, seed: random_ids(config, (batch, args.prompt_len), seed=seed), args.preset
+    from longcat_lab import checkpoint
     from longcat_lab.data import DataConfig, load_dataset
-    from longcat_lab.train import checkpoint
 
     model, _, meta = checkpoint.load(args.checkpoint)
     ckpt = checkpoint.resolve(args.checkpoint)

@@ -80,7 +80,7 @@ def load_model(args):
         model = random_model(presets.get(args.preset), args.seed, bias_std=0.05)
         data = DataConfig()
         return model, load_dataset(model.config.vocab_size, data), 256, f"random {args.preset} model"
-    from longcat_lab.train import checkpoint
+    from longcat_lab import checkpoint
     from longcat_lab.train.config import TrainConfig
 
     model, _, meta = checkpoint.load(args.ckpt)

@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
 
 def load(args):
     if args.ckpt:
-        from longcat_lab.train import checkpoint
+        from longcat_lab import checkpoint
 
         model, tokenizer, meta = checkpoint.load(args.ckpt)
         what = f"{args.ckpt} (step {meta.get('step')})"

@@ -1,12 +1,17 @@
-"""Helpers for tests, benchmarks and notebooks: seeded random models and token batches, the rank worker that
-checks expert parallelism against one process (`parity_worker`), and `SyntheticRouting`, the plant on which the
-budget controllers are compared. Not used by training."""
+"""Helpers for tests, benchmarks and notebooks: seeded random models and token batches, a tiny training config
+(`tiny_train_config`), a checkpoint file rewritten with matching checksums (`rewrite_checkpoint_file`), the rank
+worker that checks expert parallelism against one process (`parity_worker`), and `SyntheticRouting`, the plant on
+which the budget controllers are compared. Not used by training."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +69,16 @@ def tiny_train_config(cache_dir, steps: int = 12, **changes: Any) -> TrainConfig
         data=DataConfig(max_bytes_per_domain=150_000, tokenizer_sample_bytes=60_000, cache_dir=cache_dir),
     )
     return dataclasses.replace(train_preset("tiny").with_steps(steps), **{**base, **changes})
+
+
+def rewrite_checkpoint_file(ckpt: str | os.PathLike, name: str, data: bytes) -> None:
+    """Replace file `name` of checkpoint folder `ckpt` by `data` and record its size and sha256 in meta.json, as a
+    program that rewrote it on purpose would: a file whose checksum agrees but whose contents are not ours."""
+    path, meta_path = Path(ckpt) / name, Path(ckpt) / "meta.json"
+    path.write_bytes(data)
+    meta = json.loads(meta_path.read_text())
+    meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta_path.write_text(json.dumps(meta))
 
 
 # Expert-parallel rank workers (spawned by `longcat_lab.parallel.launch`, so they live in an importable module) ---

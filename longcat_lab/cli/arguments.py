@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from longcat_lab._util import check_int, check_nonnegative, check_seed, check_top_p, os_error_line
+from longcat_lab.checkpoint import CheckpointError
 from longcat_lab.inference.options import QUANTIZE, load_for_decoding
 from longcat_lab.train import TrainingError
-from longcat_lab.train.checkpoint import CheckpointError
 
 # Where an OSError of each command most likely points; the one-line message names it.
 OS_ERROR_ARGUMENT = {"train": "--out", "sft": "--out", "sweep": "--out", "synth": "--out", "arithmetic": "--out"}

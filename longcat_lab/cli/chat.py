@@ -10,11 +10,11 @@ from typing import TextIO
 
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab._util import check_int
 from longcat_lab.agent.chat import TOOLSETS, build_tools, converse
 from longcat_lab.agent.policies import generate_reply, sft_window
 from longcat_lab.cli.arguments import check_sampling
-from longcat_lab.train import checkpoint
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

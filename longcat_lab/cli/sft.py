@@ -9,8 +9,7 @@ import argparse
 from pathlib import Path
 
 from longcat_lab.cli.arguments import check_out_dir
-from longcat_lab.train import train
-from longcat_lab.train.sft import LR, STEPS, prepare
+from longcat_lab.train.sft import LR, STEPS, prepare, train_sft
 from longcat_lab.train.trainer import check_runtime
 
 
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
         f"{' (resuming if a checkpoint exists)' if args.resume else ''}",
         flush=True,
     )
-    result = train(model_config, cfg, out, resume=args.resume, progress=not args.no_progress)
+    result = train_sft(model_config, cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"[longcat-lab] step {result.step}, checkpoint {result.checkpoint}")
     sft_rows = result.rows("eval_sft")
     evals = result.rows("eval")

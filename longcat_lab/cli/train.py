@@ -10,13 +10,14 @@ import os
 import torch.distributed as dist
 
 import longcat_lab.data as data
+from longcat_lab import checkpoint
 from longcat_lab._util import check_int, check_seed
 from longcat_lab.cli.arguments import check_out_dir
 from longcat_lab.eval.suite import evaluate_checkpoint, format_table
 from longcat_lab.model import presets
 from longcat_lab.parallel.launch import torchrun
 from longcat_lab.parallel.mesh import in_torchrun, restart_count
-from longcat_lab.train import TrainingError, apply_overrides, checkpoint, sample_text, train, train_preset
+from longcat_lab.train import TrainingError, apply_overrides, sample_text, train, train_preset
 from longcat_lab.train.distributed import train_distributed
 from longcat_lab.train.trainer import check_runtime
 

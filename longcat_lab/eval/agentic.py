@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from longcat_lab import checkpoint
 from longcat_lab._util import atomic_write_bytes, check_int, check_nonnegative, json_bytes
 from longcat_lab.agent.arithmetic import arithmetic_exact_match
 from longcat_lab.agent.loop import DEFAULT_MAX_TURNS, Agent, Episode, cell_name, play
@@ -31,7 +32,6 @@ from longcat_lab.data.sft import load_records
 from longcat_lab.eval.suite import one_thread
 from longcat_lab.synth.agents import AXES, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
 from longcat_lab.synth.env import Task
-from longcat_lab.train import checkpoint
 
 AGENTIC_FILE = "agentic.json"
 HELDOUT_SEED = 1  # the designer seed of evaluation tasks; `longcat-lab synth` defaults to seed 0

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab._util import atomic_write_bytes, check_choice, json_bytes
 from longcat_lab.data import load_dataset
 from longcat_lab.eval.bpb import bits_per_byte
 from longcat_lab.eval.routing import routing_summary
 from longcat_lab.eval.tasks import arithmetic, code
 from longcat_lab.model.accounting import activated_params
-from longcat_lab.train import checkpoint
 from longcat_lab.train.config import TrainConfig
 
 LEVELS = ("cheap", "full")

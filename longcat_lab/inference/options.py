@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longcat_lab import checkpoint
 from longcat_lab._util import check_choice
 from longcat_lab.inference.compiled import compile_decoding
 from longcat_lab.inference.quant import quantize_int8
-from longcat_lab.train import checkpoint
 
 QUANTIZE = ("none", "int8")
 

@@ -1,7 +1,7 @@
 """Expert parallelism and the one-GPU side stream, as swaps of the MoE's token dispatcher inside a `LongCatLM`
 (docs/design.md §1): `apply_expert_parallel`, `apply_side_stream`, the exchange they use, and `launch` for ranks;
-the training mesh and the torchrun launcher (`init_parallel`, `torchrun`, docs/design.md §14). Sharded checkpoints:
-`longcat_lab.parallel.dcp`."""
+the training mesh and the torchrun launcher (`init_parallel`, `torchrun`, docs/design.md §14). Sharded checkpoints
+are `longcat_lab.checkpoint.sharded`; training on several ranks is `longcat_lab.train.distributed`."""
 
 from longcat_lab.parallel.exchange import Exchange, exchange
 from longcat_lab.parallel.expert_parallel import (

@@ -1,7 +1,11 @@
 """How a model is trained: `StageConfig` (one stage of the multi-stage schedule), `TrainConfig` (everything else,
-with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `default_stages`, `train_preset(name)` for
-"tiny", "mini", "small" and "base", and the schedule itself (`stage_at`, `lr_at`, `every`). Plain data and
-arithmetic: nothing here touches a model. docs/design.md §4 explains the recipe these defaults follow.
+with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `SFTConfig` (a TrainConfig plus the dialogues
+of a fine-tuning run), `default_stages`, `train_preset(name)` for "tiny", "mini", "small" and "base", and the
+schedule itself (`stage_at`, `lr_at`, `every`). Plain data and arithmetic: nothing here touches a model.
+docs/design.md §4 explains the recipe these defaults follow.
+
+A field that a resume may change (it changes when or what is logged or saved, or how the run executes, not the
+math) carries `metadata=FREE_ON_RESUME`; `resume_free_fields` lists them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ from longcat_lab._util import check_int, check_positive_float, from_known_fields
 from longcat_lab.data import DOMAINS, DataConfig, check_mixture
 from longcat_lab.train.control import ControllerConfig
 from longcat_lab.train.losses import LossConfig
+
+# The mark of a TrainConfig field that may differ between a run and its resume (`train.resume.config_diffs`).
+FREE_ON_RESUME = {"resume": "free"}
+
+
+def resume_free_fields(cls: type) -> frozenset[str]:
+    """The fields of config class `cls` marked FREE_ON_RESUME."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume") == "free")
 
 
 def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
@@ -146,48 +158,40 @@ class TrainConfig:
     # default: it saved -1% to 11% of a CPU step; compiling costs what 180 small-preset steps save at best (measured).
     torch_compile: bool = False
     # "auto" picks CUDA when present, else CPU.
-    device: str = "auto"
+    device: str = field(default="auto", metadata=FREE_ON_RESUME)
     # torch threads for this run (0 = leave torch's default); results depend on it in the last bits.
-    num_threads: int = 0
+    num_threads: int = field(default=0, metadata=FREE_ON_RESUME)
     # torch.use_deterministic_algorithms for GPU runs (CPU kernels we use are deterministic already).
-    deterministic: bool = False
+    deterministic: bool = field(default=False, metadata=FREE_ON_RESUME)
     # Evaluate every this many steps (and always at the last step) on `eval_windows` windows per domain of
     # `eval_seq_len` tokens (0 = the first stage's seq_len).
-    eval_every: int = 50
+    eval_every: int = field(default=50, metadata=FREE_ON_RESUME)
     eval_windows: int = 16
     eval_seq_len: int = 0
     # Checkpoint every this many steps (and always at the last step); keep the newest `keep_checkpoints`.
-    ckpt_every: int = 100
-    keep_checkpoints: int = 3
+    ckpt_every: int = field(default=100, metadata=FREE_ON_RESUME)
+    keep_checkpoints: int = field(default=3, metadata=FREE_ON_RESUME)
     # Stop after this many steps of the schedule (with a checkpoint), as if interrupted; 0 = run to the end.
-    stop_after: int = 0
+    stop_after: int = field(default=0, metadata=FREE_ON_RESUME)
     # R_g (docs/design.md §3) costs about one extra backward, so it is measured every this many steps (0 = never).
-    rg_every: int = 10
+    rg_every: int = field(default=10, metadata=FREE_ON_RESUME)
     # Re-run a step from the same state every this many steps and compare loss and gradients bit for bit (0 = off).
-    sdc_check_every: int = 0
+    sdc_check_every: int = field(default=0, metadata=FREE_ON_RESUME)
     # Non-finite loss or gradient: skip the step; this many in a row stop training.
-    max_consecutive_skips: int = 5
+    max_consecutive_skips: int = field(default=5, metadata=FREE_ON_RESUME)
     # Telemetry alerts (logged as warnings and counted): loss above this factor times its running mean, throughput
     # below this fraction of its running mean, memory above this fraction of the device's total.
-    alert_loss_spike: float = 1.5
-    alert_throughput_drop: float = 0.5
-    alert_memory_fraction: float = 0.9
+    alert_loss_spike: float = field(default=1.5, metadata=FREE_ON_RESUME)
+    alert_throughput_drop: float = field(default=0.5, metadata=FREE_ON_RESUME)
+    alert_memory_fraction: float = field(default=0.9, metadata=FREE_ON_RESUME)
     # Model FLOP/s that MFU divides by; 0 = measure a matmul probe on this device at start.
-    peak_flops: float = 0.0
+    peak_flops: float = field(default=0.0, metadata=FREE_ON_RESUME)
     # Hyperparameter transfer (docs/design.md §4): the width the init std and LRs were tuned at; 0 = no transfer.
     proxy_hidden_size: int = 0
     # Growth init (docs/design.md §4): start from this checkpoint (or run folder), stacked to this model's depth.
     init_from: str = ""
     # With init_from: continue the source run's step counter, LR schedule and data position (fresh optimizer).
     init_keep_state: bool = False
-    # Fine-tuning (docs/design.md §17; `train.sft.finetune` sets these): a JSONL of `longcat-lab synth` dialogues
-    # ("" = pre-training) and its records' sha256 (a resume refuses other data); the fraction of rows drawn from
-    # the stage's pre-training mixture against forgetting (1 in 4, about half the loss's tokens since a dialogue row
-    # trains only its assistant tokens: 1 in 8 forgot 7x more Python, measured); dialogues held out for a val loss.
-    sft_data: str = ""
-    sft_data_sha256: str = ""
-    sft_pretrain_ratio: float = 0.25
-    sft_val_dialogues: int = 8
     data: DataConfig = field(default_factory=DataConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     losses: LossConfig = field(default_factory=LossConfig)
@@ -195,7 +199,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.stages, (list, tuple)) or not self.stages:
             raise ValueError(f"stages={self.stages!r} is not allowed: it must be a non-empty list of StageConfig")
-        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        self.stages = [_stage(i, s) for i, s in enumerate(self.stages)]
         # Counts are ints (>= 1 where 0 would mean nothing to do, else >= 0 with 0 = off or default), switches
         # are bools, and each float lies in its _FLOAT_RANGES interval.
         for f in dataclasses.fields(self):
@@ -213,8 +217,7 @@ class TrainConfig:
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")),
             "'auto', 'cpu', 'cuda[:N]'",
         )
-        for name in ("init_from", "sft_data", "sft_data_sha256"):
-            _check(name, getattr(self, name), isinstance(getattr(self, name), str), "a string ('' = none)")
+        _check("init_from", self.init_from, isinstance(self.init_from, str), "a string ('' = none)")
         for name, cls in (("data", DataConfig), ("controller", ControllerConfig), ("losses", LossConfig)):
             v = getattr(self, name)
             if isinstance(v, dict):
@@ -253,8 +256,46 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, refusing unknown keys (`_util.from_known_fields`)."""
+        """Build from a dict, refusing unknown keys (`_util.from_known_fields`). A fine-tuning run's config also
+        holds `SFTConfig`'s own fields, which a TrainConfig leaves out, so that any run's train_config.json reads
+        as a TrainConfig (the evaluator's and a growth init's view of it)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a {cls.__name__} is a dict of its fields, not a {type(data).__name__}")
+        if cls is TrainConfig:
+            data = {k: v for k, v in data.items() if k not in _SFT_ONLY}
         return from_known_fields(cls, data)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Fine-tuning into an agent (docs/design.md §17): a TrainConfig (one stage, `init_from` the pre-trained
+    checkpoint; `train.sft.sft_config` derives it from the source run's) plus the dialogues it trains on.
+    `train.sft.SFTTrainer` trains it."""
+
+    # A JSONL of `longcat-lab synth` dialogues, and its records' sha256 (a resume refuses other data).
+    sft_data: str = ""
+    sft_data_sha256: str = ""
+    # The fraction of rows drawn from the stage's pre-training mixture against forgetting (1 in 4, about half the
+    # loss's tokens since a dialogue row trains only its assistant tokens: 1 in 8 forgot 7x more Python, measured).
+    sft_pretrain_ratio: float = 0.25
+    # Dialogues held out for a validation loss.
+    sft_val_dialogues: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check("sft_data", self.sft_data, isinstance(self.sft_data, str) and bool(self.sft_data), "a JSONL file")
+        _check("sft_data_sha256", self.sft_data_sha256, isinstance(self.sft_data_sha256, str), "a string")
+
+
+_SFT_ONLY = frozenset(f.name for f in dataclasses.fields(SFTConfig)) - {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _stage(i: int, s: Any) -> StageConfig:
+    if isinstance(s, StageConfig):
+        return s
+    if not isinstance(s, dict):
+        raise ValueError(f"stages[{i}]={s!r} is not allowed: it must be a StageConfig or a dict of its fields")
+    return from_known_fields(StageConfig, s)
 
 
 # Each preset's schedule as default_stages(steps, lr, seq_len) and the fields it sets; "small" is TrainConfig's

@@ -1,14 +1,17 @@
-"""Training on several processes (docs/design.md §14): what `Trainer` does differently when it is given a
-`ParallelContext`, and `train_distributed`, the entry point each torchrun worker calls.
+"""Training on several processes (docs/design.md §14): the parallelism strategy the trainer is handed for it, and
+`train_distributed`, the entry point each torchrun worker calls.
 
-- `DataExpertParallel`: the trainer's distributed side. `shard` makes the model expert-parallel over the mesh's
-  "ep" dimension; `global_statistics` makes the balance loss count selections over all ranks; `synchronize` runs
-  after the step's backward: it sums the gradients (replicated weights over all ranks, expert shards over "dp"),
-  divides by the world size (each rank's loss is the mean over its own rows, so the global mean is their average),
-  clips by the global norm, averages the logged losses and sums the routers' counts, so that every rank's bias
-  controller takes the same step (docs/design.md §3).
+- `DataExpertParallel(ctx)`: the `train.parallelism.Parallelism` of a `ParallelContext`. `shard` makes the model
+  expert-parallel over the mesh's "ep" dimension (and its checkpoints sharded alike: `sharding`); `rows` is this
+  rank's share of a global batch; `global_statistics` makes the balance loss count selections over all ranks;
+  `synchronize` runs after the step's backward: it sums the gradients (replicated weights over all ranks, expert
+  shards over "dp"), divides by the world size (each rank's loss is the mean over its own rows, so the global mean
+  is their average), clips by the global norm, averages the logged losses and sums the routers' counts, so that
+  every rank's bias controller takes the same step (docs/design.md §3).
 - `RankTelemetry`: the metrics row of every rank, written by rank 0 only; tokens/s counts the global batch, and MFU
   divides by the peak of all ranks together.
+- `consolidate(ckpt, run_dir)`: a sharded checkpoint rewritten as an ordinary single-process one.
+- `train_ranks(...)`: `train_distributed` on local ranks spawned without torchrun (tests, notebooks, benchmarks).
 
 The global batch (`TrainConfig.batch_size`) is split evenly over the ranks: 2 ranks with `batch_size=8` see the
 rows that 1 process with `batch_size=8` sees, and reach the same losses up to fp32 summation order.
@@ -27,13 +30,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longcat_lab import checkpoint
+from longcat_lab.checkpoint import CheckpointError, Sharding
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.parallel.expert_parallel import apply_expert_parallel, expert_shard_parameters
+from longcat_lab.parallel.launch import launch
 from longcat_lab.parallel.mesh import ParallelContext, init_parallel
-from longcat_lab.train import checkpoint, losses
+from longcat_lab.train import growth, losses
 from longcat_lab.train.config import TrainConfig
+from longcat_lab.train.results import TrainResult
+from longcat_lab.train.resume import read_train_config, read_trainer_state
+from longcat_lab.train.runtime import check_runtime, run_trainer
 from longcat_lab.train.telemetry import Telemetry
+from longcat_lab.train.trainer import Trainer
 
 
 def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
@@ -53,13 +63,24 @@ class DataExpertParallel:
 
     def __init__(self, ctx: ParallelContext):
         self.ctx = ctx
+        self.is_main = ctx.is_main
         self.shards: list[torch.nn.Parameter] = []
+        self.sharding = Sharding(ctx.mesh, frozenset(), "ep")
+
+    def device(self, cfg: TrainConfig) -> torch.device:
+        return self.ctx.device
+
+    def rows(self, batch_size: int) -> slice:
+        return self.ctx.rows(batch_size)
 
     def shard(self, model: LongCatLM) -> LongCatLM:
         """Keep this rank's experts (ep > 1); the same seed built the same model on every rank before."""
         if self.ctx.ep > 1:
             apply_expert_parallel(model, self.ctx.ep_group)
             self.shards = expert_shard_parameters(model)
+            ids = {id(p) for p in self.shards}
+            names = frozenset(n for n, p in model.named_parameters() if id(p) in ids)
+            self.sharding = Sharding(self.ctx.mesh, names, "ep")
         return model
 
     def telemetry(self, *args: Any, **kwargs: Any) -> RankTelemetry:
@@ -140,13 +161,11 @@ def train_distributed(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], Any] | None = None,
-):
+) -> TrainResult:
     """`train` on every rank of a torchrun job (or inside a process group that is already initialised): the same
     arguments, plus `ep`, the number of ranks that share the FFN experts. Checkpoints are sharded
-    (`longcat_lab.parallel.dcp`) and resume on any number of ranks, or on one process with plain `train`. Returns
+    (`checkpoint.sharded`) and resume on any number of ranks, or on one process with plain `train`. Returns
     each rank's `TrainResult`; its model holds this rank's expert shard only (load the checkpoint for the whole)."""
-    from longcat_lab.train.trainer import Trainer, _deterministic, _threads, check_runtime
-
     check_runtime(train_config)
     if train_config.init_from:
         raise ValueError(
@@ -155,9 +174,8 @@ def train_distributed(
         )
     ctx = init_parallel(ep)
     ctx.check_batch(train_config.batch_size)
-    with _threads(train_config.num_threads), _deterministic(train_config.deterministic):
-        trainer = Trainer(model_config, train_config, out_dir, resume, progress, callback, DataExpertParallel(ctx))
-        return trainer.run()
+    parallel = DataExpertParallel(ctx)
+    return run_trainer(Trainer, model_config, train_config, out_dir, resume, progress, callback, parallel)
 
 
 def _rank_worker(rank: int, world: int, mc: dict, tc: dict, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,9 +211,27 @@ def train_ranks(
     torchrun: for tests and notebooks), for each of `runs` in turn: {"out_dir", "ep" (default 1), "resume",
     "start_from" (a checkpoint folder copied into the run folder first, then resumed: another layout's, too)}.
     Returns, per rank, per run: step, checkpoint, the expert biases and the step it resumed from."""
-    from longcat_lab.parallel.launch import launch
-
     return launch(_rank_worker, nproc, args=(model_config.to_dict(), train_config.to_dict(), runs), timeout_s=300.0)
 
 
-__all__ = ["DataExpertParallel", "RankTelemetry", "train_distributed", "train_ranks"]
+def consolidate(ckpt: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """Write the sharded checkpoint `ckpt` (a folder, or a run folder's newest) as an ordinary single-process
+    checkpoint under `run_dir/checkpoints/` (same step, whole weights, torch's optimizer state); returns its folder.
+    One process, no process group. (It rebuilds the run's optimizer to learn torch's order of the parameters.)"""
+    ckpt = checkpoint.resolve(ckpt)
+    meta = checkpoint.verify(ckpt)
+    if not checkpoint.is_sharded(ckpt):
+        raise CheckpointError(f"{ckpt}: not a sharded checkpoint (it has no {checkpoint.SHARDED}/ folder)")
+    model, tokenizer, _ = checkpoint.load(ckpt)
+    cfg = read_train_config(ckpt)
+    optimizer = growth.adamw(model, cfg)
+    states = read_trainer_state(ckpt)
+    checkpoint.load_into(model, optimizer, ckpt, None, states)
+    states["optimizer"] = optimizer.state_dict()
+    keep = {k: v for k, v in meta.items() if k not in ("files", "format", "step", "versions", "layout", "ranks", "ep")}
+    return checkpoint.save(
+        run_dir, meta["step"], model, tokenizer, cfg.to_dict(), states, keep, keep=cfg.keep_checkpoints
+    )
+
+
+__all__ = ["DataExpertParallel", "RankTelemetry", "consolidate", "train_distributed", "train_ranks"]

@@ -9,6 +9,7 @@
   matrices take sigma^2 / s and eta / s. `transfer_hparams` states the rule; `init_with_transfer` and
   `param_groups` apply it to a model and an optimizer (the model's `initializer_range` and the stage LRs being the
   proxy's tuned values); `adamw` is the trainer's optimizer over those groups.
+- `init_from_checkpoint(model, source)`: growth init of a model from a checkpoint (`TrainConfig.init_from`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab._util import is_number
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.train.config import TrainConfig, lr_at
@@ -114,4 +116,31 @@ def grow_depth(model: LongCatLM, factor: int = 2) -> LongCatLM:
     return grown.train(model.training)
 
 
-__all__ = ["KINDS", "param_kind", "transfer_hparams", "init_with_transfer", "param_groups", "adamw", "grow_depth"]
+def init_from_checkpoint(model: LongCatLM, source: str) -> dict:
+    """Growth init (docs/design.md §4): the weights of checkpoint `source` (or a run folder's newest that verifies),
+    stacked to `model`'s depth, loaded into `model`; returns the source's meta. A source without the MTP module may
+    start a model with one (docs/design.md §5): the module is then new, its embedding copied."""
+    src_model, _, meta = checkpoint.load(source)
+    grown = grow_depth(src_model, model.config.num_layers // max(1, src_model.config.num_layers))
+    adds_mtp = src_model.mtp is None and model.mtp is not None
+    if (grown.config.replace(num_nextn_predict_layers=1) if adds_mtp else grown.config) != model.config:
+        raise ValueError(
+            f"init_from={source!r} is not allowed: stacking its {src_model.config.num_layers}-layer "
+            f"model does not give this ModelConfig (depth must be a multiple and all else equal)"
+        )
+    model.load_state_dict(grown.state_dict(), strict=not adds_mtp)
+    if adds_mtp:
+        model.mtp.start_from(model)
+    return meta
+
+
+__all__ = [
+    "KINDS",
+    "param_kind",
+    "transfer_hparams",
+    "init_with_transfer",
+    "param_groups",
+    "adamw",
+    "grow_depth",
+    "init_from_checkpoint",
+]

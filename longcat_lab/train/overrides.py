@@ -1,6 +1,7 @@
-"""`--set FIELD=VALUE`: `apply_overrides` resolves a flat field name across ModelConfig, TrainConfig, DataConfig,
-ControllerConfig and LossConfig (or `section.field` where a name is ambiguous), parses the text by the field's type
-(`_parse_value`) and lets each config's own checks validate the value. `settable_fields` lists what can be set.
+"""`--set FIELD=VALUE`: `apply_overrides` resolves a flat field name across ModelConfig, TrainConfig (or
+SFTConfig), DataConfig, ControllerConfig and LossConfig (or `section.field` where a name is ambiguous), parses the
+text by the field's type (`_parse_value`) and lets each config's own checks validate the value. `settable_fields`
+lists what can be set.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ _CLASSES: dict[str, type] = {
 _SECTIONS = tuple(_CLASSES)
 
 
-def settable_fields() -> dict[str, list[str]]:
-    """Field name -> the sections that have it (stages and nested configs themselves are not settable)."""
+def settable_fields(train_class: type = TrainConfig) -> dict[str, list[str]]:
+    """Field name -> the sections that have it (stages and nested configs themselves are not settable), for a
+    training config of class `train_class` (an `SFTConfig` has the fine-tuning fields too)."""
     out: dict[str, list[str]] = {}
-    for section, cls in _CLASSES.items():
+    for section, cls in {**_CLASSES, "train": train_class}.items():
         for f in dataclasses.fields(cls):
             if section == "train" and f.name in ("stages", "data", "controller", "losses"):
                 continue
@@ -77,7 +79,8 @@ def apply_overrides(
     """Apply `FIELD=VALUE` (or `section.FIELD=VALUE`, section one of model, train, data, controller, losses) to
     copies of the configs. Every value is parsed by the field's type and validated by the config's own checks;
     ValueError for an unknown or ambiguous field, a malformed assignment or a bad value."""
-    fields_ = settable_fields()
+    classes = {**_CLASSES, "train": type(train_config)}
+    fields_ = settable_fields(classes["train"])
     parts = {
         "model": model_config,
         "train": train_config,
@@ -104,7 +107,7 @@ def apply_overrides(
         if len(owners) > 1:
             raise ValueError(f"--set {item!r}: field {name!r} exists in {owners}; write e.g. {owners[0]}.{name}=...")
         owner = owners[0]
-        tp = typing.get_type_hints(_CLASSES[owner])[name]
+        tp = typing.get_type_hints(classes[owner])[name]
         changes[owner][name] = _parse_value(raw, tp, name)
     try:
         built = {s: dataclasses.replace(parts[s], **changes[s]) if changes[s] else parts[s] for s in _SECTIONS}

@@ -1,68 +1,58 @@
-"""What a checkpoint holds of a `Trainer` beyond the model, and how it is written and put back: `trainer_state`
-(optimizer, schedule, controller, data position, RNG, alert state, counters, the routers' pending counts),
-`save_checkpoint`, `config_diffs` (what a resume may not change), `restore` and `init_from` (growth init,
-docs/design.md §4).
+"""What a resume reads back and checks, as functions of files and configs (the trainer's `_resume` loads the states
+through `checkpoint.load_states`):
 
-A resume reproduces an uninterrupted run bit for bit because everything that the next step reads is in here.
+- `newest_good_checkpoint(run_dir)`: the newest checkpoint that verifies, newer damaged ones moved aside;
+- `config_diffs(ckpt, model_config, train_config)`: what differs from the configs a checkpoint was written with,
+  the fields marked `FREE_ON_RESUME` left out (a resume refuses any other difference);
+- `read_train_config(ckpt, cls)`: a checkpoint's train_config.json as `cls` (TrainConfig or SFTConfig);
+- `read_trainer_state(ckpt)`: its trainer_state.pt, {state name: state dict}; one written before the trainer's
+  `Progress` was an entry of its own (its step and counters at the top level) is read into today's layout.
+
+Every file here is one we may not have written: a wrong type is a one-line CheckpointError naming the file and the
+field, never another kind of error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import logging
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
+from longcat_lab import checkpoint
+from longcat_lab.checkpoint import CheckpointError
+from longcat_lab.checkpoint.layout import one_line
 from longcat_lab.model.config import ModelConfig
-from longcat_lab.train import checkpoint, growth
-from longcat_lab.train.config import TrainConfig, lr_at, stage_at
+from longcat_lab.train.config import TrainConfig, resume_free_fields
+from longcat_lab.train.results import TrainingError
 from longcat_lab.train.telemetry import to_json
 
-if TYPE_CHECKING:
-    from longcat_lab.train.trainer import Trainer
+log = logging.getLogger(__name__)
 
-# Fields that may differ between a run and its resume: they change when and what is logged or saved, not the math.
-RESUME_FREE_FIELDS = {
-    "stop_after",
-    "ckpt_every",
-    "keep_checkpoints",
-    "device",
-    "eval_every",
-    "alert_loss_spike",
-    "alert_throughput_drop",
-    "alert_memory_fraction",
-    "sdc_check_every",
-    "peak_flops",
-    "rg_every",
-    "max_consecutive_skips",
-    "num_threads",
-    "deterministic",
-}
+# `Progress`'s entries, which trainer_state.pt held at its top level before they moved under "trainer".
+PROGRESS_KEYS = ("step", "scheduler", "counters", "val_loss", "val_step")
+# DataConfig.cache_dir only says where the data cache lives: any value gives the same data.
+_FREE_ANYWHERE = frozenset({"cache_dir"})
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def read_train_config(ckpt: str | os.PathLike, cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    path = Path(ckpt) / "train_config.json"
+    try:
+        return cls.from_dict(checkpoint.read_json(path))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not a valid {cls.__name__} ({one_line(err)})") from None
 
 
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
+def _config_diff(saved: Any, now: Any, free: frozenset[str], prefix: str = "") -> list[str]:
     """'field: old -> new' for every difference that matters for a resume (nested configs and stages walked)."""
     if isinstance(saved, dict) and isinstance(now, dict) and prefix[-9:] != "mixture.":
         diffs = []
         for k in sorted(set(saved) | set(now)):
-            if (not prefix and k in RESUME_FREE_FIELDS) or k == "cache_dir":
+            if (not prefix and k in free) or k in _FREE_ANYWHERE:
                 continue
-            diffs += _config_diff(saved.get(k), now.get(k), f"{prefix}{k}.")
+            diffs += _config_diff(saved.get(k), now.get(k), free, f"{prefix}{k}.")
         return diffs
     if (
         isinstance(saved, list)
@@ -71,136 +61,43 @@ def _config_diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
         and saved
         and isinstance(saved[0], dict)
     ):
-        return [d for i, (a, b) in enumerate(zip(saved, now)) for d in _config_diff(a, b, f"{prefix}{i}.")]
+        return [d for i, (a, b) in enumerate(zip(saved, now)) for d in _config_diff(a, b, free, f"{prefix}{i}.")]
     a, b = (to_json(v, sort_keys=True) for v in (saved, now))
     return [] if a == b else [f"{prefix[:-1]}: {a} -> {b}"]
 
 
-def config_diffs(trainer: Trainer, ckpt: Path) -> list[str]:
-    """The differences between the checkpoint's configs and the trainer's, RESUME_FREE_FIELDS left out."""
-    saved_cfg = json.loads((ckpt / "train_config.json").read_text())
-    saved_model = json.loads((ckpt / "config.json").read_text())
-    # A field added since the checkpoint was written holds its default there: read both files through their
-    # dataclass so that only real differences are refused.
-    with contextlib.suppress(ValueError, TypeError):
-        saved_cfg = TrainConfig.from_dict(saved_cfg).to_dict()
-    with contextlib.suppress(ValueError, TypeError):
-        saved_model = ModelConfig.from_dict(saved_model).to_dict()
-    return _config_diff(saved_cfg, trainer.cfg.to_dict()) + [
-        f"model.{d}" for d in _config_diff(saved_model, trainer.mc.to_dict())
+def config_diffs(ckpt: str | os.PathLike, model_config: ModelConfig, train_config: TrainConfig) -> list[str]:
+    """The differences between checkpoint `ckpt`'s configs and these. Both files are read through their dataclass,
+    so a field added since the checkpoint was written holds its default there and only real differences count."""
+    saved_cfg = read_train_config(ckpt, type(train_config)).to_dict()
+    saved_model = checkpoint.read_model_config(ckpt).to_dict()
+    free = resume_free_fields(type(train_config))
+    return _config_diff(saved_cfg, train_config.to_dict(), free) + [
+        f"model.{d}" for d in _config_diff(saved_model, model_config.to_dict(), frozenset())
     ]
 
 
-def trainer_state(t: Trainer) -> dict[str, Any]:
-    """Everything but the model that the next step reads (checkpoint's trainer_state.pt)."""
-    return {
-        "step": t.steps_done,
-        "optimizer": t.optimizer.state_dict(),
-        "scheduler": {"step": t.steps_done, "lr": lr_at(t.cfg.stages, max(0, t.steps_done - 1))},
-        "controller": t.controller.state_dict(),
-        "sampler": t.sampler.state_dict(),
-        "rng": _rng_state(t.device),
-        "alerts": t.telemetry.alerts.state_dict(),
-        "counters": {
-            "skipped_total": t.skipped_total,
-            "consecutive_skips": t.consecutive_skips,
-            "sdc_mismatches": t.sdc_mismatches,
-            "tokens_seen": t.tokens_seen,
-        },
-        "expert_counts": [b.router.expert_counts.cpu().clone() for b in t.model.moe_blocks()],
-        "val_loss": dict(t.val_loss),
-        "val_step": t.val_step,
-    }
+def read_trainer_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    saved = checkpoint.read_trainer_state(ckpt)
+    if "trainer" not in saved and "step" in saved:
+        rest = {k: v for k, v in saved.items() if k not in PROGRESS_KEYS}
+        return {**rest, "trainer": {k: saved[k] for k in PROGRESS_KEYS if k in saved}}
+    return saved
 
 
-def checkpoint_meta(t: Trainer) -> dict[str, Any]:
-    """The run's summary that meta.json carries beside the checksums."""
-    stage = t.cfg.stages[stage_at(t.cfg.stages, max(0, t.steps_done - 1))[0]]
-    return {
-        "seed": t.cfg.seed,
-        "stage": stage.name,
-        "tokens_seen": t.tokens_seen,
-        "val_loss": t.val_loss,
-        "val_loss_step": t.val_step,
-        "data_key": t.dataset.key,
-        "total_steps": t.cfg.total_steps,
-        "num_params": t.model.num_params(),
-    }
-
-
-def save_checkpoint(t: Trainer) -> Path:
-    """Write the checkpoint of `t` at its current step (model, tokenizer, both configs, `trainer_state` and a
-    summary in meta), keeping the newest `keep_checkpoints`; returns its folder. A run on several ranks writes a
-    sharded checkpoint (`parallel.dcp`)."""
-    if t.parallel is not None:
-        from longcat_lab.parallel import dcp
-
-        return dcp.save_checkpoint(t)
-    return checkpoint.save(
-        t.run_dir,
-        t.steps_done,
-        t.model,
-        t.dataset.tokenizer,
-        t.cfg.to_dict(),
-        trainer_state(t),
-        checkpoint_meta(t),
-        keep=t.cfg.keep_checkpoints,
-    )
-
-
-def restore(t: Trainer, ckpt: Path) -> None:
-    """Load the model and `trainer_state` of checkpoint `ckpt` into `t` (its configs were compared already). A
-    sharded checkpoint, or a run on several ranks, reshards through `parallel.dcp` (any layout to any layout)."""
-    st = checkpoint.read_trainer_state(ckpt)
-    if t.parallel is not None or checkpoint.is_sharded(ckpt):
-        from longcat_lab.parallel import dcp
-
-        dcp.load_into(t.model, t.optimizer, ckpt, t.parallel.ctx if t.parallel else None, st)
-    else:
-        checkpoint.load_model_state(t.model, ckpt)
-        t.optimizer.load_state_dict(st["optimizer"])
-    t.controller.load_state_dict(st["controller"])
-    t.sampler.load_state_dict(st["sampler"])
-    _set_rng_state(st["rng"], t.device)
-    t.telemetry.alerts.load_state_dict(st["alerts"])
-    c = st["counters"]
-    t.skipped_total, t.consecutive_skips = c["skipped_total"], c["consecutive_skips"]
-    t.sdc_mismatches, t.tokens_seen = c["sdc_mismatches"], c["tokens_seen"]
-    for b, counts in zip(t.model.moe_blocks(), st["expert_counts"]):
-        # Every rank's counts were summed into rank 0's before the save: the other ranks start from zero.
-        b.router.expert_counts.copy_(counts if t.main else torch.zeros_like(counts))
-    t.val_loss, t.val_step = st["val_loss"], st["val_step"]
-    t.steps_done = t.resumed_from = st["step"]
-
-
-def init_from(t: Trainer, source: str) -> None:
-    """Growth init (docs/design.md §4): the source checkpoint's model, stacked to this depth; with
-    `init_keep_state`, also its step counter and data position (the optimizer starts fresh). A source without the
-    MTP module may start a model with one (docs/design.md §5): the module is then new, its embedding copied."""
-    src_model, _, meta = checkpoint.load(source)
-    grown = growth.grow_depth(src_model, t.mc.num_layers // max(1, src_model.config.num_layers))
-    adds_mtp = src_model.mtp is None and t.model.mtp is not None
-    if (grown.config.replace(num_nextn_predict_layers=1) if adds_mtp else grown.config) != t.mc:
-        raise ValueError(
-            f"init_from={source!r} is not allowed: stacking its {src_model.config.num_layers}-layer "
-            f"model does not give this ModelConfig (depth must be a multiple and all else equal)"
+def newest_good_checkpoint(run_dir: Path, move_bad: bool = True) -> Path:
+    """The newest checkpoint of `run_dir` that verifies; newer, damaged ones are moved aside (`move_bad`; never
+    deleted), each with a one-line warning. None verifying is a TrainingError that changes nothing."""
+    good, bad = checkpoint.newest_verified(run_dir)
+    if good is None:
+        raise TrainingError(
+            f"cannot resume {run_dir}: none of its checkpoints verifies (newest: {bad[0][1]}); nothing "
+            "was changed: repair or move them, or start a new --out"
         )
-    t.model.load_state_dict(grown.state_dict(), strict=not adds_mtp)
-    if adds_mtp:
-        t.model.mtp.start_from(t.model)
-    if t.cfg.init_keep_state:
-        st = checkpoint.read_trainer_state(checkpoint.resolve(source))
-        t.sampler.load_state_dict(st["sampler"])
-        t.steps_done = t.resumed_from = int(meta["step"])
-        t.tokens_seen = st["counters"]["tokens_seen"]
+    for ckpt, err in bad if move_bad else ():
+        moved = checkpoint.move_aside(ckpt)
+        log.warning("%s fails verification (%s): moved to %s; resuming from %s", ckpt.name, err, moved, good.name)
+    return good
 
 
-__all__ = [
-    "RESUME_FREE_FIELDS",
-    "checkpoint_meta",
-    "config_diffs",
-    "trainer_state",
-    "save_checkpoint",
-    "restore",
-    "init_from",
-]
+__all__ = ["config_diffs", "newest_good_checkpoint", "read_train_config", "read_trainer_state"]

@@ -2,13 +2,15 @@
 tool-use dialogues (`longcat-lab synth`), with the loss on the assistant's tokens only, packed rows whose
 dialogues never see each other, and a stated fraction of pre-training rows against forgetting. It is the
 trainer's run, not a second trainer: the same checkpoints, resume, metrics and evaluations, with the batch source
-swapped (`Trainer.build_sampler`) and one more evaluation.
+swapped (`Trainer.build_sampler`), one more evaluation, and a config of its own (`SFTConfig`: a TrainConfig plus the
+dialogues).
 
 - `finetune(init_from, data, out_dir, steps=None, resume=False, progress=True, **overrides) -> TrainResult`: the
   entry point; `data` is a JSONL of synth records or a list of them, copied into the run folder
   (`sft_data.jsonl`), so a run folder holds everything its resume needs.
-- `prepare(...) -> (ModelConfig, TrainConfig)`: the configs `finetune` trains with (the CLI's first half).
-- `sft_config(source_model_config, source_train_config, ...)`: the fine-tuning schedule derived from the source
+- `prepare(...) -> (ModelConfig, SFTConfig)`: the configs `finetune` trains with (the CLI's first half), and
+  `train_sft(model_config, sft_config, out_dir, ...)`, the second (`train.train` for fine-tuning).
+- `sft_config(source_model_config, source_train_config, ...) -> SFTConfig`: the schedule derived from the source
   run's config: one stage at `SEQ_LEN` (the model's context, as an agent's prompt fills it), `LR`, the source's
   last mixture for the pre-training rows, its data config (hence its tokenizer) and seed.
 - `SFTTrainer`: `Trainer` with the dialogue sampler (`data.sft.SFTSampler`) and, at every evaluation and once
@@ -22,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab._util import atomic_write_bytes, check_int
 from longcat_lab.data.mixture import MixtureSampler
 from longcat_lab.data.sft import (
@@ -41,10 +45,12 @@ from longcat_lab.data.sft import (
 from longcat_lab.data.tokenizer import eot_id
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
 from longcat_lab.model.model import LongCatLM
-from longcat_lab.train import checkpoint
-from longcat_lab.train.config import StageConfig, TrainConfig
+from longcat_lab.train.config import SFTConfig, StageConfig, TrainConfig
 from longcat_lab.train.overrides import apply_overrides
-from longcat_lab.train.trainer import Trainer, TrainResult, train
+from longcat_lab.train.results import TrainResult
+from longcat_lab.train.resume import read_train_config
+from longcat_lab.train.runtime import run_trainer
+from longcat_lab.train.trainer import Trainer
 
 # The schedule's defaults (docs/design.md §17). STEPS of GRAD_ACCUM x BATCH_SIZE rows of SEQ_LEN positions fit
 # about ten minutes on two quiet CPU cores for the small preset (estimate and measurements: docs/design.md §17);
@@ -82,7 +88,10 @@ def sft_loss(model: LongCatLM, rows: PackedRows, batch_size: int = 8, bf16: bool
 
 
 class SFTTrainer(Trainer):
-    """A `Trainer` whose batches are packed dialogue rows mixed with pre-training rows (`TrainConfig.sft_*`)."""
+    """A `Trainer` of an `SFTConfig`, whose batches are packed dialogue rows mixed with pre-training rows."""
+
+    config_class = SFTConfig
+    cfg: SFTConfig
 
     def build_sampler(self) -> SFTSampler:
         cfg = self.cfg
@@ -119,7 +128,7 @@ class SFTTrainer(Trainer):
             self.telemetry.write(
                 {
                     "kind": "eval_sft",
-                    "step": self.steps_done,
+                    "step": self.progress.step,
                     "sft_val_loss": loss,
                     "held_out_dialogues": self.cfg.sft_val_dialogues,
                     "held_out_targets": self.held_out.targets,
@@ -128,7 +137,7 @@ class SFTTrainer(Trainer):
             )
 
     def _run(self) -> TrainResult:
-        if self.steps_done == 0 and self.val_step is None:
+        if self.progress.step == 0 and self.progress.val_step is None:
             self.run_eval()  # the source checkpoint's losses: the baseline for the gain and for forgetting
         return super()._run()
 
@@ -141,12 +150,12 @@ def sft_config(
     digest: str,
     steps: int | None = None,
     **overrides: Any,
-) -> TrainConfig:
-    """The fine-tuning TrainConfig for a checkpoint trained with `source`: its data config, seed, losses and
+) -> SFTConfig:
+    """The fine-tuning config for a checkpoint trained with `source`: its data config, seed, losses and
     controller; one stage "sft" of `steps` (default STEPS) at LR with a 5% warmup and a cosine to 0.1 x LR, at
     SEQ_LEN positions, whose mixture (the pre-training rows') is the source's last; evaluation at the source's
     sequence length, so the pre-training validation loss compares with the source run's. `overrides`: `lr`,
-    `seq_len`, `warmup` set the stage, anything else a TrainConfig field."""
+    `seq_len`, `warmup` set the stage, anything else a field of SFTConfig."""
     steps = STEPS if steps is None else steps
     check_int("steps", steps)
     stage_args = {k: overrides.pop(k) for k in STAGE_KEYS if k in overrides}
@@ -175,12 +184,14 @@ def sft_config(
         "sft_data": str(data_path),
         "sft_data_sha256": digest,
     }
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(
-            f"overrides {unknown} are not allowed: use {list(STAGE_KEYS)} or TrainConfig fields (e.g. batch_size)"
+            f"overrides {unknown} are not allowed: use {list(STAGE_KEYS)} or SFTConfig fields (e.g. batch_size)"
         )
-    return dataclasses.replace(source, **{**changes, **overrides})
+    inherited = {f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.name in known}
+    return SFTConfig(**{**inherited, **changes, **overrides})
 
 
 def _write_data(records: list[dict[str, Any]], digest: str, out_dir: Path) -> Path:
@@ -206,7 +217,7 @@ def prepare(
     steps: int | None = None,
     sets: list[str] | tuple[str, ...] = (),
     **overrides: Any,
-) -> tuple[ModelConfig, TrainConfig]:
+) -> tuple[ModelConfig, SFTConfig]:
     """Check the dialogues, copy them into `out_dir` and build the configs: the source checkpoint's ModelConfig and
     `sft_config`, then `sets` (`--set FIELD=VALUE`, as for `longcat-lab train`). `init_from` is a checkpoint
     folder or a run folder (its newest checkpoint)."""
@@ -214,14 +225,26 @@ def prepare(
     checkpoint.verify(source)
     records = load_records(data)
     digest = records_digest(records)
-    model_config = ModelConfig.from_dict(json.loads((source / "config.json").read_text()))
-    source_cfg = TrainConfig.from_dict(json.loads((source / "train_config.json").read_text()))
+    model_config = checkpoint.read_model_config(source)
+    source_cfg = read_train_config(source)
     out = Path(out_dir)
     path = _write_data(records, digest, out)
     cfg = sft_config(model_config, source_cfg, str(source), str(path.resolve()), digest, steps, **overrides)
     model_config, cfg = apply_overrides(model_config, cfg, list(sets))
     split_held_out(records, cfg.sft_val_dialogues)  # a bad held-out count fails before any work
     return model_config, cfg
+
+
+def train_sft(
+    model_config: ModelConfig,
+    sft_config: SFTConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+) -> TrainResult:
+    """`train` for fine-tuning: an `SFTTrainer` of `sft_config` (from `prepare`), with the same resume rules."""
+    return run_trainer(SFTTrainer, model_config, sft_config, out_dir, resume, progress, callback)
 
 
 def finetune(
@@ -238,7 +261,7 @@ def finetune(
     records, or a list of them) into `out_dir`; `resume=True` continues that run from its newest checkpoint (with
     the same arguments). Overrides as `sft_config`. The checkpoints load with `checkpoint.load` like any other."""
     model_config, cfg = prepare(init_from, data, out_dir, steps, **overrides)
-    return train(model_config, cfg, out_dir, resume=resume, progress=progress, callback=callback)
+    return train_sft(model_config, cfg, out_dir, resume=resume, progress=progress, callback=callback)
 
 
 __all__ = [
@@ -252,4 +275,5 @@ __all__ = [
     "prepare",
     "sft_config",
     "sft_loss",
+    "train_sft",
 ]

@@ -30,9 +30,9 @@ def step_loss_keys(model: LongCatLM) -> tuple[str, ...]:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepResult:
-    """What one optimizer step measured; `Telemetry.row` adds throughput, memory and alerts."""
+    """What one optimizer step measured (built by keyword); `Telemetry.row` adds throughput, memory and alerts."""
 
     step: int  # optimizer steps done, this one included
     stage_index: int

@@ -23,17 +23,15 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from longcat_lab._util import atomic_write_bytes
+from longcat_lab._util import atomic_write_bytes, is_number
 from longcat_lab.model import accounting
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from longcat_lab.train.step import StepResult
+from longcat_lab.train.step import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,16 @@ class _Alerts:
         return {"loss_ema": self.loss_ema, "tps_ema": self.tps_ema, "seen": self.seen, "counts": dict(self.counts)}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.loss_ema, self.tps_ema, self.seen = s["loss_ema"], s["tps_ema"], s["seen"]
+        """The saved state (a checkpoint's "alerts" entry), its types checked: a ValueError naming the key."""
+        if not isinstance(s, dict) or not isinstance(s.get("counts"), dict):
+            raise ValueError("alerts state must be a dict with a 'counts' dict")
+        for key in ("loss_ema", "tps_ema"):
+            if s.get(key) is not None and not is_number(s[key]):
+                raise ValueError(f"alerts.{key}={s.get(key)!r} is not allowed: it must be a number or None")
+        for key, v in (("seen", s.get("seen")), *((f"counts.{k}", n) for k, n in s["counts"].items())):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"alerts.{key}={v!r} is not allowed: it must be an integer >= 0")
+        self.loss_ema, self.tps_ema, self.seen = s.get("loss_ema"), s.get("tps_ema"), s["seen"]
         self.counts.update(s["counts"])
 
 

@@ -11,12 +11,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from longcat_lab import checkpoint
 from longcat_lab._util import atomic_write_bytes, check_int
 from longcat_lab.data import validation_texts
 from longcat_lab.model import presets
 from longcat_lab.perf.overlap import measure_overlap
 from longcat_lab.perf.trace import load_trace
-from longcat_lab.train import checkpoint, read_metrics, train, train_preset
+from longcat_lab.train import read_metrics, train, train_preset
 from longcat_lab.viz.activation import route_text, token_compute_map
 from longcat_lab.viz.perf import timeline_figure
 from longcat_lab.viz.routing import controller_traces, expert_load, expert_load_heatmap

@@ -61,9 +61,9 @@ def test_toolsets():
 
 @pytest.mark.slow
 def test_chat_command_reads_stdin_and_streams_replies(tmp_path):
+    from longcat_lab import checkpoint
     from longcat_lab.data import DataConfig, load_tokenizer
     from longcat_lab.testing import random_model, tiny_train_config
-    from longcat_lab.train import checkpoint
 
     tok = load_tokenizer(512, DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
     checkpoint.save(tmp_path / "run", 0, random_model(seed=2), tok, tiny_train_config("").to_dict(), {})

@@ -115,9 +115,9 @@ def test_arithmetic_problems_and_records():
 
 @pytest.mark.slow
 def test_eval_agentic_command_on_a_random_checkpoint(tmp_path, one_thread, capsys):
+    from longcat_lab import checkpoint
     from longcat_lab.data import DataConfig, load_tokenizer
     from longcat_lab.testing import random_model, tiny_train_config
-    from longcat_lab.train import checkpoint
 
     tok = load_tokenizer(512, DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
     ckpt = checkpoint.save(tmp_path / "run", 0, random_model(seed=2), tok, tiny_train_config("").to_dict(), {})

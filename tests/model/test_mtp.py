@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longcat_lab import checkpoint
 from longcat_lab.model import presets
 from longcat_lab.model.cache import LatentCache
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
 from longcat_lab.model.mtp import mtp_logits, mtp_loss
 from longcat_lab.testing import random_ids, random_model, tiny_train_config
-from longcat_lab.train import checkpoint
 from longcat_lab.train.step import step_loss_keys
 from longcat_lab.train.trainer import Trainer, train
 

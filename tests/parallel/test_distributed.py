@@ -1,4 +1,4 @@
-"""Tests of training on several processes (`train.distributed`, `parallel.mesh`, `parallel.dcp`, the torchrun
+"""Tests of training on several processes (`train.distributed`, `parallel.mesh`, `checkpoint.sharded`, the torchrun
 launcher of `longcat-lab train --nproc`), on two gloo ranks with one thread each.
 
 One spawn of two ranks trains four runs in turn: data parallel, data + expert parallel, and two resumes that change
@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab.cli import main
 from longcat_lab.cli.train import worker_argv
 from longcat_lab.export import load_hf, save_hf
 from longcat_lab.model import presets
-from longcat_lab.parallel.dcp import consolidate
 from longcat_lab.testing import tiny_train_config
-from longcat_lab.train import checkpoint, read_metrics, train
-from longcat_lab.train.distributed import train_ranks
+from longcat_lab.train import read_metrics, train
+from longcat_lab.train.distributed import consolidate, train_ranks
 
 CONFIG = presets.tiny()
 STEPS = 20

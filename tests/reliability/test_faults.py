@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from longcat_lab import checkpoint
 from longcat_lab.cli import main
 from longcat_lab.data import train_tokenizer
 from longcat_lab.export import load_hf, save_hf
 from longcat_lab.model import presets
 from longcat_lab.testing import random_model
-from longcat_lab.train import checkpoint
 
 ITERATIONS = int(os.environ.get("LONGCAT_LAB_FAULT_ITERATIONS", "3"))
 
@@ -37,7 +37,7 @@ from longcat_lab.data import train_tokenizer
 from longcat_lab.export import save_hf
 from longcat_lab.model import presets
 from longcat_lab.testing import random_model
-from longcat_lab.train import checkpoint
+from longcat_lab import checkpoint
 torch.set_num_threads(1)
 kind, out = sys.argv[1], sys.argv[2]
 tok = train_tokenizer(["def f(x):\\n    return x\\n"] * 20, 300)

@@ -10,16 +10,18 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
 
 import pytest
 import torch
 
+from longcat_lab import checkpoint
+from longcat_lab.checkpoint import CheckpointError
 from longcat_lab.data import train_tokenizer
 from longcat_lab.model import presets
 from longcat_lab.testing import random_model, tiny_train_config
-from longcat_lab.train import TrainingError, checkpoint, read_metrics, train
-from longcat_lab.train.checkpoint import CheckpointError
+from longcat_lab.train import TrainingError, read_metrics, train
 from longcat_lab.train.lock import LOCK_NAME, RunLock, RunLockedError
 from longcat_lab.train.trainer import check_runtime
 
@@ -48,8 +50,6 @@ def finished(cache, tmp_path_factory):
 
 
 def copy_run(src, dst):
-    import shutil
-
     shutil.copytree(src, dst, dirs_exist_ok=True)
     (dst / LOCK_NAME).unlink(missing_ok=True)
     return dst
@@ -174,14 +174,14 @@ def test_rotation_never_shows_a_half_deleted_checkpoint(tmp_path, monkeypatch):
     tok = train_tokenizer(["def f(x):\n    return x\n"] * 20, 300)
     model = random_model(presets.tiny(), 0)
     deleting_while_listed = []
-    real_rmtree = checkpoint.shutil.rmtree
+    real_rmtree = shutil.rmtree
 
     def spy(path, *a, **k):  # a reader listing the run while a folder is deleted must not see that folder
         listed = {p.name for p in checkpoint.list_checkpoints(tmp_path)}
         deleting_while_listed.extend(n for n in listed if n == os.path.basename(path))
         return real_rmtree(path, *a, **k)
 
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", spy)
+    monkeypatch.setattr(shutil, "rmtree", spy)
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, model, tok, {}, {"step": step}, keep=1)
     assert not deleting_while_listed

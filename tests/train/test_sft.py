@@ -12,11 +12,12 @@ import json
 import pytest
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab.cli import main
 from longcat_lab.model import presets
 from longcat_lab.model.config import IGNORE_INDEX
 from longcat_lab.testing import random_ids, random_model, tiny_train_config
-from longcat_lab.train import checkpoint, read_metrics, train
+from longcat_lab.train import read_metrics, train
 from longcat_lab.train.sft import finetune, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from longcat_lab import LongCatLM
+from longcat_lab import LongCatLM, checkpoint
 from longcat_lab.data import DataConfig
 from longcat_lab.model import presets
 from longcat_lab.testing import random_model, tiny_train_config
@@ -27,7 +27,6 @@ from longcat_lab.train import (
     TrainConfig,
     TrainingError,
     apply_overrides,
-    checkpoint,
     evaluate,
     growth,
     train,
@@ -35,8 +34,9 @@ from longcat_lab.train import (
 )
 from longcat_lab.train.config import lr_at
 from longcat_lab.train.overrides import settable_fields
+from longcat_lab.train.runtime import check_token_streams
 from longcat_lab.train.step import StepResult
-from longcat_lab.train.trainer import Trainer, _check_token_streams
+from longcat_lab.train.trainer import Trainer
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "tiny_20_steps.json"
 COMPARED = (
@@ -169,7 +169,7 @@ def test_token_ids_are_checked_once_not_per_micro_batch(cache, tmp_path, monkeyp
         match="the train stream of 'python' holds token ids from 1 to 12; allowed ids are "
         r"0\.\.11 \(vocab_size=12\)",
     ):
-        _check_token_streams(bad, 12)
+        check_token_streams(bad, 12)
     trainer = Trainer(presets.tiny(), config(cache, steps=2), tmp_path, progress=False)
     checks = []
     original = LongCatLM.check_ids

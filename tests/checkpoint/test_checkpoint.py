@@ -1,8 +1,8 @@
-"""Tests of checkpoint folders (longcat_lab.train.checkpoint): round trip, newest-of-a-run, keep-last-N, atomic writes,
+"""Tests of checkpoint folders (longcat_lab.checkpoint): round trip, newest-of-a-run, keep-last-N, atomic writes,
 and one-line errors that name the bad file for truncated, corrupted or missing files. No training: a tiny model
 and a small tokenizer are saved directly, so the file runs in a second or two.
 
-Run: `bash tools/test.sh tests/train/test_checkpoint.py`.
+Run: `bash tools/test.sh tests/checkpoint/test_checkpoint.py`.
 """
 
 import json
@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
+from longcat_lab import checkpoint
+from longcat_lab.checkpoint import CheckpointError
 from longcat_lab.data import train_tokenizer
 from longcat_lab.model import presets
 from longcat_lab.testing import random_model
-from longcat_lab.train import checkpoint
-from longcat_lab.train.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_crash_during_save_leaves_previous_checkpoints(tmp_path, tokenizer, monk
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path, 2, tiny_model(), tokenizer)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000001"]
