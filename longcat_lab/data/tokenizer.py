@@ -9,6 +9,7 @@ way to the markers."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from longcat_lab._util import atomic_write_bytes, check_int
 from longcat_lab.chat.template import SPECIAL_TOKENS
@@ -66,6 +67,29 @@ def _tokenizer_key(texts: list[str], vocab_size: int) -> str:
     return digest(CACHE_VERSION, "bpe", vocab_size, specials, tokenizers.__version__, h.hexdigest())[:20]
 
 
+def read_tokenizer(path: str | Path, vocab_size: int | None = None):
+    """The tokenizer in a tokenizer.json file, or a one-line ValueError naming the file: not UTF-8, not a tokenizer
+    that `tokenizers` reads, one without <|endoftext|> and the chat markers, or (given `vocab_size`) one with more
+    tokens than the model's vocabulary."""
+    from tokenizers import Tokenizer
+
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception that names the line and column
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a tokenizer that the tokenizers library reads ({first[:200]})") from None
+    missing = [t for t in (EOT, *SPECIAL_TOKENS) if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{path}: the tokenizer lacks the special token(s) {missing}")
+    if vocab_size is not None and tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")
+    return tok
+
+
 def load_tokenizer(vocab_size: int = 4096, config: DataConfig | None = None, corpora_: Corpora | None = None):
     """The BPE tokenizer for `vocab_size` trained on this data config's sample: loaded from the cache when one with
     the same key exists (key = vocabulary size, special tokens, tokenizers version, the sample's hash), else
@@ -74,12 +98,10 @@ def load_tokenizer(vocab_size: int = 4096, config: DataConfig | None = None, cor
     c = corpora_ or corpora(config)
     texts = tokenizer_sample(c, config.tokenizer_sample_bytes)
     path = cache_root(config) / "tokenizers" / f"bpe-{vocab_size}-{_tokenizer_key(texts, vocab_size)}.json"
-    from tokenizers import Tokenizer
-
     if path.is_file():
         try:
-            return Tokenizer.from_file(str(path))
-        except Exception:  # a damaged cache entry is rebuilt, not trusted
+            return read_tokenizer(path, vocab_size)
+        except (ValueError, OSError):  # a damaged cache entry is rebuilt, not trusted
             path.unlink(missing_ok=True)
     tok = train_tokenizer(texts, vocab_size)
     atomic_write_bytes(path, tok.to_str().encode())
