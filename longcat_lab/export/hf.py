@@ -268,6 +268,21 @@ def shard_files(path: Path, index: Path) -> list[Path]:
     return files
 
 
+def unreadable(file: Path, err: Exception) -> ValueError:
+    """The one-line error for a file that safetensors cannot read (it raises its own types, some multi-line)."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {first})")
+
+
+def read_headers(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor: (safetensors dtype, shape)} from the header of `file`, or a ValueError naming it."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own types for damaged headers
+        raise unreadable(file, err) from None
+
+
 def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder: model.safetensors, or the shards listed in model.safetensors.index.json. A file
     that safetensors cannot read, or a tensor with a NaN or an infinity, is a ValueError naming it."""
@@ -284,8 +299,7 @@ def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(file, framework="pt") as f:
                 read = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safetensors handle)
         except Exception as err:  # safetensors raises its own types for damaged headers and truncated data
-            first = str(err).splitlines()[0] if str(err) else ""
-            raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {first})") from None
+            raise unreadable(file, err) from None
         for key, tensor in read.items():  # every weight and buffer we load is floating point
             if not tensor.is_floating_point():
                 raise ValueError(
