@@ -69,8 +69,8 @@ def _tokenizer_key(texts: list[str], vocab_size: int) -> str:
 
 def read_tokenizer(path: str | Path, vocab_size: int | None = None):
     """The tokenizer in a tokenizer.json file, or a one-line ValueError naming the file: not UTF-8, not a tokenizer
-    that `tokenizers` reads, one without <|endoftext|> and the chat markers, or (given `vocab_size`) one with more
-    tokens than the model's vocabulary."""
+    that `tokenizers` reads, one without <|endoftext|> and the chat markers, or (given `vocab_size`) one with a token
+    id the model's vocabulary does not have."""
     from tokenizers import Tokenizer
 
     try:
@@ -79,14 +79,20 @@ def read_tokenizer(path: str | Path, vocab_size: int | None = None):
         raise ValueError(f"{path} is not UTF-8 text") from None
     try:
         tok = Tokenizer.from_str(text)
-    except Exception as err:  # tokenizers raises a bare Exception that names the line and column
+        tok.encode(f"{EOT} a 1")  # some damage surfaces only when text is encoded
+    except BaseException as err:
+        # tokenizers raises a bare Exception naming the line and column, and on some inputs a Rust panic, which
+        # reaches Python as pyo3's PanicException (a BaseException, so that `except Exception` would miss it).
+        if not isinstance(err, Exception) and type(err).__name__ != "PanicException":
+            raise
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{path} is not a tokenizer that the tokenizers library reads ({first[:200]})") from None
     missing = [t for t in (EOT, *SPECIAL_TOKENS) if tok.token_to_id(t) is None]
     if missing:
         raise ValueError(f"{path}: the tokenizer lacks the special token(s) {missing}")
-    if vocab_size is not None and tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")
+    largest = max(tok.get_vocab().values(), default=-1)
+    if vocab_size is not None and largest >= vocab_size:
+        raise ValueError(f"{path}: the tokenizer has token id {largest}, past the model's vocab_size={vocab_size}")
     return tok
 
 

@@ -103,6 +103,9 @@ def tokenizer():
 @example(how="json", path=[], value=[], where=0.0, blob=b"")  # tokenizers raises a bare Exception
 @example(how="flip", path=[], value=None, where=0.0, blob=b"")  # not UTF-8
 @example(how="json", path=[0], value=[{"id": 2**40, "content": "x"}], where=0.0, blob=b"")  # added_tokens id > u32
+# model.continuing_subword_prefix="00": a Rust panic (pyo3's PanicException, a BaseException) in Tokenizer.from_str
+@example(how="json", path=[2, 1], value="00", where=0.0, blob=b"")
+@example(how="json", path=[2, 9, 5], value=10**6, where=0.0, blob=b"")  # a token id past vocab_size
 def test_tokenizer_json(tokenizer, tmp_path, how, path, value, where, blob):
     file = tmp_path / "tokenizer.json"
     data = tokenizer.to_str().encode()
