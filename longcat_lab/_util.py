@@ -19,7 +19,12 @@ from typing import Any
 # Validation ----------------------------------------------------------------------------------------------------
 def is_number(value: Any) -> bool:
     """A finite int or float, and not a bool (True would otherwise pass as 1)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the float range (10**400 is valid JSON): no float can hold it
+        return False
 
 
 def check_int(name: str, value: Any, lowest: int = 1) -> None:
@@ -51,6 +56,12 @@ SEED_LIMIT = 2**63  # torch and numpy generators take a signed 64-bit seed
 def check_seed(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
         raise ValueError(f"{name}={value!r} is not allowed: it must be an integer from 0 to 2**63 - 1")
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: a value read from a file, quoted in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from longcat_lab._util import check_int, is_number
-from longcat_lab.chat.template import render
+from longcat_lab._util import check_int, is_number, shown
+from longcat_lab.chat.template import ChatFormatError, render
 from longcat_lab.data.mixture import MixtureSampler
 from longcat_lab.model.config import IGNORE_INDEX
 
@@ -39,13 +39,42 @@ PAD_SEGMENT = -1  # the segment id of padding positions (they see only each othe
 
 
 # Records ---------------------------------------------------------------------------------------------------------
+def _check_function(entry: dict[str, Any], where: str) -> None:
+    """The optional description and parameters of a tool spec, which the template writes out as text."""
+    f = entry.get("function", entry)
+    if isinstance(f, dict) and not isinstance(f.get("description"), (str, type(None))):
+        raise ValueError(f"{where}.description={shown(f['description'])} is not allowed: it must be a string")
+    if isinstance(f, dict) and not isinstance(f.get("parameters"), (dict, type(None))):
+        raise ValueError(f"{where}.parameters={shown(f['parameters'])} is not allowed: it must be a JSON schema object")
+
+
 def _check_record(record: Any, where: str) -> dict[str, Any]:
+    """`record` if it renders (the template names what it refuses), else a ValueError naming `where` (file:line)."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError(f"{where} is not allowed: a record must be an object with a 'messages' list")
-    if not isinstance(record.get("tools", []), list):
-        raise ValueError(f"{where}.tools={record.get('tools')!r} is not allowed: it must be a list of tool specs")
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in record["messages"]):
+    tools = record.get("tools", [])
+    if not isinstance(tools, list):
+        raise ValueError(f"{where}.tools={shown(tools)} is not allowed: it must be a list of tool specs")
+    for i, tool in enumerate(tools):
+        if isinstance(tool, dict):
+            _check_function(tool, f"{where}.tools[{i}]")
+    for i, m in enumerate(record["messages"]):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}.messages[{i}]={shown(m)} is not allowed: a message must be an object")
+        if not isinstance(m.get("tool_calls"), (list, type(None))):
+            raise ValueError(
+                f"{where}.messages[{i}].tool_calls={shown(m['tool_calls'])} is not allowed: it must be a list"
+            )
+    if not any(m.get("role") == "assistant" for m in record["messages"]):
         raise ValueError(f"{where} is not allowed: it has no assistant message, so nothing to learn")
+    try:
+        render(record["messages"], tools or None, add_generation_prompt=False)
+    except ChatFormatError as err:
+        raise ValueError(f"{where}: {err}") from None
+    try:  # JSON may escape a lone surrogate (\ud800), which no tokenizer or UTF-8 file can hold
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} is not allowed: it holds a lone surrogate (an escape such as \\ud800)") from None
     return record
 
 
@@ -58,14 +87,25 @@ def load_records(data: str | os.PathLike | list[dict[str, Any]]) -> list[dict[st
         path = Path(data)
         if not path.is_file():
             raise ValueError(f"data={str(data)!r} is not allowed: no such file (expected a JSONL of synth records)")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line} is not allowed: not UTF-8 text") from None
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        # Lines end at "\n" only: str.splitlines would also cut at U+2028 and others, which JSON strings may hold.
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n} is not allowed: not JSON ({err.msg})") from None
+            except (ValueError, RecursionError):  # an int of over 4300 digits; hostile nesting
+                raise ValueError(
+                    f"{path}:{n} is not allowed: not JSON that Python reads (too long or too deep)"
+                ) from None
             records.append(_check_record(record, f"{path}:{n}"))
     if not records:
         raise ValueError(f"data={data if not isinstance(data, list) else '[]'!r} is not allowed: it holds no records")

@@ -9,6 +9,7 @@ way to the markers."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from longcat_lab._util import atomic_write_bytes, check_int
 from longcat_lab.chat.template import SPECIAL_TOKENS
@@ -66,6 +67,35 @@ def _tokenizer_key(texts: list[str], vocab_size: int) -> str:
     return digest(CACHE_VERSION, "bpe", vocab_size, specials, tokenizers.__version__, h.hexdigest())[:20]
 
 
+def read_tokenizer(path: str | Path, vocab_size: int | None = None):
+    """The tokenizer in a tokenizer.json file, or a one-line ValueError naming the file: not UTF-8, not a tokenizer
+    that `tokenizers` reads, one without <|endoftext|> and the chat markers, or (given `vocab_size`) one with a token
+    id the model's vocabulary does not have."""
+    from tokenizers import Tokenizer
+
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    try:
+        tok = Tokenizer.from_str(text)
+        tok.encode(f"{EOT} a 1")  # some damage surfaces only when text is encoded
+    except BaseException as err:
+        # tokenizers raises a bare Exception naming the line and column, and on some inputs a Rust panic, which
+        # reaches Python as pyo3's PanicException (a BaseException, so that `except Exception` would miss it).
+        if not isinstance(err, Exception) and type(err).__name__ != "PanicException":
+            raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a tokenizer that the tokenizers library reads ({first[:200]})") from None
+    missing = [t for t in (EOT, *SPECIAL_TOKENS) if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{path}: the tokenizer lacks the special token(s) {missing}")
+    largest = max(tok.get_vocab().values(), default=-1)
+    if vocab_size is not None and largest >= vocab_size:
+        raise ValueError(f"{path}: the tokenizer has token id {largest}, past the model's vocab_size={vocab_size}")
+    return tok
+
+
 def load_tokenizer(vocab_size: int = 4096, config: DataConfig | None = None, corpora_: Corpora | None = None):
     """The BPE tokenizer for `vocab_size` trained on this data config's sample: loaded from the cache when one with
     the same key exists (key = vocabulary size, special tokens, tokenizers version, the sample's hash), else
@@ -74,12 +104,10 @@ def load_tokenizer(vocab_size: int = 4096, config: DataConfig | None = None, cor
     c = corpora_ or corpora(config)
     texts = tokenizer_sample(c, config.tokenizer_sample_bytes)
     path = cache_root(config) / "tokenizers" / f"bpe-{vocab_size}-{_tokenizer_key(texts, vocab_size)}.json"
-    from tokenizers import Tokenizer
-
     if path.is_file():
         try:
-            return Tokenizer.from_file(str(path))
-        except Exception:  # a damaged cache entry is rebuilt, not trusted
+            return read_tokenizer(path, vocab_size)
+        except (ValueError, OSError):  # a damaged cache entry is rebuilt, not trusted
             path.unlink(missing_ok=True)
     tok = train_tokenizer(texts, vocab_size)
     atomic_write_bytes(path, tok.to_str().encode())

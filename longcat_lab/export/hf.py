@@ -18,6 +18,7 @@ disk and in the KV cache is counted in `export.sizes`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -28,42 +29,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from longcat_lab._util import json_bytes, staged_dir
+from longcat_lab._util import json_bytes, shown, staged_dir
 from longcat_lab.chat.template import chat_template
-from longcat_lab.model import presets
+from longcat_lab.export.hf_config import CONFIG_NAME, check_config_fits, config_from_hf, hf_config_dict
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 
-ARCHITECTURE = "LongcatFlashForCausalLM"
-MODEL_TYPE = "longcat_flash"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
-# ModelConfig fields that config.json stores under the same name (export is a rename, docs/design.md D1).
-SHARED_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_attention_heads",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "head_dim",
-    "ffn_hidden_size",
-    "n_routed_experts",
-    "zero_expert_num",
-    "moe_topk",
-    "expert_ffn_hidden_size",
-    "routed_scaling_factor",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "initializer_range",
-)
 # Fused expert tensors in our state dict: layers.{l}.mlp.experts.{gate_up_proj [N, 2F, D], down_proj [N, D, F]}.
 FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight.
@@ -75,99 +51,6 @@ HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|
 IGNORED_HUB_PREFIX = "model.mtp."
 MTP_HUB_NAMES = {"enorm": "enorm.m", "hnorm": "hnorm.m", "mlp": "transformer_layer.mlp"}
 HUB_MTP_RENAMED = re.compile(r"^model\.mtp\.layers\.(\d+)\.(enorm\.m|hnorm\.m|transformer_layer\.mlp)\.(.+)$")
-
-
-# Config ----------------------------------------------------------------------------------------------------------
-def hf_config_dict(
-    config: ModelConfig,
-    dtype: torch.dtype = torch.float32,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-) -> dict[str, Any]:
-    """The config.json of an exported model. bos/eos default to None because the ids depend on the tokenizer the
-    model was trained with (transformers' own defaults, 1 and 2, would make its generate() stop at token 2)."""
-    if config.layer_style != "scmoe":
-        raise ValueError(
-            f"layer_style={config.layer_style!r} cannot be exported: transformers' LongcatFlashForCausalLM (and "
-            "vLLM/SGLang) implement only the shortcut-connected layer, layer_style='scmoe'"
-        )
-    if not config.mla_scale:
-        raise ValueError(
-            "mla_scale=False cannot be exported: transformers' LongcatFlashForCausalLM always applies the MLA scale "
-            "correction (docs/design.md §1.1), so the exported model would compute something else"
-        )
-    out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
-    out.update({name: getattr(config, name) for name in SHARED_FIELDS})
-    out.update(
-        num_key_value_heads=config.num_attention_heads,
-        qk_head_dim=config.qk_head_dim,
-        hidden_act="silu",
-        attention_bias=False,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},  # transformers 5.x
-        rope_theta=config.rope_theta,  # transformers 4.57
-        rope_scaling=None,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=None,
-        use_cache=True,
-        # The release's extra keys (docs/design.md §5): what our forward does, stated for the serving engines.
-        zero_expert_type="identity",
-        mla_scale_q_lora=True,
-        mla_scale_kv_lora=True,
-        router_bias=False,
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    if config.num_nextn_predict_layers:  # the MTP module, under DeepSeek-V3's field name that vLLM reads
-        out["num_nextn_predict_layers"] = config.num_nextn_predict_layers
-    return out
-
-
-def config_from_hf(data: dict[str, Any], source: str = CONFIG_NAME) -> ModelConfig:
-    """A ModelConfig from a LongCat-Flash config.json dict; ValueError (naming `source`) for anything else.
-
-    Fields missing from the file take transformers' defaults, which are the released model's (docs/design.md §8),
-    exactly as `LongcatFlashConfig` would fill them."""
-    model_type = data.get("model_type")
-    architectures = data.get("architectures") or []
-    # The Meituan hub config.json has no model_type but names the architecture (docs/design.md §5).
-    if model_type != MODEL_TYPE and not (model_type is None and ARCHITECTURE in architectures):
-        raise ValueError(
-            f"{source}: model_type={model_type!r}, architectures={architectures!r} does not describe a "
-            f"LongCat-Flash model: expected model_type={MODEL_TYPE!r} or architectures [{ARCHITECTURE!r}]"
-        )
-
-    def require(field: str, value: Any, allowed: Any, why: str) -> None:
-        if value != allowed:
-            raise ValueError(f"{source}: {field}={value!r} is not supported: it must be {allowed!r} ({why})")
-
-    require("hidden_act", data.get("hidden_act", "silu"), "silu", "the experts and FFNs are SwiGLU")
-    require("attention_bias", bool(data.get("attention_bias", False)), False, "MLA projections have no bias")
-    require("router_bias", bool(data.get("router_bias", False)), False, "the router classifier has no bias")
-    require("zero_expert_type", data.get("zero_expert_type", "identity"), "identity", "zero experts are identities")
-    rope = data.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if data.get("rope_scaling"):
-        rope_type = data["rope_scaling"].get("rope_type", data["rope_scaling"].get("type"))
-    require("rope_type", rope_type, "default", "longcat_lab implements plain RoPE, no scaling")
-
-    defaults = presets.released()
-    fields: dict[str, Any] = {name: data.get(name, getattr(defaults, name)) for name in SHARED_FIELDS}
-    if "num_layers" not in data and "num_hidden_layers" in data:  # transformers counts attention blocks there
-        fields["num_layers"] = data["num_hidden_layers"] // 2
-    fields["rope_theta"] = rope.get("rope_theta", data.get("rope_theta", defaults.rope_theta))
-    fields["num_nextn_predict_layers"] = data.get("num_nextn_predict_layers", 0)
-    qk_head_dim = data.get("qk_head_dim")
-    if qk_head_dim is not None and qk_head_dim != fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]:
-        raise ValueError(
-            f"{source}: qk_head_dim={qk_head_dim!r} is not supported: it must equal qk_nope_head_dim + "
-            f"qk_rope_head_dim = {fields['qk_nope_head_dim'] + fields['qk_rope_head_dim']}"
-        )
-    try:
-        return ModelConfig(**fields, layer_style="scmoe")
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: {err}") from err
 
 
 # State dicts -----------------------------------------------------------------------------------------------------
@@ -198,10 +81,13 @@ def to_hub_state_dict(model: LongCatLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig, source: str = CONFIG_NAME) -> dict[str, tuple[int, ...]]:
     """Our state-dict keys and shapes for `config`, from a model on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        model = LongCatLM(config)
+    try:
+        with torch.device("meta"):
+            model = LongCatLM(config)
+    except RuntimeError as err:  # sizes whose product overflows 64 bits ("Storage size calculation overflowed")
+        raise ValueError(f"{source}: the sizes are too large for any tensor ({str(err).splitlines()[0]})") from None
     return {key: tuple(t.shape) for key, t in model.state_dict().items()}
 
 
@@ -214,13 +100,13 @@ def check_shape(source: str, key: str, tensor: torch.Tensor, shape: tuple[int, .
 
 
 def from_hub_state_dict(
-    tensors: dict[str, torch.Tensor], config: ModelConfig, source: str = WEIGHTS_NAME
+    tensors: dict[str, torch.Tensor], config: ModelConfig, source: str = WEIGHTS_NAME, config_source: str = CONFIG_NAME
 ) -> dict[str, torch.Tensor]:
     """The inverse of `to_hub_state_dict`: our flat state dict, every key and shape checked against `config`.
 
     Zero experts' gate/up tensors and `model.mtp.*` are skipped (transformers does not use them either); 5.x-style
     fused expert tensors (gate_up [N+Z or N, 2F, D], down [N, D, F]) are accepted as well."""
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, config_source)
     N, D, F_ = config.n_routed_experts, config.hidden_size, config.expert_ffn_hidden_size
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (layer, proj) -> {expert: [F, D] or [D, F]}
@@ -249,11 +135,12 @@ def from_hub_state_dict(
         else:
             unexpected.append(key)
     for (layer, proj), by_expert in sorted(experts.items()):
-        missing = sorted(set(range(N)) - set(by_expert))
-        if missing:
+        if len(by_expert) < N:  # listed without building range(N): N comes from a file
+            missing = list(itertools.islice((e for e in range(N) if e not in by_expert), 8))
+            more = ", ..." if len(by_expert) + len(missing) < N else ""
             raise ValueError(
                 f"{source}: layer {layer} has {proj} for experts {sorted(by_expert)} but not for "
-                f"{missing} (n_routed_experts={N})"
+                f"{str(missing)[:-1]}{more}] (n_routed_experts={N})"
             )
         experts[layer, proj] = torch.stack([by_expert[e] for e in range(N)])
     for layer, proj in sorted(experts):
@@ -356,19 +243,44 @@ def shard_files(path: Path, index: Path) -> list[Path]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index}: no 'weight_map' object naming the shard of each tensor")
-    names = set(weight_map.values())
-    if not all(isinstance(n, str) and n for n in names):
+    if not all(isinstance(n, str) and n for n in weight_map.values()):
         raise ValueError(f"{index}: every 'weight_map' value must be a shard file name")
     root = path.resolve()
     files = []
-    for name in sorted(names):
+    for name in sorted(set(weight_map.values())):
         file = path / name
-        if Path(name).is_absolute() or Path(name).name != name or not file.resolve().is_relative_to(root):
-            raise ValueError(f"{index} lists shard {name!r}, which is not a file inside {path}; refusing to read it")
-        if not file.is_file():
-            raise FileNotFoundError(f"{index} lists shard {name}, which is missing from {path}")
+        if (
+            "\0" in name
+            or Path(name).is_absolute()
+            or Path(name).name != name
+            or not file.resolve().is_relative_to(root)
+        ):
+            raise ValueError(
+                f"{index} lists shard {shown(name)}, which is not a file inside {path}; refusing to read it"
+            )
+        try:
+            found = file.is_file()
+        except OSError as err:  # a name too long for the file system, say
+            raise ValueError(f"{index} lists shard {shown(name)}, which cannot be opened ({err.strerror})") from None
+        if not found:
+            raise FileNotFoundError(f"{index} lists shard {shown(name)}, which is missing from {path}")
         files.append(file)
     return files
+
+
+def unreadable(file: Path, err: Exception) -> ValueError:
+    """The one-line error for a file that safetensors cannot read (it raises its own types, some multi-line)."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {first})")
+
+
+def read_headers(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor: (safetensors dtype, shape)} from the header of `file`, or a ValueError naming it."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own types for damaged headers
+        raise unreadable(file, err) from None
 
 
 def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -385,11 +297,16 @@ def read_hub_tensors(path: Path) -> dict[str, torch.Tensor]:
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                    tensors[key] = f.get_tensor(key)
+                read = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safetensors handle)
         except Exception as err:  # safetensors raises its own types for damaged headers and truncated data
-            first = str(err).splitlines()[0] if str(err) else ""
-            raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {first})") from None
+            raise unreadable(file, err) from None
+        for key, tensor in read.items():  # every weight and buffer we load is floating point
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"{file}: tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected a "
+                    "floating-point dtype (F32, BF16, F16)"
+                )
+        tensors.update(read)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {key} holds NaN or infinite values; refusing to load it")
@@ -412,11 +329,12 @@ def load_hf(
         raise ValueError(f"{config_file} holds a {type(data).__name__}, expected a JSON object")
     config = config_from_hf(data, str(config_file))
     tensors = read_hub_tensors(path)
+    check_config_fits(config, {k: tuple(t.shape) for k, t in tensors.items()}, str(config_file), str(path))
     if not config.num_nextn_predict_layers and any(k.startswith(IGNORED_HUB_PREFIX) for k in tensors):
         config = config.replace(num_nextn_predict_layers=1)  # MTP weights, no field: one module, as vLLM assumes
     if data.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # tied: stored once
-    state = from_hub_state_dict(tensors, config, str(path / WEIGHTS_NAME))
+    state = from_hub_state_dict(tensors, config, str(path / WEIGHTS_NAME), str(config_file))
     with torch.device("meta"):
         model = LongCatLM(config)
     model.load_state_dict(state, assign=True)
@@ -436,9 +354,8 @@ def serve_commands(
     skip tokenizer set-up and take token ids. A folder with the MTP module gets LongCat's speculative settings (one
     draft token, docs/design.md §5)."""
     path = Path(path).resolve()
-    config = json.loads((path / CONFIG_NAME).read_text())
-    config_from_hf(config, str(path / CONFIG_NAME))
-    context = config["max_position_embeddings"]
+    config = read_json_file(path / CONFIG_NAME)
+    context = config_from_hf(config, str(path / CONFIG_NAME)).max_position_embeddings
     no_tokenizer = not (path / TOKENIZER_NAME).is_file()
     skip = " --skip-tokenizer-init" if no_tokenizer else ""
     prompt = '"prompt": [1, 2, 3]' if no_tokenizer else '"prompt": "To be, or not to be"'

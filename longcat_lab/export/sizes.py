@@ -3,15 +3,20 @@ headers only), and KV-cache bytes per token, measured and by the MLA formula (do
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from longcat_lab.export.hf import CONFIG_NAME, HUB_EXPERT_KEY, WEIGHTS_NAME, config_from_hf
+from longcat_lab.export.hf import (
+    CONFIG_NAME,
+    HUB_EXPERT_KEY,
+    WEIGHTS_NAME,
+    config_from_hf,
+    read_headers,
+    read_json_file,
+)
 from longcat_lab.model.cache import LatentCache
 from longcat_lab.model.model import LongCatLM
 
@@ -45,24 +50,24 @@ DTYPE_BYTES = {
 def checkpoint_bytes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes of every tensor group in an exported folder, read from the safetensors headers only."""
     path = Path(path)
-    config = config_from_hf(json.loads((path / CONFIG_NAME).read_text()), str(path / CONFIG_NAME))
+    config = config_from_hf(read_json_file(path / CONFIG_NAME), str(path / CONFIG_NAME))
     files = [path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).is_file() else sorted(path.glob("model-*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor shards)")
     sizes = {name: 0 for name, _ in TENSOR_GROUPS} | {PADDING: 0, "other": 0}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                part = f.get_slice(key)
-                nbytes = DTYPE_BYTES[part.get_dtype()]
-                for dim in part.get_shape():
-                    nbytes *= dim
-                expert = HUB_EXPERT_KEY.match(key)
-                if expert and int(expert.group(2)) >= config.n_routed_experts:
-                    group = PADDING
-                else:
-                    group = next((name for name, rx in TENSOR_GROUPS if rx.search(key)), "other")
-                sizes[group] += nbytes
+        for key, (dtype, shape) in read_headers(file).items():
+            if dtype not in DTYPE_BYTES:
+                raise ValueError(f"{file}: tensor {key} has dtype {dtype}, not one of {list(DTYPE_BYTES)}")
+            nbytes = DTYPE_BYTES[dtype]
+            for dim in shape:
+                nbytes *= dim
+            expert = HUB_EXPERT_KEY.match(key)
+            if expert and int(expert.group(2)) >= config.n_routed_experts:
+                group = PADDING
+            else:
+                group = next((name for name, rx in TENSOR_GROUPS if rx.search(key)), "other")
+            sizes[group] += nbytes
     return sizes
 
 

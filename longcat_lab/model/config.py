@@ -176,7 +176,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a dict, refusing keys that are not ModelConfig fields."""
+        """Build from a dict (a config.json read back, say), refusing keys that are not ModelConfig fields."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a ModelConfig is built from a JSON object of fields, not a {type(data).__name__}")
         return from_known_fields(cls, data)
 
     def replace(self, **changes: Any) -> ModelConfig:

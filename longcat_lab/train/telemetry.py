@@ -328,11 +328,35 @@ def parse_line(line: bytes) -> tuple[dict[str, Any] | None, str]:
     return row, ""
 
 
+# Fields that readers of the rows compute with: numbers, or null for a non-finite float.
+_NUMBERS = ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "ffn_experts_per_token", "val_loss_mean")
+
+
+def _is_number_or_null(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _row_problem(row: dict[str, Any]) -> str:
+    """Why a parsed row is no metrics row ("" if it is one): a field its readers use has the wrong type."""
+    if not isinstance(row.get("kind", ""), str):
+        return "field 'kind' is not a string"
+    if "step" in row and not (_is_int(row["step"]) and row["step"] >= 0):
+        return "field 'step' is not an integer >= 0"
+    if row.get("kind") in ("train", "eval") and "step" not in row:
+        return "no field 'step'"
+    wrong = [name for name in _NUMBERS if not _is_number_or_null(row.get(name))]
+    losses = {} if row.get("val_loss") is None else row["val_loss"]
+    if not isinstance(losses, dict) or not all(_is_number_or_null(v) for v in losses.values()):
+        wrong.append("val_loss")
+    return f"field {wrong[0]!r} is not a number" if wrong else ""
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The rows of a run's `metrics.jsonl` (a run folder or the file itself), optionally only those of one kind
     ("train", "eval", "start"). A last line that does not parse is skipped, since a trainer may be writing it right
-    now; a damaged line anywhere else is skipped with a warning naming the file and line; a missing file or a file
-    with no rows is a ValueError that says so."""
+    now; a damaged line anywhere else (not a JSON object, or a field such as step or loss of the wrong type) is
+    skipped with a warning naming the file, the line and the field; a missing file or a file with no rows is a
+    ValueError that says so."""
     path = Path(path)
     file = path / "metrics.jsonl" if path.is_dir() else path
     if not file.is_file():
@@ -351,6 +375,8 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
     rows = []
     for i, (n, line) in enumerate(lines):
         row, why = parse_line(line)
+        if row is not None and (why := _row_problem(row)):
+            row = None
         if row is None:
             if i < len(lines) - 1 or raw.endswith(b"\n"):  # a complete line, so not one being written now
                 warnings.warn(f"{file}: line {n + 1} skipped: {why}", stacklevel=2)
