@@ -1,4 +1,4 @@
-"""How fast and how cleanly each expert-bias controller holds the compute budget (docs/design.md §3, D4).
+"""How fast and how cleanly each expert-bias controller holds the compute budget (docs/design.md §2.1, D4).
 
 Two plants, every controller on the same data from the same start:
 1. the synthetic routing problem (`longcat_lab.testing.SyntheticRouting`: fixed, skewed router logits, no training,
@@ -199,7 +199,7 @@ def main() -> None:
 
     if not args.quick:
         print(
-            "\nBalance-loss gradient ratio R_g (docs/design.md §3, keep < 0.1) on the same training run, "
+            "\nBalance-loss gradient ratio R_g (docs/design.md §2.3, keep < 0.1) on the same training run, "
             "default controller and aux losses, per alpha: tangent R_g (raw R_g) at steps ..."
         )
         for alpha in RG_ALPHAS:

@@ -13,7 +13,7 @@ transformers after MTP training), whether the greedy tokens agree, and the KV-ca
 With a checkpoint the prompts are windows of its validation text (the checkpoint's data settings), so acceptance is
 measured on text like the training data; a random model gets random ids, and its untrained draft is rarely accepted.
 
-`--train-mtp SOURCE --out RUN` instead trains the late MTP stage (docs/design.md §5) from a checkpoint without MTP:
+`--train-mtp SOURCE --out RUN` instead trains the late MTP stage (docs/design.md §1.5) from a checkpoint without MTP:
 the same model with `num_nextn_predict_layers=1`, started by `TrainConfig.init_from`, one stage with
 `mtp_loss_weight` > 0 on the source's last data mixture.
 

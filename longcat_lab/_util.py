@@ -82,7 +82,7 @@ def from_known_fields(cls, data: dict[str, Any]):
 # Atomic writes -------------------------------------------------------------------------------------------------
 # A rename is atomic but not durable: without an fsync of the file before it and of the folder after it, a power
 # loss can leave the new name pointing at a file whose bytes never reached the disk. So every rename below is
-# fenced by fsyncs (docs/design.md §12).
+# fenced by fsyncs (docs/design.md §9).
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened (Windows)."""
     try:

@@ -1,4 +1,4 @@
-"""Agents on synthesised tasks (docs/design.md §18): `run_episode` plays one task with a model against the task's
+"""Agents on synthesised tasks (docs/design.md §5.5): `run_episode` plays one task with a model against the task's
 environment and a live user simulator (`loop`), the baselines and the model as agents (`policies`), one tool-call
 turn shared by every conversation (`turn`), arithmetic with and without the calculator (`arithmetic`), and the
 terminal chat of `longcat-lab chat` (`chat`)."""

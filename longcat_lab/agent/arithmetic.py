@@ -1,4 +1,4 @@
-"""Arithmetic with and without the calculator tool (docs/design.md §18).
+"""Arithmetic with and without the calculator tool (docs/design.md §5.5).
 
 The problems are the reasoning corpus's word problems (`data.reasoning`), drawn from a seed of their own so they
 are not the pre-training documents. Two chat forms of each, which `calculator_records` writes as fine-tuning

@@ -1,4 +1,4 @@
-"""The interactive terminal chat of `longcat-lab chat --ckpt RUN` (docs/design.md §18). Each line typed is a user
+"""The interactive terminal chat of `longcat-lab chat --ckpt RUN` (docs/design.md §5.5). Each line typed is a user
 message; the reply streams as it is generated, in the chat template. With `--tools`, the calculator and/or a
 domain's tools (`bank`, `shop`: a freshly designed database, whose customers are listed at the start) are offered
 to the model: its calls are run and their results fed back until it replies without a call, and every refused or

@@ -1,5 +1,5 @@
-"""The agent loop (docs/design.md §18): an agent plays one synthesised task against the task's environment and a
-live user simulator, and the verifier of docs/design.md §7 scores the dialogue.
+"""The agent loop (docs/design.md §5.5): an agent plays one synthesised task against the task's environment and a
+live user simulator, and the verifier of docs/design.md §5.3 scores the dialogue.
 
 One turn: the agent replies (text, tool-call blocks or both), and `agent.turn.tool_turn` parses the reply against
 the offered tools, runs the well-formed calls in the environment's `Registry` and feeds back each result or

@@ -1,4 +1,4 @@
-"""The agents that play tasks in the loop (docs/design.md §18), each with `reply(messages, tools) -> str`:
+"""The agents that play tasks in the loop (docs/design.md §5.5), each with `reply(messages, tools) -> str`:
 
 - `ModelAgent`: a `LongCatLM` renders the conversation with the chat template and generates the reply
   (`generate_reply`, which the chat command streams to the terminal, in the window `sft_window` reads off the
@@ -27,7 +27,7 @@ from longcat_lab.synth.env import Task
 
 
 def prompt_ids(tokenizer, prompt: str, keep: int) -> list[int]:
-    """The prompt's ids, encoded as one string as the fine-tuning data encodes a dialogue (docs/design.md §17), of
+    """The prompt's ids, encoded as one string as the fine-tuning data encodes a dialogue (docs/design.md §5.4), of
     which the last `keep` are kept: fine-tuning trains on pieces that start anywhere in a dialogue, so a model
     has learned to reply from a window that begins mid-conversation."""
     return tokenizer.encode(prompt).ids[-keep:]

@@ -1,4 +1,4 @@
-"""One tool-call turn (docs/design.md §18), the same in the agent loop, the terminal chat and the arithmetic
+"""One tool-call turn (docs/design.md §5.5), the same in the agent loop, the terminal chat and the arithmetic
 evaluation.
 
 The assistant's text is parsed with `chat.parse_assistant` against the offered tools and appended as an assistant

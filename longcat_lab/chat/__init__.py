@@ -1,4 +1,4 @@
-"""The LongCat-Flash chat format (docs/design.md §7): `render` OpenAI-style messages into the model's prompt string,
+"""The LongCat-Flash chat format (docs/design.md §5.1): `render` OpenAI-style messages into the model's prompt string,
 `chat_template()` for the exported tokenizer (the same string through transformers' `apply_chat_template`), and
 `parse_assistant` for replies with `<longcat_tool_call>` blocks. The markers are `SPECIAL_TOKENS`."""
 

@@ -1,4 +1,4 @@
-"""Parsing an assistant reply in the LongCat format into content and tool calls (docs/design.md §7).
+"""Parsing an assistant reply in the LongCat format into content and tool calls (docs/design.md §5.2).
 
 `parse_assistant(text)` never raises and never executes anything: it finds the `<longcat_tool_call>` blocks with
 `str.find` and reads each body with `json.loads`. It accepts what the serving parsers accept: consecutive blocks,

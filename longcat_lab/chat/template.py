@@ -1,10 +1,10 @@
-"""The LongCat-Flash chat format (docs/design.md §7): the markers, `render` for OpenAI-style messages, and the Jinja
+"""The LongCat-Flash chat format (docs/design.md §5.1): the markers, `render` for OpenAI-style messages, and the Jinja
 `chat_template` that gives the same string through transformers' `apply_chat_template`.
 
 Every piece of literal text of the format is a constant below, and both `render` and `chat_template()` are built
 from these constants, so the Python renderer and the exported Jinja template cannot drift apart (a test renders the
 same conversations through both). The tool-response markers are our choice where the official format is
-undocumented (docs/design.md §7); they are defined here and nowhere else.
+undocumented (docs/design.md §5.1); they are defined here and nowhere else.
 
 Rules, identical in both renderers:
 - an optional first `system` message becomes `SYSTEM:{content} `;

@@ -2,7 +2,7 @@
 (`rotate`), and moving a damaged one out of the way (`move_aside`).
 
 A checkpoint folder appears by one rename of a complete folder and disappears by a rename out of sight before it
-is deleted, so a reader listing a run never sees half of one (docs/design.md §12). One process writes a run folder
+is deleted, so a reader listing a run never sees half of one (docs/design.md §9). One process writes a run folder
 at a time (the trainer's writer lock); readers need no lock.
 """
 

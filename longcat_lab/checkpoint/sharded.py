@@ -1,4 +1,4 @@
-"""Checkpoints saved by several ranks, with `torch.distributed.checkpoint` (DCP; docs/design.md §14), that load on
+"""Checkpoints saved by several ranks, with `torch.distributed.checkpoint` (DCP; docs/design.md §8.4), that load on
 any number of ranks or on one process.
 
 A sharded checkpoint is the usual checkpoint folder (`checkpoint.layout`) with `dcp/` in place of

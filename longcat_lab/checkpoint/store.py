@@ -5,7 +5,7 @@ sharded over ranks with a `Sharding`), `load` (model, tokenizer, meta: what samp
 Writes go to a hidden temporary folder whose files are fsynced before it is renamed into place, so a crash (or a
 power loss) leaves the previous checkpoints and at most a stale temporary folder (removed by the next save); the
 last `keep` checkpoints are kept, older ones renamed out of sight before they are deleted, so a reader sees whole
-checkpoints only (docs/design.md §12).
+checkpoints only (docs/design.md §9).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ OS_ERROR_ARGUMENT = {"train": "--out", "sft": "--out", "sweep": "--out", "synth"
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--quantize`, `--compile` and `--speculative` (docs/design.md §5 for the MTP draft, §16 for int8 and
+    """`--quantize`, `--compile` and `--speculative` (docs/design.md §6.2 for the MTP draft, §16 for int8 and
     compile); `load_decoding_model` applies them."""
     parser.add_argument("--quantize", choices=QUANTIZE, default="none", help="int8: weight-only, per channel")
     parser.add_argument(

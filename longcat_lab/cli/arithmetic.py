@@ -1,5 +1,5 @@
 """`longcat-lab arithmetic --n N --out FILE.jsonl [--seed S]`: write 2N fine-tuning records of the reasoning corpus's
-word problems, each solved in worked steps and with one calculator call (`agent.arithmetic`, docs/design.md §18),
+word problems, each solved in worked steps and with one calculator call (`agent.arithmetic`, docs/design.md §5.5),
 in the JSONL format of `longcat-lab synth`."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`longcat-lab chat --ckpt RUN [--tools calculator bank shop]`: chat with a checkpoint in the terminal; the reply
-streams as it is generated, and the model's tool calls are run and fed back (`agent.chat`, docs/design.md §18)."""
+streams as it is generated, and the model's tool calls are run and fed back (`agent.chat`, docs/design.md §5.5)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
     registry, policy, notes = build_tools(args.tools, args.env_seed)
     ckpt = checkpoint.resolve(args.ckpt)
     model, tokenizer, meta = checkpoint.load(ckpt)
-    torch.set_num_threads(1)  # decoding a lab-sized model is one small op after another (docs/design.md §13)
+    torch.set_num_threads(1)  # decoding a lab-sized model is one small op after another (docs/design.md §5.5)
     generator = torch.Generator().manual_seed(args.seed)
     window = args.window or sft_window(ckpt)
 

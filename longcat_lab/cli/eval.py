@@ -1,6 +1,6 @@
 """`longcat-lab eval --ckpt RUN`: the evaluator on a checkpoint (or a run folder's newest), printed as a table and
 written as `eval.json` inside the checkpoint folder. With `--agentic`, the agentic evaluation instead
-(docs/design.md §18): pass^k on held-out synthesised tasks for the checkpoint, the `--base` model, the
+(docs/design.md §5.5): pass^k on held-out synthesised tasks for the checkpoint, the `--base` model, the
 random-valid-call baseline and the expert, and arithmetic with and without the calculator (`agentic.json`)."""
 
 from __future__ import annotations

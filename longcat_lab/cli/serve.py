@@ -1,5 +1,5 @@
 """`longcat-lab serve --ckpt RUN`: an OpenAI-compatible HTTP server for a checkpoint (or a run folder's newest),
-optionally int8-quantised or compiled, until Ctrl-C (`serve`, docs/design.md §16)."""
+optionally int8-quantised or compiled, until Ctrl-C (`serve`, docs/design.md §7.2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`longcat-lab sft --init-from RUN_OR_CKPT --data FILE.jsonl --out DIR [--steps N] [--resume] [--set ...]`:
-fine-tune a checkpoint on `longcat-lab synth` dialogues (`train.sft`, docs/design.md §17), then print the
+fine-tune a checkpoint on `longcat-lab synth` dialogues (`train.sft`, docs/design.md §5.4), then print the
 held-out dialogue loss and the pre-training validation loss before and after, which show the gain and any
 forgetting."""
 

@@ -13,7 +13,7 @@ from longcat_lab.experiments.sweeps import SWEEPS
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sweep", help="a named ablation: variants x paired seeds at matched compute")
-    p.add_argument("name", choices=sorted(SWEEPS), help="the sweep (docs/design.md §13)")
+    p.add_argument("name", choices=sorted(SWEEPS), help="the sweep (docs/design.md §3.6)")
     p.add_argument("--seeds", type=int, default=3, help="paired seeds per variant (default 3)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/sweeps"), help="sweeps folder; the sweep uses OUT/NAME")

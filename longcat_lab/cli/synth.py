@@ -1,4 +1,4 @@
-"""`longcat-lab synth --n N --out FILE.jsonl --seed S` (docs/design.md §7): design N tasks, solve each with the
+"""`longcat-lab synth --n N --out FILE.jsonl --seed S` (docs/design.md §5): design N tasks, solve each with the
 expert solver, keep only dialogues that pass their verifier, write one JSON record per line, and print a summary of
 the difficulty distribution (`synth.generate`, `synth.summarize` from Python)."""
 

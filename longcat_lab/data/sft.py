@@ -1,4 +1,4 @@
-"""Fine-tuning data (docs/design.md §17): `longcat-lab synth` dialogues rendered with the chat template, tokenised
+"""Fine-tuning data (docs/design.md §5.4): `longcat-lab synth` dialogues rendered with the chat template, tokenised
 with a mask of the tokens the loss sees, cut into pieces that fit a row and packed into rows whose segment ids keep
 dialogues apart.
 

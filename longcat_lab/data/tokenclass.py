@@ -1,4 +1,4 @@
-"""Token classes for the routing findings of the paper's Appendix A.1 (docs/design.md §2).
+"""Token classes for the routing findings of the paper's Appendix A.1 (docs/design.md §1.4).
 
 The paper reports that layer-1 routing gives function words, digits and punctuation fewer FFN experts. To test that
 on our model we sort every token into one of five classes, from its text alone:

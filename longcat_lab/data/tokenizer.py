@@ -1,7 +1,7 @@
 """The byte-level BPE tokenizer (stage 4 of the pipeline, docs/design.md §4): trained with `tokenizers` on a bounded
 sample of the training split and cached on disk under a key of its inputs.
 
-Besides <|endoftext|> it holds the chat markers (`chat.SPECIAL_TOKENS`, docs/design.md §7) as single special
+Besides <|endoftext|> it holds the chat markers (`chat.SPECIAL_TOKENS`, docs/design.md §5.1) as single special
 tokens, at the last ids of the vocabulary. BPE training is greedy, so training `len(markers)` fewer merges gives a
 prefix of the merges a full-size training would learn: every other token keeps its id, only the rarest merges give
 way to the markers."""

@@ -1,4 +1,4 @@
-"""Measuring a model beyond its validation loss (docs/design.md §13): bits per byte next to the unigram baseline
+"""Measuring a model beyond its validation loss (docs/design.md §3.5): bits per byte next to the unigram baseline
 and gzip/lzma (`bpb`), arithmetic exact match and cheap code metrics on held-out documents (`tasks`), the routing
 summary (`routing`), the evaluator that runs them on a checkpoint (`suite`, `longcat-lab eval`), and the published
 scores of the 560B model as data (`published`)."""

@@ -1,4 +1,4 @@
-"""The agentic evaluation (docs/design.md §18), what `longcat-lab eval --agentic` runs.
+"""The agentic evaluation (docs/design.md §5.5), what `longcat-lab eval --agentic` runs.
 
 - `heldout_tasks(per_cell)`: tasks from a designer seed that no fine-tuning dialogue comes from, `per_cell` in
   each of the 27 difficulty cells, with ids `{domain}-9xxxxx` that `longcat-lab synth` never writes for fewer than

@@ -1,4 +1,4 @@
-"""The named sweeps: the paper's small-scale ablations (docs/design.md §6.3, §13) as variants of `--set` overrides.
+"""The named sweeps: the paper's small-scale ablations (docs/design.md §3.6) as variants of `--set` overrides.
 
 A `Sweep` names its variants (the first is the baseline every other is compared with), the metrics its verdicts
 use, the paper's claim, and why a lab-scale run may not reproduce it. Variants must spend the same compute

@@ -1,4 +1,4 @@
-"""Export to, and import from, the Hugging Face LongCat-Flash layout (`save_hf`, `load_hf`; docs/design.md §8), and
+"""Export to, and import from, the Hugging Face LongCat-Flash layout (`save_hf`, `load_hf`; docs/design.md §1.6), and
 what an export weighs on disk and in the KV cache (`checkpoint_bytes`, `cache_bytes_per_token`). The figures that
 draw these numbers live in `longcat_lab.viz.export`."""
 

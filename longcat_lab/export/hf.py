@@ -1,4 +1,4 @@
-"""Export to, and import from, the Hugging Face LongCat-Flash checkpoint layout (docs/design.md §8).
+"""Export to, and import from, the Hugging Face LongCat-Flash checkpoint layout (docs/design.md §1.6).
 
 `save_hf(model, path)` writes a folder that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads as
 `LongcatFlashForCausalLM`, and that vLLM and SGLang serve under the same architecture string:
@@ -6,7 +6,8 @@
   both as `rope_parameters` (transformers 5.x) and as `rope_theta` (4.57), so either version reads it;
 - `model.safetensors` in the hub key layout: a `model.` prefix on everything but `lm_head`, and the experts unfused
   into `experts.{e}.{gate,up,down}_proj.weight` for the N FFN experts, plus the zero-filled `gate_proj`/`up_proj`
-  of the Z zero experts that transformers 5.x allocates and refuses to load without (docs/design.md §8, the 5.24 quirk).
+  of the Z zero experts that transformers 5.x allocates and refuses to load without (docs/design.md §1.6, the
+  5.24 quirk).
   Our model never holds those zeros (docs/design.md D3); only this file writes them.
 
 `load_hf(path)` reads such a folder back into a `LongCatLM`: ours, one saved by transformers' own
@@ -45,7 +46,7 @@ FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down
 # Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight.
 HUB_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-# Multi-token-prediction weights (docs/design.md §5): transformers ignores them on load; vLLM and SGLang read them for
+# Multi-token-prediction weights (docs/design.md §1.5): transformers ignores them on load; vLLM and SGLang read them for
 # speculative decoding; we read them when the config has the MTP module (num_nextn_predict_layers) and skip them
 # otherwise. Three module names differ between the release and our model.
 IGNORED_HUB_PREFIX = "model.mtp."
@@ -219,7 +220,7 @@ def save_hf(
                 "eos_token": eos_token,
                 "model_max_length": model.config.max_position_embeddings,
                 "clean_up_tokenization_spaces": False,
-                # apply_chat_template on the folder gives exactly chat.render's string (docs/design.md §7).
+                # apply_chat_template on the folder gives exactly chat.render's string (docs/design.md §5.1).
                 "chat_template": chat_template(),
             }
             (tmp / TOKENIZER_CONFIG_NAME).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
@@ -352,7 +353,7 @@ def serve_commands(
     """Shell commands that serve an exported folder with vLLM and SGLang (both register LongcatFlashForCausalLM)
     and query it. They need a CUDA GPU; nothing here runs them. Without tokenizer files in the folder, the engines
     skip tokenizer set-up and take token ids. A folder with the MTP module gets LongCat's speculative settings (one
-    draft token, docs/design.md §5)."""
+    draft token, docs/design.md §7.3)."""
     path = Path(path).resolve()
     config = read_json_file(path / CONFIG_NAME)
     context = config_from_hf(config, str(path / CONFIG_NAME)).max_position_embeddings

@@ -1,4 +1,4 @@
-"""The Hugging Face `config.json` of a LongCat-Flash folder, both ways (docs/design.md §8): `hf_config_dict` writes
+"""The Hugging Face `config.json` of a LongCat-Flash folder, both ways (docs/design.md §1.6): `hf_config_dict` writes
 ours, `config_from_hf` reads ours, transformers' or the hub's into a `ModelConfig`, and `check_config_fits` refuses
 a config whose sizes the weights beside it cannot hold, before any model of that size is built.
 
@@ -79,7 +79,7 @@ def hf_config_dict(
     if not config.mla_scale:
         raise ValueError(
             "mla_scale=False cannot be exported: transformers' LongcatFlashForCausalLM always applies the MLA scale "
-            "correction (docs/design.md §1.1), so the exported model would compute something else"
+            "correction (docs/design.md §1.2), so the exported model would compute something else"
         )
     out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
     out.update({name: getattr(config, name) for name in SHARED_FIELDS})
@@ -97,7 +97,7 @@ def hf_config_dict(
         eos_token_id=eos_token_id,
         pad_token_id=None,
         use_cache=True,
-        # The release's extra keys (docs/design.md §5): what our forward does, stated for the serving engines.
+        # The release's extra keys (docs/design.md §1.6): what our forward does, stated for the serving engines.
         zero_expert_type="identity",
         mla_scale_q_lora=True,
         mla_scale_kv_lora=True,
@@ -125,7 +125,7 @@ def _object_field(data: dict[str, Any], field: str, source: str) -> dict[str, An
 def config_from_hf(data: Any, source: str = CONFIG_NAME) -> ModelConfig:
     """A ModelConfig from a LongCat-Flash config.json dict; ValueError (naming `source`) for anything else.
 
-    Fields missing from the file take transformers' defaults, which are the released model's (docs/design.md §8),
+    Fields missing from the file take transformers' defaults, which are the released model's (docs/design.md §1.6),
     exactly as `LongcatFlashConfig` would fill them."""
     if not isinstance(data, dict):
         raise ValueError(f"{source} holds a JSON {type(data).__name__}, expected an object of config fields")
@@ -136,7 +136,7 @@ def config_from_hf(data: Any, source: str = CONFIG_NAME) -> ModelConfig:
             f"{source}: architectures={shown(architectures)} is not allowed: it must be a list of class names such "
             f"as [{ARCHITECTURE!r}]"
         )
-    # The Meituan hub config.json has no model_type but names the architecture (docs/design.md §5).
+    # The Meituan hub config.json has no model_type but names the architecture (docs/design.md §1.6).
     if model_type != MODEL_TYPE and not (model_type is None and ARCHITECTURE in architectures):
         raise ValueError(
             f"{source}: model_type={shown(model_type)}, architectures={shown(architectures)} does not describe a "

@@ -1,5 +1,5 @@
 """What an exported model weighs: bytes on disk per tensor group of a Hugging Face folder (read from the safetensors
-headers only), and KV-cache bytes per token, measured and by the MLA formula (docs/design.md §1.1, §8)."""
+headers only), and KV-cache bytes per token, measured and by the MLA formula (docs/design.md §1.2, §1.6)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from longcat_lab.model.model import LongCatLM
 
 # Tensor groups of the hub layout, first match wins; zero experts' gate/up tensors are counted apart as padding.
 TENSOR_GROUPS = (
-    ("MTP module", re.compile(r"^model\.mtp\.")),  # the multi-token-prediction module (docs/design.md §5)
+    ("MTP module", re.compile(r"^model\.mtp\.")),  # the multi-token-prediction module (docs/design.md §1.5)
     ("embedding + LM head", re.compile(r"embed_tokens|lm_head")),
     ("FFN experts", re.compile(r"\.mlp\.experts\.")),
     ("router + expert bias", re.compile(r"\.mlp\.router\.")),

@@ -1,4 +1,4 @@
-"""`torch.compile` for decoding (docs/design.md §16): `compile_decoding(model)` compiles the parts of the model's
+"""`torch.compile` for decoding (docs/design.md §6.4): `compile_decoding(model)` compiles the parts of the model's
 decoding step whose work does not depend on the data: each MLA block (absorbed attention against the latent cache)
 and each dense SwiGLU FFN. The MoE block stays eager: at one token its experts are chosen by the router and run as a
 loop over the chosen ids with their weights as Python numbers (`model.moe.experts_few_tokens`), so a compiled version

@@ -1,6 +1,6 @@
 """A checkpoint made ready for decoding as `longcat-lab sample` and `longcat-lab serve` ask (`--quantize`,
-`--compile`, `--speculative`): `load_for_decoding` loads it and applies the switches (docs/design.md §5 for the
-MTP draft, §16 for int8 and compile)."""
+`--compile`, `--speculative`): `load_for_decoding` loads it and applies the switches (docs/design.md §6.2 for the
+MTP draft, §6.3-6.4 for int8 and compile)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Int8 weight-only quantisation of a loaded model (docs/design.md §16): `quantize_int8(model)` returns a copy whose
+"""Int8 weight-only quantisation of a loaded model (docs/design.md §6.3): `quantize_int8(model)` returns a copy whose
 attention, dense-FFN and expert weights are stored as int8 with one scale per output channel, and that decodes,
 generates and evaluates through the model's own code paths.
 

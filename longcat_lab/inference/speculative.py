@@ -1,4 +1,4 @@
-"""Self-speculative decoding with the MTP module (paper 2.4, 6.1.2; docs/design.md §5): the model's own MTP drafts
+"""Self-speculative decoding with the MTP module (paper 2.4, 6.1.2; docs/design.md §6.2): the model's own MTP drafts
 one token, and one forward of the main model over [pending token ; draft] against the latent cache both checks the
 draft and gives the token after it. LongCat-Flash serves with the same single draft token.
 
@@ -123,7 +123,7 @@ def speculative_stream(
     was_training = model.training
     model.eval()
     try:
-        # One slot more than plain decoding: the MTP's attention (docs/design.md §5). A draft is only verified
+        # One slot more than plain decoding: the MTP's attention (docs/design.md §6.2). A draft is only verified
         # while a token is still wanted, so no position past the last one is ever written.
         cache = LatentCache(len(main_blocks) + 1, idx.shape[1] + max_new_tokens, model.decoding_weights)
         logits, hidden = _forward(model, idx.long(), cache)

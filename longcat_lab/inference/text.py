@@ -1,4 +1,4 @@
-"""Streamed decoding as text (docs/design.md §16, §18), shared by the server and the agents' replies.
+"""Streamed decoding as text (docs/design.md §7.2, §5.5), shared by the server and the agents' replies.
 
 `token_stream` yields the new tokens of plain decoding (`generate.stream`) or of MTP-drafted speculative decoding.
 `TextStream` reads such a stream as text: it ends at a stop id (or where an `ends` rule says), and gives the text

@@ -1,6 +1,6 @@
 """Parameter and FLOP accounting from a `ModelConfig` alone (no model needed, so the 560B release can be counted).
 
-Activated parameters follow the paper's convention (docs/design.md §2, §11.10): every parameter except the input
+Activated parameters follow the paper's convention (docs/design.md §1.4, §11.10): every parameter except the input
 embedding table, plus the FFN experts a token actually uses. Zero experts cost nothing.
 """
 

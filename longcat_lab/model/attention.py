@@ -1,4 +1,4 @@
-"""Multi-head latent attention (paper 2.3.1, Eq. 6-7; docs/design.md §1.1), with its decoding form.
+"""Multi-head latent attention (paper 2.3.1, Eq. 6-7; docs/design.md §1.2), with its decoding form.
 
 `MLA.forward` is the attention of every pass. Without gradients and handed a `LatentCache` for one new position
 (or a few after a cached prefix: a speculative verification, `LatentCache.absorbs`), it takes the absorbed form
@@ -27,14 +27,14 @@ LATENT_NORM_EPS = 1e-6
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, 1, S, S] bool, True where query i may attend key j: j <= i and both in the same segment (block-diagonal
-    causal, docs/design.md §17). RoPE scores depend only on j - i, so positions need not restart per segment."""
+    causal, docs/design.md §5.4). RoPE scores depend only on j - i, so positions need not restart per segment."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     S = segment_ids.shape[1]
     return (same & torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril())[:, None]
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention with scale correction (paper Eq. 6-7, docs/design.md §1.1):
+    """Multi-head latent attention with scale correction (paper Eq. 6-7, docs/design.md §1.2):
     c_Q = RMSNorm(W_DQ h); q = alpha_q W_UQ c_Q; [c, k_R] = W_DKV h; c_KV = alpha_kv RMSNorm(c); [k_C, v] = W_UKV c_KV;
     score = [q_C; RoPE(q_R)] . [k_C; RoPE(k_R)] / sqrt(qk_head_dim), causal softmax, out = W_O o.
 
@@ -98,7 +98,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         if past == 0:  # causal, or `mask`
             # torch's fused (flash) attention wants one head dim for q, k and v and otherwise runs unfused matmul +
-            # softmax, slower forward and backward on CPU (docs/design.md §15). Zero columns appended to v change
+            # softmax, slower forward and backward on CPU (docs/design.md §3.4). Zero columns appended to v change
             # no other output column and are sliced off again.
             pad = q.shape[-1] - self.v_dim
             v_in = F.pad(v, (0, pad)) if pad > 0 else v

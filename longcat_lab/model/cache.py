@@ -1,4 +1,4 @@
-"""The decoding cache and the weights decoding reads (docs/design.md §1.1, §10): `LatentCache` stores each MLA
+"""The decoding cache and the weights decoding reads (docs/design.md §1.2, §10): `LatentCache` stores each MLA
 block's latent [c_KV ; k_R] instead of full keys and values, and `DecodingWeights` keeps weights rearranged for
 few-row matmuls (transposed copies, absorbed MLA maps), rebuilt whenever a source weight changes. The model's
 forward takes its decoding branches when handed a cache (`attention.absorbed_attention`, `moe.experts_few_tokens`);

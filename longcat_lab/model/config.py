@@ -1,6 +1,6 @@
 """`ModelConfig`: the shape of a LongCat-Flash model, with the Hugging Face field names.
 
-Field names follow `transformers.LongcatFlashConfig` (docs/design.md §8) so that export is a rename. The defaults are
+Field names follow `transformers.LongcatFlashConfig` (docs/design.md §1.6) so that export is a rename. The defaults are
 a small CPU-trainable model (the `small` preset), not the 560B release; `presets.released()` holds the release
 for accounting.
 """
@@ -27,7 +27,7 @@ class ModelConfig:
     vocab_size: int = 4096
     # Model width d; the released model uses 6144.
     hidden_size: int = 256
-    # LongCat "layers": each holds two attention blocks, two dense FFNs and one MoE (docs/design.md §1).
+    # LongCat "layers": each holds two attention blocks, two dense FFNs and one MoE (docs/design.md §1.1).
     num_layers: int = 4
     num_attention_heads: int = 4
     # Low-rank query latent d_q; the release has d/d_q = 4, so alpha_q = 2.
@@ -61,9 +61,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     # "scmoe" (the paper), or the ablation baselines "vanilla" (MoE after the second attention) and "dense".
     layer_style: str = "scmoe"
-    # MLA scale correction alpha_q, alpha_kv (docs/design.md §1.1); off only for the ablation of paper Fig. 5a.
+    # MLA scale correction alpha_q, alpha_kv (docs/design.md §1.2); off only for the ablation of paper Fig. 5a.
     mla_scale: bool = True
-    # Multi-token prediction modules (docs/design.md §5): the release has one; 0 (no MTP) keeps models, checkpoints
+    # Multi-token prediction modules (docs/design.md §1.5): the release has one; 0 (no MTP) keeps models, checkpoints
     # and transformers parity as they were. DeepSeek-V3's field name, which vLLM reads for LongCat's MTP too.
     num_nextn_predict_layers: int = 0
 
@@ -127,7 +127,7 @@ class ModelConfig:
     @property
     def kv_latent_dim(self) -> int:
         """Numbers one attention block caches per token: the KV latent c_KV and the shared RoPE key k_R
-        (docs/design.md §1.1), instead of per-head keys and values."""
+        (docs/design.md §1.2), instead of per-head keys and values."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int) -> int:

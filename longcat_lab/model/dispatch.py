@@ -1,4 +1,4 @@
-"""The MoE's token dispatcher: how routed tokens reach their experts and come back (docs/design.md §1, §10).
+"""The MoE's token dispatcher: how routed tokens reach their experts and come back (docs/design.md §8.1, §10).
 
 `MoE` routes, then hands the tokens to its `dispatcher` in three stages, so that the layer can run dense work while
 the experts' tokens are in flight (the point of the shortcut-connected layer, paper 2.2):

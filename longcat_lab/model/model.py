@@ -5,14 +5,14 @@ and `cache.py` (the latent KV cache).
 
 Notable features, with the paper section each implements:
 - MLA attention with the scale correction alpha_q = sqrt(d/d_q), alpha_kv = sqrt(d/d_kv), applied after the latent
-  RMSNorms as transformers does (paper 2.3.1, Eq. 6-7; docs/design.md §1.1). Interleaved-pair RoPE as in transformers.
+  RMSNorms as transformers does (paper 2.3.1, Eq. 6-7; docs/design.md §1.2). Interleaved-pair RoPE as in transformers.
 - Zero-computation experts: Z identity experts scored beside N SwiGLU experts, so the number of FFN experts a token
   uses varies (paper 2.1, Eq. 1). They own no weights and cost no FLOPs.
 - Expert bias: a buffer added to the router probabilities for top-k *selection only*; weights are
   routed_scaling_factor * probability (paper 2.1.1 Eq. 2, 2.3.2 Eq. 8; docs/design.md D2). The controller that moves
   the bias lives outside forward (`longcat_lab.train.control`); forward only counts tokens per expert while training.
 - Shortcut-connected MoE layer: two attention blocks, two dense FFNs, and one MoE that reads the normalised output
-  of the first attention and joins at the end of the layer (paper 2.2; docs/design.md §1), with "vanilla" and
+  of the first attention and joins at the end of the layer (paper 2.2; docs/design.md §1.1), with "vanilla" and
   "dense" ablations. The MoE runs as start / compute / finish behind a swappable token dispatcher
   (`longcat_lab.model.dispatch`), so expert parallelism reuses this layer.
 - Sort-based expert dispatch: one host sync per MoE block (the slice sizes), none per expert; the grouped kernel
@@ -51,7 +51,7 @@ EXPERTS_AFTER = ("attn1", "ffn0")  # where a "scmoe" layer runs its experts: aft
 
 
 class LongCatLayer(nn.Module):
-    """One LongCat layer (docs/design.md §1), for layer_style "scmoe":
+    """One LongCat layer (docs/design.md §1.1), for layer_style "scmoe":
         h1 = x + MLA_0(N_in0(x));  u = N_post0(h1);  m = MoE(u);  h2 = h1 + FFN_0(u)
         h3 = h2 + MLA_1(N_in1(h2));  y = h3 + FFN_1(N_post1(h3)) + m
     "vanilla" uses the same parts in the conventional order: the MoE reads N_post1(h3), after the second attention,
@@ -141,7 +141,7 @@ class LongCatLM(nn.Module):
         self.layers = nn.ModuleList([LongCatLayer(config, i) for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mtp = None  # the multi-token-prediction module (docs/design.md §5), when the config asks for one
+        self.mtp = None  # the multi-token-prediction module (docs/design.md §1.5), when the config asks for one
         if config.num_nextn_predict_layers:
             self.mtp = MTP(config)  # registered last, so the other parameters keep their init order
         # What `longcat_lab.inference.generate.stream` decodes with; dropped by train().

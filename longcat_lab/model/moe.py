@@ -1,4 +1,4 @@
-"""The MoE block (paper 2.1, Eq. 1; docs/design.md §2): the router with its expert bias, the N SwiGLU experts and
+"""The MoE block (paper 2.1, Eq. 1; docs/design.md §1.4): the router with its expert bias, the N SwiGLU experts and
 Z zero-computation (identity) experts, the few-token path the experts take when decoding, and the MoE that runs
 them as start / compute / finish behind a swappable token dispatcher (`longcat_lab.model.dispatch`).
 
@@ -172,7 +172,7 @@ def experts_few_tokens(
 class MoE(nn.Module):
     """MoE(u) = sum over chosen i of gamma * p_i * E_i(u), E_i a SwiGLU expert (i < N) or the identity (paper Eq. 1).
 
-    Runs in three steps so that the layer can overlap the experts with dense work (docs/design.md §1): `start`
+    Runs in three steps so that the layer can overlap the experts with dense work (docs/design.md §1.1): `start`
     routes and hands the tokens to `dispatcher` (`LocalDispatcher` unless `longcat_lab.parallel` swapped it),
     `compute` runs the experts, `finish` returns the output and the `LayerRouting`. `forward` does all three."""
 

@@ -1,4 +1,4 @@
-"""Multi-token prediction (paper 2.4, 6.1.2; docs/design.md §5): one extra predictor that, from the main model's
+"""Multi-token prediction (paper 2.4, 6.1.2; docs/design.md §1.5): one extra predictor that, from the main model's
 hidden state at position t and the token at t+1, predicts the token at t+2. It is what speculative decoding drafts
 with (`longcat_lab.inference.speculative`).
 
@@ -30,7 +30,7 @@ from longcat_lab.model.rope import rope_angles
 
 class MTPLayer(nn.Module):
     """The fusion of token and hidden state (eh_proj over enorm and hnorm) and one pre-norm dense decoder layer;
-    attribute names follow the release's `model.mtp.layers.0.*` keys (docs/design.md §5)."""
+    attribute names follow the release's `model.mtp.layers.0.*` keys (docs/design.md §1.5)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -101,7 +101,7 @@ def base(**overrides: Any) -> ModelConfig:
 
 
 def released(**overrides: Any) -> ModelConfig:
-    """The released LongCat-Flash (docs/design.md §5). For parameter accounting; far too large to instantiate."""
+    """The released LongCat-Flash (docs/design.md §1.6). For parameter accounting; far too large to instantiate."""
     return _preset(
         {
             "vocab_size": 131072,

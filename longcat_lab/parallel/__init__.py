@@ -1,6 +1,6 @@
 """Expert parallelism and the one-GPU side stream, as swaps of the MoE's token dispatcher inside a `LongCatLM`
-(docs/design.md §1): `apply_expert_parallel`, `apply_side_stream`, the exchange they use, and `launch` for ranks;
-the training mesh and the torchrun launcher (`init_parallel`, `torchrun`, docs/design.md §14). Sharded checkpoints
+(docs/design.md §8.1): `apply_expert_parallel`, `apply_side_stream`, the exchange they use, and `launch` for ranks;
+the training mesh and the torchrun launcher (`init_parallel`, `torchrun`, docs/design.md §8.2). Sharded checkpoints
 are `longcat_lab.checkpoint.sharded`; training on several ranks is `longcat_lab.train.distributed`."""
 
 from longcat_lab.parallel.exchange import Exchange, exchange

@@ -1,4 +1,4 @@
-"""Expert parallelism for the shortcut-connected MoE (paper 2.2, 5.3; docs/design.md §1, SBO), as a swap of the
+"""Expert parallelism for the shortcut-connected MoE (paper 2.2, 5.3; docs/design.md §8.1, SBO), as a swap of the
 MoE's token dispatcher inside an existing `LongCatLM`: the layer equation stays the model's own.
 
 - `AllToAllDispatcher`: the FFN experts are sharded by expert across the ranks of a `torch.distributed` group (gloo
@@ -173,7 +173,7 @@ def apply_expert_parallel(
 
     Each rank then feeds its own batch (data-parallel attention, as in wide-EP serving); `model(idx, targets=...)`
     returns this rank's logits and mean loss over its tokens. To train, call `all_reduce_replicated_grads(model)`
-    after backward. The router's `expert_counts` (read by the bias controller, docs/design.md §3) count this rank's
+    after backward. The router's `expert_counts` (read by the bias controller, docs/design.md §2.1) count this rank's
     tokens only: they are not all-reduced, so under expert parallelism each rank's controller sees its own load."""
     if model.config.layer_style != "scmoe":
         raise ValueError(

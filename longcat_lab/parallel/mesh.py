@@ -1,4 +1,4 @@
-"""The device mesh of a training run (docs/design.md §14): a 2-D `DeviceMesh` ("dp", "ep") over every rank, with
+"""The device mesh of a training run (docs/design.md §8.2): a 2-D `DeviceMesh` ("dp", "ep") over every rank, with
 gloo on CPU and NCCL with one GPU per rank.
 
 Every rank gets its own rows of the global batch (data parallelism over all W ranks); the "ep" dimension groups E

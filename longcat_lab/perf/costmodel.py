@@ -1,8 +1,8 @@
-"""A serving cost model for LongCat-style decoding with wide expert parallelism (paper 5.3, Table 7; docs/design.md §1
+"""A serving cost model for LongCat-style decoding with wide expert parallelism (paper 5.3, Table 7; docs/design.md §7.1
 and §5): per-layer stage times, the time per output token (TPOT) under three schedules, and the cost per million
 output tokens.
 
-Stages of one layer in one decode step, per device (docs/design.md §1, SBO):
+Stages of one layer in one decode step, per device (docs/design.md §7.1, SBO):
     attn0     MLA_0, which everything after it needs
     dense0    FFN_0, the dense work the ScMoE order can run while dispatch is in flight
     dispatch  all-to-all of the tokens' hidden states to the ranks owning their FFN experts
@@ -61,7 +61,7 @@ class Hardware:
     net_bw: float = 50e9
     # Fixed cost of one all-to-all (launch and synchronisation), in seconds; a guess of the order DeepEP reports.
     net_latency: float = 20e-6
-    # $ per GPU-hour: the paper's assumption for its cost figures (docs/design.md §5).
+    # $ per GPU-hour: the paper's assumption for its cost figures (docs/design.md §7.1).
     price_per_hour: float = 2.0
 
     def __post_init__(self) -> None:
@@ -143,7 +143,7 @@ class LayerTimes:
         return LayerTimes(**{f.name: getattr(self, f.name) * factor for f in dataclasses.fields(self)})
 
 
-# The paper's Table 7 row for LongCat-Flash (docs/design.md §5): per-layer SBO stage times in microseconds, 28 layers,
+# The paper's Table 7 row for LongCat-Flash (docs/design.md §7.1): per-layer SBO stage times in microseconds, 28 layers,
 # MTP 1 token at 80% acceptance, batch 96 per device, EP 128, and its results: TPOT 16 ms, $0.09 per 1M tokens.
 PAPER_TABLE7 = {
     "attention_us": 264,

@@ -4,7 +4,7 @@ that `longcat_lab.perf.trace` reads (used by `benchmarks/overlap.py` and noteboo
 
 "sequential" is the model with every exchange waited for at once (`overlap=False`, the vanilla order); "overlapped"
 launches dispatch right after the first attention and combine after the experts, so the dense work runs while they
-are in flight (docs/design.md §1).
+are in flight (docs/design.md §8.1).
 """
 
 from __future__ import annotations

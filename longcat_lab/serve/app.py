@@ -1,4 +1,4 @@
-"""The FastAPI application of `longcat-lab serve` (docs/design.md §16): the OpenAI chat-completions API over an
+"""The FastAPI application of `longcat-lab serve` (docs/design.md §7.2): the OpenAI chat-completions API over an
 `Engine`, plus `/health` and Prometheus `/metrics`.
 
 Errors use the OpenAI body, `{"error": {"message", "type", "param", "code"}}`, so the official client raises its

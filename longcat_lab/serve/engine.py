@@ -1,4 +1,4 @@
-"""The serving engine (docs/design.md §16): checks an OpenAI chat-completions request, renders it with the chat
+"""The serving engine (docs/design.md §7.2): checks an OpenAI chat-completions request, renders it with the chat
 template, and generates on one worker thread.
 
 Queueing policy: one sequence at a time, in arrival order. Requests wait in a FIFO queue (at most `max_queue`
@@ -158,7 +158,7 @@ class Engine:
         self.max_queue = max_queue
         self.stop_ids = reply_stop_ids(tokenizer)
         c = model.config
-        # The latent cache per token: [c_KV ; k_R] in every attention block (docs/design.md §1.1).
+        # The latent cache per token: [c_KV ; k_R] in every attention block (docs/design.md §1.2).
         dtype_size = model.lm_head.weight.element_size()
         self.cache_bytes_per_token = (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_layers * dtype_size
         self._jobs: queue.Queue[Job | None] = queue.Queue()

@@ -1,4 +1,4 @@
-"""Multi-agent task synthesis verified like τ²-bench (docs/design.md §7): two small domains (`bank`, `shop`) with
+"""Multi-agent task synthesis verified like τ²-bench (docs/design.md §5.3): two small domains (`bank`, `shop`) with
 plain-data databases, tools and written policies; scripted agents (task designer, user simulator, expert solver)
 that produce reference dialogues on three difficulty axes; a verifier and pass^k; `generate` and `summarize`
 (`dialogues`) for the `longcat-lab synth` command."""

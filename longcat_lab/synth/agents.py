@@ -1,4 +1,4 @@
-"""The multi-agent synthesis loop (docs/design.md §7), each agent a small scripted program with one job:
+"""The multi-agent synthesis loop (docs/design.md §5.3), each agent a small scripted program with one job:
 
 - `TaskDesigner` samples a difficulty vector on the three axes and has the domain compose a task with its reference
   actions, reading the database directly;

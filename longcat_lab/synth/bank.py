@@ -1,4 +1,4 @@
-"""The bank domain (docs/design.md §7): customers with a checking and a savings account, transfers within the balance
+"""The bank domain (docs/design.md §5.3): customers with a checking and a savings account, transfers within the balance
 and the remaining daily limit, identity checks by PIN. `BankEnv` holds the database and tools; `design_bank` is the
 task designer's half for this domain (it reads the database directly); `BankExpert` is the expert solver's half (it
 learns everything through tool calls).

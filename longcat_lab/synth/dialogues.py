@@ -1,4 +1,4 @@
-"""Synthesised dialogues in bulk (docs/design.md §7), what `longcat-lab synth` writes: `generate` designs N tasks,
+"""Synthesised dialogues in bulk (docs/design.md §5.3), what `longcat-lab synth` writes: `generate` designs N tasks,
 solves each with the expert solver and keeps only dialogues that pass their verifier (one JSON-ready record each);
 `summarize` and `format_summary` describe the difficulty distribution."""
 

@@ -1,4 +1,4 @@
-"""What every synthesis domain shares (docs/design.md §7): an `Environment` whose database is plain data (so an end
+"""What every synthesis domain shares (docs/design.md §5.3): an `Environment` whose database is plain data (so an end
 state hashes), whose tools are its documented methods, and whose policy is written text; the `Task` record the
 task designer composes; and the user simulator's stop marker.
 """

@@ -1,4 +1,4 @@
-"""The shop domain (docs/design.md §7): customers with orders, returns of delivered items, cancellations of orders
+"""The shop domain (docs/design.md §5.3): customers with orders, returns of delivered items, cancellations of orders
 still processing, identity checks by e-mail and postcode. `ShopEnv` holds the database and tools; `design_shop` is
 the task designer's half (it reads the database directly); `ShopExpert` is the expert solver's half (tool calls only).
 """

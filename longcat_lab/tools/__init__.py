@@ -1,4 +1,4 @@
-"""Tools a model can call (docs/design.md §7): typed Python functions with JSON schemas from their signatures and
+"""Tools a model can call (docs/design.md §5.2): typed Python functions with JSON schemas from their signatures and
 docstrings, a `Registry` that validates arguments (`jsonschema`), enforces a time limit and returns a `ToolResult`,
 and an `ast`-based `calculator` that never executes text."""
 

@@ -1,4 +1,4 @@
-"""A calculator that is safe on model text (docs/design.md §7): the expression is parsed with `ast` and only number
+"""A calculator that is safe on model text (docs/design.md §5.2): the expression is parsed with `ast` and only number
 literals, + - * / // % **, unary signs and parentheses are evaluated, by a walk over the tree; names, calls,
 attributes, strings and everything else are refused. Limits keep every answer fast: the expression's length, the
 exponent of `**`, and the magnitude of every intermediate result, checked before the operation that would exceed it

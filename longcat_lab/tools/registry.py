@@ -1,4 +1,4 @@
-"""Tools as typed Python functions (docs/design.md §7): `Tool.from_function` derives the JSON schema from the
+"""Tools as typed Python functions (docs/design.md §5.2): `Tool.from_function` derives the JSON schema from the
 signature and the docstring, and a `Registry` checks each call's arguments against that schema with `jsonschema`,
 runs it under a time limit and returns a `ToolResult` (ok with content, or an error) — never an exception.
 

@@ -2,7 +2,7 @@
 with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `SFTConfig` (a TrainConfig plus the dialogues
 of a fine-tuning run), `default_stages`, `train_preset(name)` for "tiny", "mini", "small" and "base", and the
 schedule itself (`stage_at`, `lr_at`, `every`). Plain data and arithmetic: nothing here touches a model.
-docs/design.md §4 explains the recipe these defaults follow.
+docs/design.md §3 explains the recipe these defaults follow.
 
 A field that a resume may change (it changes when or what is logged or saved, or how the run executes, not the
 math) carries `metadata=FREE_ON_RESUME`; `resume_free_fields` lists them.
@@ -49,7 +49,7 @@ class StageConfig:
     seq_len: int = 128
     mixture: dict[str, float] = field(default_factory=lambda: {"shakespeare": 0.45, "python": 0.4, "reasoning": 0.15})
     end_lr_ratio: float = 0.1
-    # Weight of the MTP loss (docs/design.md §5) in this stage; > 0 needs a model with num_nextn_predict_layers=1.
+    # Weight of the MTP loss (docs/design.md §1.5) in this stage; > 0 needs a model with num_nextn_predict_layers=1.
     # 0 leaves the MTP module untouched, so a late stage can add it as the paper does (DeepSeek-V3 uses 0.3, then 0.1).
     mtp_loss_weight: float = 0.0
 
@@ -147,14 +147,14 @@ class TrainConfig:
     # The paper's betas (0.9, 0.95).
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    # The paper's eps (docs/design.md §4): loss degrades once eps nears the gradient RMS, which shrinks as models
+    # The paper's eps (docs/design.md §3.1): loss degrades once eps nears the gradient RMS, which shrinks as models
     # grow, so eps sits many orders below it. At our sizes gradient RMS is ~1e-4..1e-6, far above 1e-16.
     adam_eps: float = 1e-16
     # Global gradient-norm clip (pre-clip norm is logged).
     grad_clip: float = 1.0
     # bf16 autocast for forward and backward (weights and optimizer stay fp32); off on CPU by default.
     bf16: bool = False
-    # torch.compile (inductor) of every layer's attention and dense FFNs (`train.speed`, docs/design.md §15). Off by
+    # torch.compile (inductor) of every layer's attention and dense FFNs (`train.speed`, docs/design.md §3.4). Off by
     # default: it saved -1% to 11% of a CPU step; compiling costs what 180 small-preset steps save at best (measured).
     torch_compile: bool = False
     # "auto" picks CUDA when present, else CPU.
@@ -173,7 +173,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=FREE_ON_RESUME)
     # Stop after this many steps of the schedule (with a checkpoint), as if interrupted; 0 = run to the end.
     stop_after: int = field(default=0, metadata=FREE_ON_RESUME)
-    # R_g (docs/design.md §3) costs about one extra backward, so it is measured every this many steps (0 = never).
+    # R_g (docs/design.md §2.3) costs about one extra backward, so it is measured every this many steps (0 = never).
     rg_every: int = field(default=10, metadata=FREE_ON_RESUME)
     # Re-run a step from the same state every this many steps and compare loss and gradients bit for bit (0 = off).
     sdc_check_every: int = field(default=0, metadata=FREE_ON_RESUME)
@@ -186,9 +186,9 @@ class TrainConfig:
     alert_memory_fraction: float = field(default=0.9, metadata=FREE_ON_RESUME)
     # Model FLOP/s that MFU divides by; 0 = measure a matmul probe on this device at start.
     peak_flops: float = field(default=0.0, metadata=FREE_ON_RESUME)
-    # Hyperparameter transfer (docs/design.md §4): the width the init std and LRs were tuned at; 0 = no transfer.
+    # Hyperparameter transfer (docs/design.md §3.2): the width the init std and LRs were tuned at; 0 = no transfer.
     proxy_hidden_size: int = 0
-    # Growth init (docs/design.md §4): start from this checkpoint (or run folder), stacked to this model's depth.
+    # Growth init (docs/design.md §3.2): start from this checkpoint (or run folder), stacked to this model's depth.
     init_from: str = ""
     # With init_from: continue the source run's step counter, LR schedule and data position (fresh optimizer).
     init_keep_state: bool = False
@@ -268,7 +268,7 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """Fine-tuning into an agent (docs/design.md §17): a TrainConfig (one stage, `init_from` the pre-trained
+    """Fine-tuning into an agent (docs/design.md §5.4): a TrainConfig (one stage, `init_from` the pre-trained
     checkpoint; `train.sft.sft_config` derives it from the source run's) plus the dialogues it trains on.
     `train.sft.SFTTrainer` trains it."""
 

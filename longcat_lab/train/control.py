@@ -1,4 +1,4 @@
-"""The expert-bias controller that holds the compute budget (paper 2.1.1-2.1.2, Eq. 2; docs/design.md §3, D4).
+"""The expert-bias controller that holds the compute budget (paper 2.1.1-2.1.2, Eq. 2; docs/design.md §2.1, D4).
 
 The router picks experts by top-K of p + b; b (`router.e_score_correction_bias`, over N FFN and Z zero experts) moves
 *which* experts are chosen, never their weights. Moving every FFN-expert bias up against the zero experts raises the
@@ -46,7 +46,7 @@ class ControllerConfig:
     # The paper's Eq. 2 is the reference (docs/design.md D4); "pid", "sign" and "none" are the variants we compare.
     bias_controller: str = "paper"
     # K_e, FFN experts per token; None = the uniform share K*N/(N+Z), which is 8 for the release, i.e. the paper's
-    # ~27B average activated parameters (docs/design.md §2). The paper never prints K_e.
+    # ~27B average activated parameters (docs/design.md §1.4). The paper never prints K_e.
     target_ffn_experts: float | None = None
     # mu of Eq. 2 (unpublished). At 0.1 the per-expert balancing stays stable on a fresh tiny model, where 0.3
     # already let one FFN expert run 20x hotter than another (benchmarks/controller_tracking.py).

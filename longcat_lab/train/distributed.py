@@ -1,4 +1,4 @@
-"""Training on several processes (docs/design.md §14): the parallelism strategy the trainer is handed for it, and
+"""Training on several processes (docs/design.md §8.3): the parallelism strategy the trainer is handed for it, and
 `train_distributed`, the entry point each torchrun worker calls.
 
 - `DataExpertParallel(ctx)`: the `train.parallelism.Parallelism` of a `ParallelContext`. `shard` makes the model
@@ -7,7 +7,7 @@
   `synchronize` runs after the step's backward: it sums the gradients (replicated weights over all ranks, expert
   shards over "dp"), divides by the world size (each rank's loss is the mean over its own rows, so the global mean
   is their average), clips by the global norm, averages the logged losses and sums the routers' counts, so that
-  every rank's bias controller takes the same step (docs/design.md §3).
+  every rank's bias controller takes the same step (docs/design.md §2.1).
 - `RankTelemetry`: the metrics row of every rank, written by rank 0 only; tokens/s counts the global batch, and MFU
   divides by the peak of all ranks together.
 - `consolidate(ckpt, run_dir)`: a sharded checkpoint rewritten as an ordinary single-process one.
@@ -87,7 +87,7 @@ class DataExpertParallel:
         return RankTelemetry(self.ctx, *args, **kwargs)
 
     def global_statistics(self) -> contextlib.AbstractContextManager:
-        """The balance loss's f_j from the selections of every rank (docs/design.md §14)."""
+        """The balance loss's f_j from the selections of every rank (docs/design.md §8.3)."""
         return losses.global_statistics(dist.group.WORLD if self.ctx.world > 1 else None)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Model-growth initialisation and width hyperparameter transfer (paper 3.1.1-3.1.2; docs/design.md §4).
+"""Model-growth initialisation and width hyperparameter transfer (paper 3.1.1-3.1.2; docs/design.md §3.2).
 
 - `grow_depth(model, r)`: a model r times as deep whose layer stack is the trained one repeated,
   L_target = L_small o L_small (r = 2 in the paper, 14 -> 28 layers); the embedding, final norm and LM head are kept
@@ -30,7 +30,7 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def param_kind(name: str) -> str:
     """Which transfer rule a parameter follows: the input embedding, the LM head, or everything in between."""
-    if name.startswith(("embed_tokens.", "mtp.embed_tokens.")):  # the MTP module's copy too (docs/design.md §5)
+    if name.startswith(("embed_tokens.", "mtp.embed_tokens.")):  # the MTP module's copy too (docs/design.md §1.5)
         return "embedding"
     if name.startswith("lm_head."):
         return "unembedding"
@@ -38,7 +38,7 @@ def param_kind(name: str) -> str:
 
 
 def transfer_hparams(width_factor: float, init_std: float = 1.0, lr: float = 1.0) -> dict[str, dict[str, float]]:
-    """Per kind, the target model's init std and LR from the proxy's (docs/design.md §4, paper Table 1): embedding
+    """Per kind, the target model's init std and LR from the proxy's (docs/design.md §3.2, paper Table 1): embedding
     copied; hidden and unembedding sigma^2 / s (so std / sqrt(s)) and eta / s."""
     s = width_factor
     if not is_number(s) or s <= 0:
@@ -87,7 +87,7 @@ def adamw(model: LongCatLM, cfg: TrainConfig, width_factor: float = 1.0) -> torc
     """The trainer's optimizer: AdamW over `param_groups` with `cfg`'s betas, eps and weight decay, starting at the
     schedule's first LR. On CPU and CUDA it is torch's fused kernel, one pass over each tensor instead of a dozen
     elementwise ops: about 3x faster than the default per-parameter loop on CPU, the same update to float rounding
-    (docs/design.md §15)."""
+    (docs/design.md §3.4)."""
     return torch.optim.AdamW(
         param_groups(model, width_factor=width_factor, weight_decay=cfg.weight_decay),
         lr=lr_at(cfg.stages, 0),
@@ -111,15 +111,15 @@ def grow_depth(model: LongCatLM, factor: int = 2) -> LongCatLM:
     grown.lm_head.load_state_dict(model.lm_head.state_dict())
     for i, layer in enumerate(grown.layers):
         layer.load_state_dict(model.layers[i % L].state_dict())
-    if model.mtp is not None:  # the MTP module (docs/design.md §5) follows the last layer, whatever the depth
+    if model.mtp is not None:  # the MTP module (docs/design.md §1.5) follows the last layer, whatever the depth
         grown.mtp.load_state_dict(model.mtp.state_dict())
     return grown.train(model.training)
 
 
 def init_from_checkpoint(model: LongCatLM, source: str) -> dict:
-    """Growth init (docs/design.md §4): the weights of checkpoint `source` (or a run folder's newest that verifies),
+    """Growth init (docs/design.md §3.2): the weights of checkpoint `source` (or a run folder's newest that verifies),
     stacked to `model`'s depth, loaded into `model`; returns the source's meta. A source without the MTP module may
-    start a model with one (docs/design.md §5): the module is then new, its embedding copied."""
+    start a model with one (docs/design.md §1.5): the module is then new, its embedding copied."""
     src_model, _, meta = checkpoint.load(source)
     grown = grow_depth(src_model, model.config.num_layers // max(1, src_model.config.num_layers))
     adds_mtp = src_model.mtp is None and model.mtp is not None

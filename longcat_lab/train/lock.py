@@ -1,5 +1,5 @@
 """One writer per run folder: `RunLock` is an exclusive lock on `run_dir/.writer.lock`, taken by the trainer for
-the whole run (docs/design.md §12).
+the whole run (docs/design.md §9).
 
 The lock is an `fcntl.flock` on that file, so the kernel releases it when the holder exits, however it exits
 (`kill -9` included): a lock can never outlive its process on the same machine. The file also records the holder

@@ -1,5 +1,5 @@
-"""Auxiliary losses: the device-level load-balance loss (paper Eq. 3-5; docs/design.md §3), the hidden z-loss
-(paper Eq. 10; docs/design.md §4) and an optional router z-loss (ST-MoE). Each is computed per MoE layer and summed
+"""Auxiliary losses: the device-level load-balance loss (paper Eq. 3-5; docs/design.md §2.2), the hidden z-loss
+(paper Eq. 10; docs/design.md §3.1) and an optional router z-loss (ST-MoE). Each is computed per MoE layer and summed
 over layers (an aux loss over all layers at once lets one layer's imbalance hide behind another's), has its own
 coefficient, and is returned separately so the trainer can log it. They are added to the LM loss; the expert bias
 is steered elsewhere (`longcat_lab.train.control`) and no loss here touches it.
@@ -29,7 +29,7 @@ LOSS_KEYS = ("balance_loss", "hidden_z_loss", "router_z_loss")
 class LossConfig:
     """Coefficients of the auxiliary losses (training config)."""
 
-    # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (docs/design.md §3): on the tiny preset's training run
+    # alpha of Eq. 3 (unpublished). The paper keeps R_g < 0.1 (docs/design.md §2.3): on the tiny preset's training run
     # R_g drops under 0.1 within 20 steps at 1e-3 but only after 40-60 at 1e-2 (benchmarks/controller_tracking.py).
     balance_loss_coef: float = 1e-3
     # D, the number of FFN-expert groups (EP groups in the paper); one group plus the zero group on a single device.
@@ -62,7 +62,7 @@ _STATS_GROUP: Any = None
 def global_statistics(group: Any) -> Iterator[None]:
     """Inside the block, `balance_loss_layer` takes f_j from the selections of every rank of `group` (summed with
     one all-reduce per layer), so that the mean of the ranks' losses is the loss of the whole batch and its gradient
-    is that of one process on the whole batch (docs/design.md §14). `group=None` changes nothing."""
+    is that of one process on the whole batch (docs/design.md §8.3). `group=None` changes nothing."""
     global _STATS_GROUP
     before, _STATS_GROUP = _STATS_GROUP, group
     try:

@@ -1,4 +1,4 @@
-"""Routing health (paper App. A.1, 2.1.2, 3.1.3; docs/design.md §3-4): how many FFN experts tokens use, how evenly
+"""Routing health (paper App. A.1, 2.1.2, 3.1.3; docs/design.md §2-3): how many FFN experts tokens use, how evenly
 FFN experts share the load, the balance-loss gradient ratio R_g, router-row similarity, and how well a controller
 tracks its target over a run. Everything returns plain floats and lists, so it can be logged as JSON.
 
@@ -18,7 +18,7 @@ from longcat_lab.model.model import LongCatLM
 from longcat_lab.model.routing import Routing
 
 # An FFN expert below a tenth of its ideal share is dead, above three times it is hot (paper App. A.1;
-# docs/design.md §3).
+# docs/design.md §2.3).
 DEAD_LOAD = 0.1
 HOT_LOAD = 3.0
 
@@ -98,7 +98,7 @@ def balance_grad_ratio_per_layer(
 def balance_grad_ratio(
     lm_loss: torch.Tensor, balance_loss: torch.Tensor, routing: Routing, tangent: bool = True
 ) -> float:
-    """R_g = ||grad_P (alpha L_LB)|| / ||grad_P L_LM|| over all MoE layers together (docs/design.md §3; keep it
+    """R_g = ||grad_P (alpha L_LB)|| / ||grad_P L_LM|| over all MoE layers together (docs/design.md §2.3; keep it
     below 0.1).
 
     P is the batch-mean expert-probability vector. L_LB depends on the router probabilities only through P, so its

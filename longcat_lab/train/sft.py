@@ -1,4 +1,4 @@
-"""Supervised fine-tuning into an agent (docs/design.md §17): a pre-trained checkpoint trained further on verified
+"""Supervised fine-tuning into an agent (docs/design.md §5.4): a pre-trained checkpoint trained further on verified
 tool-use dialogues (`longcat-lab synth`), with the loss on the assistant's tokens only, packed rows whose
 dialogues never see each other, and a stated fraction of pre-training rows against forgetting. It is the
 trainer's run, not a second trainer: the same checkpoints, resume, metrics and evaluations, with the batch source
@@ -52,8 +52,8 @@ from longcat_lab.train.resume import read_train_config
 from longcat_lab.train.runtime import run_trainer
 from longcat_lab.train.trainer import Trainer
 
-# The schedule's defaults (docs/design.md §17). STEPS of GRAD_ACCUM x BATCH_SIZE rows of SEQ_LEN positions fit
-# about ten minutes on two quiet CPU cores for the small preset (estimate and measurements: docs/design.md §17);
+# The schedule's defaults (docs/design.md §5.4). STEPS of GRAD_ACCUM x BATCH_SIZE rows of SEQ_LEN positions fit
+# about ten minutes on two quiet CPU cores for the small preset (estimate and measurements: docs/design.md §5.4);
 # two micro-batches of 4 rows peak at 2.9 GB resident where one of 8 took 4.3 GB (measured). LR is a third of the
 # source's peak: the model is already trained, and large steps on a narrow data set are what cause forgetting.
 STEPS = 80

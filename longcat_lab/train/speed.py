@@ -1,4 +1,4 @@
-"""Training-step speed switches (docs/design.md §15).
+"""Training-step speed switches (docs/design.md §3.4).
 
 `TrainConfig.torch_compile` compiles, with torch.compile (inductor; on CPU it needs a C++ compiler), the parts of
 the model whose shapes are fixed: the attention blocks and dense FFNs. Inductor fuses their

@@ -1,6 +1,6 @@
 """The pieces of one optimizer step that `Trainer.step` puts together: `forward_backward` (every micro-batch's
 forward and backward, its losses and R_g), `sdc_check` (the same step re-run from the same state and compared bit
-for bit, docs/design.md §4 "SDC") and `StepResult`, what the step measured.
+for bit, docs/design.md §3.3 "SDC") and `StepResult`, what the step measured.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def forward_backward(
     ([micro, 2 + len(step_loss_keys(model))] losses: total, LM, aux...), R_g (or None), the seconds R_g took, and
     the last micro-batch's routing. `target` is the controller's FFN-experts target the balance loss aims at. A batch
     may carry a third tensor, packed rows' segment ids (fine-tuning, `data.sft`). `mtp_weight` > 0 adds the MTP
-    loss with that weight (the stage's `mtp_loss_weight`, docs/design.md §5)."""
+    loss with that weight (the stage's `mtp_loss_weight`, docs/design.md §1.5)."""
     if mtp_weight and model.mtp is None:
         raise ValueError(
             f"mtp_loss_weight={mtp_weight} is not allowed for a model without an MTP module: set "

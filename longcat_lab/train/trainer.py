@@ -4,7 +4,7 @@ telemetry, checkpoints that resume bit for bit, skipped non-finite steps and a d
 - `train(model_config, train_config, out_dir, resume=False, progress=True, callback=None) -> TrainResult`: the
   entry point; `callback(row)` receives every metrics row as it is written (live plots: `viz.training.LivePlot`).
 - `Trainer`: one run, on one process or, handed a parallelism strategy (`train.parallelism`,
-  `train.distributed.DataExpertParallel`, docs/design.md §14), each rank's part of it. Its constructor builds
+  `train.distributed.DataExpertParallel`, docs/design.md §8.3), each rank's part of it. Its constructor builds
   everything (data, model, optimizer, controller, sampler, telemetry) and, with `resume=True`, restores the newest
   checkpoint; `step()` takes one optimizer step (its forward and backward and the SDC re-run are `train.step`'s)
   and returns a `StepResult`, which `Telemetry.row` turns into the metrics row; `run()` loops, evaluates and saves.
@@ -20,7 +20,7 @@ folder's writer lock (`train.lock`) from construction to the end of `run()` (or 
 
 Token ids are checked once, when the token streams are loaded, so the model runs every training micro-batch with
 `validate=False` (no host sync for id checks). Paper references: AdamW eps, hidden z-loss and the balance loss,
-multi-stage data, determinism and SDC checks (docs/design.md §3-4); growth init and width transfer in `growth`.
+multi-stage data, determinism and SDC checks (docs/design.md §2-3); growth init and width transfer in `growth`.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Trainer:
         scale = model_config.hidden_size / cfg.proxy_hidden_size if cfg.proxy_hidden_size else 1.0
         growth.init_with_transfer(self.model, width_factor=scale, generator=torch.Generator().manual_seed(cfg.seed))
         self.model.to(self.device).train()
-        speed.prepare(self.model, cfg)  # TrainConfig.torch_compile (docs/design.md §15)
+        speed.prepare(self.model, cfg)  # TrainConfig.torch_compile (docs/design.md §3.4)
         self.parallel.shard(self.model)
         self.rows = self.parallel.rows(cfg.batch_size)  # this rank's rows of every global batch
         self.optimizer = growth.adamw(self.model, cfg, width_factor=scale)

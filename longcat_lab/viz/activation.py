@@ -1,4 +1,4 @@
-"""Figures of expert activation token by token (docs/design.md §2; the paper's Appendix A.1): which FFN experts
+"""Figures of expert activation token by token (docs/design.md §1.4; the paper's Appendix A.1): which FFN experts
 every token of a text used, FFN experts per token by domain and token class, and activated parameters per token.
 
 Each figure builder returns a plotly `go.Figure`; the numbers behind it come from a separate function that returns

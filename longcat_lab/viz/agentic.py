@@ -1,4 +1,4 @@
-"""Figures of the agentic evaluation (docs/design.md §18), from the result of `eval.agentic.evaluate_agents` (or
+"""Figures of the agentic evaluation (docs/design.md §5.5), from the result of `eval.agentic.evaluate_agents` (or
 `agentic.json`): the pass^k heat maps over each pair of difficulty axes, pass^1 by level of each axis for every
 agent, the failures by category; and HTML views of a dialogue: the prompt string with its special tokens marked,
 and a transcript with tool calls, results and errors highlighted."""

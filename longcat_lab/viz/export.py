@@ -1,4 +1,4 @@
-"""Figures of an export (`longcat_lab.export`; docs/design.md §8, §9): bytes on disk by tensor group, KV-cache bytes
+"""Figures of an export (`longcat_lab.export`; docs/design.md §1.6, §1.7): bytes on disk by tensor group, KV-cache bytes
 per token, and logits of our model against transformers' on the y = x line."""
 
 from __future__ import annotations

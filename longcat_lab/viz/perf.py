@@ -1,6 +1,6 @@
 """Figures of serving and overlap performance: one layer's schedule as a Gantt chart and the time per output token
 from the serving cost model (`perf.costmodel`; paper 5.3, Table 7), and per-rank timelines of profiled
-expert-parallel steps (`perf.trace`; docs/design.md §1, SBO)."""
+expert-parallel steps (`perf.trace`; docs/design.md §7.1, SBO)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Figures of how tokens spread over experts (docs/design.md §2, §3): the load of every expert against its ideal
+"""Figures of how tokens spread over experts (docs/design.md §1.4, §2): the load of every expert against its ideal
 share, the budget controller over a training run, which experts fire together, and how alike router rows are.
 
 Each figure builder returns a plotly `go.Figure`; the numbers behind it come from a separate function that returns
@@ -290,7 +290,7 @@ def coactivation_heatmap(routing: Routing | Sequence[Routing], layer: int, title
 
 def router_similarity(model: torch.nn.Module, layer: int) -> np.ndarray:
     """[E, E] cosine similarity between the router's rows (one per expert) in `layer`. Rows that grow alike mean
-    the router cannot tell experts apart (docs/design.md §3: high similarity is the sign of a balance loss that
+    the router cannot tell experts apart (docs/design.md §2.3: high similarity is the sign of a balance loss that
     dominates)."""
     moe_indices = [i for i, blk in enumerate(model.layers) if isinstance(blk.mlp, MoE)]
     check_layer(layer, moe_indices)

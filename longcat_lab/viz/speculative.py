@@ -1,4 +1,4 @@
-"""Figure of a speculative decoding run (`longcat_lab.inference.speculative`; docs/design.md §5): every generated
+"""Figure of a speculative decoding run (`longcat_lab.inference.speculative`; docs/design.md §6.2): every generated
 token as a cell coloured by where it came from, an accepted MTP draft or the main model, with the running acceptance
 rate of the drafts along the output."""
 

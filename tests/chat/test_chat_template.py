@@ -69,7 +69,7 @@ CONVERSATIONS = {
 
 
 def test_documented_strings():
-    """The model card's examples, character for character (docs/design.md §7)."""
+    """The model card's examples, character for character (docs/design.md §5.1)."""
     assert render(CONVERSATIONS["one turn"]) == "[Round 0] USER:Paris is... ASSISTANT:"
     assert render(CONVERSATIONS["system"]) == "SYSTEM:Be brief. [Round 0] USER:Hi ASSISTANT:"
     assert render(CONVERSATIONS["two rounds"]) == (
@@ -170,7 +170,7 @@ def test_markers_are_single_special_tokens(hf_tokenizer):
 
 def test_markers_take_the_last_ids_and_keep_the_merges():
     """BPE training is greedy: the tokenizer at vocab V holds the merges of the one at V - 5, in the same order and
-    with the same ids, so adding the markers only drops the rarest merges (docs/design.md §7)."""
+    with the same ids, so adding the markers only drops the rarest merges (docs/design.md §5.1)."""
     texts = [inspect.getsource(json), inspect.getsource(pytest)]
     big = json.loads(train_tokenizer(texts, 400 + len(SPECIAL_TOKENS)).to_str())
     small = json.loads(train_tokenizer(texts, 400).to_str())

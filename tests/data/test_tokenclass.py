@@ -1,4 +1,4 @@
-"""Tests of the token classes of the routing findings (longcat_lab.data.tokenclass; docs/design.md §2).
+"""Tests of the token classes of the routing findings (longcat_lab.data.tokenclass; docs/design.md §1.4).
 
 Run: `bash tools/test.sh tests/data/test_tokenclass.py`
 """

@@ -1,4 +1,4 @@
-"""Export to / import from the Hugging Face LongCat-Flash layout (longcat_lab.export; docs/design.md §8, §9).
+"""Export to / import from the Hugging Face LongCat-Flash layout (longcat_lab.export; docs/design.md §1.6, §1.7).
 
 Parity with transformers' LongcatFlashForCausalLM (logits to 1e-5 in fp32, identical greedy generation) for tiny
 random configs with a non-zero router bias; exact round trips ours -> folder -> ours and ours -> transformers ->
@@ -350,7 +350,7 @@ def test_clear_errors_for_bad_folders(tmp_path):
 
 
 def test_config_reads_the_hub_release(tmp_path):
-    """The Meituan hub config.json names the architecture but has no model_type (docs/design.md §5)."""
+    """The Meituan hub config.json names the architecture but has no model_type (docs/design.md §1.6)."""
     hub = {
         "architectures": ["LongcatFlashForCausalLM"],
         "hidden_size": 6144,

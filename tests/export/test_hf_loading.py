@@ -1,4 +1,4 @@
-"""Tests of `export.load_hf` on damaged folders (docs/design.md §12): a truncated safetensors file or a garbage
+"""Tests of `export.load_hf` on damaged folders (docs/design.md §9): a truncated safetensors file or a garbage
 index names the file, a shard path outside the folder is refused, NaN or infinite weights are refused with the
 tensor's name. A tiny random model exported once per module.
 

@@ -1,4 +1,4 @@
-"""Exporting the MTP module (docs/design.md §5): the release's `model.mtp.*` key names (what vLLM's and SGLang's
+"""Exporting the MTP module (docs/design.md §1.5): the release's `model.mtp.*` key names (what vLLM's and SGLang's
 LongCat MTP loaders read), `num_nextn_predict_layers` in config.json, an exact round trip through `load_hf`,
 transformers still loading the folder (it drops those keys) with the main model's logits unchanged, a folder with
 MTP weights but no field, and the serving commands' speculative settings.
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 CONFIG = presets.tiny(num_nextn_predict_layers=1)
 
-# The release's MTP keys (vLLM longcat_flash_mtp.py maps exactly these; docs/design.md §5).
+# The release's MTP keys (vLLM longcat_flash_mtp.py maps exactly these; docs/design.md §1.5).
 RELEASE_MTP_KEYS = {
     "model.mtp.embed_tokens.weight",
     "model.mtp.norm.weight",

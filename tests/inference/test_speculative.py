@@ -1,4 +1,4 @@
-"""Self-speculative decoding with the MTP draft (docs/design.md §5): greedy output identical to plain greedy for
+"""Self-speculative decoding with the MTP draft (docs/design.md §6.2): greedy output identical to plain greedy for
 many prompts (with the real, untrained draft and with a planted draft that is right 70% of the time, so both the
 accept and the reject path run often), the cache rolled back on rejection, the sampling rule keeping the target
 distribution (checked statistically), and bad input. Run: `.venv/bin/python -m pytest

@@ -1,4 +1,4 @@
-"""The multi-token-prediction module (docs/design.md §5): off by default, its loss against a position-by-position
+"""The multi-token-prediction module (docs/design.md §1.5): off by default, its loss against a position-by-position
 reference, cached decoding equal to the full forward, a late training stage that trains it, checkpoints and growth
 init that carry it. Run: `.venv/bin/python -m pytest tests/model/test_mtp.py -q`."""
 

@@ -19,7 +19,7 @@ def test_paper_table7_gives_16ms_and_9_cents():
     times = cm.paper_table7_times()
     t = cm.tpot(times, p["num_layers"], "sbo", p["mtp_tokens"], p["mtp_acceptance"])
     assert round(t * 1e3) == p["tpot_ms"] == 16
-    # The reconstruction in docs/design.md §5: 28 layers x 1032 us per layer / 1.8 tokens per step.
+    # The reconstruction in docs/design.md §7.1: 28 layers x 1032 us per layer / 1.8 tokens per step.
     assert t == pytest.approx(28 * 1032e-6 / 1.8, rel=1e-12)
     cost = cm.cost_per_million(t, p["batch_per_device"], p["price_per_hour"])
     assert round(cost, 2) == p["cost_per_million"] == 0.09

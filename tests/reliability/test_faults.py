@@ -1,4 +1,4 @@
-"""Fault injection (docs/design.md §12): `kill -9` at random points of a checkpoint save and of an export, a disk
+"""Fault injection (docs/design.md §9): `kill -9` at random points of a checkpoint save and of an export, a disk
 that fills during a save, two writers on one run folder, and a reader racing the checkpoint rotation. After each
 fault every checkpoint that is listed verifies and loads, and nothing half-written is visible. Seeded; a few
 iterations each (raise LONGCAT_LAB_FAULT_ITERATIONS for a longer soak).

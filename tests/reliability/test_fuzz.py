@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of the inputs a user or a damaged disk can hand the library: `--set`
 values, `ModelConfig` fields, metrics.jsonl bytes and the contents of a Hugging Face folder for `load_hf` (config.json
 fields, safetensors headers, the shard index). Every outcome is a result or a one-line ValueError, never a traceback
-of another kind, a hang or a crash (docs/design.md §12). The reader of tokenizer.json and of fine-tuning JSONL are
+of another kind, a hang or a crash (docs/design.md §9). The reader of tokenizer.json and of fine-tuning JSONL are
 fuzzed in test_fuzz_files.py.
 
 Each failure hypothesis ever found is kept as an `@example`, so the deterministic suite replays it. The examples

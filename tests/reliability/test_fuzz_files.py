@@ -2,7 +2,7 @@
 tokenizer.json (`data.tokenizer.read_tokenizer`) and a fine-tuning JSONL of synth records (`data.sft.load_records`).
 Either gives a result that works (a tokenizer that encodes; records that render, encode and hash) or one
 ValueError of one line naming the file (and, for JSONL, the line), never a traceback of another kind
-(docs/design.md §12). Each failure hypothesis found is kept as an `@example`.
+(docs/design.md §9). Each failure hypothesis found is kept as an `@example`.
 
 Run: `bash tools/test.sh tests/reliability/test_fuzz_files.py`; fuzz: `bash tools/fuzz.sh tests/reliability`.
 """

@@ -1,4 +1,4 @@
-"""Tests for the expert-bias controller (longcat_lab.train.control; docs/design.md §3, D4).
+"""Tests for the expert-bias controller (longcat_lab.train.control; docs/design.md §2.1, D4).
 
 Checks the config validation, the paper's Eq. 2 and the sign rule against hand-computed updates, that every mode
 holds the budget on the synthetic routing problem, that counts come from training forwards only and add up across

@@ -1,4 +1,4 @@
-"""Tests for the auxiliary losses (longcat_lab.train.losses; docs/design.md §3, §4).
+"""Tests for the auxiliary losses (longcat_lab.train.losses; docs/design.md §2.2, §3.1).
 
 Each loss against a value computed by hand on a tiny input, the balance loss's gradient against its closed form,
 and aux_losses' contract with the trainer: exact keys, 0-dim tensors, coefficients applied, per-layer sums, the bias

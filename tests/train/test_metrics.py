@@ -1,4 +1,4 @@
-"""Tests for the routing-health metrics (longcat_lab.train.metrics; docs/design.md §3, §4).
+"""Tests for the routing-health metrics (longcat_lab.train.metrics; docs/design.md §2.3, §3).
 
 routing_health on hand-made routings (relative loads, dead/hot flags, imbalance), the gradient ratio R_g against
 closed-form gradients (and that backward still works afterwards), router-row cosine similarity at its two extremes,

@@ -1,4 +1,4 @@
-"""Tests of what a run folder survives (docs/design.md §12): the writer lock (a second writer refused with the
+"""Tests of what a run folder survives (docs/design.md §9): the writer lock (a second writer refused with the
 holder named, a crashed holder's record taken over), resume falling back past a damaged newest checkpoint (moved
 aside, never deleted), damaged metrics.jsonl lines skipped with a warning and kept in a backup, structural damage
 in meta.json, and the machine-dependent config checks (threads, device, seed). Tiny 4-step runs.

@@ -1,4 +1,4 @@
-"""Tests of the training-step speed paths (docs/design.md §15): the trainer's fused AdamW makes the same update as
+"""Tests of the training-step speed paths (docs/design.md §3.4): the trainer's fused AdamW makes the same update as
 torch's default loop, attention takes torch's fused kernel and gives what the unfused softmax gives, and
 `TrainConfig.torch_compile` compiles the dense parts without changing the loss or any gradient.
 

@@ -1,4 +1,4 @@
-"""The grouped expert kernel of the MoE (docs/design.md §1): `ExpertDispatch`, gather -> per-expert SwiGLU ->
+"""The grouped expert kernel of the MoE (docs/design.md §1.4): `ExpertDispatch`, gather -> per-expert SwiGLU ->
 routing weight -> scatter-add as one autograd node with a hand-written backward, and the per-thread CPU scratch
 buffers its temporaries live in. `longcat_lab.model.moe.Experts` sorts the (token, expert) pairs and calls it.
 
