@@ -15,6 +15,8 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
         echo "[longcat_lab] could not install Chromium: the browser tests will skip"
 fi
 export LONGCAT_LAB_SMOKE=1
+# Hypothesis replays the same derandomized examples on every run (tests/conftest.py); random fuzzing: tools/fuzz.sh.
+export HYPOTHESIS_PROFILE=deterministic
 # Notebooks first: the browser test opens the copies they leave in build/notebooks/.
 if [ $# -eq 0 ]; then set -- notebooks tests; fi
 exec python -m pytest --nbval-lax "$@"
