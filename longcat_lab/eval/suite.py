@@ -79,7 +79,7 @@ def evaluate_checkpoint(path, level: str = "full", arithmetic_n: int = 32, code_
 @contextlib.contextmanager
 def one_thread():
     # Generation of a lab-sized model is one small op after another: a second thread only waits for a core, and on
-    # a busy machine that wait made decoding many times slower (measured on two shared cores).
+    # a busy machine that wait dominates decoding.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -43,9 +43,8 @@ def tiny(**overrides: Any) -> ModelConfig:
 
 
 def mini(**overrides: Any) -> ModelConfig:
-    """Between tiny and small, for sweeps: one run of its train preset (300 steps, one thread) took 32 s of wall time
-    on a two-core machine under light load and 75 s of step time under heavy load, so an ablation with several
-    variants and seeds fits in minutes. N:Z = 2:1 and top-3, so K_e = 2."""
+    """Between tiny and small, for sweeps: small enough that an ablation with several variants and seeds fits in
+    minutes on a CPU (run times: benchmarks/RESULTS.md "sweeps"). N:Z = 2:1 and top-3, so K_e = 2."""
     return _preset(
         {
             "vocab_size": 1024,

@@ -155,7 +155,8 @@ class TrainConfig:
     # bf16 autocast for forward and backward (weights and optimizer stay fp32); off on CPU by default.
     bf16: bool = False
     # torch.compile (inductor) of every layer's attention and dense FFNs (`train.speed`, docs/design.md §3.4). Off by
-    # default: it saved -1% to 11% of a CPU step; compiling costs what 180 small-preset steps save at best (measured).
+    # default: on CPU the saving per step is small and the compile time is what many steps would save
+    # (benchmarks/RESULTS.md "train_step").
     torch_compile: bool = False
     # "auto" picks CUDA when present, else CPU.
     device: str = field(default="auto", metadata=FREE_ON_RESUME)
@@ -276,7 +277,8 @@ class SFTConfig(TrainConfig):
     sft_data: str = ""
     sft_data_sha256: str = ""
     # The fraction of rows drawn from the stage's pre-training mixture against forgetting (1 in 4, about half the
-    # loss's tokens since a dialogue row trains only its assistant tokens: 1 in 8 forgot 7x more Python, measured).
+    # loss's tokens since a dialogue row trains only its assistant tokens; 1 in 8 forgot far more Python:
+    # benchmarks/RESULTS.md "sft").
     sft_pretrain_ratio: float = 0.25
     # Dialogues held out for a validation loss.
     sft_val_dialogues: int = 8
@@ -337,9 +339,9 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     """The TrainConfig that goes with each model preset.
 
     - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
-    - mini: one run of a sweep (`longcat_lab.experiments`); 300 steps of 16 x 64 tokens, 30-75 s on one thread of
-      two cores depending on load (measured).
-    - small: the main job; 2 stages, ~10 minutes on two CPU cores (steps measured: README results).
+    - mini: one run of a sweep (`longcat_lab.experiments`); 300 steps of 16 x 64 tokens, about a minute on one CPU
+      thread (benchmarks/RESULTS.md "sweeps").
+    - small: the main job; 2 stages, about ten minutes on two CPU cores (benchmarks/RESULTS.md "main job").
     - base: one GPU; bf16, longer sequences."""
     if name not in _PRESETS:
         raise ValueError(f"preset={name!r} is not allowed: it must be one of {sorted(_PRESETS)}")

@@ -49,7 +49,7 @@ class ControllerConfig:
     # ~27B average activated parameters (docs/design.md §1.4). The paper never prints K_e.
     target_ffn_experts: float | None = None
     # mu of Eq. 2 (unpublished). At 0.1 the per-expert balancing stays stable on a fresh tiny model, where 0.3
-    # already let one FFN expert run 20x hotter than another (benchmarks/controller_tracking.py).
+    # already let one FFN expert run far hotter than another (benchmarks/controller_tracking.py, RESULTS.md).
     bias_update_rate: float = 0.1
     # mu is multiplied by this every optimizer step; the paper says a decay helps but gives no schedule, so it is off.
     bias_update_decay: float = 1.0

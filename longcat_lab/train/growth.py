@@ -86,8 +86,8 @@ def param_groups(model: LongCatLM, width_factor: float = 1.0, weight_decay: floa
 def adamw(model: LongCatLM, cfg: TrainConfig, width_factor: float = 1.0) -> torch.optim.AdamW:
     """The trainer's optimizer: AdamW over `param_groups` with `cfg`'s betas, eps and weight decay, starting at the
     schedule's first LR. On CPU and CUDA it is torch's fused kernel, one pass over each tensor instead of a dozen
-    elementwise ops: about 3x faster than the default per-parameter loop on CPU, the same update to float rounding
-    (docs/design.md §3.4)."""
+    elementwise ops: faster than the default per-parameter loop on CPU (benchmarks/RESULTS.md "train_step"), the same
+    update to float rounding (docs/design.md §3.4)."""
     return torch.optim.AdamW(
         param_groups(model, width_factor=width_factor, weight_decay=cfg.weight_decay),
         lr=lr_at(cfg.stages, 0),

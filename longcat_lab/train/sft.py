@@ -54,7 +54,7 @@ from longcat_lab.train.trainer import Trainer
 
 # The schedule's defaults (docs/design.md §5.4). STEPS of GRAD_ACCUM x BATCH_SIZE rows of SEQ_LEN positions fit
 # about ten minutes on two quiet CPU cores for the small preset (estimate and measurements: docs/design.md §5.4);
-# two micro-batches of 4 rows peak at 2.9 GB resident where one of 8 took 4.3 GB (measured). LR is a third of the
+# two micro-batches of 4 rows keep peak memory well below one of 8 (benchmarks/RESULTS.md "sft"). LR is a third of the
 # source's peak: the model is already trained, and large steps on a narrow data set are what cause forgetting.
 STEPS = 80
 LR = 1e-3

@@ -18,7 +18,7 @@ class _Scratch(threading.local):
     """Reusable CPU buffers for the dispatch's large temporaries, one set per thread.
 
     On CPU a fresh multi-megabyte tensor is returned to the OS when freed, so every step pays page faults to get it
-    back: filling a fresh [P, D] buffer cost about four times as long as filling a reused one (measured, one thread).
+    back, which costs more than the fill itself (benchmarks/RESULTS.md "dispatch").
     Only temporaries that die inside one forward or one backward live here, never tensors saved for backward, so
     any number of forwards may run before their backwards. Other devices have caching allocators already, and
     requests above `MAX_BYTES` are allocated normally, so a huge evaluation batch does not pin its memory."""
@@ -124,8 +124,8 @@ class ExpertDispatch(torch.autograd.Function):
         grad_y_PD = torch.index_select(
             grad_out_TD.to(x_PD.dtype), 0, token_idx_P, out=_scratch.get("grad_y", x_PD.shape, x_PD)
         )
-        # empty, not zeros: every used expert's rows are overwritten below, and zero-filling the whole stacked
-        # gradient cost ~8% of the block (profiled); only unused experts get explicit zeros.
+        # empty, not zeros: every used expert's rows are overwritten below, so zero-filling the whole stacked
+        # gradient would be wasted work; only unused experts get explicit zeros.
         grad_gu, grad_d = torch.empty_like(w_gu), torch.empty_like(w_d)
         for e, size in enumerate(ctx.sizes):
             if not size:
