@@ -18,7 +18,7 @@ class _Scratch(threading.local):
     """Reusable CPU buffers for the dispatch's large temporaries, one set per thread.
 
     On CPU a fresh multi-megabyte tensor is returned to the OS when freed, so every step pays page faults to get it
-    back, which costs more than the fill itself (benchmarks/RESULTS.md "dispatch").
+    back, which costs more than the fill itself (benchmarks/RESULTS.md "moe_dispatch").
     Only temporaries that die inside one forward or one backward live here, never tensors saved for backward, so
     any number of forwards may run before their backwards. Other devices have caching allocators already, and
     requests above `MAX_BYTES` are allocated normally, so a huge evaluation batch does not pin its memory."""
