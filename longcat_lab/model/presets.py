@@ -44,7 +44,7 @@ def tiny(**overrides: Any) -> ModelConfig:
 
 def mini(**overrides: Any) -> ModelConfig:
     """Between tiny and small, for sweeps: small enough that an ablation with several variants and seeds fits in
-    minutes on a CPU (run times: benchmarks/RESULTS.md "Ablation sweeps"). N:Z = 2:1 and top-3, so K_e = 2."""
+    minutes on a CPU. N:Z = 2:1 and top-3, so K_e = 2."""
     return _preset(
         {
             "vocab_size": 1024,

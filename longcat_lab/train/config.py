@@ -340,7 +340,7 @@ def train_preset(name: str, **overrides) -> TrainConfig:
 
     - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
     - mini: one run of a sweep (`longcat_lab.experiments`); 300 steps of 16 x 64 tokens, about a minute on one CPU
-      thread (benchmarks/RESULTS.md "Ablation sweeps").
+      thread.
     - small: the main job; 2 stages, about ten minutes on two CPU cores (benchmarks/RESULTS.md "The main job").
     - base: one GPU; bf16, longer sequences."""
     if name not in _PRESETS:
