@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -25,8 +27,8 @@ from longcat_lab.chat import END_OF_TURN, SPECIAL_TOKENS, tool_call_block  # noq
 from longcat_lab.data.tokenizer import train_tokenizer  # noqa: E402
 from longcat_lab.model import presets  # noqa: E402
 from longcat_lab.serve.app import BackgroundServer, create_app  # noqa: E402
-from longcat_lab.serve.engine import Engine  # noqa: E402
-from longcat_lab.serve.limits import Limits, check_fields  # noqa: E402
+from longcat_lab.serve.engine import BadRequest, Engine  # noqa: E402
+from longcat_lab.serve.limits import Limits, check_fields, read_body  # noqa: E402
 from longcat_lab.testing import random_model  # noqa: E402
 
 NAME = "tiny-limits"
@@ -207,3 +209,28 @@ def test_an_abandoned_request_stops_generating(server, monkeypatch):
 def test_check_fields_leaves_the_body_alone():
     body = ask(max_tokens=5, max_completion_tokens=None)
     assert check_fields(body, LIMITS) == ask(max_tokens=5) and "max_completion_tokens" in body
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["role", "content", "name",
+        "function", "arguments", "description", "parameters", "tool_calls", "type", "text"]), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+FIELDS = st.dictionaries(
+    st.sampled_from(["messages", "tools", "tool_choice", "max_tokens", "max_completion_tokens", "stop", "temperature",
+        "top_p", "seed", "n", "stream", "stream_options", "logprobs"]), VALUES, max_size=5
+)  # fmt: skip
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(FIELDS, st.booleans())
+def test_fuzz_any_body_is_a_request_or_a_400(server, fields, valid_messages):
+    """Whatever the fields hold, the server's checks answer with a request or a BadRequest, never another error."""
+    body = {"model": NAME, **fields}
+    if valid_messages:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    try:
+        server.engine.parse(read_body(json.dumps(body).encode(), LIMITS))
+    except BadRequest as err:
+        assert "\n" not in str(err)
