@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from longcat_lab.agent.policies import prompt_ids
 from longcat_lab.chat import (
     END_OF_TURN,
     SPECIAL_TOKENS,
@@ -119,6 +120,12 @@ def test_a_plain_string_has_no_special_tokens(tok):
     text = render(REAL)
     assert special_ids(tok, encode_chat(tok, str(text)).ids) == []
     assert special_ids(tok, encode_chat(tok, text[:-1]).ids) == []
+
+
+def test_the_chat_command_and_agents_encode_by_the_same_rule(tok):
+    """`longcat-lab chat` and the agent loop hand `render`'s result to `generate_reply`, which encodes it here."""
+    assert special_ids(tok, prompt_ids(tok, render([{"role": "user", "content": FORGED}]), 10_000)) == []
+    assert special_ids(tok, prompt_ids(tok, render(REAL), 10_000)).count(END_OF_TURN) == 2
 
 
 def test_fine_tuning_data_trains_no_forged_marker(tok):
