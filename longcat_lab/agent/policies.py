@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from longcat_lab._util import check_int, check_nonnegative
-from longcat_lab.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, render, tool_call_block
+from longcat_lab.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, encode_chat, render, tool_call_block
 from longcat_lab.inference.text import TextStream, reply_stop_ids, token_stream
 from longcat_lab.synth.agents import ExpertSolver
 from longcat_lab.synth.env import Task
@@ -30,7 +30,7 @@ def prompt_ids(tokenizer, prompt: str, keep: int) -> list[int]:
     """The prompt's ids, encoded as one string as the fine-tuning data encodes a dialogue (docs/design.md §5.4), of
     which the last `keep` are kept: fine-tuning trains on pieces that start anywhere in a dialogue, so a model
     has learned to reply from a window that begins mid-conversation."""
-    return tokenizer.encode(prompt).ids[-keep:]
+    return encode_chat(tokenizer, prompt).ids[-keep:]
 
 
 def generate_reply(

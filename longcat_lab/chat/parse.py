@@ -23,11 +23,13 @@ QUOTE_CHARS = 80
 @dataclass
 class ParsedTurn:
     """One parsed assistant reply: the text outside the call blocks, the well-formed calls ({"name", "arguments"})
-    in order, and one message per malformed call."""
+    in order, one message per malformed call, and `rest`: the reply untrimmed with only the well-formed calls cut
+    out (a malformed call's text kept where it stood), what a server returns as content so that nothing is lost."""
 
     content: str
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    rest: str = ""
 
     @property
     def ok(self) -> bool:
@@ -87,34 +89,38 @@ def parse_assistant(text: Any, tools: Iterable[Any] | None = None) -> ParsedTurn
     try:
         names = _tool_names(tools)
     except Exception as err:  # a caller's odd iterable must not make parsing raise
-        return ParsedTurn("", [], [f"tools could not be read: {type(err).__name__}"])
+        return ParsedTurn("", [], [f"tools could not be read: {type(err).__name__}"], text)
     text = text.split(END_OF_TURN, 1)[0]
-    content, calls, errors = [], [], []
+    content, calls, errors, rest = [], [], [], []
     pos, n = 0, 0
     while True:
         start = text.find(TOOL_CALL_OPEN, pos)
         if start < 0:
             content.append(text[pos:])
+            rest.append(text[pos:])
             break
         content.append(text[pos:start])
+        rest.append(text[pos:start])
         n += 1
         body_start = start + len(TOOL_CALL_OPEN)
         close = text.find(TOOL_CALL_CLOSE, body_start)
         reopen = text.find(TOOL_CALL_OPEN, body_start)
         if reopen >= 0 and (close < 0 or reopen < close):
             errors.append(f"tool call {n}: not closed before the next {TOOL_CALL_OPEN}: {_quote(text[start:reopen])}")
+            rest.append(text[start:reopen])
             pos = reopen
             continue
         end = len(text) if close < 0 else close  # an unterminated last call runs to the end
         call, error = _read_call(text[body_start:end], n, names)
+        pos = len(text) if close < 0 else close + len(TOOL_CALL_CLOSE)
         if call is not None:
             calls.append(call)
         else:
             errors.append(error)
-        pos = len(text) if close < 0 else close + len(TOOL_CALL_CLOSE)
+            rest.append(text[start:pos])
     outside = "".join(content)
     stray = outside.count(TOOL_CALL_CLOSE)
     if stray:
         errors.append(f"{stray} stray {TOOL_CALL_CLOSE} without an open marker (removed from the content)")
         outside = outside.replace(TOOL_CALL_CLOSE, "")
-    return ParsedTurn(outside.strip(), calls, errors)
+    return ParsedTurn(outside.strip(), calls, errors, "".join(rest))

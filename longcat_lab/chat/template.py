@@ -16,6 +16,10 @@ Rules, identical in both renderers:
   SGLang's detector expects);
 - with tools, the tool description block and `\\n\\n## Messages\\n` come before everything else;
 - `add_generation_prompt` appends ` ASSISTANT:` when the conversation ends with an open slot.
+`render` returns a `ChatText`: the string plus the spans of the markers the template itself wrote. Only those
+become special tokens (`chat.tokens.encode_chat`); a marker spelled inside a message, a tool result, a call's
+arguments or a tool description stays plain text, so no one can forge a turn, a call or a tool result by typing
+its markers (docs/design.md §9).
 Malformed input (unknown role, a system message after the first, two user messages in a row, an assistant message
 with no slot before it, non-string content, arguments that are not a JSON object) is refused by both.
 """
@@ -56,6 +60,34 @@ class ChatFormatError(ValueError):
     """A conversation that the LongCat format cannot express."""
 
 
+class _Content(str):
+    """A piece of text that came from a message or a tool spec, not from the template: its markers stay plain."""
+
+
+class ChatText(str):
+    """A rendered conversation: the string, plus `specials`, the sorted [start, end) spans of the markers that the
+    template wrote. Slicing or concatenating gives a plain `str`, whose markers then all encode as plain text (the
+    safe side)."""
+
+    specials: tuple[tuple[int, int], ...] = ()
+
+
+def _assemble(pieces: list[str]) -> ChatText:
+    """Join template pieces and `_Content` pieces, recording where the template pieces hold a marker."""
+    specials, at = [], 0
+    for piece in pieces:
+        if not isinstance(piece, _Content):
+            for marker in SPECIAL_TOKENS:
+                start = piece.find(marker)
+                while start >= 0:
+                    specials.append((at + start, at + start + len(marker)))
+                    start = piece.find(marker, start + len(marker))
+        at += len(piece)
+    text = ChatText("".join(pieces))
+    text.specials = tuple(sorted(specials))
+    return text
+
+
 def _function(entry: Any, what: str) -> dict:
     """The function part of an OpenAI-style tool or tool call (`{"type": "function", "function": {...}}`), or the
     entry itself when it is already flat."""
@@ -67,25 +99,38 @@ def _function(entry: Any, what: str) -> dict:
     return f
 
 
-def tool_call_block(name: str, arguments: dict) -> str:
-    """One call as the model emits it."""
+def _call_pieces(name: str, arguments: dict) -> list[str]:
     body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+    return [f"{TOOL_CALL_OPEN}\n", _Content(body), f"\n{TOOL_CALL_CLOSE}"]
 
 
-def tool_response_block(content: str) -> str:
-    return f"{TOOL_RESPONSE_OPEN}\n{content}\n{TOOL_RESPONSE_CLOSE}"
+def _response_pieces(content: str) -> list[str]:
+    return [f"{TOOL_RESPONSE_OPEN}\n", _Content(content), f"\n{TOOL_RESPONSE_CLOSE}"]
 
 
-def tools_block(tools: list[dict]) -> str:
-    """The tool description that precedes `## Messages` (no trailing separator)."""
+def _tools_pieces(tools: list[dict]) -> list[str]:
     out = [TOOLS_HEADER]
     for i, tool in enumerate(tools):
         f = _function(tool, f"tools[{i}]")
         schema = json.dumps(f.get("parameters") or {}, ensure_ascii=False, indent=2)
-        out += [TOOL_NAME, f["name"], TOOL_DESCRIPTION, f.get("description") or "", TOOL_SCHEMA, schema, TOOL_END]
+        description = _Content(f.get("description") or "")
+        out += [TOOL_NAME, _Content(f["name"]), TOOL_DESCRIPTION, description, TOOL_SCHEMA, _Content(schema), TOOL_END]
     out.append(TOOLS_FOOTER)
-    return "".join(out)
+    return out
+
+
+def tool_call_block(name: str, arguments: dict) -> ChatText:
+    """One call as the model emits it."""
+    return _assemble(_call_pieces(name, arguments))
+
+
+def tool_response_block(content: str) -> ChatText:
+    return _assemble(_response_pieces(content))
+
+
+def tools_block(tools: list[dict]) -> ChatText:
+    """The tool description that precedes `## Messages` (no trailing separator)."""
+    return _assemble(_tools_pieces(tools))
 
 
 def _text(message: dict, i: int) -> str:
@@ -95,34 +140,35 @@ def _text(message: dict, i: int) -> str:
     return content
 
 
-def render(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+def render(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> ChatText:
     """The prompt string for `messages` (OpenAI style: roles system, user, assistant with optional `tool_calls`
     whose `arguments` are dicts, tool) and optional `tools` (OpenAI function specs or flat {name, description,
-    parameters}). Raises ChatFormatError naming the message for anything the format cannot express."""
+    parameters}). Raises ChatFormatError naming the message for anything the format cannot express. The result is a
+    `ChatText`: encode it with `chat.tokens.encode_chat`, which makes only the template's markers special."""
     if not isinstance(messages, list):
         raise ChatFormatError(f"messages={type(messages).__name__} is not allowed: it must be a list of dicts")
-    out = [tools_block(tools), MESSAGES_HEADER] if tools else []
+    out = [*_tools_pieces(tools), MESSAGES_HEADER] if tools else []
     round_, open_, last = 0, False, ""
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role == "system":
             if i != 0:
                 raise ChatFormatError(f"messages[{i}] is a system message: only the first message may be one")
-            out.append(f"{SYSTEM_PREFIX}{_text(m, i)} ")
+            out += [SYSTEM_PREFIX, _Content(_text(m, i)), " "]
         elif role in ("user", "tool"):
             if not open_:
                 out.append(f"{' ' if round_ else ''}[Round {round_}] {USER_PREFIX}")
                 open_ = True
             elif role == "user" and last == "user":
                 raise ChatFormatError(f"messages[{i}] is a second user message in a row: merge them into one")
-            out.append(_text(m, i) if role == "user" else tool_response_block(_text(m, i)))
+            out += [_Content(_text(m, i))] if role == "user" else _response_pieces(_text(m, i))
         elif role == "assistant":
             if not open_:
                 raise ChatFormatError(f"messages[{i}] is an assistant message with no user or tool message before it")
             content = m.get("content")
             if content is not None and not isinstance(content, str):
                 raise ChatFormatError(f"messages[{i}].content={content!r} is not allowed: it must be a string")
-            out += [ASSISTANT_PREFIX, content or ""]
+            out += [ASSISTANT_PREFIX, _Content(content or "")]
             for j, call in enumerate(m.get("tool_calls") or []):
                 f = _function(call, f"messages[{i}].tool_calls[{j}]")
                 if not isinstance(f.get("arguments"), dict):
@@ -130,7 +176,7 @@ def render(messages: list[dict], tools: list[dict] | None = None, add_generation
                         f"messages[{i}].tool_calls[{j}].arguments={f.get('arguments')!r} is not allowed: "
                         "it must be a dict (a JSON object), not a JSON string"
                     )
-                out.append(tool_call_block(f["name"], f["arguments"]))
+                out += _call_pieces(f["name"], f["arguments"])
             out.append(END_OF_TURN)
             round_, open_ = round_ + 1, False
         else:
@@ -140,7 +186,7 @@ def render(messages: list[dict], tools: list[dict] | None = None, add_generation
         last = role
     if add_generation_prompt and open_:
         out.append(ASSISTANT_PREFIX)
-    return "".join(out)
+    return _assemble(out)
 
 
 def _lit(text: str) -> str:

@@ -5,9 +5,10 @@ dialogues apart.
 - `load_records(data)`: a JSONL file of synth records (or a list of records) -> the checked records;
   `split_held_out(records, n)`: the n held-out dialogues (chosen by a hash of task_id, so stable) and the rest.
 - `encode_dialogue(record, tokenizer) -> Dialogue`: the ids of `chat.template.render(messages, tools)`, encoded
-  as one string exactly as a prompt is at inference, and `trained`, True on every token of an assistant reply
-  (its content, its tool-call blocks and its `</longcat_s>`); never on the system prompt, the tool descriptions,
-  user turns, tool responses or the ` ASSISTANT:` prefix, which the prompt already holds.
+  as one string exactly as a prompt is at inference (`chat.encode_chat`: only the template's markers are special
+  tokens), and `trained`, True on every token of an assistant reply (its content, its tool-call blocks and its
+  `</longcat_s>`); never on the system prompt, the tool descriptions, user turns, tool responses or the
+  ` ASSISTANT:` prefix, which the prompt already holds.
 - `split_pieces(dialogue, seq_len)`: consecutive pieces of at most seq_len + 1 tokens, each sharing its first
   token with the previous one's last, so every token after the first is a target exactly once; pieces without a
   trained target are dropped (they would cost compute and teach nothing).
@@ -32,6 +33,7 @@ import torch
 
 from longcat_lab._util import check_int, is_number, shown
 from longcat_lab.chat.template import ChatFormatError, render
+from longcat_lab.chat.tokens import encode_chat
 from longcat_lab.data.mixture import MixtureSampler
 from longcat_lab.model.config import IGNORE_INDEX
 
@@ -175,7 +177,7 @@ def encode_dialogue(record: dict[str, Any], tokenizer) -> Dialogue:
     """The record's rendered dialogue as token ids (the whole string encoded at once, as a prompt at inference) and
     the trained mask: a token is trained when its characters overlap an assistant reply."""
     text, spans = assistant_spans(record["messages"], record.get("tools") or None)
-    enc = tokenizer.encode(text)
+    enc = encode_chat(tokenizer, text)  # a marker typed in a message stays plain text, as in a served prompt
     ids = np.asarray(enc.ids, dtype=np.int64)
     trained = np.zeros(len(ids), dtype=bool)
     starts = np.asarray([a for a, _ in enc.offsets])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -20,13 +21,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from longcat_lab.serve.engine import BadRequest, Engine, QueueFull, Result, new_id, tool_calls_json
+from longcat_lab.serve.limits import Limits, check_prompt, read_body, receive_body, reply_content
 
 COMPLETIONS = "/v1/chat/completions"
 PATHS = ("/health", "/metrics", "/v1/models", COMPLETIONS)
 
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {404: "not_found_error", 503: "server_busy", 500: "server_error"}.get(status, "invalid_request_error")
+    kind = {404: "not_found_error", 503: "server_busy", 500: "server_error", 413: "request_too_large"}.get(
+        status, "invalid_request_error"
+    )
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
@@ -38,9 +42,10 @@ def usage(result: Result) -> dict:
     }
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The application serving `engine`; the engine's worker thread is stopped when the application shuts down."""
-    metrics = engine.metrics
+def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
+    """The application serving `engine` under `limits` (serve.limits); the engine's worker thread is stopped when
+    the application shuts down."""
+    metrics, limits = engine.metrics, limits or Limits()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,7 +60,11 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.middleware("http")
     async def count(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as err:  # a bug: one 500 without a traceback, counted, and the connection kept alive
+            logging.getLogger(__name__).exception("request to %s failed", request.url.path)
+            response = error(500, f"internal server error ({type(err).__name__})")
         path = request.url.path if request.url.path in PATHS else "other"  # bounded label values
         metrics.request(path, response.status_code)
         return response
@@ -77,11 +86,8 @@ def create_app(engine: Engine) -> FastAPI:
     async def chat_completions(request: Request):
         start = time.perf_counter()
         try:
-            body = json.loads(await request.body())
-        except (ValueError, RecursionError):
-            return error(400, "the request body is not valid JSON")
-        try:
-            req = engine.parse(body)
+            req = engine.parse(read_body(await receive_body(request.stream(), limits), limits))
+            check_prompt(len(req.prompt_ids), limits)
         except BadRequest as err:
             return error(err.status, str(err), err.param)
         loop = asyncio.get_running_loop()
@@ -98,16 +104,21 @@ def create_app(engine: Engine) -> FastAPI:
             return f"data: {json.dumps({**body, 'choices': [choice]}, ensure_ascii=False)}\n\n"
 
         async def stream():
+            streamed = ""
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
                     kind, value = await events.get()
                     if kind == "delta":
+                        streamed += value
                         yield chunk({"content": value})
                     elif kind == "error":
                         yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
                         break
                     else:
+                        content = reply_content(value.text, req.tools)  # what was held back after a call
+                        if content.startswith(streamed) and content[len(streamed) :].strip():
+                            yield chunk({"content": content[len(streamed) :]})
                         calls = tool_calls_json(value.tool_calls)
                         if calls:
                             yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
@@ -124,18 +135,30 @@ def create_app(engine: Engine) -> FastAPI:
 
         if req.stream:
             return StreamingResponse(stream(), media_type="text/event-stream")
+        # The body is read, so the next ASGI message is the client's disconnect: nobody waits for the reply then.
+        gone = asyncio.ensure_future(request.receive())
         try:
-            kind, value = await events.get()
+            kind = "delta"
             while kind == "delta":
-                kind, value = await events.get()
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    job.cancelled.set()  # the worker stops at its next token
+                    metrics.latency(time.perf_counter() - start)
+                    return error(499, "the client closed the connection")
+                kind, value = get.result()
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        finally:
+            gone.cancel()
         metrics.latency(time.perf_counter() - start)
         if kind == "error":
             return error(500, value)
         calls = tool_calls_json(value.tool_calls)
-        message = {"role": "assistant", "content": value.content if (value.content or not calls) else None}
+        content = reply_content(value.text, req.tools).strip() if req.tools else value.content
+        message = {"role": "assistant", "content": content if (content or not calls) else None}
         if calls:
             message["tool_calls"] = calls
         choice = {"index": 0, "message": message, "finish_reason": value.finish_reason}

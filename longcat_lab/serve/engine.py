@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from longcat_lab.chat import parse_assistant, render
+from longcat_lab.chat import encode_chat, parse_assistant, render
 from longcat_lab.chat.template import TOOL_CALL_OPEN, ChatFormatError
 from longcat_lab.inference.text import TextStream, reply_stop_ids, token_stream
 from longcat_lab.serve.metrics import Metrics
@@ -198,7 +198,7 @@ class Engine:
             prompt = render(_messages(body.get("messages")), tools)
         except ChatFormatError as err:
             raise BadRequest(str(err), "messages" if "messages" in str(err) else "tools") from None
-        ids = self.tokenizer.encode(prompt).ids
+        ids = encode_chat(self.tokenizer, prompt).ids  # only the template's markers are special tokens
         room = self.model.config.max_position_embeddings - len(ids)
         if room < 1:
             raise BadRequest(

@@ -158,7 +158,7 @@ class _Tokenizer:
         return 1000 + self.MARKERS.index(marker)
 
     def encode(self, text):
-        return types.SimpleNamespace(ids=[ord(c) for c in text])
+        return types.SimpleNamespace(ids=[ord(c) for c in text], offsets=[(i, i + 1) for i in range(len(text))])
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(self.MARKERS[i - 1000] if i >= 1000 else chr(i) for i in ids)

@@ -54,6 +54,9 @@ def test_malformed_calls_are_reported_one_each():
     assert "'name'" in turn.errors[3]
     assert "unknown tool 'b'" in turn.errors[4]
     assert [e.split(":")[0].split(" (")[0] for e in turn.errors] == [f"tool call {i}" for i in (1, 2, 3, 4, 5)]
+    # `rest` (what a server returns as content) keeps every malformed block where it stood, only the call to a is cut.
+    assert turn.rest.startswith(f"{OPEN}{{bad json{CLOSE}{OPEN}[1, 2]{CLOSE}")
+    assert turn.rest.endswith(f"{OPEN}{B}{CLOSE}") and A not in turn.rest
 
 
 def test_cut_off_call_and_stray_close():
@@ -90,3 +93,5 @@ def test_fuzz_never_raises_or_executes(text):
     for c in turn.tool_calls:
         assert c["name"] in ("a", "b") and isinstance(c["arguments"], dict)
     assert OPEN not in turn.content and CLOSE not in turn.content
+    if not turn.tool_calls:  # nothing was cut out: the whole reply comes back as content
+        assert turn.rest == text.split(END_OF_TURN, 1)[0]
