@@ -43,8 +43,11 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
 # Fused expert tensors in our state dict: layers.{l}.mlp.experts.{gate_up_proj [N, 2F, D], down_proj [N, D, F]}.
 FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-# Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight.
-HUB_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight. The expert index is read as an
+# int, so only ASCII digits, and few enough that int() takes them (a key in a file may hold anything).
+HUB_EXPERT_KEY = re.compile(
+    r"^model\.layers\.(\d+)\.mlp\.experts\.([0-9]{1,9})\.(gate_proj|up_proj|down_proj)\.weight$"
+)
 HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # Multi-token-prediction weights (docs/design.md §1.5): transformers ignores them on load; vLLM and SGLang read them for
 # speculative decoding; we read them when the config has the MTP module (num_nextn_predict_layers) and skip them

@@ -190,7 +190,7 @@ def check_config_fits(config: ModelConfig, shapes: dict[str, tuple[int, ...]], s
     """Refuse a config (read from `source`) whose sizes the hub tensors `shapes` (read from `weights`) cannot hold:
     more layers than the weights have, or a size past the largest dimension stored. Runs before the model is
     built, so an absurd size in config.json (n_routed_experts: 1000000000) costs nothing."""
-    layers = {int(m.group(1)) for key in shapes if (m := HUB_LAYER_KEY.match(key))}
+    layers = {m.group(1) for key in shapes if (m := HUB_LAYER_KEY.match(key))}
     if config.num_layers > len(layers):
         raise ValueError(
             f"{source}: num_layers={config.num_layers} does not fit the weights: {weights} holds tensors of "
