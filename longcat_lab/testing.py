@@ -284,3 +284,28 @@ class SyntheticRouting:
             self.forward()
             reports.append(controller.step())
         return reports
+
+
+# One small tool-use dialogue (a call, its result, the answer, a closing user turn) for tests of SFT data.
+SFT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_balance",
+            "description": "The balance of an account.",
+            "parameters": {"type": "object", "properties": {"account": {"type": "string"}}},
+        },
+    }
+]
+SFT_MESSAGES = [
+    {"role": "system", "content": "You are a bank's support agent."},
+    {"role": "user", "content": "What is the balance of account A7?"},
+    {
+        "role": "assistant",
+        "content": "Let me look.",
+        "tool_calls": [{"type": "function", "function": {"name": "get_balance", "arguments": {"account": "A7"}}}],
+    },
+    {"role": "tool", "content": '{"balance": 120}'},
+    {"role": "assistant", "content": "Account A7 holds 120."},
+    {"role": "user", "content": "Thanks, that is all."},
+]

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
-from tokenizers import Tokenizer
 
 from longcat_lab._util import check_int, staged_dir
 from longcat_lab.checkpoint.folders import is_checkpoint_folder, prepare_folder, rotate
@@ -36,6 +35,7 @@ from longcat_lab.checkpoint.layout import (
 )
 from longcat_lab.checkpoint.sharded import Sharding, load_into, save_sharded
 from longcat_lab.checkpoint.states import load_state_dicts, state_dicts
+from longcat_lab.data.tokenizer import read_tokenizer
 from longcat_lab.model.model import LongCatLM
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,12 @@ def _load_folder(ckpt: Path, device: str | torch.device):
     meta = verify(ckpt)
     model = LongCatLM(read_model_config(ckpt))
     load_model_state(model, ckpt)
-    # Read by Python, so a checkpoint rotated away meanwhile is an OSError that `load` recognises and retries.
-    tokenizer = Tokenizer.from_str((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
+    # Read by Python, so a checkpoint rotated away meanwhile is an OSError that `load` recognises and retries; a
+    # damaged file (even one that makes the tokenizers library panic) is one line naming it.
+    try:
+        tokenizer = read_tokenizer(ckpt / "tokenizer.json", model.config.vocab_size)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     return model.to(device).eval(), tokenizer, meta
 
 

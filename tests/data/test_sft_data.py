@@ -26,29 +26,9 @@ from longcat_lab.data.sft import (
 )
 from longcat_lab.data.tokenizer import train_tokenizer
 from longcat_lab.model.config import IGNORE_INDEX
+from longcat_lab.testing import SFT_MESSAGES, SFT_TOOLS
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_balance",
-            "description": "The balance of an account.",
-            "parameters": {"type": "object", "properties": {"account": {"type": "string"}}},
-        },
-    }
-]
-MESSAGES = [
-    {"role": "system", "content": "You are a bank's support agent."},
-    {"role": "user", "content": "What is the balance of account A7?"},
-    {
-        "role": "assistant",
-        "content": "Let me look.",
-        "tool_calls": [{"type": "function", "function": {"name": "get_balance", "arguments": {"account": "A7"}}}],
-    },
-    {"role": "tool", "content": '{"balance": 120}'},
-    {"role": "assistant", "content": "Account A7 holds 120."},
-    {"role": "user", "content": "Thanks, that is all."},
-]
+TOOLS, MESSAGES = SFT_TOOLS, SFT_MESSAGES
 REPLIES = [
     "Let me look." + tool_call_block("get_balance", {"account": "A7"}) + END_OF_TURN,
     "Account A7 holds 120." + END_OF_TURN,

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from longcat_lab.data.config import EOT
 from longcat_lab.data.sft import encode_dialogue, load_records, records_digest
 from longcat_lab.data.tokenizer import read_tokenizer, train_tokenizer
+from longcat_lab.testing import SFT_MESSAGES, SFT_TOOLS
 
 FUZZ = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -61,27 +62,8 @@ def replaced(doc, path: list[int], value):
     return doc
 
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_balance",
-            "description": "The balance of an account.",
-            "parameters": {"type": "object", "properties": {"account": {"type": "string"}}},
-        },
-    }
-]
-MESSAGES = [
-    {"role": "system", "content": "You are a bank's support agent."},
-    {"role": "user", "content": "What is the balance of account A7?"},
-    {
-        "role": "assistant",
-        "content": "Let me look.",
-        "tool_calls": [{"type": "function", "function": {"name": "get_balance", "arguments": {"account": "A7"}}}],
-    },
-    {"role": "tool", "content": '{"balance": 120}'},
-    {"role": "assistant", "content": "Account A7 holds 120."},
-]
+TOOLS = SFT_TOOLS
+MESSAGES = SFT_MESSAGES[:-1]  # ends with the assistant's answer
 RECORD = {"messages": MESSAGES, "tools": TOOLS, "difficulty": {}, "task_id": "bank-000001"}
 
 

@@ -23,25 +23,12 @@ from longcat_lab.train.lock import LOCK_NAME
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "longcat_lab_cache")
-
-
 def config(cache):
     return tiny_train_config(cache, 4, eval_every=0, eval_windows=2, ckpt_every=2, rg_every=0)
 
 
 def run(cfg, out, **kwargs):
     return train(presets.tiny(), cfg, out, progress=False, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def finished(cache, tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 2 and 4, and its train losses."""
-    out = tmp_path_factory.mktemp("finished")
-    res = run(config(cache), out)
-    return out, [r["loss"] for r in res.rows("train")]
 
 
 @pytest.fixture

@@ -26,11 +26,6 @@ from longcat_lab.train.lock import LOCK_NAME, RunLock, RunLockedError
 from longcat_lab.train.trainer import check_runtime
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "longcat_lab_cache")
-
-
 def config(cache, steps=4, **changes):
     return tiny_train_config(
         cache, steps, **{"eval_every": 0, "eval_windows": 2, "ckpt_every": 2, "rg_every": 0, **changes}
@@ -39,14 +34,6 @@ def config(cache, steps=4, **changes):
 
 def run(cfg, out, **kwargs):
     return train(presets.tiny(), cfg, out, progress=False, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def finished(cache, tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 2 and 4, and its train losses."""
-    out = tmp_path_factory.mktemp("finished")
-    res = run(config(cache), out)
-    return out, [r["loss"] for r in res.rows("train")]
 
 
 def copy_run(src, dst):
