@@ -8,7 +8,9 @@
   (`failure_category`, read off the episodes) and a few transcripts.
 - `evaluate_agentic_checkpoint(ckpt, base=...)`: the fine-tuned model, the pre-trained model, the
   random-valid-call baseline and the expert (the ceiling) on the same tasks, plus arithmetic exact match of each
-  model with and without the calculator; written as `agentic.json` in the checkpoint folder.
+  model with and without the calculator; written as `agentic.json` in the checkpoint folder. The models' tool
+  calls are decoded under the tools' schemas (`structured="on"`, docs/design.md §5.2), freely ("off"), or both
+  ways side by side ("both": the free agents are named `... (free)`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from longcat_lab._util import atomic_write_bytes, check_int, check_nonnegative, json_bytes
+from longcat_lab._util import atomic_write_bytes, check_choice, check_int, check_nonnegative, json_bytes
 from longcat_lab.agent.arithmetic import arithmetic_exact_match
 from longcat_lab.agent.loop import DEFAULT_MAX_TURNS, Agent, Episode, cell_name, play
 from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, sft_window
 from longcat_lab.data.sft import load_records
 from longcat_lab.eval.suite import one_thread
+from longcat_lab.inference.structured import ToolCallDecoder
 from longcat_lab.synth.agents import AXES, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
 from longcat_lab.synth.env import Task
 from longcat_lab.train import checkpoint
@@ -49,6 +52,8 @@ CATEGORIES = (
 )
 
 AGENT_ORDER = ("fine-tuned", "pre-trained", "random-valid", "expert")  # how tables list them (JSON sorts keys)
+STRUCTURED = ("on", "off", "both")
+FREE = " (free)"  # the suffix of a model agent that decodes its calls unconstrained when both ways are evaluated
 AgentFactory = Callable[[Task, int], Agent]  # (task, trial) -> a fresh agent
 
 
@@ -185,9 +190,10 @@ def evaluate_agents(
     return out
 
 
-def model_factory(model, tokenizer, **generation) -> AgentFactory:
-    """Agents for `model`, trial t sampling with seed t."""
-    return lambda task, trial: ModelAgent(model, tokenizer, seed=trial, **generation)
+def model_factory(model, tokenizer, structured: bool = True, **generation) -> AgentFactory:
+    """Agents for `model`, trial t sampling with seed t; with `structured`, all share one `ToolCallDecoder`."""
+    decoder = ToolCallDecoder(tokenizer, model.config.vocab_size) if structured else False
+    return lambda task, trial: ModelAgent(model, tokenizer, seed=trial, structured=decoder, **generation)
 
 
 def baseline_agents() -> dict[str, tuple[AgentFactory, bool]]:
@@ -223,6 +229,7 @@ def evaluate_agentic_checkpoint(
     seed: int = HELDOUT_SEED,
     write: bool = True,
     progress: bool = True,
+    structured: str = "on",
 ) -> tuple[dict[str, Any], Path | None]:
     """(result, path of agentic.json or None): module docstring. `base` is the pre-trained checkpoint (default: the
     one `ckpt` was fine-tuned from, when it still exists); `sft_data` (a JSONL file) is checked for overlap with the
@@ -230,6 +237,8 @@ def evaluate_agentic_checkpoint(
     check_int("per_cell", per_cell)
     check_int("k", k)
     check_nonnegative("temperature", temperature)
+    check_choice("structured", structured, STRUCTURED)
+    ways = {"on": {"": True}, "off": {"": False}, "both": {"": True, FREE: False}}[structured]
     tasks = heldout_tasks(per_cell, seed)
     if sft_data is not None:
         check_heldout(tasks, load_records(sft_data))
@@ -244,13 +253,20 @@ def evaluate_agentic_checkpoint(
         for name, path in models.items():
             model, tokenizer, meta = checkpoint.load(path)
             options = {"max_new_tokens": max_new_tokens, "window": sft_window(path)}
-            agents[name] = (model_factory(model, tokenizer, temperature=temperature, **options), temperature == 0)
+            for suffix, constrained in ways.items():
+                factory = model_factory(model, tokenizer, constrained, temperature=temperature, **options)
+                agents[name + suffix] = (factory, temperature == 0)
             result["models"][name] = {"checkpoint": str(path), "step": meta.get("step"), "window": options["window"]}
             result["models"][name]["arithmetic"] = arithmetic_exact_match(model, tokenizer, arithmetic_n, **options)
         agents |= baseline_agents()
         result["agents"] = evaluate_agents(agents, tasks, k, max_turns, progress=progress)
     result["seconds"] = time.perf_counter() - t0
-    result["generation"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "max_turns": max_turns}
+    result["generation"] = {
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "max_turns": max_turns,
+        "structured": structured,
+    }
     out = None
     if write:
         out = Path(models["fine-tuned"]) / AGENTIC_FILE
@@ -269,9 +285,12 @@ def format_agentic(result: dict[str, Any]) -> str:
     lines = [f"pass^k on {result['tasks']} held-out tasks ({result['per_cell']} per difficulty cell, k={k}):"]
     overall = "  ".join(f"p^{j:<2d}" for j in range(1, k + 1))
     lines.append(f"  {'agent':13s} {overall}  | " + " | ".join(f"{a} 1 / 2 / 3 (p^1)" for a in AXES))
-    agents = sorted(
-        result["agents"].items(), key=lambda item: AGENT_ORDER.index(item[0]) if item[0] in AGENT_ORDER else 9
-    )
+
+    def order(item: tuple[str, Any]) -> tuple[int, str]:
+        base = item[0].removesuffix(FREE)
+        return (AGENT_ORDER.index(base) if base in AGENT_ORDER else 9, item[0])
+
+    agents = sorted(result["agents"].items(), key=order)
     for name, a in agents:
         curve = a["pass_hat"]["overall"]
         row = "  ".join(_p(curve, j) for j in range(k))
@@ -300,6 +319,7 @@ __all__ = [
     "ERROR_KINDS",
     "HELDOUT_OFFSET",
     "HELDOUT_SEED",
+    "STRUCTURED",
     "baseline_agents",
     "check_heldout",
     "evaluate_agentic_checkpoint",

@@ -122,12 +122,16 @@ def test_eval_agentic_command_on_a_random_checkpoint(tmp_path, one_thread, capsy
     tok = load_tokenizer(512, DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
     ckpt = checkpoint.save(tmp_path / "run", 0, random_model(seed=2), tok, tiny_train_config("").to_dict(), {})
     argv = ["eval", "--agentic", "--ckpt", str(tmp_path / "run"), "--base", str(ckpt), "--k", "2"]
-    argv += ["--arithmetic", "1", "--max-turns", "2", "--max-new-tokens", "8", "--no-progress"]
+    argv += ["--arithmetic", "1", "--max-turns", "2", "--max-new-tokens", "8", "--no-progress", "--structured", "both"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "pass^k on 27 held-out tasks" in out and "arithmetic exact match, pre-trained" in out
     result = json.loads((ckpt / "agentic.json").read_text())
-    assert set(result["agents"]) == {"fine-tuned", "pre-trained", "random-valid", "expert"}
+    assert set(result["agents"]) == {"fine-tuned", "pre-trained", "random-valid", "expert"} | {
+        "fine-tuned (free)",
+        "pre-trained (free)",
+    }
+    assert out.index("fine-tuned (free)") < out.index("pre-trained ")  # each free agent follows its constrained one
     assert result["agents"]["expert"]["stop_reasons"] == {"turn_limit": 27}  # the same 2-turn limit for every agent
     assert result["models"]["fine-tuned"]["window"] == 64  # the tiny preset's last training stage
     assert main(["eval", "--agentic", "--ckpt", str(ckpt), "--k", "0"]) == 2
