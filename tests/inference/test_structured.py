@@ -145,6 +145,18 @@ def test_outside_a_call_the_tokens_are_the_unconstrained_ones():
     assert text.startswith(TOOL_CALL_OPEN + '\n{"name": "')
 
 
+def test_constraints_are_per_row_in_a_batch():
+    model, tools = random_model(seed=4), domain_tools("bank")
+    open_id = decoder().open_id
+    idx = torch.tensor([tokenizer().encode("USER: hi ASSISTANT:").ids + [open_id]] * 2)
+    c = decoder().constraint(tools)
+    c.advance(open_id)
+    both = generate(model, idx, 24, constraints=[c, None])[:, idx.shape[1] :]
+    free = generate(model, idx[1:], 24)[0, idx.shape[1] :]
+    assert torch.equal(both[1], free)  # the free row decodes as if alone
+    assert tokenizer().decode(both[0].tolist()).startswith('\n{"name": "') and c.error is None
+
+
 def test_without_constraints_decoding_is_unchanged():
     model, idx = random_model(seed=2), torch.tensor([[5, 6, 7]])
     ids, logits = generate(model, idx, 12, return_logits=True)
