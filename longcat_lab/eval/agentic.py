@@ -5,7 +5,8 @@
   900000 records; `check_heldout` refuses tasks that share an id or a reference dialogue with fine-tuning records.
 - `evaluate_agents(agents, tasks, k)`: every agent plays every task k times (`agent.play`); per agent, pass^1..k
   overall, per cell and per level of each axis (`pass_table`), the stop reasons, the failures by category
-  (`failure_category`, read off the episodes) and a few transcripts.
+  (`failure_category`, read off the episodes), partial credit (`partial_credit`: how far short of a pass an
+  episode fell) and a few transcripts.
 - `evaluate_agentic_checkpoint(ckpt, base=...)`: the fine-tuned model, the pre-trained model, the
   random-valid-call baseline and the expert (the ceiling) on the same tasks, plus arithmetic exact match of each
   model with and without the calculator; written as `agentic.json` in the checkpoint folder. The models' tool
@@ -32,7 +33,7 @@ from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent
 from longcat_lab.data.sft import load_records
 from longcat_lab.eval.suite import one_thread
 from longcat_lab.inference.structured import ToolCallDecoder
-from longcat_lab.synth.agents import AXES, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
+from longcat_lab.synth.agents import AXES, ENVIRONMENTS, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
 from longcat_lab.synth.env import Task
 from longcat_lab.train import checkpoint
 
@@ -154,6 +155,27 @@ def error_kinds(episode: Episode) -> Counter:
     return out
 
 
+def partial_credit(task: Task, episode: Episode) -> dict[str, float]:
+    """How far one episode got, step by step, for models that pass nothing yet: the share of its call blocks that
+    parsed into a call of an offered tool (`valid_calls`; 0 without any block), whether its first write call (a
+    tool that changes the database) names the reference's first write tool (`right_write_tool`) and also has its
+    arguments (`right_write_arguments`), whether the database ended as the reference leaves it (`right_end_state`,
+    the verifier's check), and the assistant turns used (`turns`)."""
+    writes = ENVIRONMENTS[task.domain].write_tools
+    calls = [c.get("function", c) for m in episode.messages for c in m.get("tool_calls") or []]
+    first = next((c for c in calls if c["name"] in writes), None)
+    reference = next((a for a in task.actions if a["name"] in writes), None)
+    blocks = episode.tool_calls + episode.malformed
+    right_tool = first is not None and reference is not None and first["name"] == reference["name"]
+    return {
+        "valid_calls": episode.tool_calls / blocks if blocks else 0.0,
+        "right_write_tool": float(right_tool),
+        "right_write_arguments": float(right_tool and first["arguments"] == reference["arguments"]),
+        "right_end_state": float(not any(r.startswith("end state differs") for r in episode.reasons)),
+        "turns": float(episode.turns),
+    }
+
+
 def evaluate_agents(
     agents: dict[str, tuple[AgentFactory, bool]],
     tasks: list[Task],
@@ -171,10 +193,12 @@ def evaluate_agents(
         t0 = time.perf_counter()
         outcomes: dict[str, list[bool]] = {}
         episodes: list[Episode] = []
+        credit: list[dict[str, float]] = []
         for task in tqdm(tasks, desc=name, disable=not progress, dynamic_ncols=True):
             played = [play(factory(task, trial), task, max_turns) for trial in range(1 if deterministic else k)]
             outcomes[task.task_id] = [e.passed for e in played] * (k if deterministic else 1)
             episodes += played
+            credit += [partial_credit(task, e) for e in played]
         failed = [e for e in episodes if not e.passed]
         out[name] = {
             "pass_hat": pass_table(outcomes, cells, k),
@@ -184,6 +208,7 @@ def evaluate_agents(
             "mean_turns": sum(e.turns for e in episodes) / len(episodes),
             "malformed_per_episode": sum(e.malformed for e in episodes) / len(episodes),
             "error_kinds": dict(sum((error_kinds(e) for e in episodes), Counter()).most_common()),
+            "partial_credit": {key: sum(c[key] for c in credit) / len(credit) for key in credit[0]},
             "transcripts": [e.to_dict() for e in ([e for e in episodes if e.passed][:1] + failed[: transcripts - 1])],
             "seconds": time.perf_counter() - t0,
         }
@@ -301,6 +326,12 @@ def format_agentic(result: dict[str, Any]) -> str:
     for name, a in agents:
         cats = ", ".join(f"{c} {n}" for c, n in a["categories"].items())
         lines.append(f"  {name}: {a['episodes']} episodes, {a['mean_turns']:.1f} turns each; {cats}")
+        if "partial_credit" in a:
+            pc = a["partial_credit"]
+            lines.append(
+                f"    valid calls {pc['valid_calls']:.2f}, first write: right tool {pc['right_write_tool']:.2f}, "
+                f"right arguments {pc['right_write_arguments']:.2f}; right end state {pc['right_end_state']:.2f}"
+            )
     for name, m in result.get("models", {}).items():
         ar = m.get("arithmetic")
         if ar:
@@ -329,6 +360,7 @@ __all__ = [
     "format_agentic",
     "heldout_tasks",
     "model_factory",
+    "partial_credit",
     "pass_table",
     "source_of",
 ]

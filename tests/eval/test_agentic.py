@@ -1,6 +1,7 @@
 """Tests of `longcat-lab eval --agentic` (`longcat_lab.eval.agentic`): pass^k tables on hand-made outcomes, the
-failure categories, the held-out task set, the baselines' floor and ceiling, arithmetic with and without the
-calculator, and the command on a random tiny checkpoint. Run: .venv/bin/python -m pytest tests/eval/test_agentic.py"""
+failure categories, partial credit, the held-out task set, the baselines' floor and ceiling, arithmetic with and
+without the calculator, and the command on a random tiny checkpoint (with and without structured calls).
+Run: .venv/bin/python -m pytest tests/eval/test_agentic.py"""
 
 import json
 
@@ -19,6 +20,7 @@ from longcat_lab.eval.agentic import (
     failure_category,
     format_agentic,
     heldout_tasks,
+    partial_credit,
     pass_table,
 )
 from longcat_lab.synth import ExpertSolver
@@ -98,6 +100,38 @@ def test_baselines_are_the_floor_and_the_ceiling():
     assert sum(out["random-valid"]["categories"].values()) == 54
     result = {"tasks": 27, "per_cell": 1, "k": 2, "agents": out}
     assert "expert" in format_agentic(result) and "1.00  1.00" in format_agentic(result)
+    assert out["expert"]["partial_credit"] == {
+        "valid_calls": 1.0,
+        "right_write_tool": 1.0,
+        "right_write_arguments": 1.0,
+        "right_end_state": 1.0,
+        "turns": out["expert"]["mean_turns"],
+    }
+    assert out["random-valid"]["partial_credit"]["valid_calls"] > 0.5  # its calls are well-formed when it calls
+    assert "right end state 1.00" in format_agentic(result)
+
+
+def test_partial_credit_reads_how_far_an_episode_got():
+    task = heldout_tasks(1)[0]
+    reference = ExpertSolver(task).run()
+    write = next(
+        c["function"]
+        for m in reference
+        for c in m.get("tool_calls") or []
+        if c["function"]["name"] in ("set_daily_limit", "transfer", "return_item", "cancel_order")
+    )
+    wrong_args = {**write, "arguments": {**write["arguments"], "zzz": 1}}
+    said = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": wrong_args}]}]
+    credit = partial_credit(task, _episode(messages=said, tool_calls=1, malformed=3, turns=5))
+    assert credit == {
+        "valid_calls": 0.25,
+        "right_write_tool": 1.0,
+        "right_write_arguments": 0.0,
+        "right_end_state": 0.0,
+        "turns": 5.0,
+    }
+    nothing = partial_credit(task, _episode(tool_calls=0, reasons=[]))
+    assert nothing["valid_calls"] == 0.0 and nothing["right_write_tool"] == 0.0 and nothing["right_end_state"] == 1.0
 
 
 def test_arithmetic_problems_and_records():
