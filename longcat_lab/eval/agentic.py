@@ -11,7 +11,7 @@
   random-valid-call baseline and the expert (the ceiling) on the same tasks, plus arithmetic exact match of each
   model with and without the calculator; written as `agentic.json` in the checkpoint folder. The models' tool
   calls are decoded under the tools' schemas (`structured="on"`, docs/design.md §5.2), freely ("off"), or both
-  ways side by side ("both": the free agents are named `... (free)`).
+  ways side by side ("both": the free agents are named `... (free)`, their arithmetic is `arithmetic_free`).
 """
 
 from __future__ import annotations
@@ -282,7 +282,11 @@ def evaluate_agentic_checkpoint(
                 factory = model_factory(model, tokenizer, constrained, temperature=temperature, **options)
                 agents[name + suffix] = (factory, temperature == 0)
             result["models"][name] = {"checkpoint": str(path), "step": meta.get("step"), "window": options["window"]}
-            result["models"][name]["arithmetic"] = arithmetic_exact_match(model, tokenizer, arithmetic_n, **options)
+            for suffix, constrained in ways.items():
+                key = "arithmetic" + ("_free" if suffix else "")
+                result["models"][name][key] = arithmetic_exact_match(
+                    model, tokenizer, arithmetic_n, structured=constrained, **options
+                )
         agents |= baseline_agents()
         result["agents"] = evaluate_agents(agents, tasks, k, max_turns, progress=progress)
     result["seconds"] = time.perf_counter() - t0
@@ -333,13 +337,15 @@ def format_agentic(result: dict[str, Any]) -> str:
                 f"right arguments {pc['right_write_arguments']:.2f}; right end state {pc['right_end_state']:.2f}"
             )
     for name, m in result.get("models", {}).items():
-        ar = m.get("arithmetic")
-        if ar:
-            w, c = ar["without_calculator"], ar["with_calculator"]
-            lines.append(
-                f"arithmetic exact match, {name}: without calculator {w['exact']}/{w['problems']}, with calculator "
-                f"{c['exact']}/{c['problems']} ({c['tool_calls']} calls)"
-            )
+        for key in ("arithmetic", "arithmetic_free"):
+            ar = m.get(key)
+            if ar:
+                w, c = ar["without_calculator"], ar["with_calculator"]
+                lines.append(
+                    f"arithmetic exact match, {name}{FREE if key.endswith('free') else ''}: without calculator "
+                    f"{w['exact']}/{w['problems']}, with calculator {c['exact']}/{c['problems']} ({c['tool_calls']} "
+                    "calls)"
+                )
     return "\n".join(lines)
 
 

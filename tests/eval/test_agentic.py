@@ -168,6 +168,8 @@ def test_eval_agentic_command_on_a_random_checkpoint(tmp_path, one_thread, capsy
     assert out.index("fine-tuned (free)") < out.index("pre-trained ")  # each free agent follows its constrained one
     assert result["agents"]["expert"]["stop_reasons"] == {"turn_limit": 27}  # the same 2-turn limit for every agent
     assert result["models"]["fine-tuned"]["window"] == 64  # the tiny preset's last training stage
+    assert {"arithmetic", "arithmetic_free"} <= set(result["models"]["pre-trained"])
+    assert "arithmetic exact match, pre-trained (free)" in out
     assert main(["eval", "--agentic", "--ckpt", str(ckpt), "--k", "0"]) == 2
     assert "--k=0" in capsys.readouterr().err
 
