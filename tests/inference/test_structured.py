@@ -111,6 +111,8 @@ def test_real_tool_schemas_give_a_valid_prefix_and_take_every_expert_call():
     tools = domain_tools("shop")
     text, c = constrained_call(random_model(seed=3), tools, 0, budget=48, temperature=1.0)
     assert text.startswith('\n{"name": "') and c.error is None
+    cached, _ = constrained_call(random_model(seed=3), tools, 0, budget=24)
+    assert constrained_call(random_model(seed=3), tools, 0, budget=24, use_cache=False)[0] == cached  # same greedy
     tok = tokenizer()
     for domain in ("bank", "shop"):
         task = TaskDesigner(0, (domain,)).design(1)
