@@ -67,7 +67,7 @@ class ToolCallConstraint:
 
     def __init__(self, grammar: _CallGrammar):
         self.grammar = grammar
-        self.matcher = grammar.matcher.deep_copy()
+        self.matcher = grammar.matcher
         self.in_call = False
         self.error: str | None = None
 
@@ -89,7 +89,8 @@ class ToolCallConstraint:
         """Move past the sampled `token`."""
         if not self.in_call:
             if token == self.grammar.open_id:
-                self.matcher.reset()
+                # A fresh copy of the compiled matcher per call (microseconds): `reset` keeps an error state.
+                self.matcher = self.grammar.matcher.deep_copy()
                 self.in_call = True
             return
         if not self.matcher.consume_token(token):

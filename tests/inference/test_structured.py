@@ -168,6 +168,18 @@ def test_without_constraints_decoding_is_unchanged():
     assert torch.equal(generate(model, idx, 12, constraints=[c]), ids)  # no open marker: mask never applied
 
 
+def test_a_token_outside_the_mask_is_reported_and_the_next_call_is_constrained_again():
+    d = decoder()
+    c = d.constraint(domain_tools("bank"))
+    c.advance(d.open_id)
+    assert not c.allowed()[d.close_id]
+    c.advance(d.close_id)  # a caller that sampled without the mask
+    assert c.error and not c.in_call and torch.equal(c.mask(torch.zeros(512)), torch.zeros(512))
+    c.advance(d.open_id)
+    allowed = c.allowed().nonzero()[:, 0].tolist()
+    assert c.in_call and allowed and all(tokenizer().decode([t]).startswith("\n") for t in allowed)
+
+
 def test_bad_input_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"tools=\[\] is not allowed"):
         decoder().constraint([])
