@@ -77,13 +77,13 @@ class ToolCallConstraint:
         if not self.in_call:
             return torch.ones(vocab, dtype=torch.bool)
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        return torch.from_numpy(np.unpackbits(bits, bitorder="little")[:vocab].astype(np.bool_))
+        return torch.from_numpy(np.unpackbits(bits, count=vocab, bitorder="little").view(np.bool_))
 
     def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
         """`logits_V` itself outside a call; inside one, a copy with -inf at every token the grammar forbids."""
         if not self.in_call:
             return logits_V
-        return logits_V.masked_fill(~self.allowed().to(logits_V.device), float("-inf"))
+        return torch.where(self.allowed().to(logits_V.device), logits_V, float("-inf"))
 
     def advance(self, token: int) -> None:
         """Move past the sampled `token`."""
