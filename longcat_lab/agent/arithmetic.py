@@ -7,7 +7,8 @@ records (the same JSONL format as `longcat-lab synth`) and `arithmetic_exact_mat
   then `Answer: N`), as in pre-training;
 - with the calculator: the assistant calls `calculator` once with the whole computation as one expression, reads
   the result and answers `Answer: N`.
-Exact match compares the last `Answer:` of the final reply with the reference; model text is only parsed.
+Exact match compares the last `Answer:` of the final reply with the reference; model text is only parsed. The
+calculator calls are decoded under its schema unless `structured=False` (docs/design.md §5.2).
 
 `longcat-lab arithmetic --n N --out FILE.jsonl [--seed S]` writes the records.
 """
@@ -22,6 +23,7 @@ from longcat_lab.agent.policies import generate_reply
 from longcat_lab.agent.turn import tool_turn
 from longcat_lab.chat import render
 from longcat_lab.data.reasoning import SplitMix64, reasoning_problem
+from longcat_lab.inference.structured import ToolCallDecoder
 from longcat_lab.tools import CALCULATOR, Registry
 
 # Fine-tuning records and the evaluation draw problems from different seeds; neither is the corpus's seed 0.
@@ -91,15 +93,25 @@ def calculator_records(n: int, seed: int = RECORD_SEED) -> list[dict[str, Any]]:
     return out
 
 
-def solve(model, tokenizer, problem: dict[str, Any], use_calculator: bool, max_turns: int = 3, **generation) -> dict:
+def solve(
+    model,
+    tokenizer,
+    problem: dict[str, Any],
+    use_calculator: bool,
+    max_turns: int = 3,
+    decoder: ToolCallDecoder | None = None,
+    **generation,
+) -> dict:
     """One problem as a chat: the model's replies (calls run by a calculator-only registry, their results fed
-    back) until a reply without calls or `max_turns`; returns the transcript and whether the answer is exact."""
+    back, decoded under the calculator's schema by `decoder` if given) until a reply without calls or
+    `max_turns`; returns the transcript and whether the answer is exact."""
     registry = Registry([CALCULATOR] if use_calculator else [])
     tools = registry.specs() or None
     messages: list[dict[str, Any]] = [{"role": "user", "content": problem["question"]}]
     final = ""
     for _ in range(max_turns):
-        text = generate_reply(model, tokenizer, render(messages, tools), **generation)
+        constraint = decoder.constraint(tools) if decoder is not None and tools else None
+        text = generate_reply(model, tokenizer, render(messages, tools), constraint=constraint, **generation)
         turn = tool_turn(text, registry, messages)
         final = turn.reply.content
         if not turn.called:
@@ -107,11 +119,21 @@ def solve(model, tokenizer, problem: dict[str, Any], use_calculator: bool, max_t
     return {"messages": messages, "exact": answer_of(final) == problem["answer"]}
 
 
-def arithmetic_exact_match(model, tokenizer, n: int = 32, seed: int = EVAL_SEED, transcripts: int = 2, **generation):
-    """Exact match on n held-out problems without and with the calculator (greedy unless told otherwise)."""
+def arithmetic_exact_match(
+    model,
+    tokenizer,
+    n: int = 32,
+    seed: int = EVAL_SEED,
+    transcripts: int = 2,
+    structured: bool = True,
+    **generation,
+):
+    """Exact match on n held-out problems without and with the calculator (greedy unless told otherwise; the
+    calculator calls constrained to its schema unless not `structured`)."""
+    decoder = ToolCallDecoder(tokenizer, model.config.vocab_size) if structured else None
     out = {}
     for name, use in (("without_calculator", False), ("with_calculator", True)):
-        runs = [solve(model, tokenizer, p, use, **generation) for p in problems(n, seed)]
+        runs = [solve(model, tokenizer, p, use, decoder=decoder, **generation) for p in problems(n, seed)]
         exact = sum(r["exact"] for r in runs)
         calls = sum(len(m.get("tool_calls") or []) for r in runs for m in r["messages"])
         out[name] = {

@@ -163,7 +163,7 @@ def play(agent: Agent, task: Task, max_turns: int = DEFAULT_MAX_TURNS) -> Episod
 
 def run_episode(model, tokenizer, task: Task, *, max_turns: int = DEFAULT_MAX_TURNS, **generation) -> Episode:
     """Play `task` with `model` (generation options as in `agent.policies.ModelAgent`: max_new_tokens,
-    temperature, top_p, seed, on_text)."""
+    temperature, top_p, seed, on_text, structured)."""
     return play(ModelAgent(model, tokenizer, **generation), task, max_turns)
 
 

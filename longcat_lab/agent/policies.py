@@ -2,7 +2,7 @@
 
 - `ModelAgent`: a `LongCatLM` renders the conversation with the chat template and generates the reply
   (`generate_reply`, which the chat command streams to the terminal, in the window `sft_window` reads off the
-  checkpoint);
+  checkpoint); by default its tool calls are decoded under the offered tools' schemas (`inference.structured`);
 - `RandomValidAgent`: the floor, calls offered tools at random with arguments that satisfy their schemas (strings
   and numbers taken from the conversation so far), then ends;
 - `ExpertAgent`: the ceiling, replays the expert solver's reference replies for the task.
@@ -21,6 +21,7 @@ import torch
 
 from longcat_lab._util import check_int, check_nonnegative
 from longcat_lab.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, encode_chat, render, tool_call_block
+from longcat_lab.inference.structured import ToolCallConstraint, ToolCallDecoder
 from longcat_lab.inference.text import TextStream, reply_stop_ids, token_stream
 from longcat_lab.synth.agents import ExpertSolver
 from longcat_lab.synth.env import Task
@@ -43,11 +44,13 @@ def generate_reply(
     generator: torch.Generator | None = None,
     on_text: Callable[[str], None] | None = None,
     window: int | None = None,
+    constraint: ToolCallConstraint | None = None,
 ) -> str:
     """The assistant reply the model generates after `prompt` (which ends with ` ASSISTANT:`): until
     `</longcat_s>`, the document separator, a closing tool-call marker that no further call follows, or
     `max_new_tokens`. The prompt and the reply share `window` positions (default: the model's
-    max_position_embeddings); a longer prompt keeps its last tokens. `on_text` receives the text as it grows."""
+    max_position_embeddings); a longer prompt keeps its last tokens. `on_text` receives the text as it grows. A
+    fresh `constraint` (`ToolCallDecoder.constraint(tools)`) decodes the reply's tool calls under their schemas."""
     window = window or model.config.max_position_embeddings
     check_int("window", window, 2)
     max_new_tokens = min(max_new_tokens, window // 2)
@@ -59,7 +62,10 @@ def generate_reply(
         return bool(kept) and kept[-1] == close and token != reopen
 
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
-    tokens = token_stream(model, idx, max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    options = {"temperature": temperature, "top_p": top_p, "generator": generator}
+    if constraint is not None:
+        options["constraints"] = [constraint]
+    tokens = token_stream(model, idx, max_new_tokens, **options)
     return TextStream(tokenizer, tokens, reply_stop_ids(tokenizer), ends).follow(on_text)
 
 
@@ -74,7 +80,9 @@ def sft_window(ckpt: Path) -> int | None:
 
 
 class ModelAgent:
-    """A model as the agent: each reply is generated from the whole conversation rendered with the tools."""
+    """A model as the agent: each reply is generated from the whole conversation rendered with the tools. With
+    `structured` (True, or a `ToolCallDecoder` to share between agents) a reply's tool calls are decoded under the
+    offered tools' schemas; False decodes freely, as the model alone would."""
 
     def __init__(
         self,
@@ -87,6 +95,7 @@ class ModelAgent:
         seed: int = 0,
         window: int | None = None,
         on_text: Callable[[str], None] | None = None,
+        structured: bool | ToolCallDecoder = True,
     ):
         check_int("max_new_tokens", max_new_tokens)
         check_nonnegative("temperature", temperature)
@@ -94,11 +103,21 @@ class ModelAgent:
         self.options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "window": window}
         self.generator = torch.Generator(device=model.device).manual_seed(seed)
         self.on_text = on_text
+        if structured is True:
+            structured = ToolCallDecoder(tokenizer, model.config.vocab_size)
+        self.decoder = structured or None
 
     def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
         prompt = render(messages, tools or None, add_generation_prompt=True)
+        constraint = self.decoder.constraint(tools) if self.decoder is not None and tools else None
         return generate_reply(
-            self.model, self.tokenizer, prompt, generator=self.generator, on_text=self.on_text, **self.options
+            self.model,
+            self.tokenizer,
+            prompt,
+            generator=self.generator,
+            on_text=self.on_text,
+            constraint=constraint,
+            **self.options,
         )
 
 

@@ -1,5 +1,6 @@
 """`longcat-lab chat --ckpt RUN [--tools calculator bank shop]`: chat with a checkpoint in the terminal; the reply
-streams as it is generated, and the model's tool calls are run and fed back (`agent.chat`, docs/design.md §5.5)."""
+streams as it is generated, and the model's tool calls are run and fed back (`agent.chat`, docs/design.md §5.5).
+The calls are decoded under the offered tools' JSON schemas (docs/design.md §5.2) unless `--no-structured`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from longcat_lab._util import check_int
 from longcat_lab.agent.chat import TOOLSETS, build_tools, converse
 from longcat_lab.agent.policies import generate_reply, sft_window
 from longcat_lab.cli.arguments import check_sampling
+from longcat_lab.inference.structured import ToolCallDecoder
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,6 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=192, metavar="N", help="longest reply")
     p.add_argument("--window", type=int, metavar="N", help="positions for prompt and reply (default: as trained)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-structured",
+        action="store_true",
+        help="decode tool calls freely (default: constrained to the offered tools' JSON schemas)",
+    )
     return p
 
 
@@ -46,14 +53,21 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
         out.write(piece)
         out.flush()
 
+    structured = registry.names and not args.no_structured
+    decoder = ToolCallDecoder(tokenizer, model.config.vocab_size) if structured else None
+
     def reply(prompt: str) -> str:
         options = {"temperature": args.temperature, "top_p": args.top_p, "window": window}
+        if decoder is not None:
+            options["constraint"] = decoder.constraint(registry.specs())
         return generate_reply(
             model, tokenizer, prompt, args.max_new_tokens, generator=generator, on_text=write, **options
         )
 
+    calls = " (calls constrained to their schemas)" if decoder is not None else ""
     out.write(
-        f"[longcat-lab] chat with {ckpt} (step {meta.get('step')}); tools: {', '.join(registry.names) or 'none'}\n"
+        f"[longcat-lab] chat with {ckpt} (step {meta.get('step')}); "
+        f"tools: {', '.join(registry.names) or 'none'}{calls}\n"
     )
     for note in notes:
         out.write(f"[longcat-lab] {note}\n")

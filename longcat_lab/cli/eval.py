@@ -1,7 +1,8 @@
 """`longcat-lab eval --ckpt RUN`: the evaluator on a checkpoint (or a run folder's newest), printed as a table and
 written as `eval.json` inside the checkpoint folder. With `--agentic`, the agentic evaluation instead
 (docs/design.md §5.5): pass^k on held-out synthesised tasks for the checkpoint, the `--base` model, the
-random-valid-call baseline and the expert, and arithmetic with and without the calculator (`agentic.json`)."""
+random-valid-call baseline and the expert, and arithmetic with and without the calculator (`agentic.json`);
+`--structured both` plays each model with its tool calls constrained to the schemas and free, side by side."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from longcat_lab._util import check_int, check_seed
-from longcat_lab.eval.agentic import evaluate_agentic_checkpoint, format_agentic
+from longcat_lab.eval.agentic import STRUCTURED, evaluate_agentic_checkpoint, format_agentic
 from longcat_lab.eval.suite import evaluate_checkpoint, format_table
 
 
@@ -35,6 +36,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ag.add_argument("--seed", type=int, default=1, help="designer seed of the evaluation tasks")
     ag.add_argument("--sft-data", type=Path, help="fine-tuning JSONL: refuse tasks that also appear in it")
     ag.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ag.add_argument(
+        "--structured",
+        choices=STRUCTURED,
+        default="on",
+        help="the models' tool calls constrained to the tools' JSON schemas (on), free (off), or both side by side",
+    )
     return p
 
 
@@ -66,6 +73,7 @@ def run_agentic(args: argparse.Namespace) -> None:
         seed=args.seed,
         write=not args.no_write,
         progress=not args.no_progress,
+        structured=args.structured,
     )
     ckpt = result["models"]["fine-tuned"]["checkpoint"]
     print(f"[longcat-lab] agentic evaluation of {ckpt} ({result['seconds']:.0f} s)")

@@ -5,10 +5,13 @@
   900000 records; `check_heldout` refuses tasks that share an id or a reference dialogue with fine-tuning records.
 - `evaluate_agents(agents, tasks, k)`: every agent plays every task k times (`agent.play`); per agent, pass^1..k
   overall, per cell and per level of each axis (`pass_table`), the stop reasons, the failures by category
-  (`failure_category`, read off the episodes) and a few transcripts.
+  (`failure_category`, read off the episodes), partial credit (`partial_credit`: how far short of a pass an
+  episode fell) and a few transcripts.
 - `evaluate_agentic_checkpoint(ckpt, base=...)`: the fine-tuned model, the pre-trained model, the
   random-valid-call baseline and the expert (the ceiling) on the same tasks, plus arithmetic exact match of each
-  model with and without the calculator; written as `agentic.json` in the checkpoint folder.
+  model with and without the calculator; written as `agentic.json` in the checkpoint folder. The models' tool
+  calls are decoded under the tools' schemas (`structured="on"`, docs/design.md §5.2), freely ("off"), or both
+  ways side by side ("both": the free agents are named `... (free)`, their arithmetic is `arithmetic_free`).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from longcat_lab import checkpoint
-from longcat_lab._util import atomic_write_bytes, check_int, check_nonnegative, json_bytes
+from longcat_lab._util import atomic_write_bytes, check_choice, check_int, check_nonnegative, json_bytes
 from longcat_lab.agent.arithmetic import arithmetic_exact_match
 from longcat_lab.agent.loop import DEFAULT_MAX_TURNS, Agent, Episode, cell_name, play
 from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, sft_window
 from longcat_lab.data.sft import load_records
 from longcat_lab.eval.suite import one_thread
-from longcat_lab.synth.agents import AXES, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
+from longcat_lab.inference.structured import ToolCallDecoder
+from longcat_lab.synth.agents import AXES, ENVIRONMENTS, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
 from longcat_lab.synth.env import Task
 
 AGENTIC_FILE = "agentic.json"
@@ -49,6 +53,8 @@ CATEGORIES = (
 )
 
 AGENT_ORDER = ("fine-tuned", "pre-trained", "random-valid", "expert")  # how tables list them (JSON sorts keys)
+STRUCTURED = ("on", "off", "both")
+FREE = " (free)"  # the suffix of a model agent that decodes its calls unconstrained when both ways are evaluated
 AgentFactory = Callable[[Task, int], Agent]  # (task, trial) -> a fresh agent
 
 
@@ -149,6 +155,27 @@ def error_kinds(episode: Episode) -> Counter:
     return out
 
 
+def partial_credit(task: Task, episode: Episode) -> dict[str, float]:
+    """How far one episode got, step by step, for models that pass nothing yet: the share of its call blocks that
+    parsed into a call of an offered tool (`valid_calls`; 0 without any block), whether its first write call (a
+    tool that changes the database) names the reference's first write tool (`right_write_tool`) and also has its
+    arguments (`right_write_arguments`), whether the database ended as the reference leaves it (`right_end_state`,
+    the verifier's check), and the assistant turns used (`turns`)."""
+    writes = ENVIRONMENTS[task.domain].write_tools
+    calls = [c.get("function", c) for m in episode.messages for c in m.get("tool_calls") or []]
+    first = next((c for c in calls if c["name"] in writes), None)
+    reference = next((a for a in task.actions if a["name"] in writes), None)
+    blocks = episode.tool_calls + episode.malformed
+    right_tool = first is not None and reference is not None and first["name"] == reference["name"]
+    return {
+        "valid_calls": episode.tool_calls / blocks if blocks else 0.0,
+        "right_write_tool": float(right_tool),
+        "right_write_arguments": float(right_tool and first["arguments"] == reference["arguments"]),
+        "right_end_state": float(not any(r.startswith("end state differs") for r in episode.reasons)),
+        "turns": float(episode.turns),
+    }
+
+
 def evaluate_agents(
     agents: dict[str, tuple[AgentFactory, bool]],
     tasks: list[Task],
@@ -166,10 +193,12 @@ def evaluate_agents(
         t0 = time.perf_counter()
         outcomes: dict[str, list[bool]] = {}
         episodes: list[Episode] = []
+        credit: list[dict[str, float]] = []
         for task in tqdm(tasks, desc=name, disable=not progress, dynamic_ncols=True):
             played = [play(factory(task, trial), task, max_turns) for trial in range(1 if deterministic else k)]
             outcomes[task.task_id] = [e.passed for e in played] * (k if deterministic else 1)
             episodes += played
+            credit += [partial_credit(task, e) for e in played]
         failed = [e for e in episodes if not e.passed]
         out[name] = {
             "pass_hat": pass_table(outcomes, cells, k),
@@ -179,15 +208,17 @@ def evaluate_agents(
             "mean_turns": sum(e.turns for e in episodes) / len(episodes),
             "malformed_per_episode": sum(e.malformed for e in episodes) / len(episodes),
             "error_kinds": dict(sum((error_kinds(e) for e in episodes), Counter()).most_common()),
+            "partial_credit": {key: sum(c[key] for c in credit) / len(credit) for key in credit[0]},
             "transcripts": [e.to_dict() for e in ([e for e in episodes if e.passed][:1] + failed[: transcripts - 1])],
             "seconds": time.perf_counter() - t0,
         }
     return out
 
 
-def model_factory(model, tokenizer, **generation) -> AgentFactory:
-    """Agents for `model`, trial t sampling with seed t."""
-    return lambda task, trial: ModelAgent(model, tokenizer, seed=trial, **generation)
+def model_factory(model, tokenizer, structured: bool = True, **generation) -> AgentFactory:
+    """Agents for `model`, trial t sampling with seed t; with `structured`, all share one `ToolCallDecoder`."""
+    decoder = ToolCallDecoder(tokenizer, model.config.vocab_size) if structured else False
+    return lambda task, trial: ModelAgent(model, tokenizer, seed=trial, structured=decoder, **generation)
 
 
 def baseline_agents() -> dict[str, tuple[AgentFactory, bool]]:
@@ -223,6 +254,7 @@ def evaluate_agentic_checkpoint(
     seed: int = HELDOUT_SEED,
     write: bool = True,
     progress: bool = True,
+    structured: str = "on",
 ) -> tuple[dict[str, Any], Path | None]:
     """(result, path of agentic.json or None): module docstring. `base` is the pre-trained checkpoint (default: the
     one `ckpt` was fine-tuned from, when it still exists); `sft_data` (a JSONL file) is checked for overlap with the
@@ -230,6 +262,8 @@ def evaluate_agentic_checkpoint(
     check_int("per_cell", per_cell)
     check_int("k", k)
     check_nonnegative("temperature", temperature)
+    check_choice("structured", structured, STRUCTURED)
+    ways = {"on": {"": True}, "off": {"": False}, "both": {"": True, FREE: False}}[structured]
     tasks = heldout_tasks(per_cell, seed)
     if sft_data is not None:
         check_heldout(tasks, load_records(sft_data))
@@ -244,13 +278,24 @@ def evaluate_agentic_checkpoint(
         for name, path in models.items():
             model, tokenizer, meta = checkpoint.load(path)
             options = {"max_new_tokens": max_new_tokens, "window": sft_window(path)}
-            agents[name] = (model_factory(model, tokenizer, temperature=temperature, **options), temperature == 0)
+            for suffix, constrained in ways.items():
+                factory = model_factory(model, tokenizer, constrained, temperature=temperature, **options)
+                agents[name + suffix] = (factory, temperature == 0)
             result["models"][name] = {"checkpoint": str(path), "step": meta.get("step"), "window": options["window"]}
-            result["models"][name]["arithmetic"] = arithmetic_exact_match(model, tokenizer, arithmetic_n, **options)
+            for suffix, constrained in ways.items():
+                key = "arithmetic" + ("_free" if suffix else "")
+                result["models"][name][key] = arithmetic_exact_match(
+                    model, tokenizer, arithmetic_n, structured=constrained, **options
+                )
         agents |= baseline_agents()
         result["agents"] = evaluate_agents(agents, tasks, k, max_turns, progress=progress)
     result["seconds"] = time.perf_counter() - t0
-    result["generation"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "max_turns": max_turns}
+    result["generation"] = {
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "max_turns": max_turns,
+        "structured": structured,
+    }
     out = None
     if write:
         out = Path(models["fine-tuned"]) / AGENTIC_FILE
@@ -269,9 +314,12 @@ def format_agentic(result: dict[str, Any]) -> str:
     lines = [f"pass^k on {result['tasks']} held-out tasks ({result['per_cell']} per difficulty cell, k={k}):"]
     overall = "  ".join(f"p^{j:<2d}" for j in range(1, k + 1))
     lines.append(f"  {'agent':13s} {overall}  | " + " | ".join(f"{a} 1 / 2 / 3 (p^1)" for a in AXES))
-    agents = sorted(
-        result["agents"].items(), key=lambda item: AGENT_ORDER.index(item[0]) if item[0] in AGENT_ORDER else 9
-    )
+
+    def order(item: tuple[str, Any]) -> tuple[int, str]:
+        base = item[0].removesuffix(FREE)
+        return (AGENT_ORDER.index(base) if base in AGENT_ORDER else 9, item[0])
+
+    agents = sorted(result["agents"].items(), key=order)
     for name, a in agents:
         curve = a["pass_hat"]["overall"]
         row = "  ".join(_p(curve, j) for j in range(k))
@@ -282,14 +330,22 @@ def format_agentic(result: dict[str, Any]) -> str:
     for name, a in agents:
         cats = ", ".join(f"{c} {n}" for c, n in a["categories"].items())
         lines.append(f"  {name}: {a['episodes']} episodes, {a['mean_turns']:.1f} turns each; {cats}")
-    for name, m in result.get("models", {}).items():
-        ar = m.get("arithmetic")
-        if ar:
-            w, c = ar["without_calculator"], ar["with_calculator"]
+        if "partial_credit" in a:
+            pc = a["partial_credit"]
             lines.append(
-                f"arithmetic exact match, {name}: without calculator {w['exact']}/{w['problems']}, with calculator "
-                f"{c['exact']}/{c['problems']} ({c['tool_calls']} calls)"
+                f"    valid calls {pc['valid_calls']:.2f}, first write: right tool {pc['right_write_tool']:.2f}, "
+                f"right arguments {pc['right_write_arguments']:.2f}; right end state {pc['right_end_state']:.2f}"
             )
+    for name, m in result.get("models", {}).items():
+        for key in ("arithmetic", "arithmetic_free"):
+            ar = m.get(key)
+            if ar:
+                w, c = ar["without_calculator"], ar["with_calculator"]
+                lines.append(
+                    f"arithmetic exact match, {name}{FREE if key.endswith('free') else ''}: without calculator "
+                    f"{w['exact']}/{w['problems']}, with calculator {c['exact']}/{c['problems']} ({c['tool_calls']} "
+                    "calls)"
+                )
     return "\n".join(lines)
 
 
@@ -300,6 +356,7 @@ __all__ = [
     "ERROR_KINDS",
     "HELDOUT_OFFSET",
     "HELDOUT_SEED",
+    "STRUCTURED",
     "baseline_agents",
     "check_heldout",
     "evaluate_agentic_checkpoint",
@@ -309,6 +366,7 @@ __all__ = [
     "format_agentic",
     "heldout_tasks",
     "model_factory",
+    "partial_credit",
     "pass_table",
     "source_of",
 ]

@@ -8,7 +8,8 @@ step against the cache, in which each MLA block takes its absorbed step and the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -16,6 +17,15 @@ from torch import nn
 from longcat_lab._util import check_int, check_nonnegative
 from longcat_lab.model.cache import LatentCache
 from longcat_lab.model.model import LongCatLM
+
+
+class Constraint(Protocol):
+    """A per-sequence rule on which tokens may come next (`inference.structured.ToolCallConstraint`): `mask` returns
+    the logits of one row ([vocab]) with forbidden tokens at -inf, `advance` is told the token that was sampled."""
+
+    def mask(self, logits_V: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, token: int) -> None: ...
 
 
 @torch.inference_mode()
@@ -29,9 +39,12 @@ def stream(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     return_logits: bool = False,
+    constraints: Sequence[Constraint | None] | None = None,
 ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Yield each new token ([B, 1]) as it is decoded; greedy at temperature 0, else top-p sampling. With
-    return_logits=True yield (token, logits [B, vocab] in fp32, before temperature) instead.
+    return_logits=True yield (token, logits [B, vocab] in fp32, before temperature) instead. `constraints` (one
+    per row, None for a free row) mask each row's logits before sampling and are told each sampled token; the
+    yielded logits are then the masked ones.
 
     With the cache, the prompt goes through `forward` once, filling the latent cache, and every later token is one
     more `forward` of that single position against the cache: the wiring is `LongCatLayer.forward`'s own. Without
@@ -40,6 +53,8 @@ def stream(
     in place outside inference mode. The prompt is checked once; later steps skip `forward`'s id checks (their
     host syncs), since generated ids are in range by construction."""
     check_generation(model, idx, max_new_tokens, temperature, top_p)
+    if constraints is not None and len(constraints) != idx.shape[0]:
+        raise ValueError(f"constraints has {len(constraints)} entries: it needs one per row of idx ({idx.shape[0]})")
     was_training = model.training
     model.eval()
     try:
@@ -52,7 +67,13 @@ def stream(
         seq = inputs = idx.long()
         for _ in range(max_new_tokens):
             logits = model.forward(inputs, cache=cache, logits_to_keep=1, validate=False).logits[:, -1]
+            if constraints is not None:
+                logits = torch.stack([c.mask(row) if c is not None else row for c, row in zip(constraints, logits)])
             token = sample_next(logits, temperature, top_p, generator)
+            if constraints is not None:
+                for c, t in zip(constraints, token[:, 0].tolist()):
+                    if c is not None:
+                        c.advance(t)
             yield (token, logits) if return_logits else token
             if cache is None:
                 seq = inputs = torch.cat([seq, token], dim=1)

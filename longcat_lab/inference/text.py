@@ -30,7 +30,9 @@ def token_stream(
     model, idx: torch.Tensor, max_new_tokens: int, *, speculative: bool = False, **options
 ) -> Iterator[torch.Tensor]:
     """Each new token ([B, 1]) after `idx`: `generate.stream`, or `speculative.speculative_stream` (the model's MTP
-    module drafts, batch 1). `options`: temperature, top_p, generator."""
+    module drafts, batch 1). `options`: temperature, top_p, generator, and `constraints` (plain decoding only)."""
+    if speculative and options.get("constraints") is not None:
+        raise ValueError("constraints are not allowed with speculative=True: drafted tokens are not masked")
     if speculative:
         return speculative_stream(model, idx, max_new_tokens, **options)
     return stream(model, idx, max_new_tokens, **options)

@@ -1,6 +1,7 @@
 """Tests of `longcat-lab eval --agentic` (`longcat_lab.eval.agentic`): pass^k tables on hand-made outcomes, the
-failure categories, the held-out task set, the baselines' floor and ceiling, arithmetic with and without the
-calculator, and the command on a random tiny checkpoint. Run: .venv/bin/python -m pytest tests/eval/test_agentic.py"""
+failure categories, partial credit, the held-out task set, the baselines' floor and ceiling, arithmetic with and
+without the calculator, and the command on a random tiny checkpoint (with and without structured calls).
+Run: .venv/bin/python -m pytest tests/eval/test_agentic.py"""
 
 import json
 
@@ -19,6 +20,7 @@ from longcat_lab.eval.agentic import (
     failure_category,
     format_agentic,
     heldout_tasks,
+    partial_credit,
     pass_table,
 )
 from longcat_lab.synth import ExpertSolver
@@ -98,6 +100,38 @@ def test_baselines_are_the_floor_and_the_ceiling():
     assert sum(out["random-valid"]["categories"].values()) == 54
     result = {"tasks": 27, "per_cell": 1, "k": 2, "agents": out}
     assert "expert" in format_agentic(result) and "1.00  1.00" in format_agentic(result)
+    assert out["expert"]["partial_credit"] == {
+        "valid_calls": 1.0,
+        "right_write_tool": 1.0,
+        "right_write_arguments": 1.0,
+        "right_end_state": 1.0,
+        "turns": out["expert"]["mean_turns"],
+    }
+    assert out["random-valid"]["partial_credit"]["valid_calls"] > 0.5  # its calls are well-formed when it calls
+    assert "right end state 1.00" in format_agentic(result)
+
+
+def test_partial_credit_reads_how_far_an_episode_got():
+    task = heldout_tasks(1)[0]
+    reference = ExpertSolver(task).run()
+    write = next(
+        c["function"]
+        for m in reference
+        for c in m.get("tool_calls") or []
+        if c["function"]["name"] in ("set_daily_limit", "transfer", "return_item", "cancel_order")
+    )
+    wrong_args = {**write, "arguments": {**write["arguments"], "zzz": 1}}
+    said = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": wrong_args}]}]
+    credit = partial_credit(task, _episode(messages=said, tool_calls=1, malformed=3, turns=5))
+    assert credit == {
+        "valid_calls": 0.25,
+        "right_write_tool": 1.0,
+        "right_write_arguments": 0.0,
+        "right_end_state": 0.0,
+        "turns": 5.0,
+    }
+    nothing = partial_credit(task, _episode(tool_calls=0, reasons=[]))
+    assert nothing["valid_calls"] == 0.0 and nothing["right_write_tool"] == 0.0 and nothing["right_end_state"] == 1.0
 
 
 def test_arithmetic_problems_and_records():
@@ -122,14 +156,20 @@ def test_eval_agentic_command_on_a_random_checkpoint(tmp_path, one_thread, capsy
     tok = load_tokenizer(512, DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
     ckpt = checkpoint.save(tmp_path / "run", 0, random_model(seed=2), tok, tiny_train_config("").to_dict(), {})
     argv = ["eval", "--agentic", "--ckpt", str(tmp_path / "run"), "--base", str(ckpt), "--k", "2"]
-    argv += ["--arithmetic", "1", "--max-turns", "2", "--max-new-tokens", "8", "--no-progress"]
+    argv += ["--arithmetic", "1", "--max-turns", "2", "--max-new-tokens", "8", "--no-progress", "--structured", "both"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "pass^k on 27 held-out tasks" in out and "arithmetic exact match, pre-trained" in out
     result = json.loads((ckpt / "agentic.json").read_text())
-    assert set(result["agents"]) == {"fine-tuned", "pre-trained", "random-valid", "expert"}
+    assert set(result["agents"]) == {"fine-tuned", "pre-trained", "random-valid", "expert"} | {
+        "fine-tuned (free)",
+        "pre-trained (free)",
+    }
+    assert out.index("fine-tuned (free)") < out.index("pre-trained ")  # each free agent follows its constrained one
     assert result["agents"]["expert"]["stop_reasons"] == {"turn_limit": 27}  # the same 2-turn limit for every agent
     assert result["models"]["fine-tuned"]["window"] == 64  # the tiny preset's last training stage
+    assert {"arithmetic", "arithmetic_free"} <= set(result["models"]["pre-trained"])
+    assert "arithmetic exact match, pre-trained (free)" in out
     assert main(["eval", "--agentic", "--ckpt", str(ckpt), "--k", "0"]) == 2
     assert "--k=0" in capsys.readouterr().err
 

@@ -1,0 +1,143 @@
+"""Structured decoding of tool calls (docs/design.md §5.2): after the `<longcat_tool_call>` marker the model can only
+write `{"name": <an offered tool>, "arguments": <that tool's JSON schema>}` and the closing marker, as serving
+engines do with a grammar library; everywhere else its logits are untouched.
+
+`llguidance` compiles the grammar (a JSON schema embedded in a small Lark rule) for our own byte-level BPE
+`tokenizer.json` and, token by token, gives the set of tokens that keep the text a prefix of the grammar. A
+`ToolCallDecoder` holds the tokenizer and one compiled grammar per set of offered tools; each sequence being decoded
+gets its own `ToolCallConstraint` (`decoder.constraint(tools)`), which the decoding loop calls twice per token:
+`mask(logits_V)` before sampling and `advance(token)` after (`inference.generate.stream`'s `constraints`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+import numpy as np
+import torch
+
+from longcat_lab.chat.template import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+# The JSON exactly as `chat.tool_call_block` renders it (json.dumps' separators, no other whitespace): the form the
+# model was fine-tuned on, and no room for a model to spend its token budget on spaces.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The function parts of OpenAI-style tool specs (or flat {name, parameters} dicts); ValueError for anything else
+    and for a name offered twice."""
+    if not isinstance(tools, (list, tuple)) or not tools:
+        raise ValueError(f"tools={tools!r} is not allowed: structured decoding needs a non-empty list of tool specs")
+    out, seen = [], set()
+    for i, t in enumerate(tools):
+        f = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ValueError(f"tools[{i}]={t!r} is not allowed: it must be a tool spec with a string 'name'")
+        if f["name"] in seen:
+            raise ValueError(f"tools[{i}].name={f['name']!r} is not allowed: the name is offered twice")
+        seen.add(f["name"])
+        out.append(f)
+    return out
+
+
+def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON schema of one call to one of `tools`: an object whose first key `name` is a tool's name and whose
+    `arguments` satisfy that tool's `parameters` (default: any object)."""
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in _functions(tools)
+        ],
+        "x-guidance": JSON_OPTIONS,
+    }
+
+
+class ToolCallConstraint:
+    """The constraint on one sequence: free text until the open marker, then the call grammar until the closing
+    marker, then free text again (a reply may hold several calls). `error` holds llguidance's message if a token
+    outside the mask was ever advanced (the call is then left unconstrained, and the parser reports it)."""
+
+    def __init__(self, grammar: _CallGrammar):
+        self.grammar = grammar
+        self.matcher = grammar.matcher
+        self.in_call = False
+        self.error: str | None = None
+
+    def allowed(self) -> torch.Tensor:
+        """The tokens the grammar allows next, as a bool tensor [vocab] (all of them outside a call)."""
+        vocab = self.grammar.vocab_size
+        if not self.in_call:
+            return torch.ones(vocab, dtype=torch.bool)
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        return torch.from_numpy(np.unpackbits(bits, count=vocab, bitorder="little").view(np.bool_))
+
+    def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
+        """`logits_V` itself outside a call; inside one, a copy with -inf at every token the grammar forbids."""
+        if not self.in_call:
+            return logits_V
+        return torch.where(self.allowed().to(logits_V.device), logits_V, float("-inf"))
+
+    def advance(self, token: int) -> None:
+        """Move past the sampled `token`."""
+        if not self.in_call:
+            if token == self.grammar.open_id:
+                # A fresh copy of the compiled matcher per call (microseconds): `reset` keeps an error state.
+                self.matcher = self.grammar.matcher.deep_copy()
+                self.in_call = True
+            return
+        if not self.matcher.consume_token(token):
+            self.error = self.matcher.get_error()
+            self.in_call = False
+        elif self.matcher.is_stopped():
+            self.in_call = False
+
+
+class _CallGrammar:
+    """The compiled call grammar for one set of tools: the open marker's newline, the call's JSON, a newline and the
+    closing marker token (the layout `chat.tool_call_block` renders)."""
+
+    def __init__(self, guidance, vocab_size: int, open_id: int, close_id: int, tools: Sequence[dict[str, Any]]):
+        self.vocab_size, self.open_id = vocab_size, open_id
+        lark = f'start: "\\n" call "\\n" <[{close_id}]>\ncall: %json {json.dumps(call_schema(tools))}\n'
+        self.matcher = llguidance.LLMatcher(guidance, lark, log_level=0)
+        if self.matcher.is_error():
+            names = [f["name"] for f in _functions(tools)]
+            error = self.matcher.get_error().splitlines()[0]
+            raise ValueError(f"tools={names}: their schemas are not allowed for structured decoding: {error}")
+
+
+class ToolCallDecoder:
+    """Structured tool calls for one tokenizer: `constraint(tools)` gives a fresh per-sequence `ToolCallConstraint`
+    for the offered tools; grammars are compiled once per distinct tool set. `vocab_size` is the model's (at least
+    the tokenizer's)."""
+
+    def __init__(self, tokenizer, vocab_size: int | None = None):
+        ids = {m: tokenizer.token_to_id(m) for m in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, END_OF_TURN)}
+        missing = [m for m, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer is not allowed: it lacks the chat marker(s) {missing} as single tokens")
+        size = tokenizer.get_vocab_size()
+        vocab_size = size if vocab_size is None else vocab_size
+        if vocab_size < size:
+            raise ValueError(f"vocab_size={vocab_size} is not allowed: the tokenizer has {size} tokens")
+        self.vocab_size = vocab_size
+        self.open_id, self.close_id = ids[TOOL_CALL_OPEN], ids[TOOL_CALL_CLOSE]
+        self.guidance = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=ids[END_OF_TURN])
+        self._grammars: dict[str, _CallGrammar] = {}
+
+    def constraint(self, tools: Sequence[dict[str, Any]]) -> ToolCallConstraint:
+        key = json.dumps(tools, sort_keys=True, default=str)
+        if key not in self._grammars:
+            self._grammars[key] = _CallGrammar(self.guidance, self.vocab_size, self.open_id, self.close_id, tools)
+        return ToolCallConstraint(self._grammars[key])
+
+
+__all__ = ["JSON_OPTIONS", "ToolCallConstraint", "ToolCallDecoder", "call_schema"]
