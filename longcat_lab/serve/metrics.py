@@ -11,6 +11,8 @@ import time
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Time per output token: one decoding step of a batch, from a tiny model's milliseconds to a large batch on a CPU.
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Sequences per decoding step: powers of two up to the largest --max-batch worth trying on one machine.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 PREFIX = "longcat"
 
 
@@ -59,6 +61,7 @@ class Metrics:
             "Seconds per generated token after the first, per request.",
             TOKEN_BUCKETS,
         )
+        self.step_batch_size = Histogram("step_batch_size", "Sequences decoded by each batched step.", BATCH_BUCKETS)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.generation_seconds = 0.0
@@ -99,6 +102,11 @@ class Metrics:
             if completion_tokens > 1:
                 self.token_seconds.observe(decoding / (completion_tokens - 1))
 
+    def step(self, batch_size: int) -> None:
+        """One decoding step over `batch_size` sequences."""
+        with self._lock:
+            self.step_batch_size.observe(batch_size)
+
     def timed_out(self) -> None:
         with self._lock:
             self.timeouts += 1
@@ -129,7 +137,13 @@ class Metrics:
             metric("requests_total", "counter", "HTTP requests by path and status.", requests or [("", 0)])
             metric("request_errors_total", "counter", "HTTP requests answered with status >= 400.", errors or [("", 0)])
             metric("request_timeouts_total", "counter", "Requests ended by the request timeout.", [("", self.timeouts)])
-            for h in (self.latency_seconds, self.queue_wait_seconds, self.first_token_seconds, self.token_seconds):
+            for h in (
+                self.latency_seconds,
+                self.queue_wait_seconds,
+                self.first_token_seconds,
+                self.token_seconds,
+                self.step_batch_size,
+            ):
                 out.extend(h.render())
             metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [("", self.prompt_tokens)])
             metric("completion_tokens_total", "counter", "Tokens generated.", [("", self.completion_tokens)])

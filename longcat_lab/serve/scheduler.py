@@ -263,6 +263,7 @@ class Scheduler:
 
     def _step(self) -> None:
         """One decoding step of the whole batch; each sequence that ends leaves at once."""
+        self.metrics.step(len(self._running))
         try:
             tokens = self.decoder.step()
         except Exception as err:  # as in `_start`, but the step was every running request's
