@@ -229,9 +229,9 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run_app(app: FastAPI, host: str, port: int) -> None:
+def run_app(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Serve `app` with uvicorn at host:port until Ctrl-C or SIGTERM, then drain (`drain`)."""
-    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
 
 
 class BackgroundServer:
