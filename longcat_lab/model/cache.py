@@ -253,7 +253,8 @@ class BatchLatentCache(LatentCache):
         self.row_lengths.pop()
 
     def angles(self, config: ModelConfig, past: int, length: int, device: torch.device):
-        """cos, sin [B, rope/2] at each row's next position (`past` is ignored: each row has its own)."""
+        """cos, sin [B, rope/2] at each row's next position (`past` is ignored: each row has its own). Shaped as a
+        verification's S positions are, so `rotations` builds one matrix pair per row."""
         if length != 1:
             raise ValueError(f"a BatchLatentCache decodes one position per row, not {length}: prefill each alone")
         if not self.rows:
@@ -267,18 +268,6 @@ class BatchLatentCache(LatentCache):
         self._step = (positions, padding[:, None, :])
         cos, sin = self._angles
         return cos[positions], sin[positions]
-
-    def rotations(self, cos, sin, dtype, kv_rank, scale_kv):
-        """`LatentCache.rotations` with one matrix pair per row, [B, C, C]: row i rotates by its own position."""
-        if self._rotation is None or self._rotation[0] is not cos:
-            B, rope = cos.shape[0], cos.shape[-1] * 2
-            eye = torch.eye(rope, dtype=dtype, device=cos.device).expand(B, rope, rope)
-            m_q = torch.eye(kv_rank + rope, dtype=dtype, device=cos.device).expand(B, -1, -1).clone()
-            m_q[..., kv_rank:, kv_rank:] = apply_rope(eye, cos[:, None], sin[:, None])
-            m_k = m_q * scale_kv
-            m_k[..., kv_rank:, kv_rank:] = m_q[..., kv_rank:, kv_rank:]
-            self._rotation = (cos, (m_q, m_k))
-        return self._rotation[1]
 
     def absorbs(self, block: int, length: int) -> bool:
         return True  # `angles` already refused anything but one position per row
