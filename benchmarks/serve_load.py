@@ -7,8 +7,9 @@ checkpoint (`--ckpt`) or the same seeded random model of `--preset`; then, for e
 tokens one after another, each with its own prompt and seed (temperature 0.8). Every `--disconnect-every`-th
 request is dropped by its client after its second text chunk, so the server must free rows mid-stream. Prints per
 policy and client count: errors, latency percentiles (request sent to last byte, queueing included), time to first
-token, requests/s and generated tokens/s; then the ratios the serving goals ask for, and each child's plain
-`generate` rate measured before serving (what one sequence reaches with no HTTP at all).
+token, requests/s and generated tokens/s (each client count runs the policies in the order A B B A, half the
+requests each time, so that a drift in a shared machine's load falls on both alike); then the ratios the serving
+goals ask for, and each child's plain `generate` rate measured before serving (one sequence with no HTTP at all).
 
 Run:  .venv/bin/python benchmarks/serve_load.py --ckpt runs/small --max-tokens 32
       .venv/bin/python benchmarks/serve_load.py --preset small           # a seeded random model
@@ -44,15 +45,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--preset", default="small", choices=sorted(presets.PRESETS))
     p.add_argument("--quantize", choices=("none", "int8"), default="none")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent client counts to run")
-    p.add_argument("--requests", type=int, default=96, help="requests per client count, spread over the clients")
+    p.add_argument(
+        "--requests", type=int, default=128, help="requests per policy and client count, spread over the clients"
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="the batched policy's --max-batch")
     p.add_argument("--disconnect-every", type=int, default=8, help="every n-th request disconnects mid-stream")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
-    p.add_argument("--smoke", action="store_true", help="tiny preset, 1 and 4 clients, 8 requests of 8 tokens")
+    p.add_argument("--smoke", action="store_true", help="tiny preset, 1 and 4 clients, 16 requests of 8 tokens")
     args = p.parse_args()
     if args.smoke:
-        args.preset, args.clients, args.requests, args.max_tokens = "tiny", [1, 4], 8, 8
+        args.preset, args.clients, args.requests, args.max_tokens = "tiny", [1, 4], 16, 8
     for name in ("requests", "max_tokens", "max_batch", "disconnect_every", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: it must be >= 1")
@@ -168,8 +171,15 @@ class Child:
         self.process.join(10)
 
 
-def measure(args, child: Child, clients: int) -> dict:
-    results, wall = asyncio.run(run_clients(args, f"{child.root}/v1", clients))
+def measure(args, child: Child, clients: int, halves: list) -> None:
+    """Run half of `args.requests` over `clients` clients against `child`; append (results, wall) to `halves`."""
+    half = argparse.Namespace(**{**vars(args), "requests": max(1, args.requests // 2)})
+    halves.append(asyncio.run(run_clients(half, f"{child.root}/v1", clients)))
+
+
+def summary(halves: list) -> dict:
+    results = [r for rs, _ in halves for r in rs]
+    wall = sum(w for _, w in halves)
     ok = [r for r in results if isinstance(r, dict) and not r.get("disconnected")]
     return {
         "requests": len(results),
@@ -191,10 +201,15 @@ def main() -> None:
         for child in children.values():
             child.wait()
             asyncio.run(run_clients(args, f"{child.root}/v1", 1))  # warm-up: builds the decoding weights
-        # Interleaved, so that a change in the machine's load falls on both policies alike.
+        # Each client count in the order A B B A (half the requests each time), so that a drift in the machine's
+        # load falls on both policies alike.
+        (a, child_a), (b, child_b) = children.items()
         for clients in args.clients:
-            for name, child in children.items():
-                rows[name][clients] = measure(args, child, clients)
+            halves = {a: [], b: []}
+            for name, child in ((a, child_a), (b, child_b), (b, child_b), (a, child_a)):
+                measure(args, child, clients, halves[name])
+            for name in policies:
+                rows[name][clients] = summary(halves[name])
         batched_metrics = httpx.get(f"{next(iter(children.values())).root}/metrics").text
     finally:
         for child in children.values():

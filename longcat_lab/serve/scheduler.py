@@ -14,6 +14,7 @@ held back while they may be forming and tool calls held for the parser. Nothing 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,11 @@ class Job:
         self.abort = abort
         self.cancelled.set()
 
+    def send(self, event: tuple[str, Any]) -> None:
+        """`emit`, except that a client whose event loop has closed (the server is stopping) is not an error."""
+        with contextlib.suppress(RuntimeError):
+            self.emit(event)
+
 
 class Reply:
     """One request's text as its tokens arrive (`feed`), streamed to its job as deltas; `result` at the end."""
@@ -80,7 +86,7 @@ class Reply:
             # A stop string may be forming at the end of the text: keep back what could be its start.
             safe = len(text) if self.cut >= 0 else len(text) - _partial_stop(text, r.stop)
             if not self.holding and safe > self.sent:
-                self.job.emit(("delta", text[self.sent : safe]))
+                self.job.send(("delta", text[self.sent : safe]))
                 self.sent = safe
             self.text = text
         self.finished = self.cut >= 0 or self.fed >= r.max_tokens
@@ -92,7 +98,7 @@ class Reply:
         if self.cut < 0:  # the whole text, a last character still missing bytes included
             text = self.decoded.text
         if not self.holding and len(text) > self.sent:  # what was held back as a possible stop-string start
-            self.job.emit(("delta", text[self.sent :]))
+            self.job.send(("delta", text[self.sent :]))
         finish = "stop" if self.decoded.stopped or self.cut >= 0 else "length"
         content, calls = text, []
         if r.tools:
@@ -180,6 +186,8 @@ class Scheduler:
         were in the scheduler when shutdown began."""
         deadline = time.monotonic() + grace
         with self._cv:
+            if self._stopping:
+                return 0, 0
             self._closing = True
             present = self._pending
             while self._pending and (left := deadline - time.monotonic()) > 0:
@@ -246,6 +254,10 @@ class Scheduler:
         seq = Sequence(r.prompt_ids, r.max_tokens, r.temperature, r.top_p, generator, r.logits_mask)
         run = Running(job, Reply(job, self.tokenizer, self.stop_ids), seq, joined)
         if self.speculative:
+            if r.logits_mask is not None:
+                return self._end(
+                    job, ("error", (400, "constrained decoding is not available with speculative decoding"))
+                )
             return self._run_alone(run)
         try:
             token = self.decoder.join(seq)
@@ -253,8 +265,7 @@ class Scheduler:
             return self._end(job, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
         self._running[seq] = run
         self._first_token(run)
-        if run.reply.feed(token):
-            self._finish(run)
+        self._feed(run, token)
         self._report_batch()
 
     def _first_token(self, run: Running) -> None:
@@ -273,10 +284,17 @@ class Scheduler:
             self.decoder = BatchDecoder(self.model, self.max_batch)
             return
         for seq, token in zip(list(self.decoder.sequences), tokens):
-            run = self._running[seq]
-            if run.reply.feed(token):
-                self._finish(run)
+            self._feed(self._running[seq], token)
         self._report_batch()
+
+    def _feed(self, run: Running, token: int) -> None:
+        """Hand `token` to `run`'s reply; finish the run if that was its last (or the reply failed)."""
+        try:
+            done = run.reply.feed(token)
+        except Exception as err:  # e.g. a tokenizer that cannot decode: this request fails, not the batch
+            return self._finish(run, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
+        if done:
+            self._finish(run)
 
     def _run_alone(self, run: Running) -> None:
         """Speculative decoding (the MTP draft is batch 1): the whole request now, one sequence at a time."""
@@ -310,7 +328,7 @@ class Scheduler:
         self._report_batch()
 
     def _end(self, job: Job, event: tuple[str, Any]) -> None:
-        job.emit(event)
+        job.send(event)
         with self._cv:
             self._pending -= 1
             self.metrics.set_queue_depth(self._pending)
