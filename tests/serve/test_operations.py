@@ -38,15 +38,19 @@ def tokenizer():
     return load_tokenizer(512, DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
 
 
-def hook(engine: Engine, monkeypatch, gate: threading.Event | None = None, ban_stops: bool = False) -> None:
+def hook(
+    engine: Engine, monkeypatch, gate: threading.Event | None = None, ban_stops: bool = False, pace: float = 0.0
+) -> None:
     """Give every request to `engine` a logits mask that waits for `gate` before its first token and, with
-    `ban_stops`, never lets it draw a stop id (so it runs to max_tokens)."""
+    `ban_stops`, never lets it draw a stop id (so it runs to max_tokens); `pace` seconds of sleep per token keep a
+    long reply long in wall time too, however fast the machine."""
     parse = Engine.parse.__get__(engine)
     banned = sorted(engine.stop_ids)
 
     def mask(done, logits):
         if gate is not None and not done:
             gate.wait(30)
+        time.sleep(pace)
         if ban_stops:
             logits = logits.clone()
             logits[:, banned] = float("-inf")
@@ -117,7 +121,7 @@ def test_requests_arriving_together_decode_in_one_batch_and_write_what_each_writ
 
 def test_a_disconnected_stream_frees_its_row_at_once(tokenizer, monkeypatch):
     engine = Engine(random_model(seed=12), tokenizer, NAME, max_batch=1)
-    hook(engine, monkeypatch, ban_stops=True)
+    hook(engine, monkeypatch, ban_stops=True, pace=0.005)  # 400 tokens: at least 2 s
     srv = BackgroundServer(create_app(engine))
     try:
         with httpx.stream("POST", f"{srv.url}/chat/completions", json=body("go on", 400, stream=True)) as r:
