@@ -154,10 +154,8 @@ class Scheduler:
         self.model, self.tokenizer, self.stop_ids, self.metrics = model, tokenizer, stop_ids, metrics
         self.max_batch, self.step_tokens, self.max_queue = max_batch, step_tokens, max_queue
         self.request_timeout, self.speculative = request_timeout, speculative
-        c = model.config
         # The latent cache per token: [c_KV ; k_R] in every attention block (docs/design.md §1.2).
-        dtype_size = model.lm_head.weight.element_size()
-        self.cache_bytes_per_token = (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_layers * dtype_size
+        self.cache_bytes_per_token = model.config.kv_cache_bytes_per_token(model.lm_head.weight.element_size())
         self.decoder = BatchDecoder(model, max_batch)
         self._running: dict[Sequence, Running] = {}
         self._waiting: collections.deque[Job] = collections.deque()
