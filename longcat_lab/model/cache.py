@@ -193,3 +193,97 @@ class LatentCache:
     def bytes_per_token(self) -> int:
         """Cache bytes per token per sequence: (kv_lora_rank + qk_rope_head_dim) * blocks * dtype size."""
         return sum(b.shape[-1] * b.element_size() for b in self.buffers if b is not None)
+
+
+class BatchLatentCache(LatentCache):
+    """The latent cache of a decoding batch whose sequences have different lengths (continuous batching,
+    docs/design.md §7.2): row i holds sequence i's [c_KV ; k_R] at positions 0..lengths_i - 1, the rest of the row is
+    padding. A forward of one new position per row against it (`idx` [B, 1]) rotates each row's query and key by
+    that row's own position and masks each row's padding out of the softmax, so every row computes what decoding it
+    alone against a `LatentCache` computes. Only that one-position step is allowed: prompts are prefilled alone into
+    a `LatentCache` and copied in with `add`; `remove` drops a row (the last row moves into its place, so the rows
+    stay 0..B-1); `advance` commits the step's tokens after the forward."""
+
+    def __init__(self, num_blocks: int, max_rows: int, weights: DecodingWeights | None = None, capacity: int = 64):
+        super().__init__(num_blocks, capacity, weights)
+        self.max_rows = max_rows
+        self.row_lengths: list[int] = []
+        self._step: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's positions [B] and padding [B,1,T]
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_lengths)
+
+    @property
+    def seq_len(self) -> int:
+        return max(self.row_lengths, default=0)
+
+    def _reserve(self, length: int, like: torch.Tensor) -> None:
+        """Grow every block's buffer [max_rows, capacity, C] to hold `length` positions (doubling)."""
+        if self.buffers[0] is not None and length <= self.buffers[0].shape[1]:
+            return
+        size = max(length, self.capacity or 0, 2 * self.buffers[0].shape[1] if self.buffers[0] is not None else 0)
+        self.capacity, self._angles = size, None
+        for b, buf in enumerate(self.buffers):
+            grown = like.new_zeros(self.max_rows, size, like.shape[-1])
+            if buf is not None:
+                grown[:, : buf.shape[1]] = buf
+            self.buffers[b] = grown
+
+    def add(self, cache: LatentCache) -> int:
+        """Copy a one-sequence cache (a prefilled prompt) into a new last row; return the row."""
+        if self.rows >= self.max_rows:
+            raise ValueError(f"the batch is full: {self.rows} rows (max_rows={self.max_rows})")
+        length = cache.seq_len
+        self._reserve(length + 1, cache.buffers[0])
+        row = self.rows
+        for buf, src in zip(self.buffers, cache.buffers):
+            buf[row, :length] = src[0, :length]
+        self.row_lengths.append(length)
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop `row`; the last row takes its place (callers keeping a list per row swap the same way)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.row_lengths[last]
+            for buf in self.buffers:
+                buf[row, :n] = buf[last, :n]
+            self.row_lengths[row] = n
+        self.row_lengths.pop()
+
+    def angles(self, config: ModelConfig, past: int, length: int, device: torch.device):
+        """cos, sin [B, rope/2] at each row's next position (`past` is ignored: each row has its own). Shaped as a
+        verification's S positions are, so `rotations` builds one matrix pair per row."""
+        if length != 1:
+            raise ValueError(f"a BatchLatentCache decodes one position per row, not {length}: prefill each alone")
+        if not self.rows:
+            raise ValueError("a BatchLatentCache with no rows has nothing to decode: add a prefilled cache first")
+        self._reserve(self.seq_len + 1, self.buffers[0])
+        if self._angles is None:
+            self._angles = rope_angles(config, torch.arange(self.capacity, device=device))
+        positions = torch.tensor(self.row_lengths, device=device)
+        T = self.seq_len + 1
+        padding = torch.arange(T, device=device)[None, :] > positions[:, None]
+        self._step = (positions, padding[:, None, :])
+        cos, sin = self._angles
+        return cos[positions], sin[positions]
+
+    def absorbs(self, block: int, length: int) -> bool:
+        return True  # `angles` already refused anything but one position per row
+
+    def attend(self, block: int, q_BHC: torch.Tensor, latent_B1C: torch.Tensor, kv_rank: int) -> torch.Tensor:
+        """`LatentCache.attend` per row: store each row's new latent at its own position, attend over positions up to
+        it (the padding after a shorter row's end gets probability 0)."""
+        positions, padding = self._step
+        B = q_BHC.shape[0]
+        buf = self.buffers[block]
+        buf[torch.arange(B, device=buf.device), positions] = latent_B1C[:, 0]
+        cached = buf[:B, : padding.shape[-1]]  # [B, T, C]
+        scores = torch.bmm(q_BHC, cached.transpose(1, 2)).masked_fill_(padding, float("-inf"))
+        return torch.bmm(scores.softmax(dim=-1), cached[..., :kv_rank])
+
+    def advance(self) -> None:
+        """Commit the step: every row is one position longer."""
+        self.row_lengths = [n + 1 for n in self.row_lengths]
+        self._step = None

@@ -43,7 +43,7 @@ def server():
     tok = train_tokenizer([LONG_TEXT + " add Add. object hi {} [] 0123456789"] * 20, 400)
     config = dataclasses.replace(presets.tiny(), max_position_embeddings=2048)
     engine = Engine(random_model(config, seed=7), tok, NAME)
-    srv = BackgroundServer(create_app(engine, LIMITS))
+    srv = BackgroundServer(create_app(engine, limits=LIMITS))
     srv.engine = engine
     yield srv
     srv.stop()

@@ -1,7 +1,8 @@
 """`longcat-lab serve` through the official `openai` client: plain, streamed, seeded and tool-calling completions,
 refused requests, concurrent clients, the queue limit and the Prometheus metrics. The server runs under uvicorn in
 a thread on a free localhost port, over a random tiny model; where a reply must contain a tool call, the model's
-`stream` is replaced by a script of token ids (a random model writes no tool calls).
+logits are masked to a script of token ids through the scheduler's per-request hook (a random model writes no
+tool calls).
 
 Run: .venv/bin/python -m pytest tests/serve -q
 """
@@ -76,17 +77,27 @@ def greedy_text(engine: Engine, messages, max_tokens: int) -> str:
     return engine.tokenizer.decode(out, skip_special_tokens=False)
 
 
-def scripted(tokenizer, text: str, gate: threading.Event | None = None):
-    """An `Engine.tokens` replacement that yields the ids of `text` one by one (after `gate` is set, if given)."""
-    ids = tokenizer.encode(text).ids
+def script_mask(engine: Engine, text: str, gate: threading.Event | None = None):
+    """A logits mask (the scheduler's per-request hook) that forces the ids of `text` one by one, then the end of
+    turn; with `gate`, the first token waits for it."""
+    ids = engine.tokenizer.encode(text).ids + [min(engine.stop_ids)]
 
-    def stream(idx, max_new_tokens, **options):
-        if gate is not None:
+    def mask(done, logits):
+        if gate is not None and not done:
             gate.wait(30)
-        for t in ids[:max_new_tokens]:
-            yield torch.tensor([[t]])
+        out = torch.full_like(logits, float("-inf"))
+        out[:, ids[min(len(done), len(ids) - 1)]] = 0.0
+        return out
 
-    return stream
+    return mask
+
+
+def scripted(monkeypatch, engine: Engine, text: str, gate: threading.Event | None = None) -> None:
+    """Make every request to `engine` write `text` (a random model writes no tool calls): its parsed request
+    carries `script_mask`."""
+    parse = Engine.parse.__get__(engine)
+    mask = script_mask(engine, text, gate)
+    monkeypatch.setattr(engine, "parse", lambda body: dataclasses.replace(parse(body), logits_mask=mask))
 
 
 def test_models_health_and_a_greedy_completion(server):
@@ -136,9 +147,8 @@ def test_sampling_is_reproducible_with_a_seed_and_stops_at_a_stop_string(server)
 
 
 def test_tool_calls_come_back_through_the_template_and_parser(server, monkeypatch):
-    tok = server.engine.tokenizer
     reply = "Let me compute." + tool_call_block("calculate", {"expression": "2+3"}) + END_OF_TURN
-    monkeypatch.setattr(server.engine, "tokens", scripted(tok, reply), raising=False)
+    scripted(monkeypatch, server.engine, reply)
     client = server.client()
     messages = [{"role": "user", "content": "What is 2+3?"}]
     r = client.chat.completions.create(model=NAME, messages=messages, tools=[CALCULATOR], max_tokens=64)
@@ -157,7 +167,7 @@ def test_tool_calls_come_back_through_the_template_and_parser(server, monkeypatc
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me compute."
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # The client runs the tool and sends the result back; the call's arguments come back as a JSON string.
-    monkeypatch.setattr(server.engine, "tokens", scripted(tok, "It is 5." + END_OF_TURN), raising=False)
+    scripted(monkeypatch, server.engine, "It is 5." + END_OF_TURN)
     follow = messages + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "5"},
@@ -165,14 +175,13 @@ def test_tool_calls_come_back_through_the_template_and_parser(server, monkeypatc
     r = client.chat.completions.create(model=NAME, messages=follow, tools=[CALCULATOR], max_tokens=16)
     assert r.choices[0].message.content == "It is 5." and r.choices[0].finish_reason == "stop"
     # Without tools in the request nothing is parsed: the reply is text.
-    monkeypatch.setattr(server.engine, "tokens", scripted(tok, reply), raising=False)
+    scripted(monkeypatch, server.engine, reply)
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=64)
     assert not r.choices[0].message.tool_calls and "<longcat_tool_call>" in r.choices[0].message.content
 
 
 def test_a_stop_string_never_leaks_into_the_stream(server, monkeypatch):
-    tok = server.engine.tokenizer
-    monkeypatch.setattr(server.engine, "tokens", scripted(tok, "first part STOP second part"), raising=False)
+    scripted(monkeypatch, server.engine, "first part STOP second part")
     client = server.client()
     kw = dict(model=NAME, messages=[{"role": "user", "content": "go"}], max_tokens=32, stop=["STOP", "zzz"])
     chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)]
@@ -228,10 +237,10 @@ def test_twenty_concurrent_clients_get_their_own_answers(server):
     assert got == want
 
 
-def test_a_full_queue_answers_503(tokenizer):
+def test_a_full_queue_answers_503(tokenizer, monkeypatch):
     engine = Engine(random_model(seed=8), tokenizer, NAME, max_queue=1)
     gate = threading.Event()
-    engine.tokens = scripted(tokenizer, "hello" + END_OF_TURN, gate)
+    scripted(monkeypatch, engine, "hello" + END_OF_TURN, gate)
     srv = Server(engine)
     try:
         client = srv.client()
@@ -252,7 +261,8 @@ def test_a_full_queue_answers_503(tokenizer):
 
 def test_metrics_are_prometheus_text(server):
     client = server.client()
-    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    for content in ("x", "y"):  # two latencies, whichever tests ran before
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}], max_tokens=3)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=NAME, messages=[], max_tokens=3)
     text = httpx.get(f"{server.root}/metrics").text
