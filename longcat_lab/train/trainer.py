@@ -244,6 +244,7 @@ class Trainer:
         finite = math.isfinite(values["loss"]) and math.isfinite(grad_norm)
         report: dict[str, Any] = {}
         health = None
+        routing_stats = metrics.step_routing_stats(routing) if routing is not None else None
         if finite:
             self.optimizer.step()
             report = self.controller.step()
@@ -284,6 +285,7 @@ class Trainer:
             rg=rg,
             router_cosine=metrics.router_cosine_similarity(self.model) if want_rg else None,
             health=health,
+            routing_stats=routing_stats,
             sdc=sdc,
         )
 
