@@ -48,14 +48,19 @@ def _around(values: list | None, step: int, window: int) -> float | None:
 
 
 def _budget_error(run: dict) -> list[float | None]:
-    target, ffn = run.get("target_ffn_experts"), run.get("curves", {}).get("ffn_experts_per_token") or []
+    target, ffn = run.get("target_ffn_experts"), _curves(run).get("ffn_experts_per_token") or []
     return [None if target is None or v is None else abs(v - target) for v in ffn]
+
+
+def _curves(run: dict | None) -> dict:
+    """A run's per-step curves; runs summarised before `curves` existed keep the loss as `loss_curve`."""
+    run = run or {}
+    return run.get("curves") or {"loss": run.get("loss_curve"), "ffn_experts_per_token": run.get("ffn_curve")}
 
 
 def diagnose(run: dict, twin: dict | None, window: int = WINDOW) -> dict:
     """{fork_step, around: {metric: (run's mean, twin's mean)}} for two runs' `run_metrics` (with `curves`)."""
-    curves = run.get("curves", {})
-    twin_curves = (twin or {}).get("curves", {})
+    curves, twin_curves = _curves(run), _curves(twin)
     fork = fork_step(curves.get("loss") or [], twin_curves.get("loss") or []) if twin else None
     at = fork or 1
     around = {}
@@ -91,10 +96,8 @@ def outlier_runs(results: dict[str, dict[int, dict]], baseline: str, metric: str
                 fork = d["fork_step"]
                 twin_name = f"{twin_variant} seed {seed}"
                 parts.append(f"parts from {twin_name} at step {fork}" if fork else f"never parts from {twin_name}")
-                parts.append(
-                    "around it (run vs twin): "
-                    + ", ".join(f"{k} {_fmt(a)} vs {_fmt(b)}" for k, (a, b) in d["around"].items())
-                )
+                shown = [f"{k} {_fmt(a)} vs {_fmt(b)}" for k, (a, b) in d["around"].items() if (a, b) != (None, None)]
+                parts.append("around it (run vs twin): " + ", ".join(shown))
             found.append(
                 {
                     "variant": variant,

@@ -68,7 +68,9 @@ class Run:
         return (self.dir / RESULT).is_file()
 
 
-def _configs(preset: str, steps: int | None, sets: tuple[str, ...], seed: int):
+def configs(preset: str, steps: int | None, sets: tuple[str, ...], seed: int):
+    """The (ModelConfig, TrainConfig) of one run: the preset, `steps` steps, the overrides `sets` (with
+    `lr_scale=X`), train seed `seed`, one torch thread."""
     tc = train_preset(preset)
     if steps is not None:
         tc = tc.with_steps(steps)
@@ -89,7 +91,7 @@ def plan(sweep: Sweep | str, out: Path, seeds: int = 3, steps: int | None = None
     runs = []
     for variant, sets in sweep.variants.items():
         for k in range(seeds):
-            mc, tc = _configs(preset, steps, sets, SEED0 + k)
+            mc, tc = configs(preset, steps, sets, SEED0 + k)
             d = Path(out) / "runs" / variant / f"seed{k}"
             half = None
             if variant in sweep.grow_from_half:
@@ -378,6 +380,7 @@ __all__ = [
     "TOLERANCE",
     "check_matched",
     "compute_table",
+    "configs",
     "execute",
     "plan",
     "run_sweep",

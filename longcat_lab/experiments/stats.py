@@ -123,7 +123,9 @@ def equivalent(mean: float, se: float, n: int, margin: float) -> bool:
 def outliers(values: Sequence[float], z: float = OUTLIER_Z) -> list[int]:
     """Indices of the outliers of `values` by the modified z-score 0.6745 |x - median| / MAD > z (MAD: median
     absolute deviation). When more than half the values equal the median (MAD = 0), the mean absolute deviation
-    times 1.2533 stands in for it (the usual fallback); no outliers when every value is the same or n < 3."""
+    times 1.2533 stands in for it (the usual fallback); no outliers when every value is the same or n < 3. At n = 3
+    the MAD is the smaller of the two deviations from the median, so the rule flags any value more than 5.2 times
+    farther out than the other: a weak rule at 3 seeds, which more seeds settle."""
     values = _check_values("values", values)
     if len(values) < 3:
         return []

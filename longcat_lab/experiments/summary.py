@@ -26,6 +26,7 @@ import statistics
 import torch
 
 from longcat_lab.data import eval_windows
+from longcat_lab.experiments.diagnose import outlier_runs
 from longcat_lab.experiments.stats import compare
 
 CURVES = ("loss", "grad_norm", "router_entropy", "step_max_hidden", "bias_spread", "ffn_experts_per_token")
@@ -155,18 +156,34 @@ def summarise(
     return rows
 
 
+def restate(summary: dict, metrics: tuple[str, ...] | None = None, directions: dict | None = None, margin=None) -> dict:
+    """A stored summary (a `results/NAME.json`, maybe written under an older rule) with its rows and outlier runs
+    recomputed from its per-run values by today's rule; everything else is kept as it was measured."""
+    runs = {v: {int(k): m for k, m in by.items()} for v, by in summary["runs"].items()}
+    metrics = metrics or tuple(dict.fromkeys(r["metric"] for r in summary["rows"]))
+    rows = summarise(runs, summary["baseline"], metrics, directions or {}, margin)
+    for r in rows:  # JSON keys are strings; keep the seed numbers as they are in summary["runs"]
+        r["seeds"] = [str(s) for s in r["seeds"]]
+        r["outliers"] = [str(s) for s in r["outliers"]]
+    return {**summary, "rows": rows, "outlier_runs": outlier_runs(runs, summary["baseline"])}
+
+
 def format_summary(summary: dict) -> str:
     """The compute table and the paired-difference table of a sweep summary."""
     lines = [
         f"sweep {summary['sweep']!r}: {summary['seeds']} paired seeds x {len(summary['compute'])} variants, "
         f"{summary['steps']} steps each (preset {summary['preset']})",
-        "compute per variant (activated params, training FLOPs per token, tokens seen):",
+        "compute per variant (activated params, training FLOPs per token, tokens seen, FFN experts per token "
+        "target / measured):",
     ]
     for v in summary.get("variant_order", summary["compute"]):
         c = summary["compute"][v]
         note = "  (compute is the variable)" if c.get("varies") else ""
+        target, got = c.get("target_ffn_experts"), c.get("measured_ffn_experts")
+        ffn = f"{'-' if target is None else f'{target:.3g}'} / {'-' if got is None else f'{got:.3g}'}"
         lines.append(
-            f"  {v:20s} {c['activated_params']:>12,.0f} {c['flops_per_token']:>14,.0f} {c['tokens_seen']:>10,d}{note}"
+            f"  {v:20s} {c['activated_params']:>12,.0f} {c['flops_per_token']:>14,.0f} {c['tokens_seen']:>10,d} "
+            f"{ffn:>13s}{note}"
         )
     for line in summary.get("compute_drift", []):
         lines.append(f"  compute drift: {line}")
@@ -199,4 +216,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CURVES", "format_summary", "max_hidden", "run_metrics", "settle_step", "summarise"]
+__all__ = ["CURVES", "format_summary", "max_hidden", "restate", "run_metrics", "settle_step", "summarise"]
