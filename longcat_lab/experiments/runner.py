@@ -340,6 +340,11 @@ def run_sweep(
         "rows": summarise(results, sweep.baseline, sweep.metrics, METRIC_DIRECTION, margin),
         "outlier_runs": outlier_runs(results, sweep.baseline),
     }
+    # How often each variant ends in the slow basin: its flagged runs out of its seeds (the controller sweep over
+    # 20+ seeds answers this per controller mode).
+    summary["outlier_share"] = {
+        v: [sum(o["variant"] == v for o in summary["outlier_runs"]), len(by)] for v, by in results.items()
+    }
     summary["path"] = str(folder / "summary.json")
     atomic_write_bytes(folder / "summary.json", json_bytes(summary))
     return summary

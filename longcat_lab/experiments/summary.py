@@ -165,7 +165,9 @@ def restate(summary: dict, metrics: tuple[str, ...] | None = None, directions: d
     for r in rows:  # JSON keys are strings; keep the seed numbers as they are in summary["runs"]
         r["seeds"] = [str(s) for s in r["seeds"]]
         r["outliers"] = [str(s) for s in r["outliers"]]
-    return {**summary, "rows": rows, "outlier_runs": outlier_runs(runs, summary["baseline"])}
+    flagged = outlier_runs(runs, summary["baseline"])
+    share = {v: [sum(o["variant"] == v for o in flagged), len(by)] for v, by in runs.items()}
+    return {**summary, "rows": rows, "outlier_runs": flagged, "outlier_share": share}
 
 
 def format_summary(summary: dict) -> str:
@@ -213,6 +215,9 @@ def format_summary(summary: dict) -> str:
         )
     for d in summary.get("outlier_runs", []):
         lines.append(f"  outlier run: {d['line']}")
+    if summary.get("outlier_share"):
+        share = ", ".join(f"{v} {k}/{n}" for v, (k, n) in summary["outlier_share"].items())
+        lines.append(f"outlier runs per variant (end val_loss, median/MAD rule): {share}")
     return "\n".join(lines)
 
 

@@ -140,5 +140,6 @@ def test_a_half_finished_sweep_resumes_and_a_finished_one_is_skipped(tmp_path, o
     saved = json.loads((tmp_path / "scale" / "summary.json").read_text())
     assert saved["commit"] and saved["machine"] and saved["runs"]["on"]["1"]["steps"] == steps
     assert "paired difference variant - on" in format_summary(summary)
+    assert summary["outlier_share"] == {"on": [0, 2], "off": [0, 2]}  # two seeds: the rule needs three
     again = runner.run_sweep(sweep, tmp_path, seeds=2, steps=steps, preset="tiny", progress=False, on_drift="report")
     assert again["skipped_finished_runs"] == 4 and again["rows"] == summary["rows"]
