@@ -244,7 +244,9 @@ class Trainer:
         finite = math.isfinite(values["loss"]) and math.isfinite(grad_norm)
         report: dict[str, Any] = {}
         health = None
+        t_stats = time.perf_counter()  # a diagnostic too (two host syncs): outside tokens/s and MFU
         routing_stats = metrics.step_routing_stats(routing) if routing is not None else None
+        diag_time += time.perf_counter() - t_stats
         if finite:
             self.optimizer.step()
             report = self.controller.step()
