@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from longcat_lab._util import atomic_write_bytes, json_bytes
-from longcat_lab.experiments.runner import run_sweep
+from longcat_lab.experiments.runner import run_growing, run_sweep
 from longcat_lab.experiments.summary import format_summary
 from longcat_lab.experiments.sweeps import SWEEPS
 
@@ -14,7 +14,19 @@ from longcat_lab.experiments.sweeps import SWEEPS
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sweep", help="a named ablation: variants x paired seeds at matched compute")
     p.add_argument("name", choices=sorted(SWEEPS), help="the sweep (docs/design.md §3.6)")
-    p.add_argument("--seeds", type=int, default=3, help="paired seeds per variant (default 3)")
+    p.add_argument("--seeds", type=int, default=8, help="paired seeds per variant to start with (default 8)")
+    p.add_argument(
+        "--max-seeds",
+        type=int,
+        help="add --seed-step seeds at a time while a verdict is unresolved, up to this many (default: --seeds, "
+        "no growth; the issue's design uses 24)",
+    )
+    p.add_argument("--seed-step", type=int, default=4, help="seeds added per round (default 4)")
+    p.add_argument(
+        "--allow-drift",
+        action="store_true",
+        help="report variants whose measured FFN experts per token drift from their target instead of refusing",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/sweeps"), help="sweeps folder; the sweep uses OUT/NAME")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
@@ -25,15 +37,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    summary = run_sweep(
-        args.name,
-        args.out,
-        seeds=args.seeds,
+    common = dict(
         jobs=args.jobs,
         steps=args.steps,
         preset=args.preset,
         progress=not args.no_progress,
+        on_drift="report" if args.allow_drift else "refuse",
     )
+    if args.max_seeds is not None and args.max_seeds > args.seeds:
+        summary = run_growing(args.name, args.out, args.seeds, args.max_seeds, args.seed_step, **common)
+    else:
+        summary = run_sweep(args.name, args.out, seeds=args.seeds, **common)
     print(format_summary(summary))
     print(f"[longcat-lab] wrote {summary['path']}")
     if args.results:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import statistics
 
 import torch.distributed as dist
 
@@ -187,15 +189,53 @@ def run(args: argparse.Namespace) -> None:
     report(args, result, model_config, train_config)
 
 
+def _median(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def report_card(rows: list[dict], val_loss: dict[str, float], unigram: dict[str, float]) -> list[str]:
+    """The run's report card from its metrics rows: per domain the validation loss and bits per byte next to the
+    unigram baseline's, then wall time, tokens/s and MFU (medians over the steps), FFN experts per token (mean
+    over the last quarter of steps) against the target."""
+    train = [r for r in rows if r.get("kind") == "train"]
+    bpb = next((r for r in reversed(rows) if r.get("kind") == "eval_bpb"), {})
+    lines = [
+        "report card: validation loss per domain and bits per byte (unigram baseline of the same data in brackets):",
+        f"  {'domain':12s} {'val loss (nats/token)':>24s} {'bits per byte':>22s}",
+    ]
+    for domain, loss in val_loss.items():
+        b, ub = bpb.get("bits_per_byte", {}).get(domain), bpb.get("unigram_bits_per_byte", {}).get(domain)
+        bits = "-" if b is None else f"{b:.4f} [{ub:.4f}]" if ub is not None else f"{b:.4f}"
+        lines.append(f"  {domain:12s} {f'{loss:.4f} [{unigram[domain]:.4f}]':>24s} {bits:>22s}")
+    if train:
+        tps, mfu = _median([r.get("tokens_per_s") for r in train]), _median([r.get("mfu") for r in train])
+        tail = [r.get("ffn_experts_per_token") for r in train[len(train) * 3 // 4 :]]
+        tail = [v for v in tail if v is not None]
+        target = train[-1].get("target_ffn_experts")
+        lines.append(
+            f"  time {train[-1].get('time_s', 0):.0f} s this session, {train[-1].get('tokens_seen', 0):,} tokens; "
+            f"{'-' if tps is None else f'{tps:,.0f}'} tokens/s, MFU {'-' if mfu is None else f'{mfu:.3f}'} (medians)"
+        )
+        if tail:
+            lines.append(
+                f"  FFN experts per token {sum(tail) / len(tail):.3f} (last quarter)"
+                + ("" if target is None else f" against the target {target:.3f}")
+            )
+    return lines
+
+
 def report(args: argparse.Namespace, result, model_config, train_config) -> None:
-    """Validation loss per domain next to the unigram baseline, samples, and the evaluator's table."""
+    """The report card (validation loss and bits per byte per domain next to the unigram baseline, time,
+    throughput, MFU, FFN experts per token), samples, and the evaluator's table."""
     if result.resumed_from == result.step:
         print(f"[longcat-lab] {args.out} had already reached step {result.step}: nothing to train")
     print(f"[longcat-lab] step {result.step}, checkpoint {result.checkpoint}")
-    print("validation loss per domain (nats/token; unigram baseline of the same data in brackets):")
-    for domain, loss in result.val_loss.items():
-        base = data.unigram_baseline(result.dataset.train[domain], result.dataset.val[domain], model_config.vocab_size)
-        print(f"  {domain:12s} {loss:.4f}  [{base:.4f}]")
+    unigram = {
+        d: data.unigram_baseline(result.dataset.train[d], result.dataset.val[d], model_config.vocab_size)
+        for d in result.val_loss
+    }
+    print("\n".join(report_card(result.rows(), result.val_loss, unigram)))
     if args.samples:
         val_texts = {d: [doc.text for doc in docs] for d, docs in data.corpora(train_config.data).val.items()}
         for block in report_samples(result.model, result.tokenizer, val_texts, args.samples, train_config.seed):
@@ -207,4 +247,4 @@ def report(args: argparse.Namespace, result, model_config, train_config) -> None
         print(format_table(evaluation))
 
 
-__all__ = ["LAUNCH_FLAGS", "add_parser", "report_samples", "run", "worker_argv"]
+__all__ = ["LAUNCH_FLAGS", "add_parser", "report_card", "report_samples", "run", "worker_argv"]

@@ -1,12 +1,15 @@
 """Running a sweep: `plan` (every variant x seed as an ordinary run folder with its configs), `compute_table` and
-`check_matched` (the matched-compute rule), `run_sweep` (runs what is not finished, `jobs` at a time in their own
-processes, with a progress bar over the whole sweep, then writes and returns the summary).
+`check_matched` (the matched-compute rule, on the target before the runs and on the measured FFN experts per token
+after them), `check_reusable` (a run folder is reused only for the configuration it was made with), `run_sweep`
+(runs what is not finished, `jobs` at a time in their own processes, with a progress bar over the whole sweep,
+then writes and returns the summary) and `run_growing` (adds seeds until every verdict resolves or a cap).
 
 Layout under OUT/NAME: `runs/VARIANT/seedK/` (a run folder: metrics.jsonl, checkpoints/, and `result.json` written
-last, atomically, which marks the run finished), and `summary.json`. A re-run skips finished runs and resumes
-half-finished ones from their newest checkpoint (the trainer's resume). Seed k of every variant uses train seed
-SEED0 + k, so variants see the same data order and, where shapes allow, the same initial weights. Every run uses one
-torch thread, so its numbers do not depend on `--jobs`.
+last, atomically, which marks the run finished; `plan.json`, the configs it was started with), and
+`summary.json`. A re-run skips finished runs and resumes half-finished ones from their newest checkpoint (the
+trainer's resume), but only when the folder was made with the planned configuration. Seed k of every variant uses
+train seed SEED0 + k, so variants see the same data order and validation windows and, where shapes allow, the same
+initial weights. Every run uses one torch thread, so its numbers do not depend on `--jobs`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from pathlib import Path
 
 import torch
 
-from longcat_lab._util import atomic_write_bytes, check_int, json_bytes
+from longcat_lab import checkpoint
+from longcat_lab._util import atomic_write_bytes, check_choice, check_int, json_bytes
+from longcat_lab.experiments.diagnose import outlier_runs
+from longcat_lab.experiments.stats import RESOLVED
 from longcat_lab.experiments.summary import max_hidden, run_metrics, summarise
-from longcat_lab.experiments.sweeps import METRIC_DIRECTION, Sweep, get
+from longcat_lab.experiments.sweeps import METRIC_DIRECTION, Sweep, get, margin
 from longcat_lab.model import presets
 from longcat_lab.model.accounting import activated_params, flops_per_token
 from longcat_lab.model.config import ModelConfig
@@ -35,7 +41,13 @@ from longcat_lab.train.control import resolve_target
 
 SEED0 = 1000
 TOLERANCE = 0.05  # relative spread of activated params, FLOPs per token and tokens seen allowed between variants
+# and relative gap between a variant's measured FFN experts per token and its target
 RESULT = "result.json"
+PLAN = "plan.json"
+DRIFT = ("refuse", "report")
+# Fields that say where a run stops or what it keeps on disk, not what it trains: a run interrupted by
+# `stop_after` resumes to the planned end, so they do not bar reuse.
+REUSE_IGNORES = ("train.stop_after", "train.keep_checkpoints")
 
 
 class ComputeMismatchError(ValueError):
@@ -56,11 +68,20 @@ class Run:
         return (self.dir / RESULT).is_file()
 
 
-def _configs(preset: str, steps: int | None, sets: tuple[str, ...], seed: int):
+def configs(preset: str, steps: int | None, sets: tuple[str, ...], seed: int):
+    """The (ModelConfig, TrainConfig) of one run: the preset, `steps` steps, the overrides `sets` (with
+    `lr_scale=X`), train seed `seed`, one torch thread."""
     tc = train_preset(preset)
     if steps is not None:
         tc = tc.with_steps(steps)
-    return apply_overrides(presets.get(preset), tc, [*sets, f"train.seed={seed}", "num_threads=1"])
+    scales = [s for s in sets if s.startswith("lr_scale=")]
+    for s in scales:
+        scale = float(s.split("=", 1)[1])
+        if not scale > 0:
+            raise ValueError(f"{s!r} is not allowed: lr_scale must be a number > 0")
+        tc = dataclasses.replace(tc, stages=[dataclasses.replace(g, lr=g.lr * scale) for g in tc.stages])
+    rest = [s for s in sets if s not in scales]
+    return apply_overrides(presets.get(preset), tc, [*rest, f"train.seed={seed}", "num_threads=1"])
 
 
 def plan(sweep: Sweep | str, out: Path, seeds: int = 3, steps: int | None = None, preset: str = "mini") -> list[Run]:
@@ -70,7 +91,7 @@ def plan(sweep: Sweep | str, out: Path, seeds: int = 3, steps: int | None = None
     runs = []
     for variant, sets in sweep.variants.items():
         for k in range(seeds):
-            mc, tc = _configs(preset, steps, sets, SEED0 + k)
+            mc, tc = configs(preset, steps, sets, SEED0 + k)
             d = Path(out) / "runs" / variant / f"seed{k}"
             half = None
             if variant in sweep.grow_from_half:
@@ -82,15 +103,18 @@ def plan(sweep: Sweep | str, out: Path, seeds: int = 3, steps: int | None = None
     return runs
 
 
-def compute_table(sweep: Sweep, runs: list[Run]) -> dict[str, dict]:
-    """Per variant: activated parameters (at the controller's FFN-expert target), training FLOPs per token and
+def compute_table(sweep: Sweep, runs: list[Run], measured: dict[str, float] | None = None) -> dict[str, dict]:
+    """Per variant: activated parameters and training FLOPs per token at the controller's FFN-expert target, or,
+    for the variants in `measured` (variant -> mean measured FFN experts per token), at what the runs measured;
     tokens seen; growth variants count their half-depth first half."""
     out = {}
     for r in runs:
         if r.variant in out:
             continue
         mc, tc = ModelConfig.from_dict(r.model_config), TrainConfig.from_dict(r.train_config)
-        k = None if mc.layer_style == "dense" else resolve_target(tc.controller, mc)
+        target = None if mc.layer_style == "dense" else resolve_target(tc.controller, mc)
+        got = (measured or {}).get(r.variant)
+        k = target if got is None or target is None else got
         act = activated_params(mc, k)["mean"]
         flops = flops_per_token(mc, tc.stages[0].seq_len, k)
         tokens = sum(n * s.steps for n, s in zip(tc.tokens_per_step, tc.stages))
@@ -104,13 +128,31 @@ def compute_table(sweep: Sweep, runs: list[Run]) -> dict[str, dict]:
             "flops_per_token": flops,
             "tokens_seen": tokens,
             "varies": r.variant in sweep.compute_varies,
+            "target_ffn_experts": target,
+            "measured_ffn_experts": got,
         }
     return out
 
 
-def check_matched(sweep: Sweep, table: dict[str, dict], tolerance: float = TOLERANCE) -> None:
+def check_matched(
+    sweep: Sweep, table: dict[str, dict], tolerance: float = TOLERANCE, on_drift: str = "refuse"
+) -> list[str]:
     """ComputeMismatchError unless every variant not in `sweep.compute_varies` is within `tolerance` (relative to
-    the baseline) in activated parameters, FLOPs per token and tokens seen."""
+    the baseline) in activated parameters, FLOPs per token and tokens seen, and (a table with measured values,
+    every variant) its measured FFN experts per token is within `tolerance` of its target. A drift from the target
+    raises (`on_drift="refuse"`) or is returned as one line per variant (`"report"`: the table already holds the
+    compute at the measured value, so the summary states what ran)."""
+    check_choice("on_drift", on_drift, DRIFT)
+    drift = []
+    for variant, c in table.items():
+        got, target = c.get("measured_ffn_experts"), c.get("target_ffn_experts")
+        if got is not None and target and abs(got - target) / target > tolerance:
+            drift.append(
+                f"sweep {sweep.name!r}: variant {variant!r} ran at {got:.3f} FFN experts per token against its "
+                f"target {target:.3f} ({abs(got - target) / target:.1%} apart, more than the {tolerance:.0%} allowed)"
+            )
+    if drift and on_drift == "refuse":
+        raise ComputeMismatchError(drift[0] + "; pass on_drift='report' (--allow-drift) to report it instead")
     base = table[sweep.baseline]
     for variant, c in table.items():
         if c["varies"]:
@@ -123,12 +165,72 @@ def check_matched(sweep: Sweep, table: dict[str, dict], tolerance: float = TOLER
                     f"{sweep.baseline!r}'s {base[key]:,.0f} ({rel:.1%} apart, more than the {tolerance:.0%} allowed); "
                     "match the compute or list the variant in compute_varies"
                 )
+    return drift
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _ran_with(folder: Path) -> dict | None:
+    """The configs a run folder was made with: its plan.json, else its newest checkpoint's config files (a run
+    started by hand); None when nothing was made there yet."""
+    if (folder / PLAN).is_file():
+        return json.loads((folder / PLAN).read_text())
+    ckpt = checkpoint.latest(folder) if (folder / checkpoint.CHECKPOINTS).is_dir() else None
+    if ckpt is not None:
+        return {
+            "model_config": checkpoint.read_json(ckpt / "config.json"),
+            "train_config": checkpoint.read_json(ckpt / "train_config.json"),
+        }
+    if (folder / RESULT).is_file() or (folder / "metrics.jsonl").is_file():
+        return {}  # work was done there, with a configuration nobody recorded
+    return None
+
+
+def check_reusable(runs: list[Run]) -> None:
+    """ValueError (one line naming the folder and the differing fields) when a run folder holds work done with
+    another model, train or data configuration than the one planned for it, so a sweep never reuses it."""
+    for r in runs:
+        folders = [(r.dir, r.model_config, r.train_config)]
+        if r.half:
+            folders.append((Path(r.half["dir"]), r.half["model_config"], r.half["train_config"]))
+        for folder, mc, tc in folders:
+            ran = _ran_with(folder)
+            if ran is None:
+                continue
+            if not ran:
+                raise ValueError(
+                    f"run folder {folder} holds work with no recorded configuration: remove it or use another --out"
+                )
+            planned = _flat({"model": mc, "train": tc})
+            done = _flat({"model": ran["model_config"], "train": ran["train_config"]})
+            keys = (planned.keys() | done.keys()) - set(REUSE_IGNORES)
+            diff = sorted(k for k in keys if planned.get(k) != done.get(k))
+            if diff:
+                shown = ", ".join(f"{k} {done.get(k)!r} -> {planned.get(k)!r}" for k in diff[:4])
+                more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+                raise ValueError(
+                    f"run folder {folder} was made with another configuration ({shown}{more}): "
+                    "remove it or use another --out"
+                )
 
 
 def execute(run: Run) -> dict:
     """Train one run (resuming a half-finished one), measure it, and write result.json last. In its own process
     under `run_sweep(jobs > 1)`."""
     torch.set_num_threads(1)
+    for folder, mc, tc in [(run.dir, run.model_config, run.train_config)] + (
+        [(Path(run.half["dir"]), run.half["model_config"], run.half["train_config"])] if run.half else []
+    ):
+        if not (folder / PLAN).is_file():
+            atomic_write_bytes(folder / PLAN, json_bytes({"model_config": mc, "train_config": tc}))
     if run.half and not (Path(run.half["dir"]) / RESULT).is_file():
         half_tc = TrainConfig.from_dict(run.half["train_config"])
         train(ModelConfig.from_dict(run.half["model_config"]), half_tc, run.half["dir"], resume=True, progress=False)
@@ -174,15 +276,19 @@ def run_sweep(
     preset: str = "mini",
     progress: bool = True,
     command: str = "",
+    on_drift: str = "refuse",
 ) -> dict:
-    """Plan, check compute, run what is not finished and summarise; returns the summary (also OUT/NAME/summary.json,
-    with the command, date, commit and machine)."""
+    """Plan, check compute and the reuse of finished work, run what is not finished, check the compute that ran
+    (`check_matched`, `on_drift`) and summarise; returns the summary (also OUT/NAME/summary.json, with the command,
+    date, commit and machine)."""
     sweep = get(sweep) if isinstance(sweep, str) else sweep
     check_int("jobs", jobs, 1)
+    check_choice("on_drift", on_drift, DRIFT)
     folder = Path(out) / sweep.name
     runs = plan(sweep, folder, seeds, steps, preset)
     table = compute_table(sweep, runs)
     check_matched(sweep, table)
+    check_reusable(runs)
     todo = [r for r in runs if not r.finished]
     from tqdm.auto import tqdm
 
@@ -203,6 +309,13 @@ def run_sweep(
     results: dict[str, dict[int, dict]] = {}
     for r in runs:
         results.setdefault(r.variant, {})[r.seed_index] = json.loads((r.dir / RESULT).read_text())
+    measured = {}
+    for v, by in results.items():
+        got = [m["ffn_experts_per_token"] for m in by.values() if m.get("ffn_experts_per_token") is not None]
+        if got:
+            measured[v] = sum(got) / len(got)
+    table = compute_table(sweep, runs, measured)
+    drift = check_matched(sweep, table, on_drift=on_drift)
     tc0 = runs[0].train_config
     summary = {
         "sweep": sweep.name,
@@ -219,24 +332,60 @@ def run_sweep(
         "variant_order": list(sweep.variants),  # the baseline first (JSON files sort their keys)
         "compute": table,
         "tolerance": TOLERANCE,
-        "verdict_rule": "better/worse when the 95% Student-t interval of the mean paired difference excludes 0",
+        "compute_drift": drift,
+        "verdict_rule": "better/worse when the 95% Student-t interval of the mean paired difference excludes 0; "
+        "equivalent when TOST (90% t-interval) lies inside the metric's margin; else unresolved (see mde)",
         "skipped_finished_runs": len(runs) - len(todo),
         "runs": {v: {str(k): m for k, m in by.items()} for v, by in results.items()},
-        "rows": summarise(results, sweep.baseline, sweep.metrics, METRIC_DIRECTION),
+        "rows": summarise(results, sweep.baseline, sweep.metrics, METRIC_DIRECTION, margin),
+        "outlier_runs": outlier_runs(results, sweep.baseline),
+    }
+    # How often each variant ends in the slow basin: its flagged runs out of its seeds (the controller sweep over
+    # 20+ seeds answers this per controller mode).
+    summary["outlier_share"] = {
+        v: [sum(o["variant"] == v for o in summary["outlier_runs"]), len(by)] for v, by in results.items()
     }
     summary["path"] = str(folder / "summary.json")
     atomic_write_bytes(folder / "summary.json", json_bytes(summary))
     return summary
 
 
+def run_growing(
+    sweep: Sweep | str, out: str | Path, seeds: int = 8, max_seeds: int = 24, seed_step: int = 4, **kw
+) -> dict:
+    """`run_sweep` with `seeds` seeds, then `seed_step` more at a time while any row's verdict is unresolved and
+    fewer than `max_seeds` ran (finished runs are reused, so each round trains only the new seeds). The summary
+    says how many rounds it took in `seed_rounds`."""
+    check_int("seeds", seeds, 2)
+    check_int("max_seeds", max_seeds, seeds)
+    check_int("seed_step", seed_step, 1)
+    rounds, n = [], seeds
+    while True:
+        summary = run_sweep(sweep, out, seeds=n, **kw)
+        open_rows = [r for r in summary["rows"] if r["verdict"] not in RESOLVED]
+        rounds.append({"seeds": n, "unresolved": len(open_rows)})
+        if not open_rows or n >= max_seeds:
+            break
+        n = min(max_seeds, n + seed_step)
+    summary["seed_rounds"] = rounds
+    summary["max_seeds"] = max_seeds
+    atomic_write_bytes(Path(summary["path"]), json_bytes(summary))
+    return summary
+
+
 __all__ = [
     "ComputeMismatchError",
+    "DRIFT",
+    "PLAN",
+    "check_reusable",
+    "run_growing",
     "Run",
     "RESULT",
     "SEED0",
     "TOLERANCE",
     "check_matched",
     "compute_table",
+    "configs",
     "execute",
     "plan",
     "run_sweep",

@@ -9,10 +9,13 @@ Metrics (lower is better for the first five; the last three describe the run rat
 - `settle_step`: first step after which the 10-step running mean of FFN experts per token stays within 5% of the
   target (the run's length when it never does);
 - `load_imbalance`: the most-loaded FFN expert's share over the mean, averaged over the last quarter of steps;
-- `max_hidden` (informational, lower is calmer): the largest |hidden state| of any layer on the validation windows
-  at the end (per layer in `max_hidden_per_layer`);
-- `ffn_experts_per_token` and `grad_rms` (informational): the last quarter's mean, and the median over the second
-  half of the pre-clip gradient norm / sqrt(parameters).
+- `max_hidden` (lower is calmer): the largest |hidden state| of any layer on the validation windows at the end
+  (per layer in `max_hidden_per_layer`);
+- `ffn_experts_per_token` and `grad_rms`: the last quarter's mean, and the median over the second half of the
+  pre-clip gradient norm / sqrt(parameters).
+Every metric gets a verdict by the rule of `experiments.stats`. `curves` keeps the per-step series the outlier
+diagnosis reads (`experiments.diagnose`): loss, grad_norm, router_entropy, step_max_hidden, bias_spread and
+FFN experts per token.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import statistics
 import torch
 
 from longcat_lab.data import eval_windows
-from longcat_lab.experiments.stats import paired, verdict
+from longcat_lab.experiments.diagnose import outlier_runs
+from longcat_lab.experiments.stats import compare
 
-INFORMATIONAL = ("max_hidden", "ffn_experts_per_token", "grad_rms")
+CURVES = ("loss", "grad_norm", "router_entropy", "step_max_hidden", "bias_spread", "ffn_experts_per_token")
 
 
 def _tail(values: list[float], share: float) -> list[float]:
@@ -35,6 +39,10 @@ def _tail(values: list[float], share: float) -> list[float]:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _round(v):
+    return float(f"{v:.5g}") if isinstance(v, float) and math.isfinite(v) else v
 
 
 def settle_step(series: list[float], target: float, window: int = 10, tolerance: float = 0.05) -> int:
@@ -93,6 +101,7 @@ def run_metrics(rows: list[dict], hidden_peaks: list[float] | None = None) -> di
         "target_ffn_experts": target,
         "load_imbalance": _mean(_tail([r.get("load_imbalance") for r in train], 0.25)),
         "loss_curve": [r["loss"] for r in train],
+        "curves": {k: [_round(r.get(k)) for r in train] for k in CURVES},
     }
     if target is not None and all(v is not None for v in ffn) and ffn:
         out["budget_error"] = _mean([abs(v - target) for v in _tail(ffn, 0.5)])
@@ -109,41 +118,56 @@ def run_metrics(rows: list[dict], hidden_peaks: list[float] | None = None) -> di
     return out
 
 
-def summarise(runs: dict[str, dict[int, dict]], baseline: str, metrics: tuple[str, ...], directions: dict) -> list:
-    """Rows {metric, variant, n, mean, se, diffs, verdict, variant_mean, baseline_mean} for every metric and
-    non-baseline variant, over the seeds both have a value for."""
+def summarise(
+    runs: dict[str, dict[int, dict]], baseline: str, metrics: tuple[str, ...], directions: dict, margin=None
+) -> list:
+    """One row per metric and non-baseline variant, over the seeds both have a value for: `stats.compare`'s
+    fields plus {metric, variant, baseline, seeds, variant_mean, baseline_mean}; `outliers` there are seed
+    numbers. `margin(metric, baseline_mean)` gives the equivalence margin (None: no equivalence verdict)."""
     rows = []
     for metric in metrics:
         for variant, by_seed in runs.items():
             if variant == baseline:
                 continue
-            seeds = [
+            seeds = sorted(
                 s
                 for s in by_seed
                 if runs[baseline].get(s, {}).get(metric) is not None and by_seed[s].get(metric) is not None
-            ]
+            )
             if not seeds:
                 continue
             v = [by_seed[s][metric] for s in seeds]
             b = [runs[baseline][s][metric] for s in seeds]
-            p = paired(v, b)
-            rule = (
-                "informational"
-                if metric in INFORMATIONAL
-                else verdict(p["mean"], p["se"], p["n"], directions.get(metric, "lower"))
-            )
+            b_mean = sum(b) / len(b)
+            m = margin(metric, b_mean) if margin else None
+            row = compare(v, b, directions.get(metric, "lower"), m)
+            row["outliers"] = [seeds[i] for i in row["outliers"]]
             rows.append(
                 {
                     "metric": metric,
                     "variant": variant,
                     "baseline": baseline,
-                    **p,
-                    "verdict": rule,
+                    "seeds": seeds,
+                    **row,
                     "variant_mean": sum(v) / len(v),
-                    "baseline_mean": sum(b) / len(b),
+                    "baseline_mean": b_mean,
                 }
             )
     return rows
+
+
+def restate(summary: dict, metrics: tuple[str, ...] | None = None, directions: dict | None = None, margin=None) -> dict:
+    """A stored summary (a `results/NAME.json`, maybe written under an older rule) with its rows and outlier runs
+    recomputed from its per-run values by today's rule; everything else is kept as it was measured."""
+    runs = {v: {int(k): m for k, m in by.items()} for v, by in summary["runs"].items()}
+    metrics = metrics or tuple(dict.fromkeys(r["metric"] for r in summary["rows"]))
+    rows = summarise(runs, summary["baseline"], metrics, directions or {}, margin)
+    for r in rows:  # JSON keys are strings; keep the seed numbers as they are in summary["runs"]
+        r["seeds"] = [str(s) for s in r["seeds"]]
+        r["outliers"] = [str(s) for s in r["outliers"]]
+    flagged = outlier_runs(runs, summary["baseline"])
+    share = {v: [sum(o["variant"] == v for o in flagged), len(by)] for v, by in runs.items()}
+    return {**summary, "rows": rows, "outlier_runs": flagged, "outlier_share": share}
 
 
 def format_summary(summary: dict) -> str:
@@ -151,26 +175,50 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"sweep {summary['sweep']!r}: {summary['seeds']} paired seeds x {len(summary['compute'])} variants, "
         f"{summary['steps']} steps each (preset {summary['preset']})",
-        "compute per variant (activated params, training FLOPs per token, tokens seen):",
+        "compute per variant (activated params, training FLOPs per token, tokens seen, FFN experts per token "
+        "target / measured):",
     ]
     for v in summary.get("variant_order", summary["compute"]):
         c = summary["compute"][v]
         note = "  (compute is the variable)" if c.get("varies") else ""
+        target, got = c.get("target_ffn_experts"), c.get("measured_ffn_experts")
+        ffn = f"{'-' if target is None else f'{target:.3g}'} / {'-' if got is None else f'{got:.3g}'}"
         lines.append(
-            f"  {v:20s} {c['activated_params']:>12,.0f} {c['flops_per_token']:>14,.0f} {c['tokens_seen']:>10,d}{note}"
+            f"  {v:20s} {c['activated_params']:>12,.0f} {c['flops_per_token']:>14,.0f} {c['tokens_seen']:>10,d} "
+            f"{ffn:>13s}{note}"
         )
+    for line in summary.get("compute_drift", []):
+        lines.append(f"  compute drift: {line}")
     lines.append(
-        f"paired difference variant - {summary['baseline']} (mean ± s.e. over seeds; verdict: "
-        "95% t-interval of the mean excludes 0):"
+        f"paired difference variant - {summary['baseline']} (mean ± s.e., median, 95% t-interval; verdict: "
+        "better/worse when the interval excludes 0, equivalent when TOST passes at the margin, else unresolved "
+        "with the minimum detectable effect):"
     )
-    lines.append(f"  {'metric':22s} {'variant':20s} {'baseline':>10s} {'variant':>10s} {'difference':>22s} verdict")
+    lines.append(
+        f"  {'metric':22s} {'variant':20s} {'n':>3s} {'baseline':>10s} {'variant':>10s} {'difference':>20s} "
+        f"{'median':>10s} {'95% interval':>22s} {'margin':>8s} verdict"
+    )
     for r in summary["rows"]:
         se = "-" if math.isnan(r["se"]) else f"{r['se']:.2g}"
+        lo, hi = r.get("t_interval", [float("nan")] * 2)
+        margin = "-" if r.get("margin") is None else f"{r['margin']:.3g}"
+        verdict = r["verdict"]
+        if verdict == "unresolved":
+            verdict += f" (MDE {r['mde']:.3g})"
+        if r.get("outliers"):
+            verdict += f"; outlier seeds {r['outliers']}"
         lines.append(
-            f"  {r['metric']:22s} {r['variant']:20s} {r['baseline_mean']:>10.4g} {r['variant_mean']:>10.4g} "
-            f"{r['mean']:>+12.4g} ± {se:<7s} {r['verdict']}"
+            f"  {r['metric']:22s} {r['variant']:20s} {r['n']:>3d} {r['baseline_mean']:>10.4g} "
+            f"{r['variant_mean']:>10.4g} {r['mean']:>+11.4g} ± {se:<6s} {r.get('median', r['mean']):>+10.3g} "
+            f"[{lo:+.3g}, {hi:+.3g}]".ljust(22)
+            + f" {margin:>8s} {verdict}"
         )
+    for d in summary.get("outlier_runs", []):
+        lines.append(f"  outlier run: {d['line']}")
+    if summary.get("outlier_share"):
+        share = ", ".join(f"{v} {k}/{n}" for v, (k, n) in summary["outlier_share"].items())
+        lines.append(f"outlier runs per variant (end val_loss, median/MAD rule): {share}")
     return "\n".join(lines)
 
 
-__all__ = ["INFORMATIONAL", "format_summary", "max_hidden", "run_metrics", "settle_step", "summarise"]
+__all__ = ["CURVES", "format_summary", "max_hidden", "restate", "run_metrics", "settle_step", "summarise"]

@@ -3,7 +3,11 @@
 A `Sweep` names its variants (the first is the baseline every other is compared with), the metrics its verdicts
 use, the paper's claim, and why a lab-scale run may not reproduce it. Variants must spend the same compute
 (activated parameters, FLOPs per token, tokens seen) unless listed in `compute_varies`: the variants whose compute
-*is* the variable (a budget sweep, growth's cheaper first half).
+*is* the variable (a budget sweep, growth's cheaper first half). A variant's overrides are `--set` pairs, plus
+`lr_scale=X`, which multiplies every stage's learning rate (the stage LR is not a `--set` field).
+
+Every metric has a direction and an equivalence margin (`METRIC_MARGIN`) for the TOST part of the verdict rule
+(`experiments.stats`): absolute for the losses, relative to the baseline's mean for the rest.
 """
 
 from __future__ import annotations
@@ -103,8 +107,65 @@ SWEEPS: dict[str, Sweep] = {
             "The correction matters when the low-rank latents are much narrower than the model (d/d_kv = 12 in the "
             "release); mini has d/d_kv = 4, so the effect should be smaller.",
         ),
+        Sweep(
+            "zero_count",
+            # The default target follows the zero-expert count, so it is pinned to mini's (2 of top-3).
+            {f"zero_{z}": (f"zero_expert_num={z}", "target_ffn_experts=2") for z in (4, 2, 8, 16)},
+            (*_LOSS, "budget_error", "ffn_experts_per_token"),
+            "§2.1 / Fig. 3a: zero experts let the router spend less compute on easy tokens; the paper uses as many "
+            "zero experts as FFN experts and does not ablate the count.",
+            "At a fixed FFN-expert target the count changes how finely the router can allocate, not the mean "
+            "compute; a small model may not tell the counts apart.",
+        ),
+        Sweep(
+            "controller_rate",
+            {f"mu_{mu}": ("bias_controller=paper", f"bias_update_rate={mu}") for mu in (0.1, 0.01, 0.03, 0.3)},
+            ("budget_error", "settle_step", "load_imbalance", *_LOSS),
+            "Eq. 2: the expert bias moves by mu times the load error per step; the paper does not publish mu.",
+            "The right mu depends on the plant gain (router logit scale, tokens per step); ours is a lab choice "
+            "(docs/design.md §3.2).",
+        ),
+        Sweep(
+            "adam_eps_ladder",
+            {f"eps_{e}": (f"adam_eps={e}",) for e in ("1e-16", "1e-12", "1e-8", "1e-6", "1e-4", "1e-2")},
+            (*_LOSS, "grad_rms"),
+            "Fig. 7: loss degrades once Adam's eps approaches the gradient RMS; read the rows against eps / "
+            "grad_rms (reported per run).",
+            "Our gradient RMS is ~1e-3, so only the top of the ladder (1e-4, 1e-2) reaches it.",
+        ),
+        Sweep(
+            "lr",
+            {f"lr_x{x}": (f"lr_scale={x}",) for x in (1, 0.25, 0.5, 2, 4)},
+            _LOSS,
+            "No paper claim: a lab ablation is only as good as its learning rate, so each preset gets its own LR "
+            "sweep before its other sweeps are read.",
+            "The preset LRs were set by hand; this sweep says whether they sit at the bottom of the loss-LR curve.",
+        ),
     )
 }
+
+# Equivalence margins ("abs" in the metric's unit, "rel" a fraction of the baseline's mean) for TOST. 0.02 nats of
+# validation loss (0.03 bits per byte) is under 1% of the mini preset's end loss (~3.1) and a third of the spread
+# between seeds of one configuration; a change that small does not alter which recipe we would pick.
+METRIC_MARGIN = {
+    "val_loss": ("abs", 0.02),
+    "bits_per_byte": ("abs", 0.03),
+    "ffn_experts_per_token": ("rel", 0.05),
+    "budget_error": ("abs", 0.05),
+    "settle_step": ("rel", 0.25),
+    "load_imbalance": ("rel", 0.10),
+    "max_hidden": ("rel", 0.10),
+    "grad_rms": ("rel", 0.10),
+}
+
+
+def margin(metric: str, baseline_mean: float) -> float | None:
+    """The metric's equivalence margin in its own unit (None: no margin stated, so no equivalence verdict)."""
+    if metric not in METRIC_MARGIN:
+        return None
+    kind, value = METRIC_MARGIN[metric]
+    return value if kind == "abs" else value * abs(baseline_mean) or None
+
 
 # Direction of each metric for the verdict rule (all of ours are lower-is-better; kept explicit per metric).
 METRIC_DIRECTION = {
@@ -125,4 +186,4 @@ def get(name: str) -> Sweep:
     return SWEEPS[name]
 
 
-__all__ = ["METRIC_DIRECTION", "SWEEPS", "Sweep", "get"]
+__all__ = ["METRIC_DIRECTION", "METRIC_MARGIN", "SWEEPS", "Sweep", "get", "margin"]

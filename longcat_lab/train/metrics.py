@@ -144,6 +144,23 @@ def _grad_ratio(lm_loss, balance_loss, routing, tangent, per_layer):
 
 
 @torch.no_grad()
+def step_routing_stats(routing: Routing) -> dict[str, float | None]:
+    """Per-step signals of a run's basin (cheap: one reduction each over tensors the step already holds):
+    router_entropy, the mean over MoE layers and tokens of the router's softmax entropy (nats; log E when it
+    cannot tell experts apart, falling as it commits), and step_max_hidden, the largest |hidden state| entering
+    the final norm (the quantity the hidden z-loss of docs/design.md §3.4 pulls down)."""
+    entropies = []
+    for layer in routing.layers:
+        if layer is not None:
+            p_TE = layer.router_probs.detach().reshape(-1, layer.router_probs.shape[-1]).double()
+            entropies.append(-(p_TE * p_TE.clamp_min(1e-30).log()).sum(-1).mean().item())
+    return {
+        "router_entropy": sum(entropies) / len(entropies) if entropies else None,
+        "step_max_hidden": routing.last_hidden.detach().abs().max().item(),
+    }
+
+
+@torch.no_grad()
 def router_cosine_similarity(model: LongCatLM) -> list[float]:
     """Mean pairwise cosine similarity of the router's rows (one per expert), per MoE layer. Rising toward 1 means
     the routers stop telling experts apart, the collapse an overweighted balance loss causes (paper 2.1.2)."""
@@ -204,5 +221,6 @@ __all__ = [
     "balance_grad_ratio",
     "balance_grad_ratio_per_layer",
     "router_cosine_similarity",
+    "step_routing_stats",
     "tracking_summary",
 ]

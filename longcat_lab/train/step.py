@@ -48,6 +48,7 @@ class StepResult:
     rg: float | None = None
     router_cosine: list[float] | None = None
     health: dict[str, Any] | None = None  # metrics.routing_health at R_g steps
+    routing_stats: dict[str, Any] | None = None  # metrics.step_routing_stats of the last micro-batch
     sdc: dict[str, Any] | None = None
 
     @property

@@ -7,8 +7,9 @@
   router_z_loss, lr, grad_norm, tokens, tokens_per_s, mfu (against a matmul probe measured at start),
   ffn_experts_per_token (mean over layers) and ffn_experts_per_token_per_layer, load_imbalance (max/min FFN-expert
   load, worst layer; None when an expert got no token) and its per-layer list, target_ffn_experts,
-  controller_error, bias_spread, R_g (every `rg_every` steps, else None) with router_cosine, dead/hot experts,
-  memory_gb, skipped / skipped_total, alerts (this step) / alert_counts (so far), sdc (None or the check's result);
+  controller_error, bias_spread, router_entropy and step_max_hidden (`metrics.step_routing_stats`), R_g (every
+  `rg_every` steps, else None) with router_cosine, dead/hot experts, memory_gb, skipped / skipped_total, alerts
+  (this step) / alert_counts (so far), sdc (None or the check's result);
 - `kind="eval"`: step, val_loss {domain: loss}, val_loss_mean;
 - `kind="start"` when a run starts or resumes: parameters, probe FLOP/s, data summary.
 """
@@ -273,6 +274,8 @@ class Telemetry:
             "controller_error_per_layer": report.get("controller_error_per_layer"),
             "bias_spread": report.get("bias_spread"),
             "bias_update_rate": report.get("update_rate"),
+            "router_entropy": (r.routing_stats or {}).get("router_entropy"),
+            "step_max_hidden": (r.routing_stats or {}).get("step_max_hidden"),
             "R_g": r.rg,
             "router_cosine": r.router_cosine,
             "dead_experts": sum(r.health["dead_count"]) if r.health else None,

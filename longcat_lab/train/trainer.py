@@ -244,6 +244,9 @@ class Trainer:
         finite = math.isfinite(values["loss"]) and math.isfinite(grad_norm)
         report: dict[str, Any] = {}
         health = None
+        t_stats = time.perf_counter()  # a diagnostic too (two host syncs): outside tokens/s and MFU
+        routing_stats = metrics.step_routing_stats(routing) if routing is not None else None
+        diag_time += time.perf_counter() - t_stats
         if finite:
             self.optimizer.step()
             report = self.controller.step()
@@ -284,6 +287,7 @@ class Trainer:
             rg=rg,
             router_cosine=metrics.router_cosine_similarity(self.model) if want_rg else None,
             health=health,
+            routing_stats=routing_stats,
             sdc=sdc,
         )
 

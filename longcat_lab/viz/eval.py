@@ -1,7 +1,8 @@
 """Figures of evaluation and experiments: the published score tables of the 560B model as a radar chart and a
 grouped bar chart (every title says these are published numbers, not measured here), bits per byte per domain of an
 evaluation (`longcat_lab.eval`) against its reference points, one sweep metric per variant with every seed shown
-(`longcat_lab.experiments`), and the budget trace of the controller playground (`testing.SyntheticRouting`)."""
+and every run's per-step curve with its outlier runs marked (`longcat_lab.experiments`), and the budget trace of
+the controller playground (`testing.SyntheticRouting`)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,40 @@ def sweep_figure(summary: dict, metric: str) -> go.Figure:
     return fig
 
 
+def sweep_curves_figure(summary: dict, curve: str = "loss") -> go.Figure:
+    """Every run's per-step `curve` (training loss by default; `experiments.summary.CURVES`), one colour per
+    variant; the sweep's outlier runs (`summary["outlier_runs"]`) drawn thick and named in the legend."""
+    variants = list(summary.get("variant_order", summary["runs"]))
+    flagged = {(o["variant"], str(o["seed"])) for o in summary.get("outlier_runs", [])}
+    palette = _MODEL_COLOURS
+    fig = go.Figure()
+    for i, v in enumerate(variants):
+        for seed, run in sorted(summary["runs"][v].items(), key=lambda kv: int(kv[0])):
+            ys = (run.get("curves") or {}).get(curve) or (run.get("loss_curve") if curve == "loss" else None)
+            if not ys:
+                continue
+            odd = (v, str(seed)) in flagged
+            fig.add_trace(
+                go.Scatter(
+                    x=list(range(1, len(ys) + 1)),
+                    y=ys,
+                    mode="lines",
+                    name=f"{v} seed {seed}" + (" (outlier)" if odd else ""),
+                    legendgroup=v,
+                    showlegend=odd or seed == min(summary["runs"][v], key=int),
+                    line={"color": palette[i % len(palette)], "width": 3 if odd else 1},
+                    opacity=1.0 if odd else 0.5,
+                )
+            )
+    fig.update_layout(
+        title=f"sweep {summary['sweep']!r}: {curve} per step, every run (outliers thick)",
+        xaxis_title="step",
+        yaxis_title=curve,
+        height=360,
+    )
+    return fig
+
+
 def budget_trace_figure(reports: list[dict], title: str = "controller playground: FFN experts per token") -> go.Figure:
     """The controller's reports over steps (`SyntheticRouting.run`): FFN experts per token per layer against the
     target."""
@@ -115,5 +150,6 @@ __all__ = [
     "budget_trace_figure",
     "published_bars",
     "published_radar",
+    "sweep_curves_figure",
     "sweep_figure",
 ]

@@ -1,5 +1,8 @@
-"""Tests of `longcat_lab.experiments`: the verdict rule, the matched-compute refusal, every named sweep's plan, and
-the resume of a half-finished sweep (tiny preset, a few steps)."""
+"""Tests of `longcat_lab.experiments`: the matched-compute refusal (on the target and on the measured FFN experts per
+token), the refusal to reuse work done with another configuration, every named sweep's plan, the seed-growing loop
+and the resume of a half-finished sweep (tiny preset, a few steps). The statistics are in test_stats.py.
+
+Run: `python -m pytest -q tests/experiments` (`-m "not slow"` skips the two that train)."""
 
 import dataclasses
 import json
@@ -14,25 +17,6 @@ from longcat_lab.train import train
 from longcat_lab.train.config import TrainConfig
 
 
-def test_paired_difference_and_verdict_rule():
-    p = stats.paired([1.0, 2.0, 3.5], [1.5, 2.4, 4.0])
-    assert p["diffs"] == pytest.approx([-0.5, -0.4, -0.5])
-    assert p["mean"] == pytest.approx(-1.4 / 3)
-    # sd of (-0.5, -0.4, -0.5) with n - 1: sqrt(((1/30)^2 * 2 + (2/30)^2) / 2) = sqrt(1/300); se = sd / sqrt(3)
-    assert p["se"] == pytest.approx((1 / 300) ** 0.5 / 3**0.5)
-    # |mean| = 0.467 > t(0.975, 2) = 4.303 * 0.0333 = 0.143: better (lower is better), worse when higher is.
-    assert stats.verdict(p["mean"], p["se"], 3, "lower") == "better"
-    assert stats.verdict(p["mean"], p["se"], 3, "higher") == "worse"
-    # The same mean with a larger spread (4.303 * 0.2 = 0.86 > 0.467): within noise.
-    assert stats.verdict(p["mean"], 0.2, 3) == "within noise"
-    assert stats.verdict(-5.0, float("nan"), 1) == "one seed"
-    assert stats.t_critical(11) == stats.t_critical(10) and stats.t_critical(100) == 1.96
-    with pytest.raises(ValueError, match="direction='up' is not allowed"):
-        stats.verdict(1.0, 0.1, 3, "up")
-    with pytest.raises(ValueError, match="same non-zero count"):
-        stats.paired([1.0], [1.0, 2.0])
-
-
 def test_settle_step():
     series = [4.0, 3.0, 2.5] + [2.0] * 30
     assert settle_step(series, 2.0, window=1) == 4
@@ -40,7 +24,8 @@ def test_settle_step():
 
 
 def test_named_sweeps_are_matched_at_the_mini_preset(tmp_path):
-    assert set(SWEEPS) == {"layer", "zero_experts", "controller", "z_loss", "adam_eps", "growth", "mla_scale"}
+    old = {"layer", "zero_experts", "controller", "z_loss", "adam_eps", "growth", "mla_scale"}
+    assert set(SWEEPS) == old | {"zero_count", "controller_rate", "adam_eps_ladder", "lr"}
     for sweep in SWEEPS.values():
         runs = runner.plan(sweep, tmp_path / sweep.name, seeds=2)
         assert len(runs) == 2 * len(sweep.variants)
@@ -52,6 +37,11 @@ def test_named_sweeps_are_matched_at_the_mini_preset(tmp_path):
         }
         assert len({tuple(s) for s in seeds.values()}) == 1  # paired: the same seeds for every variant
         runner.check_matched(sweep, runner.compute_table(sweep, runs))  # raises if not matched
+    lr = runner.plan("lr", tmp_path / "lr", 1)
+    by = {r.variant: TrainConfig.from_dict(r.train_config).stages for r in lr}
+    assert [s.lr for s in by["lr_x4"]] == pytest.approx([4 * s.lr for s in by["lr_x1"]])
+    with pytest.raises(ValueError, match="lr_scale must be a number > 0"):
+        runner.plan(Sweep("bad", {"a": ("lr_scale=0",)}, ("val_loss",), "", ""), tmp_path / "bad", 1)
     growth = runner.compute_table(SWEEPS["growth"], runner.plan("growth", tmp_path / "g", 1))
     assert growth["growth"]["flops_per_token"] < growth["scratch"]["flops_per_token"] and growth["growth"]["varies"]
 
@@ -68,6 +58,62 @@ def test_a_sweep_with_unmatched_compute_is_refused(tmp_path):
     runner.check_matched(allowed, runner.compute_table(allowed, runner.plan(allowed, tmp_path, 1, 2, "tiny")))
 
 
+def test_compute_is_checked_on_the_measured_ffn_experts(tmp_path):
+    sweep = Sweep(
+        "ctl", {"paper": ("bias_controller=paper",), "none": ("bias_controller=none",)}, ("val_loss",), "", ""
+    )
+    runs = runner.plan(sweep, tmp_path, 1, 2, "tiny")
+    target = runner.compute_table(sweep, runs)["none"]["target_ffn_experts"]
+    runner.check_matched(sweep, runner.compute_table(sweep, runs, {"paper": target, "none": 1.03 * target}))
+    measured = runner.compute_table(sweep, runs, {"paper": target, "none": 0.65 * target})
+    # The activated-parameter check alone passes (routed experts are a small share of tiny's parameters) ...
+    assert measured["none"]["activated_params"] < measured["paper"]["activated_params"]
+    with pytest.raises(runner.ComputeMismatchError, match=rf"variant 'none' ran at {0.65 * target:.3f} FFN experts"):
+        runner.check_matched(sweep, measured)
+    # ... and "report" keeps the compute at what ran and returns one line per drifting variant.
+    lines = runner.check_matched(sweep, measured, on_drift="report")
+    assert len(lines) == 1 and "'none'" in lines[0] and f"target {target:.3f}" in lines[0]
+    with pytest.raises(ValueError, match="on_drift='fix' is not allowed"):
+        runner.check_matched(sweep, measured, on_drift="fix")
+
+
+def test_a_run_folder_is_reused_only_with_its_configuration(tmp_path):
+    sweep = SWEEPS["z_loss"]
+    done = runner.plan(sweep, tmp_path, 1, 6, "tiny")
+    for r in done:  # what execute() writes before it trains
+        r.dir.mkdir(parents=True)
+        (r.dir / runner.PLAN).write_text(json.dumps({"model_config": r.model_config, "train_config": r.train_config}))
+    runner.check_reusable(runner.plan(sweep, tmp_path, 1, 6, "tiny"))  # the same plan: reusable
+    with pytest.raises(
+        ValueError, match=r"seed0 was made with another configuration \(model.expert_ffn_hidden_size 32"
+    ):
+        runner.check_reusable(runner.plan(sweep, tmp_path, 1, None, "mini"))
+    with pytest.raises(ValueError, match=r"train.stages"):
+        runner.check_reusable(runner.plan(sweep, tmp_path, 1, 8, "tiny"))
+    (done[0].dir / runner.PLAN).unlink()
+    (done[0].dir / runner.RESULT).write_text("{}")
+    with pytest.raises(ValueError, match="holds work with no recorded configuration"):
+        runner.check_reusable(runner.plan(sweep, tmp_path, 1, 6, "tiny"))
+
+
+def test_seeds_grow_until_every_verdict_resolves_or_the_cap(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(sweep, out, seeds, **kw):
+        calls.append(seeds)
+        verdict = "better" if seeds >= 12 else "unresolved"
+        return {"rows": [{"verdict": verdict}], "path": str(tmp_path / "summary.json")}
+
+    monkeypatch.setattr(runner, "run_sweep", fake)
+    assert runner.run_growing("z_loss", tmp_path, 8, 24)["seed_rounds"][-1] == {"seeds": 12, "unresolved": 0}
+    assert calls == [8, 12]
+    calls.clear()
+    capped = runner.run_growing("z_loss", tmp_path, 2, 3, 4)
+    assert calls == [2, 3] and capped["seed_rounds"][-1]["unresolved"] == 1
+    with pytest.raises(ValueError, match="max_seeds"):
+        runner.run_growing("z_loss", tmp_path, 8, 4)
+
+
 @pytest.mark.slow
 def test_a_half_finished_sweep_resumes_and_a_finished_one_is_skipped(tmp_path, one_thread):
     sweep = Sweep("scale", {"on": ("mla_scale=true",), "off": ("mla_scale=false",)}, ("val_loss", "grad_rms"), "", "")
@@ -78,16 +124,22 @@ def test_a_half_finished_sweep_resumes_and_a_finished_one_is_skipped(tmp_path, o
     half = dataclasses.replace(TrainConfig.from_dict(first.train_config), stop_after=2)
     train(ModelConfig.from_dict(first.model_config), half, first.dir, progress=False)
     assert not first.finished
-    summary = runner.run_sweep(sweep, tmp_path, seeds=2, steps=steps, preset="tiny", progress=False)
+    summary = runner.run_sweep(sweep, tmp_path, seeds=2, steps=steps, preset="tiny", progress=False, on_drift="report")
     assert summary["skipped_finished_runs"] == 0 and all(r.finished for r in runs)
     starts = [json.loads(line) for line in (first.dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["resumed_from"] for r in starts if r["kind"] == "start"] == [None, 2]
     assert [r["step"] for r in starts if r["kind"] == "train"] == [1, 2, 3, 4]
     row = next(r for r in summary["rows"] if r["metric"] == "val_loss")
     assert row["variant"] == "off" and row["n"] == 2 and row["verdict"] in stats.VERDICTS
+    assert row["margin"] == 0.02 and row["mde"] > 0 and row["t_interval"][0] <= row["mean"] <= row["t_interval"][1]
+    grad = next(r for r in summary["rows"] if r["metric"] == "grad_rms")
+    assert grad["verdict"] in stats.VERDICTS and grad["margin"] == pytest.approx(0.1 * grad["baseline_mean"])
+    curves = summary["runs"]["on"]["0"]["curves"]
+    assert len(curves["router_entropy"]) == steps and all(v > 0 for v in curves["step_max_hidden"])
     assert row["mean"] == pytest.approx(row["variant_mean"] - row["baseline_mean"])
     saved = json.loads((tmp_path / "scale" / "summary.json").read_text())
     assert saved["commit"] and saved["machine"] and saved["runs"]["on"]["1"]["steps"] == steps
     assert "paired difference variant - on" in format_summary(summary)
-    again = runner.run_sweep(sweep, tmp_path, seeds=2, steps=steps, preset="tiny", progress=False)
+    assert summary["outlier_share"] == {"on": [0, 2], "off": [0, 2]}  # two seeds: the rule needs three
+    again = runner.run_sweep(sweep, tmp_path, seeds=2, steps=steps, preset="tiny", progress=False, on_drift="report")
     assert again["skipped_finished_runs"] == 4 and again["rows"] == summary["rows"]

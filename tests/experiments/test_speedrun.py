@@ -1,0 +1,47 @@
+"""Tests of the speedrun's time-to-target rule (benchmarks/speedrun.py) and of the main job's report card
+(`cli.train.report_card`) on hand-made metrics rows.
+
+Run: `python -m pytest -q tests/experiments/test_speedrun.py`.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from longcat_lab.cli.train import report_card
+
+SPEEDRUN = Path(__file__).parents[2] / "benchmarks" / "speedrun.py"
+
+
+def _rows():
+    train = [
+        {"kind": "train", "step": s, "time_s": 2.0 * s, "tokens_seen": 100 * s, "tokens_per_s": tps, "mfu": mfu}
+        | {"ffn_experts_per_token": ffn, "target_ffn_experts": 2.0}
+        for s, tps, mfu, ffn in [(1, 40.0, 0.1, 3.0), (2, 50.0, 0.2, 2.5), (3, 60.0, 0.3, 2.1), (4, 70.0, 0.4, 1.9)]
+    ]
+    unigram = {"a": 4.0, "b": 4.0}
+    bpb = [
+        {"kind": "eval_bpb", "step": 2, "bits_per_byte": {"a": 3.0, "b": 2.6}, "unigram_bits_per_byte": unigram},
+        {"kind": "eval_bpb", "step": 4, "bits_per_byte": {"a": 2.4, "b": 2.0}, "unigram_bits_per_byte": unigram},
+    ]
+    return train[:2] + bpb[:1] + train[2:] + bpb[1:]
+
+
+def test_time_to_target():
+    spec = importlib.util.spec_from_file_location("speedrun", SPEEDRUN)
+    speedrun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speedrun)
+    rows = _rows()
+    assert speedrun.time_to_target(rows, 2.8) == (4.0, pytest.approx(2.8))  # step 2's mean (3.0 + 2.6) / 2
+    assert speedrun.time_to_target(rows, 2.5) == (8.0, pytest.approx(2.2))
+    assert speedrun.time_to_target(rows, 1.0) == (None, pytest.approx(2.2))
+
+
+def test_report_card():
+    lines = report_card(_rows(), {"a": 1.5, "b": 1.2}, {"a": 3.0, "b": 2.9})
+    text = "\n".join(lines)
+    assert "1.5000 [3.0000]" in text and "2.4000 [4.0000]" in text  # the last evaluation, beside unigram
+    assert "time 8 s this session, 400 tokens" in text
+    assert "55 tokens/s" in text and "MFU 0.250" in text  # medians of four steps
+    assert "FFN experts per token 1.900 (last quarter) against the target 2.000" in text
