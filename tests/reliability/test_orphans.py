@@ -112,7 +112,7 @@ def test_kill_9_of_the_train_launcher_ends_its_ranks(tmp_path):
 def test_kill_9_of_a_sweep_parent_ends_its_workers(tmp_path):
     out = tmp_path / "sweeps"
     proc = start(
-        ["sweep", "zero_experts", "--jobs", "2", "--seeds", "1", "--preset", "tiny", "--steps", "100000"]
+        ["sweep", "z_loss", "--jobs", "2", "--seeds", "1", "--preset", "tiny", "--steps", "100000"]
         + ["--out", str(out), "--no-progress"],
         tmp_path,
     )
