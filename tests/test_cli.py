@@ -5,8 +5,6 @@ subcommand still answers. Bad input exits with status 2 and a one-line message.
 Run: `bash tools/test.sh tests/test_cli.py`.
 """
 
-from pathlib import Path
-
 import pytest
 
 from longcat_lab.cli import main
@@ -193,9 +191,12 @@ def dialogues(tmp_path_factory):
 
 
 def test_synth_refuses_a_device_node_and_a_folder_before_the_work(tmp_path, capsys):
-    assert main(["synth", "--n", "2", "--out", "/dev/null", "--no-progress"]) == 2
-    assert "--out='/dev/null' is not allowed: it is a device node" in one_line_error(capsys)
-    assert Path("/dev/null").is_char_device()
+    # Through a link, so that a writer without the check replaces the link, never /dev/null itself.
+    link = tmp_path / "null.jsonl"
+    link.symlink_to("/dev/null")
+    assert main(["synth", "--n", "2", "--out", str(link), "--no-progress"]) == 2
+    assert f"--out='{link}' is not allowed: it is a device node" in one_line_error(capsys)
+    assert link.is_symlink()
     assert main(["synth", "--n", "2", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "it is a folder" in one_line_error(capsys)
 
@@ -219,7 +220,17 @@ def test_sft_into_its_own_source_is_refused_and_writes_nothing(trained, dialogue
 
 def test_a_refused_sft_run_leaves_nothing_behind(trained, dialogues, tmp_path, capsys):
     out = tmp_path / "ft"
-    args = ["sft", "--init-from", str(trained), "--data", str(dialogues), "--out", str(out)]
+    args = [
+        "sft",
+        "--init-from",
+        str(trained),
+        "--data",
+        str(dialogues),
+        "--out",
+        str(out),
+        "--set",
+        "sft_val_dialogues=2",
+    ]
     assert main([*args, "--set", "num_threads=1000000"]) == 2
     assert "num_threads=1000000 is not allowed" in one_line_error(capsys)
     assert not out.exists()
