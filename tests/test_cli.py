@@ -199,6 +199,9 @@ def test_synth_refuses_a_device_node_and_a_folder_before_the_work(tmp_path, caps
     assert link.is_symlink()
     assert main(["synth", "--n", "2", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "it is a folder" in one_line_error(capsys)
+    (tmp_path / "file").write_text("")
+    assert main(["synth", "--n", "2", "--out", str(tmp_path / "file" / "d.jsonl"), "--no-progress"]) == 2
+    assert "is not a folder this user may write to" in one_line_error(capsys)
 
 
 def test_synth_bounds_n(tmp_path, capsys):

@@ -34,9 +34,11 @@ def run(args: argparse.Namespace) -> None:
             f"--n={args.n} is not allowed: it must be from 1 to {N_LIMIT:,} (split larger sets into files)"
         )
     check_file_target(args.out, "--out")  # before the work, not after it
-    parent = args.out.parent if str(args.out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out={str(args.out)!r} is not allowed: {parent} is not writable")
+    parent = args.out.absolute().parent
+    while not parent.exists() and parent != parent.parent:  # the nearest part of the path that exists
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={str(args.out)!r} is not allowed: {parent} is not a folder this user may write to")
     records = list(generate(args.n, args.seed, tuple(args.domains), progress=not args.no_progress))
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_bytes(args.out, body.encode())
