@@ -137,7 +137,7 @@ def check_endpoint(endpoint: str) -> None:
 # the alarm (whose default action ends the process) bounds it.
 _PROBE = """import datetime, signal, sys
 from torch.distributed import TCPStore
-signal.alarm(int(sys.argv[3]))
+getattr(signal, "alarm", int)(int(sys.argv[3]))
 TCPStore(sys.argv[1], int(sys.argv[2]), is_master=False, timeout=datetime.timedelta(seconds=int(sys.argv[3])))
 """
 
