@@ -3,7 +3,7 @@ leaves no rank or worker running (polled for up to 10 s) and the run folders' lo
 held by a program that never answers is refused in one line; `die_with_parent` ends a child whose parent ended.
 Linux only (the tests read /proc).
 
-Run: `python -m pytest -q -p no:cacheprovider tests/reliability/test_orphans.py` (slow ones need `-m slow` off).
+Run: `bash tools/test.sh tests/reliability/test_orphans.py` (the two `kill -9` tests start real runs: marked slow).
 """
 
 from __future__ import annotations
