@@ -97,7 +97,8 @@ def test_kill_9_of_the_train_launcher_ends_its_ranks(tmp_path):
     run = tmp_path / "run"
     proc = start(
         ["train", "--preset", "tiny", "--out", str(run), "--nproc", "2", "--steps", "100000", "--samples", "0"]
-        + ["--eval", "none", "--no-progress", "--set", "batch_size=2"],
+        + ["--eval", "none", "--no-progress", "--set", "batch_size=2", "--set", f"cache_dir={tmp_path / 'cache'}"]
+        + ["--set", "max_bytes_per_domain=150000", "--set", "tokenizer_sample_bytes=60000", "--set", "num_threads=1"],
         tmp_path,
     )
     try:
