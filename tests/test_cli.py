@@ -5,9 +5,11 @@ subcommand still answers. Bad input exits with status 2 and a one-line message.
 Run: `bash tools/test.sh tests/test_cli.py`.
 """
 
+import io
+
 import pytest
 
-from longcat_lab.cli import main
+from longcat_lab.cli import chat, main, parser
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +268,13 @@ def test_chat_window_beyond_the_model_is_refused_up_front(trained, capsys):
     assert "--window=3000 is not allowed: it must be from 2 to the model's max_position_embeddings=" in (
         one_line_error(capsys)
     )
+
+
+def test_chat_goes_on_after_a_line_that_is_not_utf8(trained):
+    args = parser().parse_args(["chat", "--ckpt", str(trained), "--max-new-tokens", "2"])
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\nhi\n"), encoding="utf-8")
+    out = io.StringIO()
+    chat.run(args, stdin, out)
+    text = out.getvalue()
+    assert text.count("byte 0xff at character 0 is not UTF-8") == 1
+    assert text.count("model> ") == 1  # the good line after it is answered
