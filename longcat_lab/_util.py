@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,17 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_text(name: str, value: str) -> None:
+    """Refuse (one line) text holding bytes that were not UTF-8: Python keeps such bytes of a command line or a
+    terminal as lone surrogates (U+DC80..U+DCFF), which no tokenizer can encode."""
+    bad = next((i for i, c in enumerate(value) if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:
+        byte = ord(value[bad]) - 0xDC00
+        raise ValueError(
+            f"{name} is not allowed: byte 0x{byte:02x} at character {bad} is not UTF-8; it must be UTF-8 text"
+        )
+
+
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed: it must be one of {allowed}")
@@ -106,10 +118,27 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(Path(root))
 
 
+def check_file_target(path: Path, name: str = "path") -> None:
+    """Refuse (one line naming `name`) a place to write a file where something other than a regular file stands: a
+    device node (a rename over /dev/full would replace the device), a folder, a pipe or a socket. Symbolic links
+    are followed. Every writer goes through here (`atomic_write_bytes`); commands call it before their work."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there (or unreadable: the write itself reports that)
+        return
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISDIR: "a folder", stat.S_ISCHR: "a device node", stat.S_ISBLK: "a device node"}
+        kinds |= {stat.S_ISFIFO: "a pipe", stat.S_ISSOCK: "a socket"}
+        kind = next((k for test, k in kinds.items() if test(mode)), "not a regular file")
+        raise ValueError(f"{name}={str(path)!r} is not allowed: it is {kind}; only regular files are written")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync it, rename it over `path` and fsync the folder: readers see
-    the old file or the whole new one, and after a crash the disk holds one of the two."""
+    the old file or the whole new one, and after a crash the disk holds one of the two. Only over a regular file
+    (or none): `check_file_target`."""
     path = Path(path)
+    check_file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:

@@ -5,9 +5,11 @@ subcommand still answers. Bad input exits with status 2 and a one-line message.
 Run: `bash tools/test.sh tests/test_cli.py`.
 """
 
+import io
+
 import pytest
 
-from longcat_lab.cli import main
+from longcat_lab.cli import chat, main, parser
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,99 @@ def test_sample_edge_values(trained, capsys):
     assert "--seed=9223372036854775808 is not allowed" in one_line_error(capsys)
     assert main(["sample", "--ckpt", str(trained), "--prompt", "x", "--top-p", "0"]) == 2
     assert "--top-p=0.0 is not allowed" in one_line_error(capsys)
+
+
+# Hostile probes (docs/design.md §9): each ends in a result or one line, with nothing lost or left behind.
+@pytest.fixture(scope="module")
+def dialogues(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synth") / "d.jsonl"
+    assert main(["synth", "--n", "6", "--out", str(path), "--no-progress"]) == 0
+    return path
+
+
+def test_synth_refuses_a_device_node_and_a_folder_before_the_work(tmp_path, capsys):
+    # Through a link, so that a writer without the check replaces the link, never /dev/null itself.
+    link = tmp_path / "null.jsonl"
+    link.symlink_to("/dev/null")
+    assert main(["synth", "--n", "2", "--out", str(link), "--no-progress"]) == 2
+    assert f"--out='{link}' is not allowed: it is a device node" in one_line_error(capsys)
+    assert link.is_symlink()
+    assert main(["synth", "--n", "2", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "it is a folder" in one_line_error(capsys)
+    (tmp_path / "file").write_text("")
+    assert main(["synth", "--n", "2", "--out", str(tmp_path / "file" / "d.jsonl"), "--no-progress"]) == 2
+    assert "is not a folder this user may write to" in one_line_error(capsys)
+
+
+def test_synth_bounds_n(tmp_path, capsys):
+    out = tmp_path / "d.jsonl"
+    assert main(["synth", "--n", "1000000000", "--out", str(out), "--no-progress"]) == 2
+    assert "--n=1000000000 is not allowed: it must be from 1 to 20,000" in one_line_error(capsys)
+    assert main(["synth", "--n", "0", "--out", str(out), "--no-progress"]) == 2
+    assert "--n=0" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_sft_into_its_own_source_is_refused_and_writes_nothing(trained, dialogues, capsys):
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    for out in (trained, trained / "ft"):
+        assert main(["sft", "--init-from", str(trained), "--data", str(dialogues), "--out", str(out)]) == 2
+        assert "must lie apart from the source run" in one_line_error(capsys)
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+
+
+def test_a_refused_sft_run_leaves_nothing_behind(trained, dialogues, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = [
+        "sft",
+        "--init-from",
+        str(trained),
+        "--data",
+        str(dialogues),
+        "--out",
+        str(out),
+        "--set",
+        "sft_val_dialogues=2",
+    ]
+    assert main([*args, "--set", "num_threads=1000000"]) == 2
+    assert "num_threads=1000000 is not allowed" in one_line_error(capsys)
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--set", "num_threads=1000000"]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--arithmetic", "-1"], "--arithmetic=-1 is not allowed"),
+        (["--code", "0"], "--code=0 is not allowed"),
+    ],
+)
+def test_eval_names_its_flags(trained, capsys, extra, words):
+    assert main(["eval", "--ckpt", str(trained), "--no-write", *extra]) == 2
+    assert words in one_line_error(capsys)
+
+
+def test_sample_prompt_that_is_not_utf8_is_one_line(trained, capsys):
+    prompt = b"caf\xff".decode("utf-8", "surrogateescape")  # what Python makes of such a byte on a command line
+    assert main(["sample", "--ckpt", str(trained), "--prompt", prompt]) == 2
+    assert "--prompt is not allowed: byte 0xff at character 3 is not UTF-8" in one_line_error(capsys)
+
+
+def test_chat_window_beyond_the_model_is_refused_up_front(trained, capsys):
+    assert main(["chat", "--ckpt", str(trained), "--window", "3000"]) == 2
+    assert "--window=3000 is not allowed: it must be from 2 to the model's max_position_embeddings=" in (
+        one_line_error(capsys)
+    )
+
+
+def test_chat_goes_on_after_a_line_that_is_not_utf8(trained):
+    args = parser().parse_args(["chat", "--ckpt", str(trained), "--max-new-tokens", "2"])
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\nhi\n"), encoding="utf-8")
+    out = io.StringIO()
+    chat.run(args, stdin, out)
+    text = out.getvalue()
+    assert text.count("byte 0xff at character 0 is not UTF-8") == 1
+    assert text.count("model> ") == 1  # the good line after it is answered

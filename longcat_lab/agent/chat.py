@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from longcat_lab._util import check_text
 from longcat_lab.agent.turn import tool_turn
 from longcat_lab.chat import render
 from longcat_lab.synth.agents import ENVIRONMENTS, TaskDesigner
@@ -72,6 +73,8 @@ def converse(reply: Callable[[str], str], registry: Registry, system: str | None
         return [{"role": "system", "content": system}] if system else []
 
     out.write("[longcat-lab] /reset starts over, /quit leaves\n")
+    if hasattr(stdin, "reconfigure"):  # a byte that is not UTF-8 must cost one line, not the conversation
+        stdin.reconfigure(errors="surrogateescape")
     messages = fresh()
     while True:
         out.write(PROMPT)
@@ -81,6 +84,11 @@ def converse(reply: Callable[[str], str], registry: Registry, system: str | None
             out.write("\n")
             return
         text = line.strip()
+        try:
+            check_text("that line", text)
+        except ValueError as err:
+            out.write(f"[longcat-lab] {err}; type it again\n")
+            continue
         if text == "/reset":
             messages = fresh()
             out.write("[longcat-lab] conversation cleared\n")

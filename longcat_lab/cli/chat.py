@@ -48,6 +48,11 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
     torch.set_num_threads(1)  # decoding a lab-sized model is one small op after another (docs/design.md §5.5)
     generator = torch.Generator().manual_seed(args.seed)
     window = args.window or sft_window(ckpt)
+    if window > model.config.max_position_embeddings:
+        raise ValueError(
+            f"--window={window} is not allowed: it must be from 2 to the model's max_position_embeddings="
+            f"{model.config.max_position_embeddings}"
+        )
 
     def write(piece: str) -> None:
         out.write(piece)

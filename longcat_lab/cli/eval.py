@@ -48,6 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     if args.agentic:
         return run_agentic(args)
+    check_int("--arithmetic", args.arithmetic)
+    check_int("--code", args.code)
     result, path = evaluate_checkpoint(args.ckpt, args.level, args.arithmetic, args.code, write=not args.no_write)
     print(f"[longcat-lab] evaluation of {result['checkpoint']} (step {result['step']}, {result['seconds']:.0f} s)")
     print(format_table(result))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from longcat_lab._util import check_text
 from longcat_lab.cli.arguments import add_decoding_arguments, check_sampling, load_decoding_model
 from longcat_lab.inference.speculative import speculative_generate
 from longcat_lab.train import sample_text
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> None:
     check_sampling(args, lowest_new_tokens=0)
     if not args.prompt:
         raise ValueError("--prompt='' is not allowed: it must be a non-empty string")
+    check_text("--prompt", args.prompt)
     model, tokenizer, meta = load_decoding_model(args)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if not args.speculative:

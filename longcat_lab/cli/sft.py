@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from longcat_lab.cli.arguments import check_out_dir
-from longcat_lab.train.sft import LR, STEPS, prepare, train_sft
+from longcat_lab.train.sft import LR, STEPS, cleanup_on_refusal, prepare, train_sft
 from longcat_lab.train.trainer import check_runtime
 
 
@@ -34,15 +34,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     out = check_out_dir(args.out)
     extra = {"lr": args.lr} if args.lr is not None else {}
-    model_config, cfg = prepare(args.init_from, args.data, out, args.steps, args.set or (), **extra)
-    check_runtime(cfg)
+    with cleanup_on_refusal(out):
+        model_config, cfg = prepare(args.init_from, args.data, out, args.steps, args.set or (), **extra)
+        check_runtime(cfg)
+        result = _train(args, model_config, cfg, out)
+    _report(result)
+
+
+def _train(args: argparse.Namespace, model_config, cfg, out: Path):
     print(
         f"[longcat-lab] fine-tuning {cfg.init_from} on {args.data} ({cfg.total_steps} steps of {cfg.grad_accum} x "
         f"{cfg.batch_size} x {cfg.stages[0].seq_len} tokens, pre-training rows {cfg.sft_pretrain_ratio:g}) into {out}"
         f"{' (resuming if a checkpoint exists)' if args.resume else ''}",
         flush=True,
     )
-    result = train_sft(model_config, cfg, out, resume=args.resume, progress=not args.no_progress)
+    return train_sft(model_config, cfg, out, resume=args.resume, progress=not args.no_progress)
+
+
+def _report(result) -> None:
     print(f"[longcat-lab] step {result.step}, checkpoint {result.checkpoint}")
     sft_rows = result.rows("eval_sft")
     evals = result.rows("eval")

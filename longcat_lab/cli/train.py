@@ -17,7 +17,7 @@ from longcat_lab._util import check_int, check_seed
 from longcat_lab.cli.arguments import check_out_dir
 from longcat_lab.eval.suite import evaluate_checkpoint, format_table
 from longcat_lab.model import presets
-from longcat_lab.parallel.launch import torchrun
+from longcat_lab.parallel.launch import RDZV_TIMEOUT_S, check_endpoint, check_nnodes, die_with_parent, torchrun
 from longcat_lab.parallel.mesh import in_torchrun, restart_count
 from longcat_lab.train import TrainingError, apply_overrides, sample_text, train, train_preset
 from longcat_lab.train.distributed import train_distributed
@@ -25,7 +25,7 @@ from longcat_lab.train.trainer import check_runtime
 
 PRESETS = ("tiny", "mini", "small", "base")
 # Flags that only the launching process reads; torchrun's workers get the command without them.
-LAUNCH_FLAGS = ("--nproc", "--max-restarts", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+LAUNCH_FLAGS = ("--nproc", "--max-restarts", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--rdzv-timeout")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,6 +61,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--nnodes", default="1", help="with --nproc: nodes (or MIN:MAX), all given this command")
     tr.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="with --nnodes > 1: rendezvous")
     tr.add_argument("--rdzv-id", default="longcat", help="with --nnodes > 1: one id per job")
+    tr.add_argument(
+        "--rdzv-timeout",
+        type=int,
+        default=RDZV_TIMEOUT_S,
+        metavar="S",
+        help="with --nnodes > 1: seconds to wait for the rendezvous (joining it, and each answer from it)",
+    )
     tr.add_argument(
         "--samples",
         type=int,
@@ -117,6 +124,10 @@ def check_arguments(args: argparse.Namespace, worker: bool) -> None:
     if args.nproc is not None:
         check_int("--nproc", args.nproc)
         check_int("--max-restarts", args.max_restarts, 0)
+        check_int("--rdzv-timeout", args.rdzv_timeout)
+        check_nnodes(args.nnodes)
+        if args.nnodes not in ("1", "1:1"):
+            check_endpoint(args.rdzv_endpoint)
         if not worker and args.nnodes in ("1", "1:1") and args.nproc % args.ep:
             raise ValueError(f"--ep={args.ep} is not allowed with --nproc={args.nproc}: it must divide the ranks")
     check_int("--samples", args.samples, 0)
@@ -128,6 +139,7 @@ def launch(args: argparse.Namespace, batch_size: int) -> None:
     """Start `args.nproc` ranks per node with torchrun, each running this command without the launcher's flags."""
     # torch.distributed's elastic extras load only when a launch is asked for.
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
     if args.nnodes in ("1", "1:1") and batch_size % args.nproc:
         raise ValueError(
@@ -135,8 +147,22 @@ def launch(args: argparse.Namespace, batch_size: int) -> None:
             f"must split evenly over the ranks (set --set batch_size=B, B a multiple of {args.nproc})"
         )
     print(f"[longcat-lab] starting {args.nproc} ranks per node with torchrun", flush=True)
+    os.environ["LONGCAT_LAUNCHER_PID"] = str(os.getpid())  # the ranks' parent: they end when it does
     try:
-        torchrun(worker_argv(args.argv), args.nproc, args.max_restarts, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+        torchrun(
+            worker_argv(args.argv),
+            args.nproc,
+            args.max_restarts,
+            args.nnodes,
+            args.rdzv_endpoint,
+            args.rdzv_id,
+            args.rdzv_timeout,
+        )
+    except RendezvousError as err:
+        raise TrainingError(
+            f"--rdzv-endpoint={args.rdzv_endpoint!r}: no rendezvous within --rdzv-timeout={args.rdzv_timeout} s "
+            f"({type(err).__name__}); check that HOST:PORT is the first node's free port and every node is started"
+        ) from None
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         raise TrainingError(
@@ -147,6 +173,8 @@ def launch(args: argparse.Namespace, batch_size: int) -> None:
 
 def run(args: argparse.Namespace) -> None:
     worker = in_torchrun()
+    if worker:  # a rank ends with its launcher: an orphan would train on, writing checkpoints and holding the lock
+        die_with_parent(int(os.environ.get("LONGCAT_LAUNCHER_PID", os.getppid())))
     check_arguments(args, worker)
     args.out = check_out_dir(args.out)
     model_config = presets.get(args.preset)

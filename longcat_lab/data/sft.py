@@ -38,6 +38,9 @@ from longcat_lab.data.mixture import MixtureSampler
 from longcat_lab.model.config import IGNORE_INDEX
 
 PAD_SEGMENT = -1  # the segment id of padding positions (they see only each other, and carry no target)
+# The longest JSONL line read: a synth record is a few thousand characters, and an unbounded line turns into an
+# unbounded dialogue held (and tokenized) in memory.
+LINE_LIMIT = 1_000_000
 
 
 # Records ---------------------------------------------------------------------------------------------------------
@@ -100,6 +103,11 @@ def load_records(data: str | os.PathLike | list[dict[str, Any]]) -> list[dict[st
         for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
+            if len(line) > LINE_LIMIT:
+                raise ValueError(
+                    f"{path}:{n} is not allowed: the line has {len(line):,} characters; a record may have at most "
+                    f"{LINE_LIMIT:,}"
+                )
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -345,6 +353,7 @@ class SFTSampler:
 
 __all__ = [
     "PAD_SEGMENT",
+    "LINE_LIMIT",
     "Dialogue",
     "PackedRows",
     "SFTSampler",

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import multiprocessing
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from longcat_lab.experiments.sweeps import METRIC_DIRECTION, Sweep, get, margin
 from longcat_lab.model import presets
 from longcat_lab.model.accounting import activated_params, flops_per_token
 from longcat_lab.model.config import ModelConfig
+from longcat_lab.parallel.launch import die_with_parent
 from longcat_lab.train import apply_overrides, train, train_preset
 from longcat_lab.train.config import TrainConfig
 from longcat_lab.train.control import resolve_target
@@ -300,7 +302,8 @@ def run_sweep(
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
-            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            # The workers end with this process (kill -9 included): none trains on, holding a run's lock.
+            with cf.ProcessPoolExecutor(jobs, ctx, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 for f in cf.as_completed([pool.submit(execute, r) for r in todo]):
                     f.result()
                     bar.update(1)

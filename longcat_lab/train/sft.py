@@ -21,10 +21,12 @@ dialogues).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from longcat_lab.data.tokenizer import eot_id
 from longcat_lab.model.config import IGNORE_INDEX, ModelConfig
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.train.config import SFTConfig, StageConfig, TrainConfig
+from longcat_lab.train.lock import LOCK_NAME
 from longcat_lab.train.overrides import apply_overrides
 from longcat_lab.train.results import TrainResult
 from longcat_lab.train.resume import read_train_config
@@ -222,17 +225,52 @@ def prepare(
     `sft_config`, then `sets` (`--set FIELD=VALUE`, as for `longcat-lab train`). `init_from` is a checkpoint
     folder or a run folder (its newest checkpoint)."""
     source = checkpoint.resolve(init_from)
+    out = Path(out_dir)
+    _check_apart(init_from, source, out)
     checkpoint.verify(source)
     records = load_records(data)
     digest = records_digest(records)
     model_config = checkpoint.read_model_config(source)
     source_cfg = read_train_config(source)
-    out = Path(out_dir)
-    path = _write_data(records, digest, out)
-    cfg = sft_config(model_config, source_cfg, str(source), str(path.resolve()), digest, steps, **overrides)
+    path = (out / DATA_FILE).resolve()
+    cfg = sft_config(model_config, source_cfg, str(source), str(path), digest, steps, **overrides)
     model_config, cfg = apply_overrides(model_config, cfg, list(sets))
     split_held_out(records, cfg.sft_val_dialogues)  # a bad held-out count fails before any work
+    _write_data(records, digest, out)  # last: a refusal above leaves nothing behind
     return model_config, cfg
+
+
+def _check_apart(init_from: str | os.PathLike, source: Path, out: Path) -> None:
+    """Refuse an output folder that is the source run (or its checkpoint), inside it, or holds it: fine-tuning
+    there would rotate the source's checkpoints away and mix two runs' files."""
+    out_r, init_r, source_r = out.resolve(), Path(init_from).resolve(), source.resolve()
+    for src in (init_r, source_r):
+        if out_r == src or src in out_r.parents or out_r in src.parents:
+            raise ValueError(
+                f"--out={str(out)!r} is not allowed with --init-from={str(init_from)!r}: the output folder must lie "
+                "apart from the source run (neither inside the other); choose a new folder"
+            )
+
+
+@contextlib.contextmanager
+def cleanup_on_refusal(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Run a fine-tuning call; when it raises before any checkpoint of `out_dir` exists, delete what it added there
+    (the copy of the dialogues, metrics, the folder itself if it made it), so a refused run leaves nothing behind."""
+    out = Path(out_dir)
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if out.is_dir() and checkpoint.latest(out) is None:
+            if before is None:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for entry in set(out.iterdir()) - before - {out / LOCK_NAME}:  # a lock file is never deleted
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+        raise
 
 
 def train_sft(
@@ -260,8 +298,9 @@ def finetune(
     """Fine-tune the checkpoint `init_from` (or a run folder's newest) on `data` (a JSONL of `longcat-lab synth`
     records, or a list of them) into `out_dir`; `resume=True` continues that run from its newest checkpoint (with
     the same arguments). Overrides as `sft_config`. The checkpoints load with `checkpoint.load` like any other."""
-    model_config, cfg = prepare(init_from, data, out_dir, steps, **overrides)
-    return train_sft(model_config, cfg, out_dir, resume=resume, progress=progress, callback=callback)
+    with cleanup_on_refusal(out_dir):
+        model_config, cfg = prepare(init_from, data, out_dir, steps, **overrides)
+        return train_sft(model_config, cfg, out_dir, resume=resume, progress=progress, callback=callback)
 
 
 __all__ = [
@@ -271,6 +310,7 @@ __all__ = [
     "GRAD_ACCUM",
     "SEQ_LEN",
     "SFTTrainer",
+    "cleanup_on_refusal",
     "finetune",
     "prepare",
     "sft_config",
