@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from longcat_lab import checkpoint
 from longcat_lab._util import check_int, check_nonnegative
 from longcat_lab.cli.arguments import add_decoding_arguments, load_decoding_model
 from longcat_lab.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_STEP_TOKENS, Engine
 from longcat_lab.serve.metrics import Metrics
-from longcat_lab.train import checkpoint
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
