@@ -12,8 +12,8 @@ from pathlib import Path
 from longcat_lab._util import atomic_write_bytes, check_file_target, check_int
 from longcat_lab.synth import DOMAINS, format_summary, generate, summarize
 
-# The records are held in memory until the one atomic write (about 33 KB each, measured), so --n is bounded: well
-# under a gigabyte at the bound.
+# The records are held in memory until the one atomic write, so --n is bounded to keep that well under a gigabyte
+# (a record is tens of kilobytes).
 N_LIMIT = 20_000
 
 
