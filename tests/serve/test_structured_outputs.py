@@ -1,6 +1,7 @@
 """Structured outputs in `longcat-lab serve` (`serve.request`, `inference.structured`, docs/design.md §7.2): over a
 random tiny model, whose text is arbitrary, `response_format` json_object replies parse and json_schema replies
-validate; `tool_choice` "required" and a named function give a call with valid arguments; a schema the library
+validate; `tool_choice` "required" and a named function give a call with valid arguments, and "auto" a valid call
+once the model opens one; a schema the library
 cannot compile and an unknown tool name are 400s naming the field; two requests with different constraints decoding
 in one batch each keep their own. Schemas are bounded (maxLength, maxItems, closed objects) so every reply closes
 within its token budget.
@@ -19,7 +20,7 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from longcat_lab.chat import END_OF_TURN  # noqa: E402
+from longcat_lab.chat import END_OF_TURN, TOOL_CALL_OPEN  # noqa: E402
 from longcat_lab.data.tokenizer import train_tokenizer  # noqa: E402
 from longcat_lab.inference.batch import BatchDecoder, Sequence  # noqa: E402
 from longcat_lab.model import presets  # noqa: E402
@@ -100,7 +101,7 @@ def client(server):
 
 def ask(server, **fields):
     messages = [{"role": "user", "content": "Answer in JSON."}]
-    return client(server).chat.completions.create(model=NAME, messages=messages, max_tokens=400, **fields)
+    return client(server).chat.completions.create(model=NAME, messages=messages, **{"max_tokens": 400, **fields})
 
 
 def post(server, **fields):
@@ -203,3 +204,28 @@ def test_two_constraints_in_one_batch_keep_their_own(server):
         assert end in tokens, kind
         text = engine.tokenizer.decode(tokens[: tokens.index(end)], skip_special_tokens=False)
         jsonschema.validate(json.loads(text), SCHEMAS[kind])
+
+
+def test_auto_constrains_a_call_once_the_model_opens_one(server, monkeypatch):
+    """The first token is forced to the open marker (a random model rarely writes it); from there the request's own
+    hook (tool_choice "auto") must make the call valid, and the text after the call stays free."""
+    engine = server.engine
+    parse, opened = Engine.parse.__get__(engine), engine.tokenizer.token_to_id(TOOL_CALL_OPEN)
+
+    def opening(hook):
+        def mask(done, logits):
+            logits = hook(done, logits) if hook is not None else logits
+            if done:
+                return logits
+            out = torch.full_like(logits, float("-inf"))
+            out[:, opened] = 0.0
+            return out
+
+        return mask
+
+    monkeypatch.setattr(
+        engine, "parse", lambda body: dataclasses.replace(p := parse(body), logits_mask=opening(p.logits_mask))
+    )
+    for seed in (0, 1, 2):
+        choice = ask(server, tools=[ADD, PAINT], seed=seed, temperature=1.0, max_tokens=60).choices[0]
+        check_call(choice, {"add", "paint"})
