@@ -26,6 +26,7 @@ from longcat_lab.inference.batch import BatchDecoder, Sequence  # noqa: E402
 from longcat_lab.model import presets  # noqa: E402
 from longcat_lab.serve.app import BackgroundServer, create_app  # noqa: E402
 from longcat_lab.serve.engine import Engine  # noqa: E402
+from longcat_lab.serve.request import BadRequest, parse_request  # noqa: E402
 from longcat_lab.testing import random_model  # noqa: E402
 
 NAME = "tiny-structured"
@@ -229,3 +230,27 @@ def test_auto_constrains_a_call_once_the_model_opens_one(server, monkeypatch):
     for seed in (0, 1, 2):
         choice = ask(server, tools=[ADD, PAINT], seed=seed, temperature=1.0, max_tokens=60).choices[0]
         check_call(choice, {"add", "paint"})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_format_with_tools_on_auto_is_that_json_or_a_call(server, seed):
+    fmt = {"type": "json_schema", "json_schema": {"name": "nested", "schema": SCHEMAS["nested"]}}
+    choice = ask(server, response_format=fmt, tools=[ADD, PAINT], seed=seed, temperature=1.0).choices[0]
+    if choice.message.tool_calls:
+        check_call(choice, {"add", "paint"})
+    else:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), SCHEMAS["nested"])
+
+
+def test_without_the_constrained_decoder_only_auto_and_none_are_served(server):
+    """As with --speculative (the engine then has no decoder): "auto" is unconstrained, the rest are 400s."""
+    tok, body = server.engine.tokenizer, {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_request({**body, "tools": [ADD]}, NAME, tok, 2048).logits_mask is None
+    for fields, param in [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [ADD], "tool_choice": "required"}, "tool_choice"),
+    ]:
+        with pytest.raises(BadRequest, match="constrained decoding is off") as info:
+            parse_request({**body, **fields}, NAME, tok, 2048)
+        assert info.value.param == param
