@@ -7,12 +7,18 @@ engines do with a grammar library; everywhere else its logits are untouched.
 `ToolCallDecoder` holds the tokenizer and one compiled grammar per set of offered tools; each sequence being decoded
 gets its own `ToolCallConstraint` (`decoder.constraint(tools)`), which the decoding loop calls twice per token:
 `mask(logits_V)` before sampling and `advance(token)` after (`inference.generate.stream`'s `constraints`).
+
+Structured outputs (the server's `response_format` and `tool_choice`, docs/design.md §7.2) constrain a whole reply
+instead: `decoder.reply_constraint(schema, tools)` gives a `ReplyConstraint` whose grammar holds from the first token,
+a JSON value satisfying `schema` or a call to one of `tools`, then the end-of-turn token. `row_hook` turns either
+kind of constraint into the batch decoder's per-row hook (`inference.batch.LogitsMask`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import llguidance
@@ -24,6 +30,14 @@ from longcat_lab.chat.template import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OP
 # The JSON exactly as `chat.tool_call_block` renders it (json.dumps' separators, no other whitespace): the form the
 # model was fine-tuned on, and no room for a model to spend its token budget on spaces.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Compiled grammars kept per decoder (the least recently used goes first): a server's clients choose the schemas.
+MAX_GRAMMARS = 64
+
+
+def _allowed(matcher, vocab: int) -> torch.Tensor:
+    """The tokens `matcher` allows next, as a bool tensor [vocab]."""
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+    return torch.from_numpy(np.unpackbits(bits, count=vocab, bitorder="little").view(np.bool_))
 
 
 def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -41,6 +55,10 @@ def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         seen.add(f["name"])
         out.append(f)
     return out
+
+
+def _names(tools: Sequence[dict[str, Any]]) -> list[str]:
+    return [f["name"] for f in _functions(tools)]
 
 
 def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -73,11 +91,9 @@ class ToolCallConstraint:
 
     def allowed(self) -> torch.Tensor:
         """The tokens the grammar allows next, as a bool tensor [vocab] (all of them outside a call)."""
-        vocab = self.grammar.vocab_size
         if not self.in_call:
-            return torch.ones(vocab, dtype=torch.bool)
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        return torch.from_numpy(np.unpackbits(bits, count=vocab, bitorder="little").view(np.bool_))
+            return torch.ones(self.grammar.vocab_size, dtype=torch.bool)
+        return _allowed(self.matcher, self.grammar.vocab_size)
 
     def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
         """`logits_V` itself outside a call; inside one, a copy with -inf at every token the grammar forbids."""
@@ -100,6 +116,45 @@ class ToolCallConstraint:
             self.in_call = False
 
 
+class ReplyConstraint:
+    """The constraint on a whole reply: from the first token to the end-of-turn token every token keeps the text a
+    prefix of the grammar. `error` as in `ToolCallConstraint` (the rest of the reply is then unconstrained)."""
+
+    def __init__(self, matcher, vocab_size: int):
+        self.matcher, self.vocab_size = matcher.deep_copy(), vocab_size
+        self.error: str | None = None
+
+    def allowed(self) -> torch.Tensor:
+        if self.error is not None or self.matcher.is_stopped():
+            return torch.ones(self.vocab_size, dtype=torch.bool)
+        return _allowed(self.matcher, self.vocab_size)
+
+    def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
+        """A copy of `logits_V` with -inf at every token the grammar forbids."""
+        if self.error is not None or self.matcher.is_stopped():
+            return logits_V
+        return torch.where(self.allowed().to(logits_V.device), logits_V, float("-inf"))
+
+    def advance(self, token: int) -> None:
+        if self.error is None and not self.matcher.is_stopped() and not self.matcher.consume_token(token):
+            self.error = self.matcher.get_error()
+
+
+def row_hook(constraint: ToolCallConstraint | ReplyConstraint) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
+    """`constraint` as a per-row logits hook (`inference.batch.LogitsMask`): given the ids drawn so far and the
+    row's logits, it advances past the ids it has not seen, then masks the row."""
+    seen = 0
+
+    def hook(tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+        nonlocal seen
+        for token in tokens[seen:]:
+            constraint.advance(token)
+        seen = len(tokens)
+        return constraint.mask(logits)
+
+    return hook
+
+
 class _CallGrammar:
     """The compiled call grammar for one set of tools: the open marker's newline, the call's JSON, a newline and the
     closing marker token (the layout `chat.tool_call_block` renders)."""
@@ -109,9 +164,8 @@ class _CallGrammar:
         lark = f'start: "\\n" call "\\n" <[{close_id}]>\ncall: %json {json.dumps(call_schema(tools))}\n'
         self.matcher = llguidance.LLMatcher(guidance, lark, log_level=0)
         if self.matcher.is_error():
-            names = [f["name"] for f in _functions(tools)]
             error = self.matcher.get_error().splitlines()[0]
-            raise ValueError(f"tools={names}: their schemas are not allowed for structured decoding: {error}")
+            raise ValueError(f"tools={_names(tools)}: their schemas are not allowed for structured decoding: {error}")
 
 
 class ToolCallDecoder:
@@ -130,14 +184,60 @@ class ToolCallDecoder:
             raise ValueError(f"vocab_size={vocab_size} is not allowed: the tokenizer has {size} tokens")
         self.vocab_size = vocab_size
         self.open_id, self.close_id = ids[TOOL_CALL_OPEN], ids[TOOL_CALL_CLOSE]
-        self.guidance = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=ids[END_OF_TURN])
-        self._grammars: dict[str, _CallGrammar] = {}
+        self.end_id = ids[END_OF_TURN]
+        self.guidance = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=self.end_id)
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
+
+    def _compiled(self, key: str, build: Callable[[], Any]) -> Any:
+        if key in self._grammars:
+            self._grammars.move_to_end(key)
+        else:
+            self._grammars[key] = build()
+            if len(self._grammars) > MAX_GRAMMARS:
+                self._grammars.popitem(last=False)
+        return self._grammars[key]
 
     def constraint(self, tools: Sequence[dict[str, Any]]) -> ToolCallConstraint:
-        key = json.dumps(tools, sort_keys=True, default=str)
-        if key not in self._grammars:
-            self._grammars[key] = _CallGrammar(self.guidance, self.vocab_size, self.open_id, self.close_id, tools)
-        return ToolCallConstraint(self._grammars[key])
+        key = json.dumps(["call", tools], sort_keys=True, default=str)
+        build = lambda: _CallGrammar(self.guidance, self.vocab_size, self.open_id, self.close_id, tools)  # noqa: E731
+        return ToolCallConstraint(self._compiled(key, build))
+
+    def reply_constraint(
+        self, schema: dict[str, Any] | None = None, tools: Sequence[dict[str, Any]] | None = None
+    ) -> ReplyConstraint:
+        """A whole reply that is a JSON value satisfying `schema` or one call to one of `tools` (at least one of
+        the two), then the end-of-turn token. ValueError naming `schema` or `tools` if it does not compile."""
+        if schema is None and not tools:
+            raise ValueError("reply_constraint needs a schema or tools")
+        key = json.dumps(["reply", schema, tools], sort_keys=True, default=str)
+        return ReplyConstraint(self._compiled(key, lambda: self._reply_matcher(schema, tools)), self.vocab_size)
+
+    def _reply_matcher(self, schema, tools):
+        bodies, rules = [], []
+        if schema is not None:
+            bodies.append("reply")
+            rules.append(f"reply: %json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}")
+        if tools:
+            bodies.append(f'<[{self.open_id}]> "\\n" call "\\n" <[{self.close_id}]>')
+            rules.append(f"call: %json {json.dumps(call_schema(tools))}")
+        lark = f"start: ({' | '.join(bodies)}) <[{self.end_id}]>\n" + "\n".join(rules) + "\n"
+        matcher = llguidance.LLMatcher(self.guidance, lark, log_level=0)
+        if matcher.is_error():
+            if schema is not None and tools:  # which part fails: the schema alone, or else the tools
+                self._reply_matcher(schema, None)
+                self._reply_matcher(None, tools)
+            error = matcher.get_error().splitlines()[0]
+            what = f"schema={json.dumps(schema)[:200]}" if schema is not None else f"tools={_names(tools)}"
+            raise ValueError(f"{what} is not allowed for structured decoding: {error}")
+        return matcher
 
 
-__all__ = ["JSON_OPTIONS", "ToolCallConstraint", "ToolCallDecoder", "call_schema"]
+__all__ = [
+    "JSON_OPTIONS",
+    "MAX_GRAMMARS",
+    "ReplyConstraint",
+    "ToolCallConstraint",
+    "ToolCallDecoder",
+    "call_schema",
+    "row_hook",
+]

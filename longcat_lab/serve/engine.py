@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from longcat_lab._util import check_int
+from longcat_lab.inference.structured import ToolCallDecoder
 from longcat_lab.inference.text import reply_stop_ids
 from longcat_lab.serve.metrics import Metrics
 from longcat_lab.serve.request import BadRequest, ChatRequest, Result, parse_request
@@ -65,6 +66,9 @@ class Engine:
         self.model, self.tokenizer, self.name, self.speculative = model, tokenizer, name, speculative
         self.metrics = metrics or Metrics()
         self.stop_ids = reply_stop_ids(tokenizer)
+        # Built at the first request; stays None with speculative decoding (the MTP draft is not masked).
+        self._decoder: ToolCallDecoder | None = None
+        self._constrained = not speculative
         self.scheduler = Scheduler(
             model,
             tokenizer,
@@ -79,7 +83,17 @@ class Engine:
 
     def parse(self, body: Any) -> ChatRequest:
         """Check an OpenAI chat-completions body; raise BadRequest naming the first field that is wrong."""
-        return parse_request(body, self.name, self.tokenizer, self.model.config.max_position_embeddings)
+        return parse_request(body, self.name, self.tokenizer, self.model.config.max_position_embeddings, self.decoder())
+
+    def decoder(self) -> ToolCallDecoder | None:
+        """The constrained decoder for structured outputs; None with speculative decoding (its draft is not
+        masked) or for a tokenizer without the chat markers."""
+        if self._decoder is None and self._constrained:
+            try:
+                self._decoder = ToolCallDecoder(self.tokenizer, self.model.config.vocab_size)
+            except ValueError:
+                self._constrained = False
+        return self._decoder
 
     def submit(self, request: ChatRequest, emit: Callable[[tuple[str, Any]], None]) -> Job:
         """Queue a request; `emit` is called from the worker thread with its events (`Job`). Raises QueueFull."""

@@ -1,6 +1,12 @@
 """An OpenAI chat-completions request, checked (docs/design.md §7.2): `parse_request` turns a JSON body into a
 `ChatRequest` (the prompt rendered with the chat template and tokenized, the sampling settings) or raises
 `BadRequest` naming the field; `Result` is what a finished generation returns.
+
+Structured outputs go through the agents' constrained decoder (`inference.structured`), one constraint per request
+in its `logits_mask`: `tool_choice` "auto" constrains a call once the model opens one, "required" or a named
+function makes the whole reply one call (to an offered tool, or to that one), and `response_format` `json_object`
+or `json_schema` makes it a JSON object or a value of the schema (or, with tools on "auto", a call instead). A reply
+cut off by `max_tokens` may be unfinished JSON; its finish_reason is then "length".
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 
 from longcat_lab.chat import encode_chat, render
 from longcat_lab.chat.template import ChatFormatError
+from longcat_lab.inference.structured import ToolCallDecoder, row_hook
 
 MAX_STOP = 4  # as the OpenAI API
 
@@ -115,9 +122,85 @@ def _stop(raw: Any) -> list[str]:
     return stop
 
 
-def parse_request(body: Any, name: str, tokenizer, context: int) -> ChatRequest:
+def _tool_name(tool: dict) -> str | None:
+    f = tool.get("function", tool)  # OpenAI's {"type": "function", "function": {...}} or a flat spec
+    return f.get("name") if isinstance(f, dict) else None
+
+
+def _tool_choice(choice: Any, tools: list[dict] | None) -> str | None:
+    """The tool `tool_choice` names ({"type": "function", "function": {"name": ...}}), else None; BadRequest for a
+    value that is not one of OpenAI's or that needs tools the request lacks."""
+    if choice in (None, "auto", "none"):
+        return None
+    offered = [_tool_name(t) for t in tools or []]
+    if isinstance(choice, dict):
+        f = choice.get("function") if choice.get("type") == "function" else None
+        named = f.get("name") if isinstance(f, dict) else None
+        if isinstance(named, str):
+            if named not in offered:
+                raise BadRequest(
+                    f"tool_choice names {named!r}: it is not one of the offered tools {offered}", "tool_choice"
+                )
+            return named
+    elif choice == "required":
+        if not offered:
+            raise BadRequest("tool_choice='required' is not allowed without tools", "tool_choice")
+        return None
+    raise BadRequest(
+        f"tool_choice={choice!r} is not allowed: it must be 'auto', 'none', 'required' or "
+        '{"type": "function", "function": {"name": <an offered tool>}}',
+        "tool_choice",
+    )
+
+
+def _response_schema(fmt: Any) -> dict | None:
+    """The JSON schema `response_format` asks the reply to satisfy, or None for free text."""
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = fmt.get("json_schema") if kind == "json_schema" else None
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("schema", {}), dict):
+        return spec.get("schema", {})
+    raise BadRequest(
+        f"response_format={fmt!r} is not allowed: it must be {{'type': 'text'}}, {{'type': 'json_object'}} or "
+        "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}",
+        "response_format",
+    )
+
+
+def _constraint(body: dict, tools: list[dict] | None, decoder: ToolCallDecoder | None):
+    """The request's logits hook for structured outputs (`inference.structured.row_hook`), or None."""
+    choice = body.get("tool_choice")
+    named = _tool_choice(choice, tools)
+    schema = _response_schema(body.get("response_format"))
+    whole = named is not None or choice == "required"  # the reply is one call
+    if whole and schema is not None:
+        raise BadRequest(
+            f"response_format is not allowed with tool_choice={choice!r}: the reply is a tool call", "response_format"
+        )
+    if schema is None and not tools:
+        return None
+    if decoder is None:
+        if schema is None and not whole:
+            return None  # "auto" without the constrained decoder: calls are parsed, as without it
+        field = "response_format" if schema is not None else "tool_choice"
+        raise BadRequest(f"{field} is not available on this server: constrained decoding is off (speculative)", field)
+    if named is not None:
+        tools = [t for t in tools if _tool_name(t) == named]
+    try:
+        if schema is None and not whole:
+            return row_hook(decoder.constraint(tools))
+        return row_hook(decoder.reply_constraint(schema, tools))
+    except ValueError as err:
+        raise BadRequest(str(err), "response_format" if str(err).startswith("schema=") else "tools") from None
+
+
+def parse_request(body: Any, name: str, tokenizer, context: int, decoder: ToolCallDecoder | None = None) -> ChatRequest:
     """Check an OpenAI chat-completions body for the model served as `name` (with `context` positions); raise
-    BadRequest naming the first field that is wrong."""
+    BadRequest naming the first field that is wrong. `decoder` constrains structured outputs (without it only
+    "auto" and "none" tool choices and free-text replies are served)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     if not isinstance(body.get("model"), str):
@@ -134,10 +217,8 @@ def parse_request(body: Any, name: str, tokenizer, context: int) -> ChatRequest:
     tools = body.get("tools")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise BadRequest("tools is not allowed: it must be a list of function tools", "tools")
-    choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise BadRequest(f"tool_choice={choice!r} is not supported: only 'auto' or 'none'", "tool_choice")
-    tools = None if choice == "none" else (tools or None)
+    tools = None if body.get("tool_choice") == "none" else (tools or None)
+    logits_mask = _constraint(body, tools, decoder)
     try:
         prompt = render(_messages(body.get("messages")), tools)
     except ChatFormatError as err:
@@ -177,6 +258,7 @@ def parse_request(body: Any, name: str, tokenizer, context: int) -> ChatRequest:
         tools=tools,
         stream=stream,
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        logits_mask=logits_mask,
     )
 
 

@@ -200,7 +200,7 @@ def test_a_stop_string_never_leaks_into_the_stream(server, monkeypatch):
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "assistant message"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"n": 2}, "n=2"),
-        ({"tool_choice": "required", "tools": [CALCULATOR]}, "tool_choice"),
+        ({"tool_choice": "always", "tools": [CALCULATOR]}, "tool_choice"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"seed": -1}, "seed"),
     ],
