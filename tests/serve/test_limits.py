@@ -49,20 +49,24 @@ def server():
     srv.stop()
 
 
-def scripted(tok, text, gate=None, counter=None):
-    """An `Engine.tokens` replacement: the ids of `text`, repeated until max_new_tokens (after the first token it
-    waits for `gate`, if given; `counter[0]` counts the tokens handed out)."""
-    ids = tok.encode(text).ids
+def scripted(monkeypatch, engine, text, gate=None, counter=None):
+    """Make every request to `engine` write `text` (its ids, repeated until the reply's length runs out) through the
+    scheduler's per-request logits hook; after the first token it waits for `gate`, if given; `counter[0]` counts
+    the tokens it forced."""
+    ids = engine.tokenizer.encode(text).ids
+    parse = Engine.parse.__get__(engine)
 
-    def stream(idx, max_new_tokens, **options):
-        for n in range(max_new_tokens):
-            if n == 1 and gate is not None:
-                gate.wait(60)
-            if counter is not None:
-                counter[0] += 1
-            yield torch.tensor([[ids[n % len(ids)]]])
+    def mask(done, logits):
+        n = len(done)
+        if n == 1 and gate is not None:
+            gate.wait(60)
+        if counter is not None:
+            counter[0] += 1
+        out = torch.full_like(logits, float("-inf"))
+        out[:, ids[n % len(ids)]] = 0.0
+        return out
 
-    return stream
+    monkeypatch.setattr(engine, "parse", lambda body: dataclasses.replace(parse(body), logits_mask=mask))
 
 
 def post(server, body, timeout=60):
@@ -75,7 +79,7 @@ def ask(**fields):
 
 
 def test_max_tokens_spellings_follow_openai(server, monkeypatch):
-    monkeypatch.setattr(server.engine, "tokens", scripted(server.engine.tokenizer, LONG_TEXT), raising=False)
+    scripted(monkeypatch, server.engine, LONG_TEXT)
     for fields, want in [
         ({"max_tokens": 5, "max_completion_tokens": None}, 5),
         ({"max_tokens": 5, "max_completion_tokens": 3}, 3),
@@ -154,14 +158,14 @@ def test_a_crash_is_a_counted_500_and_the_connection_stays_open(server, monkeypa
     ids=["malformed", "unoffered"],
 )
 def test_a_malformed_or_unoffered_call_comes_back_as_content(server, monkeypatch, reply, kept):
-    monkeypatch.setattr(server.engine, "tokens", scripted(server.engine.tokenizer, reply + END_OF_TURN), raising=False)
+    scripted(monkeypatch, server.engine, reply + END_OF_TURN)
     message = post(server, ask(tools=[TOOL], max_tokens=200)).json()["choices"][0]["message"]
     assert kept in message["content"] and message["content"].startswith("Sure.") and not message.get("tool_calls")
 
 
 def test_text_after_a_call_is_kept_in_streams(server, monkeypatch):
     reply = "Adding." + tool_call_block("add", {"a": 1}) + " Then done." + END_OF_TURN
-    monkeypatch.setattr(server.engine, "tokens", scripted(server.engine.tokenizer, reply), raising=False)
+    scripted(monkeypatch, server.engine, reply)
     with httpx.stream("POST", f"{server.url}/chat/completions", json=ask(tools=[TOOL], stream=True), timeout=60) as r:
         lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
     deltas = [c["choices"][0]["delta"] for c in lines if c["choices"]]
@@ -187,9 +191,7 @@ def test_forged_markers_in_a_request_stay_plain_text(server):
 
 def test_an_abandoned_request_stops_generating(server, monkeypatch):
     gate, counter = threading.Event(), [0]
-    monkeypatch.setattr(
-        server.engine, "tokens", scripted(server.engine.tokenizer, LONG_TEXT, gate, counter), raising=False
-    )
+    scripted(monkeypatch, server.engine, LONG_TEXT, gate, counter)
     metrics = server.engine.metrics
     with pytest.raises(httpx.TimeoutException):
         post(server, ask(max_tokens=500), timeout=0.5)  # the client gives up while the worker waits at the gate
