@@ -89,11 +89,20 @@ def baseline_figure(
 
 
 class LivePlot:
-    """A `train(callback=...)` that redraws figures in a notebook every `every` rows through one display handle
-    (static plotly output, no FigureWidget). `figures(rows) -> list[go.Figure]` builds what is drawn."""
+    """A `train(callback=...)` that redraws figures in a notebook every `every` rows, one output per figure.
+
+    JupyterLab's plotly renderer keeps the graph it drew first when a display handle updates it, so a live plot
+    updated only through its handle freezes on screen while the saved file moves on. Here each figure starts as an
+    ipywidgets `Output` whose contents the kernel replaces (a state change JupyterLab redraws; a notebook runner sees
+    no output message at all), and `finish` turns each handle into the static final figure, which is what a saved
+    notebook keeps and what the page shows after the run. `figures(rows) -> list[go.Figure]` builds what is drawn."""
 
     def __init__(self, figures: Callable[[list[dict[str, Any]]], list], every: int = 10):
-        self.figures, self.every, self.rows, self.handles = figures, every, [], None
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} is not allowed: it must be a positive number of steps")
+        self.figures, self.every, self.rows = figures, every, []
+        self.handles: list | None = None
+        self.views: list = []
 
     def __call__(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -101,18 +110,46 @@ class LivePlot:
             self.draw()
 
     def draw(self) -> None:
-        """Draw (first call) or redraw the figures from the rows seen so far; nothing before the first step."""
-        from IPython.display import display
-
+        """Draw (first call) or redraw the live figures from the rows seen so far; nothing before the first step."""
         if not any(r.get("kind") == "train" for r in self.rows):
             return
+        outputs = [
+            {"output_type": "display_data", "data": figure_bundle(f), "metadata": {}} for f in self.figures(self.rows)
+        ]
+        if self.handles is None:
+            import ipywidgets as widgets
+            from IPython.display import display
+
+            self.views = [widgets.Output() for _ in outputs]
+            self.handles = [
+                display({**v._repr_mimebundle_(), "text/plain": LIVE_NOTE}, raw=True, display_id=True)
+                for v in self.views
+            ]
+        for view, out in zip(self.views, outputs):
+            view.outputs = (out,)
+
+    def finish(self, rows: list[dict[str, Any]] | None = None) -> list:
+        """Replace the live views by the static figures of `rows` (default: the rows seen); returns the figures."""
+        from IPython.display import display
+
+        if rows is not None:
+            self.rows = list(rows)
         figs = self.figures(self.rows)
         if self.handles is None:
-            self.handles = [display(figure_bundle(f), raw=True, display_id=True) for f in figs]
+            for f in figs:
+                display(figure_bundle(f), raw=True)
         else:
             for h, f in zip(self.handles, figs):
                 if h is not None:
                     h.update(figure_bundle(f), raw=True)
+            for view in self.views:
+                view.close()
+        self.handles, self.views = None, []
+        return figs
+
+
+# What a notebook saved in the middle of training shows where the live figure is.
+LIVE_NOTE = "(a live figure: it is redrawn while training runs, and replaced by the final figure at the end)"
 
 
 __all__ = ["loss_curves", "schedule_figure", "baseline_figure", "LivePlot"]
