@@ -85,12 +85,13 @@ def outputs(path: Path, mime: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, request):
     exe = chromium()
+    # Only the executed notebooks this session's tests open (`-k 02` runs one notebook, not all seven).
+    params = [getattr(item, "callspec", None) for item in request.session.items]
+    wanted = [p for p in SOURCES if any(c is not None and c.params.get("path") == p for c in params)]
     stale = [
-        p
-        for p in SOURCES
-        if not (EXECUTED / p.name).exists() or (EXECUTED / p.name).stat().st_mtime < p.stat().st_mtime
+        p for p in wanted if not (EXECUTED / p.name).exists() or (EXECUTED / p.name).stat().st_mtime < p.stat().st_mtime
     ]
     if stale:  # run alone: execute what nbval has not left behind
         from longcat_lab.cli.notebooks import run_notebooks
@@ -98,7 +99,7 @@ def lab(tmp_path_factory):
         run_notebooks(EXECUTED, smoke=True, only=[p.name[:2] for p in stale])
     root = tmp_path_factory.mktemp("lab")
     (root / "executed").mkdir()
-    for p in SOURCES:
+    for p in wanted:
         shutil.copy(EXECUTED / p.name, root / "executed" / p.name)
     (root / "live").mkdir()
     for name in (LIVE, TRAINING):
