@@ -81,3 +81,30 @@ def test_papermill_injects_smoke(path):
     tags = [c.metadata.get("tags", []) for c in nb.cells]
     at = next(i for i, t in enumerate(tags) if "parameters" in t)
     assert "injected-parameters" in tags[at + 1] and "smoke = True" in nb.cells[at + 1].source
+
+
+def test_git_filter_keeps_notebooks_clean(tmp_path):
+    """tools/nbstrip.py (the git clean filter) leaves every committed notebook byte for byte as it is, and turns an
+    executed copy with `smoke = True`, outputs, counts and widget state back into the committed file."""
+    import subprocess
+    import sys
+
+    strip = [sys.executable, str(ROOT / "tools" / "nbstrip.py")]
+    for path in NOTEBOOKS:
+        committed = path.read_bytes()
+        assert subprocess.run(strip, input=committed, capture_output=True, check=True).stdout == committed, path.name
+        nb = json.loads(committed)
+        nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+        for i, cell in enumerate(code_cells(nb)):
+            if "parameters" in cell["metadata"].get("tags", []):
+                cell["source"] = [re.sub(r"^smoke = False", "smoke = True", line) for line in cell["source"]]
+            if CHECK not in source(cell):
+                cell["execution_count"] = i + 7
+                cell["outputs"] = [{"name": "stdout", "output_type": "stream", "text": ["ran\n"]}]
+            cell["metadata"]["execution"] = {"iopub.status.busy": "2026-01-01T00:00:00"}
+        ran = json.dumps(nb, indent=1).encode()
+        assert ran != committed
+        assert subprocess.run(strip, input=ran, capture_output=True, check=True).stdout == committed, path.name
+    assert subprocess.run(strip, input=b"not json", capture_output=True, check=True).stdout == b"not json"
+    assert "filter=nbstrip" in (ROOT / ".gitattributes").read_text()
+    assert "filter.nbstrip.clean" in (ROOT / "tools" / "env.sh").read_text()

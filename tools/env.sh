@@ -20,6 +20,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (longcat_lab)" >/dev/null
     echo "$want" > "$stamp"
 fi
+# Running a notebook must not modify the tracked file: git stores notebooks through tools/nbstrip.py (outputs,
+# widget state and `smoke = True` dropped; .gitattributes names the files). Only inside a git clone.
+if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$root" config filter.nbstrip.clean "python3 tools/nbstrip.py"
+fi
 export PATH="$venv/bin:$PATH"
 # Our kernelspec first, whatever the user's own Jupyter folders hold.
 export JUPYTER_PATH="$venv/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"

@@ -100,19 +100,34 @@ CONTROLS_NOTE = (
 )
 
 
+class ShownFigure(go.Figure):
+    """A figure that is already on screen: left as a cell's last value, it shows nothing, where a plain figure would
+    draw a second, stale copy under the controls."""
+
+    def _ipython_display_(self) -> None:
+        return None
+
+    def _repr_mimebundle_(self, *args: Any, **kwargs: Any) -> dict:
+        return {}
+
+
 def figure_controls(make_figure: Callable[..., go.Figure], **controls: Any) -> go.Figure:
     """Show the ipywidgets `controls` (name -> value widget) above `make_figure(**defaults)`. A saved notebook keeps
     that default figure, and a one-line note instead of the controls. In a live kernel the first change swaps the
     default figure for a one-line pointer and every change redraws one figure in an Output under the controls
     (JupyterLab's plotly renderer does not redraw a figure updated through its display handle). Returns the default
-    figure."""
+    figure as a `ShownFigure`, so a cell ending in this call draws it once. Labels are shown whole (ipywidgets cuts
+    them to a fixed width by default)."""
     import ipywidgets as widgets
     from IPython.display import display
 
     for name, w in controls.items():
         if not isinstance(w, widgets.ValueWidget):
             raise ValueError(f"control {name}={type(w).__name__} is not allowed: it must be an ipywidgets value widget")
-    static = make_figure(**{name: w.value for name, w in controls.items()})
+    for w in controls.values():
+        if hasattr(w, "style") and hasattr(w.style, "description_width"):
+            w.style.description_width = "initial"
+    static = ShownFigure(make_figure(**{name: w.value for name, w in controls.items()}))
     out = widgets.Output()
     box = widgets.VBox([widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")), out])
     display({**box._repr_mimebundle_(), "text/plain": CONTROLS_NOTE.format(names=", ".join(controls))}, raw=True)

@@ -49,8 +49,9 @@ def gantt_figure(
         barmode="overlay",
         title=title,
         xaxis_title="µs",
-        height=320,
-        legend_title="stage",
+        height=380,
+        # Below the plot in one row: a legend beside it is cut to the plot's height and scrolls.
+        legend=dict(title="stage", orientation="h", y=-0.3),
         yaxis=dict(categoryorder="array", categoryarray=order),
     )
     return fig
@@ -88,7 +89,7 @@ PART_COLORS = {
     "experts": "#d62728",
     "finish": "#ff9896",
     "dispatch.launch": "#c49c94",
-    "combine.launch": "#c49c94",
+    "combine.launch": "#8c564b",
     "counts": "#bcbd22",
     "dispatch.wait": "#e377c2",
     "combine.wait": "#f7b6d2",

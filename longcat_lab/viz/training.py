@@ -89,11 +89,21 @@ def baseline_figure(
 
 
 class LivePlot:
-    """A `train(callback=...)` that redraws figures in a notebook every `every` rows through one display handle
-    (static plotly output, no FigureWidget). `figures(rows) -> list[go.Figure]` builds what is drawn."""
+    """A `train(callback=...)` that redraws figures in a notebook every `every` rows, one output per figure.
+
+    JupyterLab's plotly renderer keeps the graph it drew first when a display handle updates it, so a live plot
+    updated only through its handle freezes on screen while the saved file moves on (and nbval, which the tests run,
+    ignores display updates altogether). Here each figure starts as an ipywidgets `Output` whose contents the kernel
+    replaces (a state change JupyterLab redraws; a notebook runner sees no output message at all). `finish` then
+    blanks the live views through their handles and displays the final figures as new outputs, which every runner
+    saves and the page shows once. `figures(rows) -> list[go.Figure]` builds what is drawn."""
 
     def __init__(self, figures: Callable[[list[dict[str, Any]]], list], every: int = 10):
-        self.figures, self.every, self.rows, self.handles = figures, every, [], None
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} is not allowed: it must be a positive number of steps")
+        self.figures, self.every, self.rows = figures, every, []
+        self.handles: list | None = None
+        self.views: list = []
 
     def __call__(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -101,18 +111,44 @@ class LivePlot:
             self.draw()
 
     def draw(self) -> None:
-        """Draw (first call) or redraw the figures from the rows seen so far; nothing before the first step."""
-        from IPython.display import display
-
+        """Draw (first call) or redraw the live figures from the rows seen so far; nothing before the first step."""
         if not any(r.get("kind") == "train" for r in self.rows):
             return
-        figs = self.figures(self.rows)
+        outputs = [
+            {"output_type": "display_data", "data": figure_bundle(f), "metadata": {}} for f in self.figures(self.rows)
+        ]
         if self.handles is None:
-            self.handles = [display(figure_bundle(f), raw=True, display_id=True) for f in figs]
-        else:
-            for h, f in zip(self.handles, figs):
-                if h is not None:
-                    h.update(figure_bundle(f), raw=True)
+            import ipywidgets as widgets
+            from IPython.display import display
+
+            self.views = [widgets.Output() for _ in outputs]
+            self.handles = [
+                display({**v._repr_mimebundle_(), "text/plain": LIVE_NOTE}, raw=True, display_id=True)
+                for v in self.views
+            ]
+        for view, out in zip(self.views, outputs):
+            view.outputs = (out,)
+
+    def finish(self, rows: list[dict[str, Any]] | None = None) -> list:
+        """Blank the live views and display the figures of `rows` (default: the rows seen); returns the figures."""
+        from IPython.display import display
+
+        if rows is not None:
+            self.rows = list(rows)
+        for h in self.handles or []:
+            if h is not None:
+                h.update({"text/plain": ""}, raw=True)
+        for view in self.views:
+            view.close()
+        self.handles, self.views = None, []
+        figs = self.figures(self.rows)
+        for f in figs:
+            display(figure_bundle(f), raw=True)
+        return figs
+
+
+# What a saved notebook shows where a live figure was, when its runner ignored the final blanking (nbval does).
+LIVE_NOTE = "(a live figure while training ran; the final figure follows)"
 
 
 __all__ = ["loss_curves", "schedule_figure", "baseline_figure", "LivePlot"]

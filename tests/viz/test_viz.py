@@ -439,3 +439,36 @@ def test_figure_controls_show_one_figure(monkeypatch):
     assert drawn == ["layer 2"] and len(updates) == 1 and "plotly" not in updates[0] and len(shown) == 2
     with pytest.raises(ValueError, match="control layer=int"):
         viz.figure_controls(lambda layer: go.Figure(), layer=3)
+    # Left as a cell's last value, the returned figure draws nothing more (a plain figure would draw a stale copy).
+    from IPython.core.formatters import DisplayFormatter
+
+    assert DisplayFormatter().format(static) == ({}, {})
+    assert slider.style.description_width == "initial"  # labels shown whole
+
+
+def test_live_plot_redraws_in_a_view_and_ends_with_the_final_figure(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    shown, updates = [], []
+
+    class Handle:
+        def update(self, bundle, raw):
+            updates.append(bundle)
+
+    def display(obj, raw=False, display_id=False):
+        shown.append(obj)
+        return Handle() if display_id else None
+
+    monkeypatch.setattr("IPython.display.display", display)
+    live = viz.LivePlot(lambda rows: [go.Figure(go.Scatter(x=[r["step"] for r in rows]))], every=2)
+    for step in range(1, 8):
+        live({"kind": "train", "step": step})
+    # One live view, displayed once; its contents follow the rows (a widget state change, no output message).
+    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0]
+    view = live.views[0]
+    assert view.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"][0]["x"][-1] == 6
+    figs = live.finish()
+    # The view is blanked through its handle and the final figure, to the last step, follows as a new output.
+    assert updates == [{"text/plain": ""}] and len(shown) == 2
+    assert shown[1]["application/vnd.plotly.v1+json"]["data"][0]["x"][-1] == 7 == figs[0].data[0].x[-1]
+    with pytest.raises(ValueError, match="every=0"):
+        viz.LivePlot(lambda rows: [], every=0)
