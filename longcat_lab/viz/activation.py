@@ -1,5 +1,5 @@
 """Figures of expert activation token by token (docs/design.md §1.4; the paper's Appendix A.1): which FFN experts
-every token of a text used, FFN experts per token by domain and token class, and activated parameters per token.
+every token of a text used, and FFN experts per token by domain and token class.
 
 Each figure builder returns a plotly `go.Figure`; the numbers behind it come from a separate function that returns
 numpy arrays, so that notebooks and tests assert on the data rather than on the picture.
@@ -8,7 +8,7 @@ numpy arrays, so that notebooks and tests assert on the data rather than on the 
 - `token_compute` / `token_compute_map`: a text with each token coloured by the FFN experts it used.
 - `token_table` / `contrast` / `ffn_experts_by_group` / `class_domain_heatmap`: FFN experts per token by domain and
   token class.
-- `activated_params_per_token` / `activated_params_histogram`: activated parameters per token, paper convention.
+Activated parameters per token (paper convention) are in `viz.params`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from plotly.subplots import make_subplots
 
 from longcat_lab._util import check_int
 from longcat_lab.data.tokenclass import TOKEN_CLASSES, token_class
-from longcat_lab.model import accounting
-from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.routing import Routing
 from longcat_lab.viz.common import (
     CLASS_COLOURS,
@@ -368,84 +366,5 @@ def class_domain_heatmap(table: TokenTable, layer: int | None = None, title: str
         title=title or f"Mean FFN experts per token by domain and token class ({where})",
         height=140 + 60 * len(domains),
         yaxis=dict(autorange="reversed"),
-    )
-    return fig
-
-
-# Activated parameters ------------------------------------------------------------------------------------------
-def _scale(values: np.ndarray | float) -> tuple[float, str]:
-    """A divisor and unit for parameter counts: the paper speaks in billions, our small models in millions."""
-    top = float(np.max(np.abs(values)))
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if top >= div:
-            return div, unit
-    return 1.0, ""
-
-
-def activated_params_per_token(source: Routing | TokenTable, config: ModelConfig) -> np.ndarray:
-    """Activated parameters of every token (all sequences of a Routing, or every row of a TokenTable), in the
-    paper's convention (`accounting.activated_params`): everything but the input embedding, plus the FFN experts the
-    token actually used in each layer (3 * hidden * expert width each); zero experts cost nothing."""
-    if isinstance(source, TokenTable):
-        per_token, K = source.ffn_experts.sum(axis=1), source.moe_topk
-        n_layers = len(source.layers)
-    else:
-        moe = moe_layers(source, "source")
-        per_token = sum(to_numpy(r.ffn_experts_per_token).reshape(-1) for _, r in moe).astype(np.int64)
-        K, n_layers = moe[0][1].topk_ids.shape[-1], len(moe)
-    if (K, n_layers) != (config.moe_topk, config.num_layers):
-        raise ValueError(
-            f"config (moe_topk={config.moe_topk}, num_layers={config.num_layers}) does not match the "
-            f"routing (top-{K} over {n_layers} MoE layers): pass the model's own config"
-        )
-    counts = accounting.param_counts(config)
-    always = counts["total"] - counts["embedding"] - counts["experts"]
-    per_pick = 3 * config.hidden_size * config.expert_ffn_hidden_size
-    return always + per_token.astype(np.float64) * per_pick
-
-
-def activated_params_histogram(
-    source: Routing | TokenTable, config: ModelConfig, title: str | None = None
-) -> go.Figure:
-    """Histogram of activated parameters per token, with the model's min, max, uniform-routing and measured mean."""
-    values = activated_params_per_token(source, config)
-    bounds = accounting.activated_params(config)
-    div, unit = _scale(bounds["max"])
-    uniq, count = np.unique(values, return_counts=True)
-    fig = go.Figure(
-        go.Bar(
-            x=uniq / div,
-            y=count / values.size,
-            name="tokens",
-            hovertemplate=f"%{{x:.3f}}{unit}: %{{y:.1%}} of tokens<extra></extra>",
-        )
-    )
-    marks = [
-        (bounds["min"], "min (fewest FFN picks)", "grey", "dot"),
-        (bounds["max"], "max (all picks FFN)", "grey", "dot"),
-        (bounds["mean"], "uniform routing", "black", "dash"),
-        (float(values.mean()), "measured mean", "#e45756", "solid"),
-    ]
-    for x, label, colour, dash in marks:
-        fig.add_trace(
-            go.Scatter(
-                x=[x / div, x / div],
-                y=[0, 1],
-                mode="lines",
-                name=f"{label}: {x / div:.3f}{unit}",
-                line=dict(color=colour, dash=dash),
-                yaxis="y2",
-                hoverinfo="name",
-            )
-        )
-    fig.update_layout(
-        title=title
-        or f"Activated parameters per token over {values.size} tokens<br><sup>paper convention: all but the "
-        "input embedding, plus the FFN experts used</sup>",
-        xaxis_title=f"activated parameters ({unit})",
-        yaxis_title="share of tokens",
-        height=420,
-        yaxis2=dict(overlaying="y", range=[0, 1], visible=False),
-        legend=dict(orientation="h", y=-0.38),  # below the axis title
     )
     return fig
