@@ -99,22 +99,3 @@ def write_files(
     (folder / "train_config.json").write_bytes(json_bytes(train_config))
     (folder / "tokenizer.json").write_text(tokenizer.to_str())
     torch.save(trainer_state, folder / TRAINER_STATE)
-
-
-__all__ = [
-    "CHECKPOINTS",
-    "FILES",
-    "FORMAT",
-    "META",
-    "SHARDED",
-    "SHARDED_FILES",
-    "TRAINER_STATE",
-    "CheckpointError",
-    "is_sharded",
-    "one_line",
-    "read_json",
-    "read_model_config",
-    "read_trainer_state",
-    "step_dir_name",
-    "write_files",
-]
