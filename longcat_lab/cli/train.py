@@ -242,7 +242,7 @@ def report_card(rows: list[dict], val_loss: dict[str, float], unigram: dict[str,
         tail = [v for v in tail if v is not None]
         target = train[-1].get("target_ffn_experts")
         lines.append(
-            f"  time {train[-1].get('time_s', 0):.0f} s this session, {train[-1].get('tokens_seen', 0):,} tokens; "
+            f"  time {train[-1].get('time_s', 0):.0f} s in this run, {train[-1].get('tokens_seen', 0):,} tokens; "
             f"{'-' if tps is None else f'{tps:,.0f}'} tokens/s, MFU {'-' if mfu is None else f'{mfu:.3f}'} (medians)"
         )
         if tail:
