@@ -42,6 +42,6 @@ def test_report_card():
     lines = report_card(_rows(), {"a": 1.5, "b": 1.2}, {"a": 3.0, "b": 2.9})
     text = "\n".join(lines)
     assert "1.5000 [3.0000]" in text and "2.4000 [4.0000]" in text  # the last evaluation, beside unigram
-    assert "time 8 s this session, 400 tokens" in text
+    assert "time 8 s in this run, 400 tokens" in text
     assert "55 tokens/s" in text and "MFU 0.250" in text  # medians of four steps
     assert "FFN experts per token 1.900 (last quarter) against the target 2.000" in text
