@@ -14,6 +14,7 @@ Python playwright (the system Chromium, never a downloaded one).
 Skips, with the reason in the summary, without Chromium (tools/test.sh installs it with apt-get when it can).
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -209,6 +210,17 @@ def wait_changed(page, cell, before: str) -> None:
     page.wait_for_function(js, arg=[cell.element_handle(), before], timeout=30_000)
 
 
+def settle(page, cell, n: int) -> None:
+    """Give a redraw up to 10 s to leave `n` figures in the cell. With two boxes of controls in one cell,
+    `wait_changed` can see the other box's figure while the moved one is being swapped, and return mid-swap; the
+    caller then asserts the count (a duplicate figure stays, and fails it)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    js = "([c, n]) => c.querySelectorAll('.js-plotly-plot').length === n"
+    with contextlib.suppress(PlaywrightTimeout):
+        page.wait_for_function(js, arg=[cell.element_handle(), n], timeout=10_000)
+
+
 def run_live(lab, name: str, timeout_ms: int):
     """A page with notebook `name` of live/, all its cells run in a kernel, and its console errors."""
     page, errors = open_notebook(lab, f"live/{name}")
@@ -266,6 +278,7 @@ def test_live_controls_redraw_in_place(lab):
             cell.locator(".widget-slider .noUi-handle, .widget-slider .ui-slider-handle").first.focus()
             page.keyboard.press("ArrowRight")
         wait_changed(page, cell, before)
+        settle(page, cell, boxes)
         assert cell.locator(".js-plotly-plot").count() == boxes, f"a change in control cell {i} left a second figure"
         cell.screenshot(path=SHOTS / f"live_03_controls{i}.png")
     # The token map's sample slider: one step moves the figure to the next sample.
