@@ -1,11 +1,13 @@
 """Continuous batching (docs/design.md §7.2): `BatchDecoder` decodes many sequences together, one forward per step
 over every active sequence, while sequences join and leave between steps.
 
-A sequence joins with its prompt prefilled alone (a one-sequence `LatentCache`, the same forward `stream` runs) and
-copied into a row of the shared `BatchLatentCache`; from then on each `step` feeds every row its last token at that
-row's own position. Rows of different lengths are padded and the padding masked, RoPE rotates each row by its own
-position, and the MoE routes each token as always, so a sequence decodes what it would decode alone (up to float
-rounding of the batched matmuls). A finished sequence `leave`s at once and its row is reused.
+Sequences join with their prompts prefilled together in one forward (`join_many`: the prompts right-padded into one
+`LatentCache`; causal attention keeps every real position from seeing the padding after it, and the MoE routes each
+token on its own, so each prompt's positions come out as they would alone) and copied into rows of the shared
+`BatchLatentCache`; from then on each `step` feeds every row its last token at that row's own position. Rows of
+different lengths are padded and the padding masked, RoPE rotates each row by its own position, and the MoE routes each
+token as always, so a sequence decodes what it would decode alone (up to float rounding of the batched matmuls). A
+finished sequence `leave`s at once and its row is reused.
 
 Each sequence samples with its own settings and generator, one row at a time, so a seeded request draws what it
 would draw alone; `logits_mask` is the per-sequence hook for constrained decoding (structured outputs): a callable
@@ -65,18 +67,41 @@ class BatchDecoder:
         seq.tokens.append(token)
         return token
 
-    @torch.inference_mode()
-    def join(self, seq: Sequence) -> int:
-        """Prefill `seq`'s prompt alone, add it to the batch and return its first new token."""
-        if len(self.sequences) >= self.max_batch:
-            raise ValueError(f"the batch is full: {len(self.sequences)} sequences (max_batch={self.max_batch})")
+    def check(self, seq: Sequence) -> None:
+        """The one-line error `generate` would raise for `seq`'s prompt and settings, if any."""
         idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.model.device)
         check_generation(self.model, idx, seq.max_new_tokens, seq.temperature, seq.top_p)
-        alone = LatentCache(2 * self.model.config.num_layers, len(seq.prompt), self.model.decoding_weights)
-        logits = self.model(idx, cache=alone, logits_to_keep=1).logits[:, -1]
-        self.cache.add(alone)
-        self.sequences.append(seq)
-        return self._sample(seq, logits)
+
+    def join(self, seq: Sequence) -> int:
+        """Prefill `seq`'s prompt, add it to the batch and return its first new token."""
+        return self.join_many([seq])[0]
+
+    @torch.inference_mode()
+    def join_many(self, seqs: list[Sequence]) -> list[int]:
+        """Prefill the prompts of `seqs` in one forward, add them to the batch and return each one's first new token.
+        Every prompt is checked before any joins: a bad one joins none."""
+        if len(self.sequences) + len(seqs) > self.max_batch:
+            raise ValueError(
+                f"the batch is full: {len(self.sequences)} sequences + {len(seqs)} joining (max_batch={self.max_batch})"
+            )
+        for seq in seqs:
+            self.check(seq)
+        device = self.model.device
+        if not seqs:
+            return []
+        T = max(len(s.prompt) for s in seqs)
+        idx = torch.zeros(len(seqs), T, dtype=torch.long, device=device)  # right padding: id 0, never attended to
+        for i, seq in enumerate(seqs):
+            idx[i, : len(seq.prompt)] = torch.tensor(seq.prompt, dtype=torch.long)
+        prefill = LatentCache(2 * self.model.config.num_layers, T, self.model.decoding_weights)
+        # One prompt needs only its last position's logits; padded prompts each need their own last position.
+        logits = self.model(idx, cache=prefill, logits_to_keep=1 if len(seqs) == 1 else 0, validate=False).logits
+        tokens = []
+        for i, seq in enumerate(seqs):
+            self.cache.add(prefill, i, len(seq.prompt))
+            self.sequences.append(seq)
+            tokens.append(self._sample(seq, logits[i : i + 1, len(seq.prompt) - 1 if len(seqs) > 1 else -1]))
+        return tokens
 
     @torch.inference_mode()
     def step(self) -> list[int]:
@@ -97,15 +122,15 @@ class BatchDecoder:
         self.sequences.pop()
 
     def run(self, sequences: list[Sequence]) -> list[list[int]]:
-        """Decode `sequences` to their max_new_tokens, at most max_batch at a time, each joining as a row frees:
-        the plain loop the server's scheduler elaborates. Returns each one's new tokens."""
+        """Decode `sequences` to their max_new_tokens, at most max_batch at a time, joining (prefilled together) as
+        rows free: the plain loop the server's scheduler elaborates. Returns each one's new tokens."""
         waiting = list(sequences)
         while waiting or self.sequences:
-            while waiting and len(self.sequences) < self.max_batch:
-                seq = waiting.pop(0)
-                self.join(seq)
-                if len(seq.tokens) >= seq.max_new_tokens:
-                    self.leave(seq)
+            joining = waiting[: self.max_batch - len(self.sequences)]
+            del waiting[: len(joining)]
+            self.join_many(joining)
+            for seq in [s for s in joining if len(s.tokens) >= s.max_new_tokens]:
+                self.leave(seq)
             self.step()
             for seq in [s for s in self.sequences if len(s.tokens) >= s.max_new_tokens]:
                 self.leave(seq)

@@ -200,8 +200,8 @@ class BatchLatentCache(LatentCache):
     docs/design.md §7.2): row i holds sequence i's [c_KV ; k_R] at positions 0..lengths_i - 1, the rest of the row is
     padding. A forward of one new position per row against it (`idx` [B, 1]) rotates each row's query and key by
     that row's own position and masks each row's padding out of the softmax, so every row computes what decoding it
-    alone against a `LatentCache` computes. Only that one-position step is allowed: prompts are prefilled alone into
-    a `LatentCache` and copied in with `add`; `remove` drops a row (the last row moves into its place, so the rows
+    alone against a `LatentCache` computes. Only that one-position step is allowed: prompts are prefilled into a
+    `LatentCache` and copied in with `add`; `remove` drops a row (the last row moves into its place, so the rows
     stay 0..B-1); `advance` commits the step's tokens after the forward."""
 
     def __init__(self, num_blocks: int, max_rows: int, weights: DecodingWeights | None = None, capacity: int = 64):
@@ -230,15 +230,17 @@ class BatchLatentCache(LatentCache):
                 grown[:, : buf.shape[1]] = buf
             self.buffers[b] = grown
 
-    def add(self, cache: LatentCache) -> int:
-        """Copy a one-sequence cache (a prefilled prompt) into a new last row; return the row."""
+    def add(self, cache: LatentCache, source_row: int = 0, length: int | None = None) -> int:
+        """Copy the first `length` positions (default all) of row `source_row` of a prefilled cache into a new last
+        row; return the row. A cache of several right-padded prompts is copied one row at a time, each with its own
+        length (the padding after a prompt is never copied)."""
         if self.rows >= self.max_rows:
             raise ValueError(f"the batch is full: {self.rows} rows (max_rows={self.max_rows})")
-        length = cache.seq_len
+        length = cache.seq_len if length is None else length
         self._reserve(length + 1, cache.buffers[0])
         row = self.rows
         for buf, src in zip(self.buffers, cache.buffers):
-            buf[row, :length] = src[0, :length]
+            buf[row, :length] = src[source_row, :length]
         self.row_lengths.append(length)
         return row
 
@@ -256,7 +258,9 @@ class BatchLatentCache(LatentCache):
         """cos, sin [B, rope/2] at each row's next position (`past` is ignored: each row has its own). Shaped as a
         verification's S positions are, so `rotations` builds one matrix pair per row."""
         if length != 1:
-            raise ValueError(f"a BatchLatentCache decodes one position per row, not {length}: prefill each alone")
+            raise ValueError(
+                f"a BatchLatentCache decodes one position per row, not {length}: prefill prompts into a LatentCache"
+            )
         if not self.rows:
             raise ValueError("a BatchLatentCache with no rows has nothing to decode: add a prefilled cache first")
         self._reserve(self.seq_len + 1, self.buffers[0])

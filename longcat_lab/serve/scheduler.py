@@ -1,11 +1,12 @@
 """The serving scheduler (docs/design.md §7.2): continuous batching of chat requests on one worker thread.
 
-Requests wait in arrival order. Before each decoding step the scheduler admits waiting requests while the batch
-has a free row (`max_batch`) and the step's token budget (`step_tokens`: one per running sequence plus the prompts
-prefilled this step) allows, at least one per step; each admitted prompt is prefilled alone and its first token
-drawn at once. Then one forward decodes the next token of every running sequence (`inference.batch.BatchDecoder`).
-A sequence that ends (a stop id, a stop string, max_tokens), whose client went away, or that ran past the request
-timeout leaves the batch at once and its row is free for the next step. `max_batch=1` is one request at a time.
+Requests wait in arrival order. Before each decoding step the scheduler admits waiting requests while the batch has a
+free row (`max_batch`) and the step's token budget (`step_tokens`: one per running sequence plus the prompts prefilled
+this step) allows, at least one per step; the admitted prompts are prefilled together in one forward and each one's
+first token drawn at once. Then one forward decodes the next token of every running sequence
+(`inference.batch.BatchDecoder`). A sequence that ends (a stop id, a stop string, max_tokens), whose client went away,
+or that ran past the request timeout leaves the batch at once and its row is free for the next step. `max_batch=1` is
+one request at a time.
 
 Each request's text is kept by a `Reply`: the tokens it is fed become text deltas for its client, with stop strings
 held back while they may be forming and tool calls held for the parser. Nothing a model writes is executed.
@@ -204,8 +205,7 @@ class Scheduler:
                 if self._stopping:
                     break
                 admitted = self._admit()
-            for job in admitted:
-                self._start(job)
+            self._start(admitted)
             for run in list(self._running.values()):
                 if (verdict := self._verdict(run.job)) is not None:
                     self._finish(run, verdict)
@@ -244,26 +244,40 @@ class Scheduler:
             return ("error", (504, f"the request ran past the request timeout of {self.request_timeout:g} s"))
         return None
 
-    def _start(self, job: Job) -> None:
-        """Prefill `job`'s prompt, draw its first token and add it to the batch."""
-        r, joined = job.request, time.perf_counter()
-        self.metrics.started_request(joined - job.arrived)
-        generator = torch.Generator(device=self.model.device).manual_seed(r.seed) if r.seed is not None else None
-        seq = Sequence(r.prompt_ids, r.max_tokens, r.temperature, r.top_p, generator, r.logits_mask)
-        run = Running(job, Reply(job, self.tokenizer, self.stop_ids), seq, joined)
-        if self.speculative:
-            if r.logits_mask is not None:
-                return self._end(
-                    job, ("error", (400, "constrained decoding is not available with speculative decoding"))
-                )
-            return self._run_alone(run)
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill the prompts of `jobs` together, draw each one's first token and add them to the batch."""
+        runs = []
+        for job in jobs:
+            r, joined = job.request, time.perf_counter()
+            self.metrics.started_request(joined - job.arrived)
+            generator = torch.Generator(device=self.model.device).manual_seed(r.seed) if r.seed is not None else None
+            seq = Sequence(r.prompt_ids, r.max_tokens, r.temperature, r.top_p, generator, r.logits_mask)
+            run = Running(job, Reply(job, self.tokenizer, self.stop_ids), seq, joined)
+            if not self.speculative:
+                try:
+                    self.decoder.check(seq)  # a bad prompt fails its own request, not the others joining with it
+                    runs.append(run)
+                except Exception as err:
+                    self._end(job, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
+            elif r.logits_mask is not None:
+                self._end(job, ("error", (400, "constrained decoding is not available with speculative decoding")))
+            else:
+                self._run_alone(run)
+        if not runs:
+            return
         try:
-            token = self.decoder.join(seq)
-        except Exception as err:  # a bug or an out-of-memory must fail this request, not the worker
-            return self._end(job, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
-        self._running[seq] = run
-        self._first_token(run)
-        self._feed(run, token)
+            tokens = self.decoder.join_many([run.sequence for run in runs])
+        except Exception as err:  # a bug or an out-of-memory must fail these requests, not the worker
+            for run in runs:
+                if run.sequence in self.decoder.sequences:  # it joined before the failure: free its row
+                    self.decoder.leave(run.sequence)
+                self._end(run.job, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
+            return
+        for run in runs:
+            self._running[run.sequence] = run
+            self._first_token(run)
+        for run, token in zip(runs, tokens):
+            self._feed(run, token)
         self._report_batch()
 
     def _first_token(self, run: Running) -> None:

@@ -1,7 +1,7 @@
-"""Continuous batching (`inference.batch.BatchDecoder`, `model.cache.BatchLatentCache`): sequences of different
-prompt lengths that join and leave at different steps decode exactly what each decodes alone with `generate`,
-greedy and seeded sampling alike, for every layer style and for both expert paths (few tokens and sorted); a row
-that leaves is freed and reused; the per-sequence logits hook steers its own row only.
+"""Continuous batching (`inference.batch.BatchDecoder`, `model.cache.BatchLatentCache`): sequences of different prompt
+lengths that join (prefilled together) and leave at different steps decode exactly what each decodes alone with
+`generate`, greedy and seeded sampling alike, for every layer style and for both expert paths (few tokens and
+sorted); a row that leaves is freed and reused; the per-sequence logits hook steers its own row only.
 
 Run:  .venv/bin/python -m pytest tests/inference/test_batch.py -q
 """
@@ -103,3 +103,19 @@ def test_the_batch_cache_decodes_one_position_per_row_only():
         cache.add(one)
         with pytest.raises(ValueError, match="one position per row, not 2"):
             model(torch.tensor([[1, 2]]), cache=cache)
+
+
+def test_prompts_prefilled_together_decode_what_each_decodes_alone_and_a_bad_one_joins_none():
+    model = random_model(seed=8, bias_std=0.05)
+    ps = prompts(model, 4)[:4]  # lengths 5, 17, 9, 30: right-padded to 30 in one prefill
+    want = [alone(model, p, 6) for p in ps]
+    dec = BatchDecoder(model, 4)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        dec.join_many([Sequence(ps[0], 6), Sequence(ps[1], 10**6)])
+    assert len(dec) == 0 and dec.cache.rows == 0
+    seqs = [Sequence(p, 6) for p in ps]
+    first = dec.join_many(seqs)
+    assert first == [w[0] for w in want]
+    while len(seqs[0].tokens) < 6:
+        dec.step()
+    assert [s.tokens for s in seqs] == want
