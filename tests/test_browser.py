@@ -139,9 +139,13 @@ def lab(tmp_path_factory, request):
             browser = pw.chromium.launch(executable_path=exe, args=FLAGS)
             yield dict(browser=browser, base=base, token=token, root=root)
             browser.close()
-    finally:
+    finally:  # the server and its kernels go whatever happened: a lab left running holds a core
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def open_notebook(lab, path: str):
