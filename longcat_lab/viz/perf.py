@@ -76,10 +76,11 @@ def tpot_figure(results: dict[str, dict], title: str = "time per output token an
     return fig
 
 
-# Profiled traces: one colour per part of a layer (the "ep.<part>" labels) and per kind of communication.
+# Profiled traces: one colour per part of a layer (the "ep.<part>" labels) and per kind of communication, never two
+# parts in one colour (the legend would not tell them apart).
 PART_COLORS = {
     "embed": "#7f7f7f",
-    "head": "#7f7f7f",
+    "head": "#393b79",
     "attn0": "#1f77b4",
     "attn1": "#aec7e8",
     "ffn0": "#2ca02c",

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from longcat_lab.perf.trace import load_trace, overlap_stats, stats_table
-from longcat_lab.viz.perf import timeline_figure
+from longcat_lab.perf.trace import COMPUTE_PARTS, LAUNCH_PARTS, WAIT_PARTS, load_trace, overlap_stats, stats_table
+from longcat_lab.viz.perf import PART_COLORS, timeline_figure
 
 
 def _event(name, ts, dur, tid, cat="user_annotation"):
@@ -66,5 +66,9 @@ def test_timeline_of_a_known_trace(tmp_path):
     fig = timeline_figure([spans], "overlapped")
     assert {t.name for t in fig.data} >= {"attn0", "ffn1", "exchange", "counts exchange", "dispatch.wait"}
     assert timeline_figure([spans], "overlapped", step=1).data
+    # Every part the timeline can draw has a colour of its own.
+    parts = [*COMPUTE_PARTS, *LAUNCH_PARTS, *WAIT_PARTS, "exchange", "counts exchange"]
+    assert len({PART_COLORS[p] for p in parts}) == len(parts)
+    assert len({t.marker.color for t in fig.data}) == len(fig.data)
     with pytest.raises(ValueError, match="step=2"):
         timeline_figure([spans], "overlapped", step=2)
