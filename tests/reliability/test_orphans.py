@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from longcat_lab.cli import main
-from longcat_lab.train.lock import LOCK_NAME, RunLock
+from longcat_lab.train.lock import LOCK_NAME, RunLock, RunLockedError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,9 +83,16 @@ def kill_and_check(proc: subprocess.Popen, tmp_path: Path, lock_dirs: list[Path]
     finally:
         for pid in alive(kids):  # leave nothing behind even when the test fails
             os.kill(pid, signal.SIGKILL)
-    for d in lock_dirs:
-        with RunLock(d) as lock:
-            assert lock.held
+    for d in lock_dirs:  # the kernel frees a killed process's lock as it tears the process down: give it 10 s
+        wait_for(lambda d=d: lock_free(d), 10, f"the lock of {d} to be released")
+
+
+def lock_free(folder: Path) -> bool:
+    try:
+        with RunLock(folder) as lock:
+            return lock.held
+    except RunLockedError:
+        return False
 
 
 def lock_taken(folder: Path) -> bool:
@@ -102,7 +109,9 @@ def test_kill_9_of_the_train_launcher_ends_its_ranks(tmp_path):
         tmp_path,
     )
     try:
-        wait_for(lambda: lock_taken(run) or proc.poll() is not None, 300, "the ranks to start training")
+        # Both ranks running (not only the lock taken), so that the snapshot of the launcher's children has them.
+        ranks_up = lambda: lock_taken(run) and len(children(proc.pid)) >= 2  # noqa: E731
+        wait_for(lambda: ranks_up() or proc.poll() is not None, 300, "the ranks to start training")
         assert proc.poll() is None, (tmp_path / "log.txt").read_text()
         kill_and_check(proc, tmp_path, [run])
     finally:
