@@ -86,11 +86,10 @@ class BatchDecoder:
             )
         for seq in seqs:
             self.check(seq)
-        device = self.model.device
         if not seqs:
             return []
         T = max(len(s.prompt) for s in seqs)
-        idx = torch.zeros(len(seqs), T, dtype=torch.long, device=device)  # right padding: id 0, never attended to
+        idx = torch.zeros(len(seqs), T, dtype=torch.long, device=self.model.device)  # right padding: id 0, unseen
         for i, seq in enumerate(seqs):
             idx[i, : len(seq.prompt)] = torch.tensor(seq.prompt, dtype=torch.long)
         prefill = LatentCache(2 * self.model.config.num_layers, T, self.model.decoding_weights)
@@ -100,7 +99,9 @@ class BatchDecoder:
         for i, seq in enumerate(seqs):
             self.cache.add(prefill, i, len(seq.prompt))
             self.sequences.append(seq)
-            tokens.append(self._sample(seq, logits[i : i + 1, len(seq.prompt) - 1 if len(seqs) > 1 else -1]))
+            # Counted from the end (T - len(prompt) padding positions follow the last one): right whether the
+            # forward kept every position or only the last.
+            tokens.append(self._sample(seq, logits[i : i + 1, len(seq.prompt) - T - 1]))
         return tokens
 
     @torch.inference_mode()

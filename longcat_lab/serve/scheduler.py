@@ -132,6 +132,11 @@ class Running:
     first_token: float = 0.0
 
 
+def _failure(err: Exception) -> tuple[str, Any]:
+    """The answer to a request whose generation raised `err`: a 500 naming the error (the worker goes on)."""
+    return ("error", (500, f"generation failed: {type(err).__name__}: {err}"))
+
+
 class QueueFull(RuntimeError):
     """The queue holds `max_queue` requests already, or the server is shutting down (HTTP 503)."""
 
@@ -258,7 +263,7 @@ class Scheduler:
                     self.decoder.check(seq)  # a bad prompt fails its own request, not the others joining with it
                     runs.append(run)
                 except Exception as err:
-                    self._end(job, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
+                    self._end(job, _failure(err))
             elif r.logits_mask is not None:
                 self._end(job, ("error", (400, "constrained decoding is not available with speculative decoding")))
             else:
@@ -271,12 +276,11 @@ class Scheduler:
             for run in runs:
                 if run.sequence in self.decoder.sequences:  # it joined before the failure: free its row
                     self.decoder.leave(run.sequence)
-                self._end(run.job, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
+                self._end(run.job, _failure(err))
             return
-        for run in runs:
+        for run, token in zip(runs, tokens):
             self._running[run.sequence] = run
             self._first_token(run)
-        for run, token in zip(runs, tokens):
             self._feed(run, token)
         self._report_batch()
 
@@ -290,7 +294,7 @@ class Scheduler:
         try:
             tokens = self.decoder.step()
         except Exception as err:  # as in `_start`, but the step was every running request's
-            failed = ("error", (500, f"generation failed: {type(err).__name__}: {err}"))
+            failed = _failure(err)
             for run in list(self._running.values()):
                 self._finish(run, failed)
             self.decoder = BatchDecoder(self.model, self.max_batch)
@@ -304,7 +308,7 @@ class Scheduler:
         try:
             done = run.reply.feed(token)
         except Exception as err:  # e.g. a tokenizer that cannot decode: this request fails, not the batch
-            return self._finish(run, ("error", (500, f"generation failed: {type(err).__name__}: {err}")))
+            return self._finish(run, _failure(err))
         if done:
             self._finish(run)
 
@@ -321,7 +325,7 @@ class Scheduler:
                 if run.reply.feed(int(token[0, 0])) or (verdict := self._verdict(run.job)) is not None:
                     break
         except Exception as err:
-            verdict = ("error", (500, f"generation failed: {type(err).__name__}: {err}"))
+            verdict = _failure(err)
         finally:
             tokens.close()
         self._finish(run, verdict)

@@ -110,8 +110,10 @@ def test_kill_9_of_the_train_launcher_ends_its_ranks(tmp_path):
     )
     try:
         # Both ranks running (not only the lock taken), so that the snapshot of the launcher's children has them.
-        ranks_up = lambda: lock_taken(run) and len(children(proc.pid)) >= 2  # noqa: E731
-        wait_for(lambda: ranks_up() or proc.poll() is not None, 300, "the ranks to start training")
+        def started() -> bool:
+            return (lock_taken(run) and len(children(proc.pid)) >= 2) or proc.poll() is not None
+
+        wait_for(started, 300, "the ranks to start training")
         assert proc.poll() is None, (tmp_path / "log.txt").read_text()
         kill_and_check(proc, tmp_path, [run])
     finally:
