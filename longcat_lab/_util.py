@@ -1,16 +1,21 @@
-"""Small helpers every folder shares: input validation that names the field, the value and what is allowed, and
-writes that readers never see half done. One home for each, so that error messages read the same everywhere."""
+"""Small helpers every folder shares: input validation that names the field, the value and what is allowed,
+writes that readers never see half done, and the provenance stamp of a committed result. One home for each, so
+that error messages read the same everywhere."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import json
 import math
+import multiprocessing
 import os
+import platform
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +214,31 @@ def os_error_line(err: OSError, what: str = "path") -> str:
     }
     hint = hints.get(err.errno, "check the path and the disk")
     return f"{where}: {reason}; {hint}"
+
+
+# Provenance ----------------------------------------------------------------------------------------------------
+def provenance() -> dict[str, str]:
+    """When, from which commit (marked when the work tree has uncommitted changes) and on what machine a result
+    was made: the stamp every committed result carries."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=here,
+        ).stdout.strip()
+        if commit and dirty:
+            commit += " (with uncommitted changes)"
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit or "unknown",
+        "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+        f"{multiprocessing.cpu_count()} logical CPUs",
+    }

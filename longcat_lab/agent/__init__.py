@@ -6,14 +6,13 @@ terminal chat of `longcat-lab chat` (`chat`)."""
 from longcat_lab.agent.loop import (
     DEFAULT_MAX_TURNS,
     STOP_REASONS,
-    ContextFull,
     Episode,
     SimulatedUser,
     cell_name,
     play,
     run_episode,
 )
-from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, generate_reply
+from longcat_lab.agent.policies import ContextFull, ExpertAgent, ModelAgent, RandomValidAgent, generate_reply
 from longcat_lab.agent.turn import Turn, tool_turn
 
 __all__ = [

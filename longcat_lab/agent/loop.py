@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from longcat_lab._util import check_int
-from longcat_lab.agent.policies import ModelAgent
+from longcat_lab.agent.policies import ContextFull, ModelAgent
 from longcat_lab.agent.turn import tool_turn
 from longcat_lab.synth.agents import DOMAINS, ENVIRONMENTS, UserSimulator, verify
 from longcat_lab.synth.env import STOP, Task
@@ -33,10 +33,6 @@ NOTHING_TO_ADD = "I have told you everything you need; please go on."
 CONFIRM_WORDS = ("confirm", "go ahead", "proceed", "shall i")
 # A message without a question mark still asks when it shares this share of the words of an expert question.
 ASKS = 0.5
-
-
-class ContextFull(RuntimeError):
-    """The conversation no longer fits the model's context: the episode ends (stop reason `context_full`)."""
 
 
 class Agent(Protocol):

@@ -27,10 +27,13 @@ from longcat_lab.synth.agents import ExpertSolver
 from longcat_lab.synth.env import Task
 
 
+class ContextFull(RuntimeError):
+    """The conversation no longer fits the model's context: the episode ends (stop reason `context_full`)."""
+
+
 def prompt_ids(tokenizer, prompt: str, keep: int) -> list[int]:
     """The prompt's ids, encoded as one string as the fine-tuning data encodes a dialogue (docs/design.md §5.4), of
-    which the last `keep` are kept: fine-tuning trains on pieces that start anywhere in a dialogue, so a model
-    has learned to reply from a window that begins mid-conversation."""
+    which the last `keep` are kept (a chat goes on past its context by forgetting its start)."""
     return encode_chat(tokenizer, prompt).ids[-keep:]
 
 
@@ -109,6 +112,12 @@ class ModelAgent:
 
     def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
         prompt = render(messages, tools or None, add_generation_prompt=True)
+        # An agent acts on what the whole conversation says (the tools, the user's details), so a prompt that
+        # would lose its start to the window ends the episode instead (docs/design.md §5.5).
+        window = self.options["window"] or self.model.config.max_position_embeddings
+        need = len(encode_chat(self.tokenizer, prompt).ids) + min(self.options["max_new_tokens"], window // 2)
+        if need > window:
+            raise ContextFull(f"the prompt and the reply need {need} positions; the window has {window}")
         constraint = self.decoder.constraint(tools) if self.decoder is not None and tools else None
         return generate_reply(
             self.model,
@@ -195,6 +204,7 @@ def describe(message: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "ContextFull",
     "ExpertAgent",
     "ModelAgent",
     "RandomValidAgent",

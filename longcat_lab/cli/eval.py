@@ -28,7 +28,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=Path,
         help="the pre-trained checkpoint to compare with (default: the one --ckpt was fine-tuned from)",
     )
-    ag.add_argument("--per-cell", type=int, default=1, metavar="N", help="tasks per difficulty cell (27 cells)")
+    ag.add_argument("--per-cell", type=int, default=1, metavar="N", help="tasks per difficulty cell")
+    ag.add_argument(
+        "--cells",
+        nargs="+",
+        metavar="I-T-U",
+        help="difficulty cells to evaluate, levels of information-toolset-user (default: all 27), e.g. 1-1-1 3-1-1",
+    )
     ag.add_argument("--k", type=int, default=2, help="trials per task: pass^1..pass^k")
     ag.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of the models' trials")
     ag.add_argument("--max-new-tokens", type=int, default=96, metavar="N", help="longest reply")
@@ -66,6 +72,7 @@ def run_agentic(args: argparse.Namespace) -> None:
         args.ckpt,
         base=args.base,
         per_cell=args.per_cell,
+        cells=args.cells,
         k=args.k,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,

@@ -27,11 +27,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from longcat_lab import checkpoint
-from longcat_lab._util import atomic_write_bytes, check_choice, check_int, check_nonnegative, json_bytes
+from longcat_lab._util import atomic_write_bytes, check_choice, check_int, check_nonnegative, json_bytes, provenance
 from longcat_lab.agent.arithmetic import arithmetic_exact_match
 from longcat_lab.agent.loop import DEFAULT_MAX_TURNS, Agent, Episode, cell_name, play
 from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, sft_window
 from longcat_lab.data.sft import load_records
+from longcat_lab.eval.recipe import sft_recipe
 from longcat_lab.eval.suite import one_thread
 from longcat_lab.inference.structured import ToolCallDecoder
 from longcat_lab.synth.agents import AXES, ENVIRONMENTS, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
@@ -58,14 +59,23 @@ FREE = " (free)"  # the suffix of a model agent that decodes its calls unconstra
 AgentFactory = Callable[[Task, int], Agent]  # (task, trial) -> a fresh agent
 
 
-def heldout_tasks(per_cell: int, seed: int = HELDOUT_SEED) -> list[Task]:
-    """`per_cell` tasks in each of the 27 difficulty cells, in the designer's order."""
+def check_cells(cells) -> list[str]:
+    """`cells` as a list of difficulty cells "i-t-u" (each level 1 to 3), None for all 27; ValueError otherwise."""
+    if cells is None:
+        return list(CELLS)
+    if isinstance(cells, str) or not cells or any(c not in CELLS for c in cells):
+        raise ValueError(f"cells={cells!r} is not allowed: give difficulty cells such as 1-1-1 (levels 1 to 3)")
+    return list(dict.fromkeys(cells))
+
+
+def heldout_tasks(per_cell: int, seed: int = HELDOUT_SEED, cells: list[str] | None = None) -> list[Task]:
+    """`per_cell` tasks in each difficulty cell of `cells` (default: all 27), in the designer's order."""
     check_int("per_cell", per_cell)
-    designer, need, out, i = TaskDesigner(seed), dict.fromkeys(CELLS, per_cell), [], 0
+    designer, need, out, i = TaskDesigner(seed), dict.fromkeys(check_cells(cells), per_cell), [], 0
     while any(need.values()):
         task = designer.design(HELDOUT_OFFSET + i)
         i += 1
-        if need[cell_name(task.difficulty)]:
+        if need.get(cell_name(task.difficulty)):
             need[cell_name(task.difficulty)] -= 1
             out.append(task)
     return out
@@ -255,6 +265,7 @@ def evaluate_agentic_checkpoint(
     write: bool = True,
     progress: bool = True,
     structured: str = "on",
+    cells: list[str] | None = None,
 ) -> tuple[dict[str, Any], Path | None]:
     """(result, path of agentic.json or None): module docstring. `base` is the pre-trained checkpoint (default: the
     one `ckpt` was fine-tuned from, when it still exists); `sft_data` (a JSONL file) is checked for overlap with the
@@ -264,7 +275,7 @@ def evaluate_agentic_checkpoint(
     check_nonnegative("temperature", temperature)
     check_choice("structured", structured, STRUCTURED)
     ways = {"on": {"": True}, "off": {"": False}, "both": {"": True, FREE: False}}[structured]
-    tasks = heldout_tasks(per_cell, seed)
+    tasks = heldout_tasks(per_cell, seed, cells)
     if sft_data is not None:
         check_heldout(tasks, load_records(sft_data))
     models = {"fine-tuned": checkpoint.resolve(ckpt)}
@@ -272,7 +283,14 @@ def evaluate_agentic_checkpoint(
     if base is not None:
         models["pre-trained"] = checkpoint.resolve(base)
     t0 = time.perf_counter()
-    result: dict[str, Any] = {"tasks": len(tasks), "per_cell": per_cell, "k": k, "seed": seed, "models": {}}
+    result: dict[str, Any] = {
+        "tasks": len(tasks),
+        "per_cell": per_cell,
+        "cells": check_cells(cells),
+        "k": k,
+        "seed": seed,
+        "models": {},
+    }
     agents = {}
     with one_thread():
         for name, path in models.items():
@@ -290,6 +308,13 @@ def evaluate_agentic_checkpoint(
         agents |= baseline_agents()
         result["agents"] = evaluate_agents(agents, tasks, k, max_turns, progress=progress)
     result["seconds"] = time.perf_counter() - t0
+    result["recipe"] = sft_recipe(models["fine-tuned"])
+    result["command"] = (
+        f"longcat-lab eval --agentic --ckpt {ckpt} --per-cell {per_cell} --k {k} --temperature {temperature:g} "
+        f"--max-new-tokens {max_new_tokens} --max-turns {max_turns} --arithmetic {arithmetic_n} --seed {seed} "
+        f"--structured {structured}" + (f" --cells {' '.join(cells)}" if cells else "")
+    )
+    result.update(provenance())
     result["generation"] = {
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
@@ -327,6 +352,11 @@ def format_agentic(result: dict[str, Any]) -> str:
             " / ".join(_p(a["pass_hat"]["axes"][ax][str(lvl)]) for lvl in LEVELS).ljust(len(ax) + 16) for ax in AXES
         )
         lines.append(f"  {name:13s} {row}  | {axes}".rstrip())
+    cells = result.get("cells") or CELLS
+    if len(cells) <= 9:  # a chosen few: pass^1 of each, the figure a recipe's goal names
+        lines.append("  pass^1 per cell (information-toolset-user): " + "  ".join(cells))
+        for name, a in agents:
+            lines.append(f"  {name:13s} " + "  ".join(_p(a["pass_hat"]["cells"].get(c)).rjust(len(c)) for c in cells))
     for name, a in agents:
         cats = ", ".join(f"{c} {n}" for c, n in a["categories"].items())
         lines.append(f"  {name}: {a['episodes']} episodes, {a['mean_turns']:.1f} turns each; {cats}")
@@ -358,6 +388,7 @@ __all__ = [
     "HELDOUT_SEED",
     "STRUCTURED",
     "baseline_agents",
+    "check_cells",
     "check_heldout",
     "evaluate_agentic_checkpoint",
     "evaluate_agents",

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import datetime
 import json
 import multiprocessing
 import os
-import platform
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from longcat_lab import checkpoint
-from longcat_lab._util import atomic_write_bytes, check_choice, check_int, json_bytes
+from longcat_lab._util import atomic_write_bytes, check_choice, check_int, json_bytes, provenance
 from longcat_lab.experiments.diagnose import outlier_runs
 from longcat_lab.experiments.stats import RESOLVED
 from longcat_lab.experiments.summary import max_hidden, run_metrics, summarise
@@ -245,30 +242,6 @@ def execute(run: Run) -> dict:
     return metrics
 
 
-def _provenance() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-        if commit and dirty:
-            commit += " (with uncommitted changes)"
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit or "unknown",
-        "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-        f"{multiprocessing.cpu_count()} logical CPUs",
-    }
-
-
 def run_sweep(
     sweep: Sweep | str,
     out: str | Path,
@@ -324,7 +297,7 @@ def run_sweep(
         "sweep": sweep.name,
         "command": command
         or f"longcat-lab sweep {sweep.name} --seeds {seeds} --preset {preset}" + (f" --steps {steps}" if steps else ""),
-        **_provenance(),
+        **provenance(),
         "preset": preset,
         "seeds": seeds,
         "steps": sum(s["steps"] for s in tc0["stages"]),

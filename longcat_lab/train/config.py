@@ -267,6 +267,9 @@ class TrainConfig:
         return from_known_fields(cls, data)
 
 
+LONG_DIALOGUES = ("drop", "split")
+
+
 @dataclass
 class SFTConfig(TrainConfig):
     """Fine-tuning into an agent (docs/design.md §5.4): a TrainConfig (one stage, `init_from` the pre-trained
@@ -282,11 +285,17 @@ class SFTConfig(TrainConfig):
     sft_pretrain_ratio: float = 0.25
     # Dialogues held out for a validation loss.
     sft_val_dialogues: int = 8
+    # What becomes of a dialogue longer than the stage's context: "drop" leaves it out (a piece that starts
+    # mid-dialogue trains replies whose sources, the user's details and the tool descriptions, it cannot see:
+    # docs/design.md §5.4), "split" cuts it into consecutive pieces.
+    sft_long_dialogues: str = "drop"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check("sft_data", self.sft_data, isinstance(self.sft_data, str) and bool(self.sft_data), "a JSONL file")
         _check("sft_data_sha256", self.sft_data_sha256, isinstance(self.sft_data_sha256, str), "a string")
+        _check("sft_long_dialogues", self.sft_long_dialogues, self.sft_long_dialogues in LONG_DIALOGUES,
+               f"one of {list(LONG_DIALOGUES)}")  # fmt: skip
 
 
 _SFT_ONLY = frozenset(f.name for f in dataclasses.fields(SFTConfig)) - {f.name for f in dataclasses.fields(TrainConfig)}

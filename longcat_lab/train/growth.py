@@ -119,11 +119,14 @@ def grow_depth(model: LongCatLM, factor: int = 2) -> LongCatLM:
 def init_from_checkpoint(model: LongCatLM, source: str) -> dict:
     """Growth init (docs/design.md §3.2): the weights of checkpoint `source` (or a run folder's newest that verifies),
     stacked to `model`'s depth, loaded into `model`; returns the source's meta. A source without the MTP module may
-    start a model with one (docs/design.md §1.5): the module is then new, its embedding copied."""
+    start a model with one (docs/design.md §1.5): the module is then new, its embedding copied. The context length
+    may differ (fine-tuning on longer dialogues, docs/design.md §5.4): RoPE angles are computed per position, so
+    max_position_embeddings sizes no weight."""
     src_model, _, meta = checkpoint.load(source)
     grown = grow_depth(src_model, model.config.num_layers // max(1, src_model.config.num_layers))
     adds_mtp = src_model.mtp is None and model.mtp is not None
-    if (grown.config.replace(num_nextn_predict_layers=1) if adds_mtp else grown.config) != model.config:
+    expected = grown.config.replace(max_position_embeddings=model.config.max_position_embeddings)
+    if (expected.replace(num_nextn_predict_layers=1) if adds_mtp else expected) != model.config:
         raise ValueError(
             f"init_from={source!r} is not allowed: stacking its {src_model.config.num_layers}-layer "
             f"model does not give this ModelConfig (depth must be a multiple and all else equal)"

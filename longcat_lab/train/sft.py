@@ -10,8 +10,8 @@ dialogues).
   (`sft_data.jsonl`), so a run folder holds everything its resume needs.
 - `prepare(...) -> (ModelConfig, SFTConfig)`: the configs `finetune` trains with (the CLI's first half), and
   `train_sft(model_config, sft_config, out_dir, ...)`, the second (`train.train` for fine-tuning).
-- `sft_config(source_model_config, source_train_config, ...) -> SFTConfig`: the schedule derived from the source
-  run's config: one stage at `SEQ_LEN` (the model's context, as an agent's prompt fills it), `LR`, the source's
+- `sft_config(source_train_config, ...) -> SFTConfig`: the schedule derived from the source run's config: one
+  stage at `SEQ_LEN` (a context that holds a whole dialogue of the easier cells), `LR`, the source's
   last mixture for the pre-training rows, its data config (hence its tokenizer) and seed.
 - `SFTTrainer`: `Trainer` with the dialogue sampler (`data.sft.SFTSampler`) and, at every evaluation and once
   before the first step, the loss on held-out dialogues (`sft_val_loss` rows, `kind: "eval_sft"`), beside the
@@ -104,10 +104,21 @@ class SFTTrainer(Trainer):
                 f"sft_data={cfg.sft_data!r} is not allowed: its records changed since this run was configured "
                 f"(sha256 {cfg.sft_data_sha256[:12]}...); restore the file or start a new run"
             )
-        train_records, held_out = split_held_out(records, cfg.sft_val_dialogues)
         tok, seq_len = self.dataset.tokenizer, cfg.stages[-1].seq_len
-        self.held_out = pack_dialogues([encode_dialogue(r, tok) for r in held_out], seq_len, eot_id(tok))
-        dialogues = [encode_dialogue(r, tok) for r in train_records]
+        encoded = {id(r): encode_dialogue(r, tok) for r in records}
+        if cfg.sft_long_dialogues == "drop":
+            kept = [r for r in records if len(encoded[id(r)].ids) <= seq_len + 1]
+            if len(kept) <= cfg.sft_val_dialogues:
+                raise ValueError(
+                    f"sft_data={cfg.sft_data!r} is not allowed: {len(kept)} of its {len(records)} dialogues fit the "
+                    f"{seq_len}-token context, and {cfg.sft_val_dialogues} are held out; give shorter or more "
+                    "dialogues, a longer seq_len, or --set sft_long_dialogues=split"
+                )
+            records = kept
+        self.dialogue_counts = {"dialogues_kept": len(records), "dialogues_too_long": len(encoded) - len(records)}
+        train_records, held_out = split_held_out(records, cfg.sft_val_dialogues)
+        self.held_out = pack_dialogues([encoded[id(r)] for r in held_out], seq_len, eot_id(tok))
+        dialogues = [encoded[id(r)] for r in train_records]
         pretrain = MixtureSampler(self.dataset.train, seed=cfg.seed) if cfg.sft_pretrain_ratio else None
         return SFTSampler(dialogues, pretrain, cfg.sft_pretrain_ratio, cfg.seed, eot_id(tok))
 
@@ -135,6 +146,7 @@ class SFTTrainer(Trainer):
                     "sft_val_loss": loss,
                     "held_out_dialogues": self.cfg.sft_val_dialogues,
                     "held_out_targets": self.held_out.targets,
+                    **self.dialogue_counts,
                     **self.sampler.counts,
                 }
             )
@@ -146,7 +158,6 @@ class SFTTrainer(Trainer):
 
 
 def sft_config(
-    source_model: ModelConfig,
     source: TrainConfig,
     init_from: str,
     data_path: str,
@@ -167,7 +178,7 @@ def sft_config(
         steps=steps,
         lr=stage_args.get("lr", LR),
         warmup=stage_args.get("warmup", max(1, round(0.05 * steps))),
-        seq_len=stage_args.get("seq_len", min(SEQ_LEN, source_model.max_position_embeddings)),
+        seq_len=stage_args.get("seq_len", SEQ_LEN),
         mixture=dict(source.stages[-1].mixture),
         end_lr_ratio=0.1,
     )
@@ -233,7 +244,11 @@ def prepare(
     model_config = checkpoint.read_model_config(source)
     source_cfg = read_train_config(source)
     path = (out / DATA_FILE).resolve()
-    cfg = sft_config(model_config, source_cfg, str(source), str(path), digest, steps, **overrides)
+    cfg = sft_config(source_cfg, str(source), str(path), digest, steps, **overrides)
+    # A context longer than the source's: RoPE angles are computed per position, so no weight changes size.
+    longest = max(s.seq_len for s in cfg.stages)
+    if longest > model_config.max_position_embeddings:
+        model_config = model_config.replace(max_position_embeddings=longest)
     model_config, cfg = apply_overrides(model_config, cfg, list(sets))
     split_held_out(records, cfg.sft_val_dialogues)  # a bad held-out count fails before any work
     _write_data(records, digest, out)  # last: a refusal above leaves nothing behind

@@ -22,6 +22,7 @@ from longcat_lab.agent import (
 from longcat_lab.agent.loop import NOTHING_TO_ADD
 from longcat_lab.agent.policies import random_arguments, reply_text
 from longcat_lab.chat import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_call_block
+from longcat_lab.model import presets
 from longcat_lab.synth import STOP, ExpertSolver, TaskDesigner
 from longcat_lab.synth.agents import DOMAINS
 
@@ -222,8 +223,12 @@ def test_run_episode_with_a_random_model_terminates(one_thread):
     from longcat_lab.testing import random_model
 
     tok = load_tokenizer(512, DataConfig(max_bytes_per_domain=300_000, tokenizer_sample_bytes=100_000))
-    model = random_model(seed=1)
+    model = random_model(presets.tiny(max_position_embeddings=4096), seed=1)  # a context that holds the task
     task = tasks(1)[0]
-    ep = run_episode(model, tok, task, max_turns=3, max_new_tokens=12, temperature=1.0, seed=0, window=128)
+    ep = run_episode(model, tok, task, max_turns=3, max_new_tokens=12, temperature=1.0, seed=0)
     assert ep.stop_reason in ("user_stop", "turn_limit") and 1 <= ep.turns <= 3 and not ep.passed
     assert ep.messages[0]["role"] == "system" and ep.messages[2]["role"] == "assistant"
+    # A window that cannot hold the tools and the user's request ends the episode before the model acts on a
+    # prompt without them.
+    ep = run_episode(model, tok, task, max_turns=3, max_new_tokens=12, window=128)
+    assert (ep.stop_reason, ep.turns, ep.passed) == ("context_full", 0, False)

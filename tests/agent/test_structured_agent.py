@@ -12,6 +12,7 @@ from longcat_lab.agent import ModelAgent, generate_reply, play
 from longcat_lab.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_assistant, render
 from longcat_lab.cli import main
 from longcat_lab.inference.structured import ToolCallDecoder
+from longcat_lab.model import presets
 from longcat_lab.synth import TaskDesigner
 from longcat_lab.testing import random_model
 
@@ -42,8 +43,9 @@ def tokenizer():
 
 
 def caller(seed: int = 1):
-    """A random tiny model whose open-call marker is likely (its output row scaled up)."""
-    model = random_model(seed=seed)
+    """A random tiny model whose open-call marker is likely (its output row scaled up), with a context that holds
+    a whole task's prompt (the preset's weights: the context length sizes none)."""
+    model = random_model(presets.tiny(max_position_embeddings=4096), seed=seed)
     with torch.no_grad():
         model.lm_head.weight[tokenizer().token_to_id(TOOL_CALL_OPEN)] *= 16
     return model
@@ -81,7 +83,7 @@ def test_switched_off_a_reply_is_the_unconstrained_one():
 
 def test_a_structured_episode_has_no_malformed_call_but_truncated_ones():
     task = TaskDesigner(5, ("bank",)).design(800_000)
-    episode = play(ModelAgent(caller(2), tokenizer(), temperature=1.0, max_new_tokens=48, window=256), task, 3)
+    episode = play(ModelAgent(caller(2), tokenizer(), temperature=1.0, max_new_tokens=48), task, 3)
     assert episode.turns >= 1
     for m in episode.messages:
         if m.get("malformed"):  # only a call cut off by max_new_tokens can fail to parse

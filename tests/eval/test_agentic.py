@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from longcat_lab.agent import Episode
+from longcat_lab.agent import Episode, cell_name
 from longcat_lab.agent.arithmetic import answer_of, calculator_records, problems
 from longcat_lab.cli import main
 from longcat_lab.eval.agentic import (
@@ -90,6 +90,16 @@ def test_heldout_tasks_fill_every_cell_and_never_meet_the_fine_tuning_data():
     copy = {"task_id": "bank-000001", "messages": ExpertSolver(tasks[5]).run()}  # same task under another id
     with pytest.raises(ValueError, match=tasks[5].task_id):
         check_heldout(tasks, records + [copy])
+
+
+def test_heldout_tasks_of_chosen_cells_are_those_of_the_full_set():
+    chosen = heldout_tasks(3, cells=["3-1-1", "1-1-1"])
+    assert sorted(cell_name(t.difficulty) for t in chosen) == ["1-1-1"] * 3 + ["3-1-1"] * 3
+    everything = {t.task_id for t in heldout_tasks(3)}
+    assert {t.task_id for t in chosen} <= everything  # the same tasks as in a full evaluation, not others
+    for bad in (["1-1-4"], [], "1-1-1", ["1-1"]):
+        with pytest.raises(ValueError, match="cells=.* is not allowed: give difficulty cells such as 1-1-1"):
+            heldout_tasks(1, cells=bad)
 
 
 def test_baselines_are_the_floor_and_the_ceiling():

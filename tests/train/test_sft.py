@@ -14,6 +14,7 @@ import torch
 
 from longcat_lab import checkpoint
 from longcat_lab.cli import main
+from longcat_lab.eval.recipe import sft_recipe, wall_minutes
 from longcat_lab.model import presets
 from longcat_lab.model.config import IGNORE_INDEX
 from longcat_lab.testing import random_ids, random_model, tiny_train_config
@@ -92,7 +93,9 @@ def source(tmp_path_factory):
     return base / "pre", data
 
 
+# seq_len 96 holds no whole dialogue, so these runs train on pieces.
 ARGS = {"seq_len": 96, "batch_size": 4, "grad_accum": 1, "sft_val_dialogues": 2, "num_threads": 1, "peak_flops": 1e10}
+ARGS["sft_long_dialogues"] = "split"
 
 
 def losses(run_dir):
@@ -133,3 +136,36 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     rc = main(["sft", "--init-from", str(tmp_path), "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and err.startswith("longcat-lab sft: error:")
+
+
+@pytest.mark.slow
+def test_dialogues_longer_than_the_context_are_left_out(source, tmp_path):
+    """By default a dialogue that does not fit the context is not trained on (a piece without its start would teach
+    replies whose sources it cannot see); the context may exceed the source model's."""
+    from longcat_lab.data.sft import encode_dialogue, load_records
+
+    pre, data = source
+    _, tokenizer, _ = checkpoint.load(pre)
+    lengths = sorted(len(encode_dialogue(r, tokenizer).ids) for r in load_records(data))
+    seq_len = lengths[6] - 1  # the 7 shortest dialogues fit, 3 do not
+    assert seq_len > presets.tiny().max_position_embeddings
+    args = {**ARGS, "seq_len": seq_len, "sft_long_dialogues": "drop", "batch_size": 2}
+    result = finetune(pre, data, tmp_path / "ft", steps=1, progress=False, **args)
+    counts = result.rows("eval_sft")[-1]
+    assert (counts["dialogues_kept"], counts["dialogues_too_long"]) == (7, 3)
+    model, _, _ = checkpoint.load(result.checkpoint)
+    assert model.config.max_position_embeddings == seq_len
+    recipe = sft_recipe(result.checkpoint)  # what the agentic evaluation records beside its pass^k
+    assert (recipe["steps"], recipe["seq_len"], recipe["rows_per_step"]) == (1, seq_len, 2)
+    assert (recipe["dialogues_kept"], recipe["dialogues_too_long"], recipe["sft_long_dialogues"]) == (7, 3, "drop")
+    assert recipe["forgetting"] and all(len(pair) == 2 for pair in recipe["forgetting"].values())
+    assert sft_recipe(pre / "checkpoints" / "step_000004") is None  # pre-training is not a fine-tuning recipe
+    with pytest.raises(ValueError, match=r"2 of its 10 dialogues fit the .*-token context, and 2 are held out"):
+        finetune(pre, data, tmp_path / "few", steps=1, progress=False, **{**args, "seq_len": lengths[1] - 1})
+    assert not (tmp_path / "few").exists()  # a refused run leaves nothing behind
+
+
+def test_wall_minutes_adds_up_each_process_of_a_resumed_run():
+    rows = [{"time_s": t} for t in (10.0, 70.0, 5.0, 65.0, 125.0)]  # 70 s, then a resume that ran 125 s
+    assert wall_minutes(rows) == (70 + 125) / 60
+    assert wall_minutes([]) == 0
