@@ -146,6 +146,35 @@ def failure_figure(result: dict[str, Any]) -> go.Figure:
     return fig
 
 
+CREDIT_STEPS = {
+    "valid_calls": "valid calls",
+    "right_write_tool": "right first write tool",
+    "right_write_arguments": "right first write arguments",
+    "right_end_state": "right end state",
+}
+
+
+def partial_credit_figure(result: dict[str, Any]) -> go.Figure:
+    """How far each agent's episodes got, step by step (`eval.agentic.partial_credit`): the share of episodes (of
+    call blocks, for valid calls) that reached each step, one group of bars per agent."""
+    agents = {n: a for n, a in result.get("agents", result).items() if "partial_credit" in a}
+    fig = go.Figure()
+    for name, a in agents.items():
+        fig.add_trace(
+            go.Bar(
+                x=list(CREDIT_STEPS.values()),
+                y=[a["partial_credit"][key] for key in CREDIT_STEPS],
+                name=name,
+                marker_color=AGENT_COLOURS.get(name.removesuffix(" (free)")),
+                marker_pattern_shape="/" if name.endswith(" (free)") else "",
+            )
+        )
+    fig.update_layout(
+        barmode="group", title="how far the episodes got (share, measured)", yaxis_range=[0, 1.05], height=340
+    )
+    return fig
+
+
 # HTML views of dialogues -------------------------------------------------------------------------------------
 _MARK = "background:#fde2c4;color:#a4400d;font-weight:bold;border-radius:3px;padding:0 2px"
 _STYLES = {
@@ -189,11 +218,13 @@ def transcript_html(messages: list[dict[str, Any]], max_chars: int = 400) -> str
 
 __all__ = [
     "AGENT_COLOURS",
+    "CREDIT_STEPS",
     "CATEGORY_COLOURS",
     "axis_levels_figure",
     "difficulty_figure",
     "failure_figure",
     "pair_grid",
+    "partial_credit_figure",
     "pass_heatmap",
     "special_tokens_html",
     "transcript_html",

@@ -10,6 +10,7 @@ from longcat_lab.viz.agentic import (
     difficulty_figure,
     failure_figure,
     pair_grid,
+    partial_credit_figure,
     pass_heatmap,
     special_tokens_html,
     transcript_html,
@@ -55,6 +56,16 @@ def test_figures():
     bars = failure_figure(result)
     assert [b.name for b in bars.data] == ["passed", "turn limit", "wrong end state"]
     assert list(bars.data[0].y) == [30, 54]
+
+
+def test_partial_credit_bars_follow_the_steps_of_each_agent():
+    credit = {"valid_calls": 0.9, "right_write_tool": 0.5, "right_write_arguments": 0.25, "right_end_state": 0.2}
+    result = {"agents": {"fine-tuned": {"partial_credit": credit}, "fine-tuned (free)": {"partial_credit": {
+        **credit, "valid_calls": 0.1}}, "expert": {"pass_hat": {}}}}  # fmt: skip
+    fig = partial_credit_figure(result)
+    assert [b.name for b in fig.data] == ["fine-tuned", "fine-tuned (free)"]  # an agent without credit is left out
+    assert list(fig.data[0].y) == [0.9, 0.5, 0.25, 0.2] and fig.data[1].y[0] == 0.1
+    assert fig.data[1].marker.pattern.shape == "/" and fig.data[0].marker.color == fig.data[1].marker.color
 
 
 def test_dialogue_views_mark_special_tokens_calls_and_errors():
