@@ -32,6 +32,7 @@ from longcat_lab.agent.arithmetic import arithmetic_exact_match
 from longcat_lab.agent.loop import DEFAULT_MAX_TURNS, Agent, Episode, cell_name, play
 from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, sft_window
 from longcat_lab.data.sft import load_records
+from longcat_lab.eval.copying import copy_score, format_copying
 from longcat_lab.eval.recipe import sft_recipe
 from longcat_lab.eval.suite import one_thread
 from longcat_lab.inference.structured import ToolCallDecoder
@@ -299,7 +300,12 @@ def evaluate_agentic_checkpoint(
             for suffix, constrained in ways.items():
                 factory = model_factory(model, tokenizer, constrained, temperature=temperature, **options)
                 agents[name + suffix] = (factory, temperature == 0)
-            result["models"][name] = {"checkpoint": str(path), "step": meta.get("step"), "window": options["window"]}
+            result["models"][name] = {
+                "checkpoint": str(path),
+                "step": meta.get("step"),
+                "window": options["window"],
+                "copying": copy_score(model),  # the skill an agent's arguments need (eval.copying)
+            }
             for suffix, constrained in ways.items():
                 key = "arithmetic" + ("_free" if suffix else "")
                 result["models"][name][key] = arithmetic_exact_match(
@@ -367,6 +373,8 @@ def format_agentic(result: dict[str, Any]) -> str:
                 f"right arguments {pc['right_write_arguments']:.2f}; right end state {pc['right_end_state']:.2f}"
             )
     for name, m in result.get("models", {}).items():
+        if m.get("copying"):
+            lines.append(f"{name}: {format_copying(m['copying'])}")
         for key in ("arithmetic", "arithmetic_free"):
             ar = m.get(key)
             if ar:

@@ -1,8 +1,8 @@
 """The evaluator: every metric of this package on one model, as a JSON-ready dict and a printed table.
 
 - `evaluate_model(model, dataset, seq_len, level)`: level "full" (bits per byte with compressors, arithmetic, code,
-  routing) or "cheap" (bits per byte and FFN experts per token only: the trainer's per-evaluation subset, one
-  extra forward over the validation windows, no generation).
+  in-context copying, routing) or "cheap" (bits per byte and FFN experts per token only: the trainer's
+  per-evaluation subset, one extra forward over the validation windows, no generation).
 - `evaluate_checkpoint(path)`: load a checkpoint (or a run folder's newest), rebuild its data, run "full", and
   write `eval.json` inside the checkpoint folder (atomically); what `longcat-lab eval --ckpt RUN` runs.
 - `format_table(result)`: the human-readable table.
@@ -23,6 +23,7 @@ from longcat_lab import checkpoint
 from longcat_lab._util import atomic_write_bytes, check_choice, json_bytes
 from longcat_lab.data import load_dataset
 from longcat_lab.eval.bpb import bits_per_byte
+from longcat_lab.eval.copying import copy_score, format_copying
 from longcat_lab.eval.routing import routing_summary
 from longcat_lab.eval.tasks import arithmetic, code
 from longcat_lab.model.accounting import activated_params
@@ -62,6 +63,7 @@ def evaluate_model(
             out["arithmetic"] = arithmetic(model, dataset, arithmetic_n).to_dict()
         if "python" in dataset.val:
             out["code"] = code(model, dataset, code_n)
+        out["copying"] = copy_score(model)
     else:
         out["ffn_experts_per_token"] = routing.get("ffn_experts_per_token")
     out["seconds"] = time.perf_counter() - t0
@@ -137,6 +139,8 @@ def format_table(result: dict) -> str:
             f"next line exact {_f(c['next_line_exact'], '.0%')} (baseline 'repeat the line above' "
             f"{_f(c['repeat_line_baseline'], '.0%')})"
         )
+    if result.get("copying"):
+        lines.append(format_copying(result["copying"]))
     r = result.get("routing")
     if r:
         per_layer = ", ".join(

@@ -55,14 +55,14 @@ from longcat_lab.train.resume import read_train_config
 from longcat_lab.train.runtime import run_trainer
 from longcat_lab.train.trainer import Trainer
 
-# The schedule's defaults (docs/design.md §5.4). STEPS of GRAD_ACCUM x BATCH_SIZE rows of SEQ_LEN positions fit
-# about ten minutes on two quiet CPU cores for the small preset (estimate and measurements: docs/design.md §5.4);
-# two micro-batches of 4 rows keep peak memory well below one of 8 (benchmarks/RESULTS.md "sft"). LR is a third of the
-# source's peak: the model is already trained, and large steps on a narrow data set are what cause forgetting.
+# The schedule's defaults (docs/design.md §5.4). STEPS of GRAD_ACCUM x BATCH_SIZE rows of SEQ_LEN positions, the
+# 8,192 tokens a step that 8 rows of 1,024 were before the context grew, take about a quarter of an hour for the small
+# preset on two quiet CPU cores (benchmarks/RESULTS.md "sft"). LR is a third of the source's peak: the model is
+# already trained, and large steps on a narrow data set are what cause forgetting.
 STEPS = 80
 LR = 1e-3
 BATCH_SIZE = 4
-GRAD_ACCUM = 2
+GRAD_ACCUM = 1
 SEQ_LEN = 2048  # raised over the source model's context when longer (docs/design.md §5.4)
 DATA_FILE = "sft_data.jsonl"
 # Keys of `finetune`'s overrides that set the stage rather than a TrainConfig field.
