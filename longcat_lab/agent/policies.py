@@ -26,6 +26,10 @@ from longcat_lab.inference.text import TextStream, reply_stop_ids, token_stream
 from longcat_lab.synth.agents import ExpertSolver
 from longcat_lab.synth.env import Task
 
+# Tokens a constrained call under way may take past a reply's budget to reach its closing marker: a call is a few
+# dozen tokens, and one cut in half does not parse.
+CALL_ALLOWANCE = 128
+
 
 class ContextFull(RuntimeError):
     """The conversation no longer fits the model's context: the episode ends (stop reason `context_full`)."""
@@ -53,22 +57,28 @@ def generate_reply(
     `</longcat_s>`, the document separator, a closing tool-call marker that no further call follows, or
     `max_new_tokens`. The prompt and the reply share `window` positions (default: the model's
     max_position_embeddings); a longer prompt keeps its last tokens. `on_text` receives the text as it grows. A
-    fresh `constraint` (`ToolCallDecoder.constraint(tools)`) decodes the reply's tool calls under their schemas."""
+    fresh `constraint` (`ToolCallDecoder.constraint(tools)`) decodes the reply's tool calls under their schemas, and
+    a call under way when `max_new_tokens` runs out may take up to CALL_ALLOWANCE more tokens to close (within the
+    window), so the budget does not cut a constrained call in half; no call starts past the budget."""
     window = window or model.config.max_position_embeddings
     check_int("window", window, 2)
     max_new_tokens = min(max_new_tokens, window // 2)
     ids = prompt_ids(tokenizer, prompt, window - max_new_tokens)
     close, reopen = tokenizer.token_to_id(TOOL_CALL_CLOSE), tokenizer.token_to_id(TOOL_CALL_OPEN)
+    allowance = min(CALL_ALLOWANCE, window - len(ids) - max_new_tokens) if constraint is not None else 0
 
     def ends(kept: list[int], token: int) -> bool:
         # Calls end a reply (the template puts only `</longcat_s>` after them), unless another call follows.
-        return bool(kept) and kept[-1] == close and token != reopen
+        if kept and kept[-1] == close and token != reopen:
+            return True
+        # Past the budget only the call under way goes on, up to its closing marker.
+        return len(kept) >= max_new_tokens and kept.count(reopen) <= kept.count(close)
 
     idx = torch.tensor([ids], dtype=torch.long, device=model.device)
     options = {"temperature": temperature, "top_p": top_p, "generator": generator}
     if constraint is not None:
         options["constraints"] = [constraint]
-    tokens = token_stream(model, idx, max_new_tokens, **options)
+    tokens = token_stream(model, idx, max_new_tokens + allowance, **options)
     return TextStream(tokenizer, tokens, reply_stop_ids(tokenizer), ends).follow(on_text)
 
 

@@ -70,6 +70,21 @@ def test_constrained_calls_parse_where_free_ones_do_not():
     assert calls[True] >= 2 and calls[False] == 0 and errors[False] >= 4, (calls, errors)
 
 
+def test_the_token_budget_lets_a_constrained_call_close():
+    """A reply's budget runs out mid-call: the call under way goes on to its closing marker and parses, no call
+    starts past the budget."""
+    model = caller()
+    decoder = ToolCallDecoder(tokenizer(), model.config.vocab_size)
+    closed = 0
+    for seed in range(10):
+        agent = ModelAgent(model, tokenizer(), temperature=1.0, seed=seed, structured=decoder, max_new_tokens=8)
+        reply = agent.reply(MESSAGES, TOOLS)
+        parsed = parse_assistant(reply, TOOLS)
+        assert reply.count(TOOL_CALL_OPEN) == reply.count(TOOL_CALL_CLOSE) and parsed.ok, reply
+        closed += len(parsed.tool_calls)
+    assert closed >= 2  # every call here is longer than the budget of 8 tokens
+
+
 def test_switched_off_a_reply_is_the_unconstrained_one():
     model = caller()
     agent = ModelAgent(model, tokenizer(), temperature=1.0, seed=3, structured=False, max_new_tokens=40)
