@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-seeds",
         type=int,
         help="add --seed-step seeds at a time while a verdict is unresolved, up to this many (default: --seeds, "
-        "no growth; the issue's design uses 24)",
+        "no growth; docs/design.md §3.6 uses 24)",
     )
     p.add_argument("--seed-step", type=int, default=4, help="seeds added per round (default 4)")
     p.add_argument(
