@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/sweeps"), help="sweeps folder; the sweep uses OUT/NAME")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: the preset's)")
-    p.add_argument("--preset", choices=("tiny", "mini", "small"), default="mini")
+    p.add_argument("--preset", choices=("tiny", "mini", "ablation", "small"), default="ablation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--results", type=Path, help="also copy the summary to RESULTS/NAME.json (the committed results)")
     return p

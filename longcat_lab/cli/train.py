@@ -23,7 +23,7 @@ from longcat_lab.train import TrainingError, apply_overrides, sample_text, train
 from longcat_lab.train.distributed import train_distributed
 from longcat_lab.train.trainer import check_runtime
 
-PRESETS = ("tiny", "mini", "small", "base")
+PRESETS = ("tiny", "mini", "ablation", "small", "base")
 # Flags that only the launching process reads; torchrun's workers get the command without them.
 LAUNCH_FLAGS = ("--nproc", "--max-restarts", "--nnodes", "--rdzv-endpoint", "--rdzv-id", "--rdzv-timeout")
 

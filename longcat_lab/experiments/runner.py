@@ -1,6 +1,7 @@
 """Running a sweep: `plan` (every variant x seed as an ordinary run folder with its configs), `compute_table` and
 `check_matched` (the matched-compute rule, on the target before the runs and on the measured FFN experts per token
-after them), `check_reusable` (a run folder is reused only for the configuration it was made with), `run_sweep`
+after them), the reuse of finished work (`experiments.reuse`: a run folder only for the configuration it was made
+with; a run another sweep finished with the same configuration copied in, not trained again), `run_sweep`
 (runs what is not finished, `jobs` at a time in their own processes, with a progress bar over the whole sweep,
 then writes and returns the summary) and `run_growing` (adds seeds until every verdict resolves or a cap).
 
@@ -24,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from longcat_lab import checkpoint
 from longcat_lab._util import atomic_write_bytes, check_choice, check_int, json_bytes, provenance
 from longcat_lab.experiments.diagnose import outlier_runs
+from longcat_lab.experiments.reuse import PLAN, RESULT, adopt_twins, check_reusable
 from longcat_lab.experiments.stats import RESOLVED
-from longcat_lab.experiments.summary import max_hidden, run_metrics, summarise
+from longcat_lab.experiments.summary import max_hidden, run_metrics, summarise, validation_se
 from longcat_lab.experiments.sweeps import METRIC_DIRECTION, Sweep, get, margin
 from longcat_lab.model import presets
 from longcat_lab.model.accounting import activated_params, flops_per_token
@@ -41,12 +42,7 @@ from longcat_lab.train.control import resolve_target
 SEED0 = 1000
 TOLERANCE = 0.05  # relative spread of activated params, FLOPs per token and tokens seen allowed between variants
 # and relative gap between a variant's measured FFN experts per token and its target
-RESULT = "result.json"
-PLAN = "plan.json"
 DRIFT = ("refuse", "report")
-# Fields that say where a run stops or what it keeps on disk, not what it trains: a run interrupted by
-# `stop_after` resumes to the planned end, so they do not bar reuse.
-REUSE_IGNORES = ("train.stop_after", "train.keep_checkpoints")
 
 
 class ComputeMismatchError(ValueError):
@@ -167,60 +163,6 @@ def check_matched(
     return drift
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _ran_with(folder: Path) -> dict | None:
-    """The configs a run folder was made with: its plan.json, else its newest checkpoint's config files (a run
-    started by hand); None when nothing was made there yet."""
-    if (folder / PLAN).is_file():
-        return json.loads((folder / PLAN).read_text())
-    ckpt = checkpoint.latest(folder) if (folder / checkpoint.CHECKPOINTS).is_dir() else None
-    if ckpt is not None:
-        return {
-            "model_config": checkpoint.read_json(ckpt / "config.json"),
-            "train_config": checkpoint.read_json(ckpt / "train_config.json"),
-        }
-    if (folder / RESULT).is_file() or (folder / "metrics.jsonl").is_file():
-        return {}  # work was done there, with a configuration nobody recorded
-    return None
-
-
-def check_reusable(runs: list[Run]) -> None:
-    """ValueError (one line naming the folder and the differing fields) when a run folder holds work done with
-    another model, train or data configuration than the one planned for it, so a sweep never reuses it."""
-    for r in runs:
-        folders = [(r.dir, r.model_config, r.train_config)]
-        if r.half:
-            folders.append((Path(r.half["dir"]), r.half["model_config"], r.half["train_config"]))
-        for folder, mc, tc in folders:
-            ran = _ran_with(folder)
-            if ran is None:
-                continue
-            if not ran:
-                raise ValueError(
-                    f"run folder {folder} holds work with no recorded configuration: remove it or use another --out"
-                )
-            planned = _flat({"model": mc, "train": tc})
-            done = _flat({"model": ran["model_config"], "train": ran["train_config"]})
-            keys = (planned.keys() | done.keys()) - set(REUSE_IGNORES)
-            diff = sorted(k for k in keys if planned.get(k) != done.get(k))
-            if diff:
-                shown = ", ".join(f"{k} {done.get(k)!r} -> {planned.get(k)!r}" for k in diff[:4])
-                more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-                raise ValueError(
-                    f"run folder {folder} was made with another configuration ({shown}{more}): "
-                    "remove it or use another --out"
-                )
-
-
 def execute(run: Run) -> dict:
     """Train one run (resuming a half-finished one), measure it, and write result.json last. In its own process
     under `run_sweep(jobs > 1)`."""
@@ -236,10 +178,16 @@ def execute(run: Run) -> dict:
         atomic_write_bytes(Path(run.half["dir"]) / RESULT, json_bytes({"half": True}))
     mc, tc = ModelConfig.from_dict(run.model_config), TrainConfig.from_dict(run.train_config)
     result = train(mc, tc, run.dir, resume=True, progress=False)
-    peaks = max_hidden(result.model, result.dataset, tc.eval_seq_len or tc.stages[0].seq_len)
-    metrics = run_metrics(result.rows(), peaks)
+    seq_len = tc.eval_seq_len or tc.stages[0].seq_len
+    metrics = run_metrics(result.rows(), max_hidden(result.model, result.dataset, seq_len))
+    metrics["val_loss_se"] = validation_se(result.model, result.dataset, seq_len, tc.eval_windows)
     atomic_write_bytes(run.dir / RESULT, json_bytes(metrics))
     return metrics
+
+
+def _mean_of(results: dict[str, dict[int, dict]], key: str) -> float | None:
+    values = [m[key] for by in results.values() for m in by.values() if m.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def run_sweep(
@@ -264,6 +212,7 @@ def run_sweep(
     table = compute_table(sweep, runs)
     check_matched(sweep, table)
     check_reusable(runs)
+    twins = adopt_twins(runs, Path(out))
     todo = [r for r in runs if not r.finished]
     from tqdm.auto import tqdm
 
@@ -311,9 +260,11 @@ def run_sweep(
         "compute_drift": drift,
         "verdict_rule": "better/worse when the 95% Student-t interval of the mean paired difference excludes 0; "
         "equivalent when TOST (90% t-interval) lies inside the metric's margin; else unresolved (see mde)",
-        "skipped_finished_runs": len(runs) - len(todo),
+        "skipped_finished_runs": len(runs) - len(todo) - len(twins),
+        "twin_runs": twins,
         "runs": {v: {str(k): m for k, m in by.items()} for v, by in results.items()},
         "rows": summarise(results, sweep.baseline, sweep.metrics, METRIC_DIRECTION, margin),
+        "val_loss_se": _mean_of(results, "val_loss_se"),
         "outlier_runs": outlier_runs(results, sweep.baseline),
     }
     # How often each variant ends in the slow basin: its flagged runs out of its seeds (the controller sweep over

@@ -12,7 +12,10 @@ Metrics (lower is better for the first five; the last three describe the run rat
 - `max_hidden` (lower is calmer): the largest |hidden state| of any layer on the validation windows at the end
   (per layer in `max_hidden_per_layer`);
 - `ffn_experts_per_token` and `grad_rms`: the last quarter's mean, and the median over the second half of the
-  pre-clip gradient norm / sqrt(parameters).
+  pre-clip gradient norm / sqrt(parameters);
+- `val_loss_se` (written by the runner, not compared): the validation set's own sampling error, the standard error
+  of `val_loss` over its windows (`validation_se`). Every run is scored on the same windows, so it does not enter
+  the paired differences; it says how far the set's mean may sit from the domain's.
 Every metric gets a verdict by the rule of `experiments.stats`. `curves` keeps the per-step series the outlier
 diagnosis reads (`experiments.diagnose`): loss, grad_norm, router_entropy, step_max_hidden, bias_spread and
 FFN experts per token.
@@ -82,6 +85,25 @@ def max_hidden(model, dataset, seq_len: int, windows: int = 4) -> list[float]:
             h.remove()
         model.train(was_training)
     return peaks
+
+
+@torch.no_grad()
+def validation_se(model, dataset, seq_len: int, windows: int) -> float:
+    """Standard error of the mean-over-domains validation loss from its windows' spread: sqrt(sum_d s_d^2 / n_d) / D
+    with s_d the sample sd of domain d's per-window losses over its n_d windows."""
+    was_training = model.training
+    model.eval()
+    var = 0.0
+    try:
+        for stream in dataset.val.values():
+            x, y = eval_windows(stream, seq_len, windows)
+            logits = model(x.to(model.device)).logits.float()
+            per = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.to(model.device), reduction="none")
+            losses = per.mean(dim=1).tolist()
+            var += statistics.variance(losses) / len(losses) if len(losses) > 1 else float("nan")
+    finally:
+        model.train(was_training)
+    return math.sqrt(var) / len(dataset.val)
 
 
 def run_metrics(rows: list[dict], hidden_peaks: list[float] | None = None) -> dict:
@@ -213,6 +235,13 @@ def format_summary(summary: dict) -> str:
             f"[{lo:+.3g}, {hi:+.3g}]".ljust(22)
             + f" {margin:>8s} {verdict}"
         )
+    if summary.get("val_loss_se") is not None:
+        loss_mde = [r["mde"] for r in summary["rows"] if r["metric"] == "val_loss" and math.isfinite(r["mde"])]
+        lines.append(
+            f"validation set's own sampling error (s.e. of val_loss over its windows, mean over runs): "
+            f"{summary['val_loss_se']:.3g} nats"
+            + (f"; the smallest val_loss MDE above: {min(loss_mde):.3g}" if loss_mde else "")
+        )
     for d in summary.get("outlier_runs", []):
         lines.append(f"  outlier run: {d['line']}")
     if summary.get("outlier_share"):
@@ -221,4 +250,13 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CURVES", "format_summary", "max_hidden", "restate", "run_metrics", "settle_step", "summarise"]
+__all__ = [
+    "CURVES",
+    "format_summary",
+    "max_hidden",
+    "validation_se",
+    "restate",
+    "run_metrics",
+    "settle_step",
+    "summarise",
+]

@@ -1,5 +1,6 @@
-"""Model presets as plain functions (like torchtitan's flavors): `tiny()` for tests, `mini()` for sweeps, `small()`
-to train on a laptop CPU in minutes, `base()` for one GPU, and `released()`, the 560B LongCat-Flash config, for
+"""Model presets as plain functions (like torchtitan's flavors): `tiny()` for tests, `mini()` for quick sweeps,
+`ablation()` for the ablation study (experts carry the release's share of activated compute), `small()` to train on
+a laptop CPU in minutes, `base()` for one GPU, and `released()`, the 560B LongCat-Flash config, for
 accounting only.
 
 Each preset states only the fields in which it differs from `ModelConfig()`'s defaults (which are `small`), and
@@ -68,6 +69,33 @@ def mini(**overrides: Any) -> ModelConfig:
     )
 
 
+def ablation(**overrides: Any) -> ModelConfig:
+    """The sweeps' design preset (docs/design.md §3.6): about 0.2M activated parameters of which the routed experts
+    are 31%, the release's share (mini: 12%), so a change in FFN experts per token moves compute as much as in the
+    release; a 512-token vocabulary keeps the output layer from dominating. N:Z = 2:1 and top-3, so K_e = 2."""
+    return _preset(
+        {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_attention_heads": 4,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "head_dim": 8,
+            "ffn_hidden_size": 64,
+            "n_routed_experts": 8,
+            "zero_expert_num": 4,
+            "moe_topk": 3,
+            "expert_ffn_hidden_size": 80,
+            "max_position_embeddings": 512,
+        },
+        overrides,
+    )
+
+
 def small(**overrides: Any) -> ModelConfig:
     """About 12M parameters (about 6M activated): trains meaningfully on two CPU cores in about ten minutes. These
     are `ModelConfig()`'s defaults."""
@@ -126,12 +154,12 @@ def released(**overrides: Any) -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "mini": mini, "small": small, "base": base}
+PRESETS = {"tiny": tiny, "mini": mini, "ablation": ablation, "small": small, "base": base}
 
 
 def get(name: str, **overrides: Any) -> ModelConfig:
-    """The preset called `name` ("tiny", "mini", "small" or "base"), with overrides; a clear error for an unknown
-    name."""
+    """The preset called `name` ("tiny", "mini", "ablation", "small" or "base"), with overrides; a clear error for
+    an unknown name."""
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is not allowed: it must be one of {sorted(PRESETS)}")
     return PRESETS[name](**overrides)

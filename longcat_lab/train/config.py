@@ -1,7 +1,7 @@
 """How a model is trained: `StageConfig` (one stage of the multi-stage schedule), `TrainConfig` (everything else,
 with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `SFTConfig` (a TrainConfig plus the dialogues
-of a fine-tuning run), `default_stages`, `train_preset(name)` for "tiny", "mini", "small" and "base", and the
-schedule itself (`stage_at`, `lr_at`, `every`). Plain data and arithmetic: nothing here touches a model.
+of a fine-tuning run), `default_stages`, `train_preset(name)` for "tiny", "mini", "ablation", "small" and "base", and
+the schedule itself (`stage_at`, `lr_at`, `every`). Plain data and arithmetic: nothing here touches a model.
 docs/design.md §3 explains the recipe these defaults follow.
 
 A field that a resume may change (it changes when or what is logged or saved, or how the run executes, not the
@@ -330,6 +330,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "rg_every": 0,
         "data": {"max_bytes_per_domain": 1_000_000, "tokenizer_sample_bytes": 200_000},
     },
+    "ablation": {
+        "stages": (400, 5e-3, 64),
+        "batch_size": 16,
+        "eval_every": 100,
+        "eval_windows": 64,
+        "ckpt_every": 100,
+        "rg_every": 0,
+        "data": {"max_bytes_per_domain": 1_000_000, "tokenizer_sample_bytes": 200_000},
+    },
     "small": {"stages": (400, 3e-3, 128)},
     "base": {
         "stages": (5000, 1.5e-3, 512),
@@ -350,6 +359,8 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
     - mini: one run of a sweep (`longcat_lab.experiments`); 300 steps of 16 x 64 tokens, about a minute on one CPU
       thread.
+    - ablation: one run of the ablation study (docs/design.md §3.6); mini's schedule with 400 steps and 64
+      validation windows per domain, so the validation set's own sampling error is small against the effects.
     - small: the main job; 2 stages, about ten minutes on two CPU cores (benchmarks/RESULTS.md "The main job").
     - base: one GPU; bf16, longer sequences."""
     if name not in _PRESETS:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from longcat_lab.experiments import runner, stats
+from longcat_lab.experiments import reuse, runner, stats
 from longcat_lab.experiments.summary import format_summary, settle_step
 from longcat_lab.experiments.sweeps import SWEEPS, Sweep
 from longcat_lab.model.config import ModelConfig
@@ -94,6 +94,24 @@ def test_a_run_folder_is_reused_only_with_its_configuration(tmp_path):
     (done[0].dir / runner.RESULT).write_text("{}")
     with pytest.raises(ValueError, match="holds work with no recorded configuration"):
         runner.check_reusable(runner.plan(sweep, tmp_path, 1, 6, "tiny"))
+
+
+def test_a_run_another_sweep_finished_with_the_same_configuration_is_adopted(tmp_path):
+    eps = runner.plan(SWEEPS["adam_eps"], tmp_path / "adam_eps", 1, 6, "tiny")  # eps_1e-16: the default config
+    scale = runner.plan(SWEEPS["mla_scale"], tmp_path / "mla_scale", 1, 6, "tiny")  # scale_on: the same config
+    assert reuse.adopt_twins(scale, tmp_path) == {}  # nothing finished yet
+    done = eps[0]
+    done.dir.mkdir(parents=True)
+    planned = {"model_config": done.model_config, "train_config": done.train_config}
+    (done.dir / runner.PLAN).write_text(json.dumps(planned))
+    (done.dir / runner.RESULT).write_text('{"val_loss": 3.5}')
+    assert reuse.adopt_twins(scale, tmp_path) == {"scale_on/seed0": str(done.dir)}
+    assert scale[0].finished and not scale[1].finished  # scale_off differs in mla_scale: trained, not adopted
+    assert (scale[0].dir / runner.RESULT).read_text() == '{"val_loss": 3.5}'
+    runner.check_reusable(scale)  # the adopted folder carries its plan
+    assert reuse.adopt_twins(scale, tmp_path) == {}  # already there
+    longer = runner.plan(SWEEPS["mla_scale"], tmp_path / "longer", 1, 8, "tiny")
+    assert reuse.adopt_twins(longer, tmp_path) == {}  # another step count is another configuration
 
 
 def test_seeds_grow_until_every_verdict_resolves_or_the_cap(tmp_path, monkeypatch):
