@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import statistics
 
-from longcat_lab.experiments.stats import outliers
+from longcat_lab.experiments.stats import outliers, spearman, wilson_interval
 
 FORK_GAP = 0.05  # nats of smoothed training loss: below the spread of a loss curve's own step-to-step noise
 WINDOW = 5  # steps either side of the fork (and of the smoothing) the diagnosis averages over
 AROUND = ("loss", "grad_norm", "router_entropy", "step_max_hidden", "bias_spread")
+EARLY = 20  # the first steps, where the controller overshoots before it settles (docs/design.md §3.6)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -112,4 +113,50 @@ def outlier_runs(results: dict[str, dict[int, dict]], baseline: str, metric: str
     return found
 
 
-__all__ = ["AROUND", "FORK_GAP", "WINDOW", "diagnose", "fork_step", "outlier_runs"]
+def early_overshoot(run: dict, steps: int = EARLY) -> float | None:
+    """The largest FFN experts per token over the first `steps` steps, minus the target: how far the controller
+    overshoots towards all-FFN routing before it settles (None for a run without a target)."""
+    target, ffn = run.get("target_ffn_experts"), _curves(run).get("ffn_experts_per_token") or []
+    early = [v for v in ffn[:steps] if v is not None]
+    return None if target is None or not early else max(early) - target
+
+
+def basin_study(results: dict[str, dict[int, dict]], metric: str = "val_loss", steps: int = EARLY) -> dict:
+    """Per variant (a controller mode, say): how often its runs end as outliers of `metric` among its seeds (the
+    slow basin), with a 95% Wilson interval, and whether the early overshoot predicts the end value (Spearman's
+    rank correlation over its runs): {variant: {runs, outliers, share, interval, overshoot_rho, per_run}}."""
+    out = {}
+    for variant, by_seed in results.items():
+        seeds = sorted(s for s in by_seed if by_seed[s].get(metric) is not None)
+        if not seeds:
+            continue
+        values = [by_seed[s][metric] for s in seeds]
+        flagged = {seeds[i] for i in outliers(values)}
+        shoot = [early_overshoot(by_seed[s], steps) for s in seeds]
+        pairs = [(o, v) for o, v in zip(shoot, values) if o is not None]
+        rho = spearman([o for o, _ in pairs], [v for _, v in pairs]) if len(pairs) >= 3 else None
+        out[variant] = {
+            "runs": len(seeds),
+            "outliers": len(flagged),
+            "share": len(flagged) / len(seeds),
+            "interval": list(wilson_interval(len(flagged), len(seeds))),
+            "overshoot_rho": rho,
+            "per_run": [
+                {"seed": s, metric: v, "early_overshoot": o, "outlier": s in flagged}
+                for s, v, o in zip(seeds, values, shoot)
+            ],
+        }
+    return out
+
+
+__all__ = [
+    "AROUND",
+    "EARLY",
+    "FORK_GAP",
+    "WINDOW",
+    "basin_study",
+    "diagnose",
+    "early_overshoot",
+    "fork_step",
+    "outlier_runs",
+]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from longcat_lab._util import atomic_write_bytes, check_choice, check_int, json_bytes, provenance
-from longcat_lab.experiments.diagnose import outlier_runs
+from longcat_lab.experiments.diagnose import basin_study, outlier_runs
 from longcat_lab.experiments.reuse import PLAN, RESULT, adopt_twins, check_reusable
 from longcat_lab.experiments.stats import RESOLVED
 from longcat_lab.experiments.summary import max_hidden, run_metrics, summarise, validation_se
@@ -267,11 +267,12 @@ def run_sweep(
         "val_loss_se": _mean_of(results, "val_loss_se"),
         "outlier_runs": outlier_runs(results, sweep.baseline),
     }
-    # How often each variant ends in the slow basin: its flagged runs out of its seeds (the controller sweep over
-    # 20+ seeds answers this per controller mode).
+    # How often each variant ends in the slow basin: its flagged runs out of its seeds, with an interval, and
+    # whether the early overshoot predicts the end loss (the controller sweep over 20+ seeds answers this per mode).
     summary["outlier_share"] = {
         v: [sum(o["variant"] == v for o in summary["outlier_runs"]), len(by)] for v, by in results.items()
     }
+    summary["basin"] = basin_study(results)
     summary["path"] = str(folder / "summary.json")
     atomic_write_bytes(folder / "summary.json", json_bytes(summary))
     return summary

@@ -142,6 +142,44 @@ def outliers(values: Sequence[float], z: float = OUTLIER_Z) -> list[int]:
     return [i for i, s in enumerate(score) if s > z]
 
 
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation of paired values (ties get their mean rank); nan when either side is constant."""
+    x, y = _check_values("x", x), _check_values("y", y)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two lists of the same length >= 2, got {len(x)} and {len(y)}")
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in order[i : j + 1]:
+                out[k] = (i + j) / 2 + 1
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a frequency k / n (sound at small n and at k = 0 or n)."""
+    check_int("n", n, 1)
+    if not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k={k!r} is not allowed: it must be an integer between 0 and n={n}")
+    z = _NORMAL["t975"]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def verdict(mean: float, se: float, n: int, direction: str = "lower", margin: float | None = None) -> str:
     """The module's rule: "better" / "worse" when the 95% t-interval excludes 0, else "equivalent" when TOST
     passes against `margin` (None: no equivalence claim is judged), else "unresolved"; "one seed" for n = 1."""
@@ -193,8 +231,10 @@ __all__ = [
     "min_detectable_effect",
     "outliers",
     "paired",
+    "spearman",
     "t_critical",
     "t_interval",
     "t_quantile",
     "verdict",
+    "wilson_interval",
 ]

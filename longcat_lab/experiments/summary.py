@@ -29,7 +29,7 @@ import statistics
 import torch
 
 from longcat_lab.data import eval_windows
-from longcat_lab.experiments.diagnose import outlier_runs
+from longcat_lab.experiments.diagnose import basin_study, outlier_runs
 from longcat_lab.experiments.stats import compare
 
 CURVES = ("loss", "grad_norm", "router_entropy", "step_max_hidden", "bias_spread", "ffn_experts_per_token")
@@ -189,7 +189,14 @@ def restate(summary: dict, metrics: tuple[str, ...] | None = None, directions: d
         r["outliers"] = [str(s) for s in r["outliers"]]
     flagged = outlier_runs(runs, summary["baseline"])
     share = {v: [sum(o["variant"] == v for o in flagged), len(by)] for v, by in runs.items()}
-    return {**summary, "rows": rows, "outlier_runs": flagged, "outlier_share": share}
+    return {**summary, "rows": rows, "outlier_runs": flagged, "outlier_share": share, "basin": basin_study(runs)}
+
+
+def headline_metric(summary: dict) -> str:
+    """The metric a sweep is read by: budget error for the controller sweeps, max hidden for the z-loss, else the
+    validation loss."""
+    metrics = [r["metric"] for r in summary["rows"]]
+    return next((m for m in ("budget_error", "max_hidden") if m in metrics), "val_loss")
 
 
 def format_summary(summary: dict) -> str:
@@ -244,7 +251,16 @@ def format_summary(summary: dict) -> str:
         )
     for d in summary.get("outlier_runs", []):
         lines.append(f"  outlier run: {d['line']}")
-    if summary.get("outlier_share"):
+    if summary.get("basin"):
+        lines.append(
+            "outlier runs per variant (end val_loss, median/MAD rule; 95% Wilson interval; Spearman rho of the "
+            "early overshoot of FFN experts per token against the end val_loss):"
+        )
+        for v, b in summary["basin"].items():
+            rho = "-" if b["overshoot_rho"] is None else f"{b['overshoot_rho']:+.2f}"
+            lo, hi = b["interval"]
+            lines.append(f"  {v:20s} {b['outliers']}/{b['runs']} [{lo:.2f}, {hi:.2f}]  rho {rho}")
+    elif summary.get("outlier_share"):
         share = ", ".join(f"{v} {k}/{n}" for v, (k, n) in summary["outlier_share"].items())
         lines.append(f"outlier runs per variant (end val_loss, median/MAD rule): {share}")
     return "\n".join(lines)
@@ -253,6 +269,7 @@ def format_summary(summary: dict) -> str:
 __all__ = [
     "CURVES",
     "format_summary",
+    "headline_metric",
     "max_hidden",
     "validation_se",
     "restate",

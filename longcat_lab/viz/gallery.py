@@ -1,11 +1,13 @@
 """The README's figures, rendered by this library and saved as small PNGs with plotly's static export (kaleido,
 which drives the system Chromium): `longcat-lab figures` writes them to docs/figures/. Each is a real measurement of
 a tiny model trained here for a few hundred steps, so they change (a little) when the model or training changes.
+`longcat-lab figures --sweeps results` draws one figure per committed sweep summary instead (`sweep_figures`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +21,7 @@ from longcat_lab.perf.overlap import measure_overlap
 from longcat_lab.perf.trace import load_trace
 from longcat_lab.train import read_metrics, train, train_preset
 from longcat_lab.viz.activation import route_text, token_compute_map
+from longcat_lab.viz.eval import sweep_panel
 from longcat_lab.viz.perf import timeline_figure
 from longcat_lab.viz.routing import controller_traces, expert_load, expert_load_heatmap
 
@@ -80,3 +83,13 @@ def render(out: str | os.PathLike = "docs/figures", steps: int = 300, seed: int 
     _browser()  # fail before training, not after
     figures = readme_figures(steps, seed)
     return [save_png(figures[name], Path(out) / f"{name}.png") for name in NAMES]
+
+
+def sweep_figures(results: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
+    """`out/sweep_NAME.png` (`viz.eval.sweep_panel`) for every sweep summary `results/NAME.json`; returns the
+    paths."""
+    paths = sorted(p for p in Path(results).glob("*.json") if "sweep" in json.loads(p.read_text()))
+    if not paths:
+        raise ValueError(f"results={str(results)!r} holds no sweep summary (NAME.json with a 'sweep' key)")
+    _browser()
+    return [save_png(sweep_panel(json.loads(p.read_text())), Path(out) / f"sweep_{p.stem}.png") for p in paths]

@@ -119,6 +119,41 @@ def test_fork_step_and_outlier_diagnosis():
     assert "parts from on seed 1 at step 10" in d["line"] and "router_entropy 0.9 vs 1.3" in d["line"]
 
 
+def test_rank_correlation_and_frequency_interval():
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties share their mean rank: x ranks 1, 2.5, 2.5, 4 against 1, 2, 3, 4 -> 4.5 / sqrt(4.5 * 5) = 0.9487.
+    assert stats.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert math.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="same length"):
+        stats.spearman([1, 2], [1, 2, 3])
+    # Wilson at 0 of 20: centre = half = (1.96^2 / 40) / (1 + 1.96^2 / 20) = 0.0806, so (0, 0.161).
+    assert stats.wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    lo, hi = stats.wilson_interval(10, 20)
+    assert lo == pytest.approx(1 - hi) and lo == pytest.approx(0.2993, abs=1e-4)
+    with pytest.raises(ValueError, match="k=21 is not allowed"):
+        stats.wilson_interval(21, 20)
+
+
+def test_basin_study_counts_slow_runs_and_reads_the_early_overshoot():
+    def run(loss, peak):  # FFN experts per token overshoot to `peak` at step 3, then settle at the target 2.0
+        return {
+            "val_loss": loss,
+            "target_ffn_experts": 2.0,
+            "curves": {"ffn_experts_per_token": [2.2, 2.5, peak] + [2.0] * 30},
+        }
+
+    losses = [3.00, 3.02, 3.01, 2.99, 3.60, 3.03, 2.98, 3.00]
+    peaks = [2.6, 2.8, 2.7, 2.5, 3.0, 2.9, 2.55, 2.65]  # the slow run (seed 4) overshoots most
+    study = diagnose.basin_study({"paper": {k: run(v, p) for k, (v, p) in enumerate(zip(losses, peaks))}})["paper"]
+    assert (study["runs"], study["outliers"], study["share"]) == (8, 1, 0.125)
+    assert study["interval"] == pytest.approx(list(stats.wilson_interval(1, 8)))
+    assert [r["seed"] for r in study["per_run"] if r["outlier"]] == [4]
+    assert study["per_run"][4]["early_overshoot"] == pytest.approx(1.0)
+    assert study["overshoot_rho"] == pytest.approx(stats.spearman(peaks, losses))
+    assert diagnose.early_overshoot({"val_loss": 3.0}) is None  # no target: nothing to overshoot
+
+
 def test_step_routing_stats():
     model = random_model(seed=0)
     x = torch.randint(0, model.config.vocab_size, (2, 16))
