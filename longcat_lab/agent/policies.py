@@ -35,10 +35,11 @@ class ContextFull(RuntimeError):
     """The conversation no longer fits the model's context: the episode ends (stop reason `context_full`)."""
 
 
-def prompt_ids(tokenizer, prompt: str, keep: int) -> list[int]:
-    """The prompt's ids, encoded as one string as the fine-tuning data encodes a dialogue (docs/design.md §5.4), of
-    which the last `keep` are kept (a chat goes on past its context by forgetting its start)."""
-    return encode_chat(tokenizer, prompt).ids[-keep:]
+def prompt_ids(tokenizer, prompt: str, keep: int | None = None) -> list[int]:
+    """The prompt's ids, encoded as one string as the fine-tuning data encodes a dialogue (docs/design.md §5.4);
+    only the last `keep` when given (a chat goes on past its context by forgetting its start)."""
+    ids = encode_chat(tokenizer, prompt).ids
+    return ids if keep is None else ids[-keep:]
 
 
 def generate_reply(
@@ -52,6 +53,7 @@ def generate_reply(
     on_text: Callable[[str], None] | None = None,
     window: int | None = None,
     constraint: ToolCallConstraint | None = None,
+    whole_prompt: bool = False,
 ) -> str:
     """The assistant reply the model generates after `prompt` (which ends with ` ASSISTANT:`): until
     `</longcat_s>`, the document separator, a closing tool-call marker that no further call follows, or
@@ -59,11 +61,17 @@ def generate_reply(
     max_position_embeddings); a longer prompt keeps its last tokens. `on_text` receives the text as it grows. A
     fresh `constraint` (`ToolCallDecoder.constraint(tools)`) decodes the reply's tool calls under their schemas, and
     a call under way when `max_new_tokens` runs out may take up to CALL_ALLOWANCE more tokens to close (within the
-    window), so the budget does not cut a constrained call in half; no call starts past the budget."""
+    window), so the budget does not cut a constrained call in half; no call starts past the budget. With
+    `whole_prompt` a prompt that would lose its start raises `ContextFull` instead (an agent's)."""
     window = window or model.config.max_position_embeddings
     check_int("window", window, 2)
     max_new_tokens = min(max_new_tokens, window // 2)
-    ids = prompt_ids(tokenizer, prompt, window - max_new_tokens)
+    ids = prompt_ids(tokenizer, prompt)
+    if whole_prompt and len(ids) + max_new_tokens > window:
+        raise ContextFull(
+            f"the prompt and the reply need {len(ids) + max_new_tokens} positions; the window has {window}"
+        )
+    ids = ids[-(window - max_new_tokens) :]
     close, reopen = tokenizer.token_to_id(TOOL_CALL_CLOSE), tokenizer.token_to_id(TOOL_CALL_OPEN)
     allowance = min(CALL_ALLOWANCE, window - len(ids) - max_new_tokens) if constraint is not None else 0
 
@@ -122,12 +130,6 @@ class ModelAgent:
 
     def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
         prompt = render(messages, tools or None, add_generation_prompt=True)
-        # An agent acts on what the whole conversation says (the tools, the user's details), so a prompt that
-        # would lose its start to the window ends the episode instead (docs/design.md §5.5).
-        window = self.options["window"] or self.model.config.max_position_embeddings
-        need = len(encode_chat(self.tokenizer, prompt).ids) + min(self.options["max_new_tokens"], window // 2)
-        if need > window:
-            raise ContextFull(f"the prompt and the reply need {need} positions; the window has {window}")
         constraint = self.decoder.constraint(tools) if self.decoder is not None and tools else None
         return generate_reply(
             self.model,
@@ -136,6 +138,9 @@ class ModelAgent:
             generator=self.generator,
             on_text=self.on_text,
             constraint=constraint,
+            # An agent acts on what the whole conversation says (the tools, the user's details), so a prompt that
+            # would lose its start to the window ends the episode instead (docs/design.md §5.5).
+            whole_prompt=True,
             **self.options,
         )
 

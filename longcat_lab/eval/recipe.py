@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from longcat_lab import checkpoint
 from longcat_lab.train.telemetry import read_metrics
 
 
@@ -34,7 +35,7 @@ def sft_recipe(ckpt: str | Path) -> dict[str, Any] | None:
     config = json.loads((ckpt / "train_config.json").read_text())
     if not config.get("sft_data"):
         return None
-    step = int(json.loads((ckpt / "meta.json").read_text()).get("step", 0))
+    step = int(checkpoint.read_meta(ckpt).get("step", 0))
     rows = [r for r in read_metrics(ckpt.parent.parent) if int(r.get("step", 0)) <= step]
     sft = [r for r in rows if r.get("kind") == "eval_sft"]
     evals = [r for r in rows if r.get("kind") == "eval"]
