@@ -331,7 +331,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "data": {"max_bytes_per_domain": 1_000_000, "tokenizer_sample_bytes": 200_000},
     },
     "ablation": {
-        "stages": (400, 5e-3, 64),
+        # 1e-2: the best of 0.25-4x 5e-3 in the `lr` sweep (4 paired seeds; 4x diverges on some seeds).
+        "stages": (400, 1e-2, 64),
         "batch_size": 16,
         "eval_every": 100,
         "eval_windows": 64,
@@ -359,8 +360,9 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     - tiny: tests and notebook smoke runs; seconds. Small data (300 kB per domain), 40 steps of 8 x 64 tokens.
     - mini: one run of a sweep (`longcat_lab.experiments`); 300 steps of 16 x 64 tokens, about a minute on one CPU
       thread.
-    - ablation: one run of the ablation study (docs/design.md §3.6); mini's schedule with 400 steps and 64
-      validation windows per domain, so the validation set's own sampling error is small against the effects.
+    - ablation: one run of the ablation study (docs/design.md §3.6); 400 steps of 16 x 64 tokens at the LR its
+      `lr` sweep chose, and 64 validation windows per domain, so the validation set's own sampling error is small
+      against the effects.
     - small: the main job; 2 stages, about ten minutes on two CPU cores (benchmarks/RESULTS.md "The main job").
     - base: one GPU; bf16, longer sequences."""
     if name not in _PRESETS:
