@@ -331,7 +331,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "data": {"max_bytes_per_domain": 1_000_000, "tokenizer_sample_bytes": 200_000},
     },
     "ablation": {
-        # 1e-2: the best of 0.25-4x 5e-3 in the `lr` sweep (4 paired seeds; 4x diverges on some seeds).
+        # 1e-2: the best rate of its `lr` sweep (benchmarks/RESULTS.md "Ablation sweeps").
         "stages": (400, 1e-2, 64),
         "batch_size": 16,
         "eval_every": 100,

@@ -1,8 +1,9 @@
 """Figures of evaluation and experiments: the published score tables of the 560B model as a radar chart and a
 grouped bar chart (every title says these are published numbers, not measured here), bits per byte per domain of an
 evaluation (`longcat_lab.eval`) against its reference points, one sweep metric per variant with every seed shown
-and every run's per-step curve with its outlier runs marked (`longcat_lab.experiments`), and the budget trace of
-the controller playground (`testing.SyntheticRouting`)."""
+and every run's per-step curve with its outlier runs marked, the slow-basin scatter and Adam's ε against the
+gradient RMS (`longcat_lab.experiments`), and the budget trace of the controller playground
+(`testing.SyntheticRouting`)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,65 @@ def sweep_panel(summary: dict, smooth: int = 10) -> go.Figure:
     return fig
 
 
+def basin_figure(summary: dict, metric: str = "val_loss") -> go.Figure:
+    """Every run of a sweep as one marker: its early overshoot of FFN experts per token (`experiments.diagnose`)
+    against its end `metric`, one colour per variant, outlier runs (the slow basin) drawn as large open circles."""
+    fig = go.Figure()
+    for i, (variant, b) in enumerate((summary.get("basin") or {}).items()):
+        runs = [r for r in b["per_run"] if r["early_overshoot"] is not None]
+        for odd in (False, True):
+            part = [r for r in runs if r["outlier"] == odd]
+            if not part:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["early_overshoot"] for r in part],
+                    y=[r[metric] for r in part],
+                    mode="markers",
+                    name=f"{variant} ({b['outliers']}/{b['runs']} outliers)" if not odd else f"{variant} outlier",
+                    legendgroup=variant,
+                    marker={
+                        "color": _MODEL_COLOURS[i % len(_MODEL_COLOURS)],
+                        "size": 14 if odd else 8,
+                        "symbol": "circle-open" if odd else "circle",
+                    },
+                    text=[f"seed {r['seed']}" for r in part],
+                )
+            )
+    fig.update_layout(
+        title=f"sweep {summary['sweep']!r}: early overshoot against end {metric}, every run (measured)",
+        xaxis_title="largest FFN experts per token in the first steps, minus the target",
+        yaxis_title=metric,
+        height=400,
+    )
+    return fig
+
+
+def eps_ladder_figure(summary: dict, metric: str = "val_loss") -> go.Figure:
+    """Adam's ε sweep read where the paper's claim lives: every run's end `metric` against ε divided by its own
+    gradient RMS (log axis), one colour per ε."""
+    fig = go.Figure()
+    for i, variant in enumerate(summary.get("variant_order", summary["runs"])):
+        eps = float(variant.split("_", 1)[1])
+        runs = [r for r in summary["runs"][variant].values() if r.get("grad_rms") and r.get(metric) is not None]
+        fig.add_trace(
+            go.Scatter(
+                x=[eps / r["grad_rms"] for r in runs],
+                y=[r[metric] for r in runs],
+                mode="markers",
+                name=f"eps {eps:g}",
+                marker={"color": _MODEL_COLOURS[i % len(_MODEL_COLOURS)], "size": 9},
+            )
+        )
+    fig.update_xaxes(type="log", title_text="eps / gradient RMS")
+    fig.update_layout(
+        title=f"sweep {summary['sweep']!r}: end {metric} against eps over the gradient RMS, every run (measured)",
+        yaxis_title=metric,
+        height=380,
+    )
+    return fig
+
+
 def budget_trace_figure(reports: list[dict], title: str = "controller playground: FFN experts per token") -> go.Figure:
     """The controller's reports over steps (`SyntheticRouting.run`): FFN experts per token per layer against the
     target."""
@@ -178,10 +238,13 @@ def budget_trace_figure(reports: list[dict], title: str = "controller playground
 
 __all__ = [
     "PUBLISHED_CAVEAT",
+    "basin_figure",
     "bits_per_byte_figure",
     "budget_trace_figure",
+    "eps_ladder_figure",
     "published_bars",
     "published_radar",
     "sweep_curves_figure",
     "sweep_figure",
+    "sweep_panel",
 ]

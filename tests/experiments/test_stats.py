@@ -17,7 +17,7 @@ from longcat_lab.experiments.summary import restate
 from longcat_lab.experiments.sweeps import METRIC_DIRECTION, margin
 from longcat_lab.testing import random_model
 from longcat_lab.train.metrics import step_routing_stats
-from longcat_lab.viz.eval import sweep_curves_figure
+from longcat_lab.viz.eval import basin_figure, eps_ladder_figure, sweep_curves_figure, sweep_panel
 
 
 def test_paired_statistics_and_t_interval():
@@ -176,3 +176,28 @@ def test_restated_results_and_the_curves_figure():
     )
     fig = sweep_curves_figure(again)
     assert len(fig.data) == sum(len(by) for by in stored["runs"].values())
+
+
+def test_basin_and_eps_ladder_figures_draw_every_run():
+    def run(loss, peak, grad_rms):
+        curves = {"ffn_experts_per_token": [2.3, peak] + [2.0] * 10, "loss": [4.0, 3.5, 3.0]}
+        return {"val_loss": loss, "target_ffn_experts": 2.0, "grad_rms": grad_rms, "curves": curves}
+
+    losses = [3.00, 3.02, 3.01, 2.99, 3.60, 3.03]
+    runs = {
+        "eps_1e-16": {k: run(v, 2.5 + 0.1 * k, 1e-3) for k, v in enumerate(losses)},
+        "eps_1e-2": {k: run(v + 0.5, 2.6, 2e-3) for k, v in enumerate(losses)},
+    }
+    summary = {"sweep": "adam_eps_ladder", "seeds": 6, "preset": "tiny", "runs": runs, "rows": []}
+    summary["basin"] = diagnose.basin_study(runs)
+    basin = basin_figure(summary)
+    assert sum(len(t.x) for t in basin.data) == 12
+    assert [t.name for t in basin.data if "outlier" in t.name and "/" not in t.name] == [
+        "eps_1e-16 outlier",
+        "eps_1e-2 outlier",
+    ]
+    ladder = eps_ladder_figure(summary)
+    assert [t.name for t in ladder.data] == ["eps 1e-16", "eps 0.01"]
+    assert list(ladder.data[1].x) == pytest.approx([5.0] * 6)  # 1e-2 / 2e-3
+    panel = sweep_panel(summary)
+    assert len(panel.data) == 6 + 1 + 12  # a line per seed joining its variants and the means, a curve per run
