@@ -75,6 +75,14 @@ def test_compute_is_checked_on_the_measured_ffn_experts(tmp_path):
     assert len(lines) == 1 and "'none'" in lines[0] and f"target {target:.3f}" in lines[0]
     with pytest.raises(ValueError, match="on_drift='fix' is not allowed"):
         runner.check_matched(sweep, measured, on_drift="fix")
+    # At the ablation preset experts carry 31% of the activated parameters: the drift opens a compute gap, which
+    # "report" returns as lines too (the summary says what ran) while the planned compute is still refused.
+    big = runner.plan(sweep, tmp_path / "big", 1, 2, "ablation")
+    k_e = runner.compute_table(sweep, big)["none"]["target_ffn_experts"]
+    gap = runner.compute_table(sweep, big, {"paper": k_e, "none": 0.65 * k_e})
+    lines = runner.check_matched(sweep, gap, on_drift="report")
+    assert [line.split(" has ")[-1].split("=")[0] for line in lines[1:]] == ["activated_params", "flops_per_token"]
+    assert all("at the FFN experts per token it ran at" in line for line in lines[1:])
 
 
 def test_a_run_folder_is_reused_only_with_its_configuration(tmp_path):
