@@ -8,7 +8,8 @@ Metrics (lower is better for the first five; the last three describe the run rat
 - `budget_error`: mean |FFN experts per token - target| over the second half of training;
 - `settle_step`: first step after which the 10-step running mean of FFN experts per token stays within 5% of the
   target (the run's length when it never does);
-- `load_imbalance`: the most-loaded FFN expert's share over the mean, averaged over the last quarter of steps;
+- `load_imbalance`: the most-loaded FFN expert's tokens over the least-loaded one's (the controller's report, the
+  largest over layers), averaged over the last quarter of steps, leaving out steps where an expert got none;
 - `max_hidden` (lower is calmer): the largest |hidden state| of any layer on the validation windows at the end
   (per layer in `max_hidden_per_layer`);
 - `ffn_experts_per_token` and `grad_rms`: the last quarter's mean, and the median over the second half of the
@@ -181,7 +182,9 @@ def summarise(
 def restate(summary: dict, metrics: tuple[str, ...] | None = None, directions: dict | None = None, margin=None) -> dict:
     """A stored summary (a `results/NAME.json`, maybe written under an older rule) with its rows and outlier runs
     recomputed from its per-run values by today's rule; everything else is kept as it was measured."""
-    runs = {v: {int(k): m for k, m in by.items()} for v, by in summary["runs"].items()}
+    # In the sweep's own variant order (JSON sorts keys): an outlier baseline run's twin is the next variant.
+    order = summary.get("variant_order") or list(summary["runs"])
+    runs = {v: {int(k): m for k, m in summary["runs"][v].items()} for v in order}
     metrics = metrics or tuple(dict.fromkeys(r["metric"] for r in summary["rows"]))
     rows = summarise(runs, summary["baseline"], metrics, directions or {}, margin)
     for r in rows:  # JSON keys are strings; keep the seed numbers as they are in summary["runs"]
