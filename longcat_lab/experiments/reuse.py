@@ -88,13 +88,13 @@ def adopt_twins(runs: list, root: Path) -> dict[str, str]:
         folder = result.parent
         if (folder / PLAN).is_file():
             plan = json.loads((folder / PLAN).read_text())
-            key = json.dumps(_strip(_flat({"model": plan["model_config"], "train": plan["train_config"]})))
+            key = _key(plan["model_config"], plan["train_config"])
             finished.setdefault(key, folder)
     adopted = {}
     for r in runs:
         if r.half or (r.dir / RESULT).is_file() or _ran_with(r.dir) is not None:
             continue
-        twin = finished.get(json.dumps(_strip(_flat({"model": r.model_config, "train": r.train_config}))))
+        twin = finished.get(_key(r.model_config, r.train_config))
         if twin is None or twin.resolve() == r.dir.resolve():
             continue
         atomic_write_bytes(r.dir / PLAN, (twin / PLAN).read_bytes())
@@ -103,8 +103,11 @@ def adopt_twins(runs: list, root: Path) -> dict[str, str]:
     return adopted
 
 
-def _strip(flat: dict) -> dict:
-    return dict(sorted((k, v) for k, v in flat.items() if k not in REUSE_IGNORES))
+def _key(model_config: dict, train_config: dict) -> str:
+    """A configuration as one string: nested keys sorted (plan.json is written with sorted keys, a plan in memory
+    is not), the fields that do not change what a run trains left out."""
+    flat = {k: v for k, v in _flat({"model": model_config, "train": train_config}).items() if k not in REUSE_IGNORES}
+    return json.dumps(flat, sort_keys=True)
 
 
 __all__ = ["PLAN", "RESULT", "REUSE_IGNORES", "adopt_twins", "check_reusable"]

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from longcat_lab._util import json_bytes
 from longcat_lab.experiments import reuse, runner, stats
 from longcat_lab.experiments.summary import format_summary, settle_step
 from longcat_lab.experiments.sweeps import SWEEPS, Sweep
@@ -111,7 +112,7 @@ def test_a_run_another_sweep_finished_with_the_same_configuration_is_adopted(tmp
     done = eps[0]
     done.dir.mkdir(parents=True)
     planned = {"model_config": done.model_config, "train_config": done.train_config}
-    (done.dir / runner.PLAN).write_text(json.dumps(planned))
+    (done.dir / runner.PLAN).write_bytes(json_bytes(planned))  # as execute() writes it: keys sorted
     (done.dir / runner.RESULT).write_text('{"val_loss": 3.5}')
     assert reuse.adopt_twins(scale, tmp_path) == {"scale_on/seed0": str(done.dir)}
     assert scale[0].finished and not scale[1].finished  # scale_off differs in mla_scale: trained, not adopted
