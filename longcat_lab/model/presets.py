@@ -70,30 +70,12 @@ def mini(**overrides: Any) -> ModelConfig:
 
 
 def ablation(**overrides: Any) -> ModelConfig:
-    """The sweeps' design preset (docs/design.md §3.6): about 0.2M activated parameters of which the routed experts
-    are 31%, the release's share (mini: 12%), so a change in FFN experts per token moves compute as much as in the
-    release; a 512-token vocabulary keeps the output layer from dominating. N:Z = 2:1 and top-3, so K_e = 2."""
-    return _preset(
-        {
-            "vocab_size": 512,
-            "hidden_size": 64,
-            "num_layers": 2,
-            "num_attention_heads": 4,
-            "q_lora_rank": 32,
-            "kv_lora_rank": 16,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 8,
-            "v_head_dim": 16,
-            "head_dim": 8,
-            "ffn_hidden_size": 64,
-            "n_routed_experts": 8,
-            "zero_expert_num": 4,
-            "moe_topk": 3,
-            "expert_ffn_hidden_size": 80,
-            "max_position_embeddings": 512,
-        },
-        overrides,
-    )
+    """The sweeps' design preset (docs/design.md §3.6): tiny's width, vocabulary and attention with mini's routing
+    (8 FFN + 4 zero experts, top-3, so K_e = 2) and experts wide enough that they are 31% of the about 0.2M
+    activated parameters, the release's share (mini: 12%): a change in FFN experts per token moves compute as much
+    as in the release."""
+    shape = {"num_attention_heads": 4, "ffn_hidden_size": 64, "n_routed_experts": 8, "zero_expert_num": 4}
+    return tiny(**{**shape, "moe_topk": 3, "expert_ffn_hidden_size": 80, **overrides})
 
 
 def small(**overrides: Any) -> ModelConfig:
