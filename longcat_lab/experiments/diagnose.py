@@ -10,6 +10,7 @@ that step (loss, gradient norm, router entropy, max |last hidden|, bias spread, 
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from longcat_lab.experiments.stats import outliers, spearman, wilson_interval
@@ -135,6 +136,7 @@ def basin_study(results: dict[str, dict[int, dict]], metric: str = "val_loss", s
         shoot = [early_overshoot(by_seed[s], steps) for s in seeds]
         pairs = [(o, v) for o, v in zip(shoot, values) if o is not None]
         rho = spearman([o for o, _ in pairs], [v for _, v in pairs]) if len(pairs) >= 3 else None
+        rho = None if rho is not None and math.isnan(rho) else rho  # a constant overshoot ranks nothing (JSON null)
         out[variant] = {
             "runs": len(seeds),
             "outliers": len(flagged),

@@ -152,6 +152,8 @@ def test_basin_study_counts_slow_runs_and_reads_the_early_overshoot():
     assert study["per_run"][4]["early_overshoot"] == pytest.approx(1.0)
     assert study["overshoot_rho"] == pytest.approx(stats.spearman(peaks, losses))
     assert diagnose.early_overshoot({"val_loss": 3.0}) is None  # no target: nothing to overshoot
+    flat = diagnose.basin_study({"fixed": {k: run(v, 2.5) for k, v in enumerate(losses)}})["fixed"]
+    assert flat["overshoot_rho"] is None  # the same overshoot in every run ranks nothing
 
 
 def test_step_routing_stats():
