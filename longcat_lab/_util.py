@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -158,9 +159,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def json_bytes(obj: Any) -> bytes:
-    """Human-readable, diff-friendly JSON (sorted keys, indented, final newline)."""
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+# A list opened by "[" and a newline is structural (JSON strings hold no raw newline), so this never edits a string.
+_FLAT_LIST = re.compile(r"\[\n([^\[\]{}\"]*?)\n\s*\]")
+
+
+def json_bytes(obj: Any, flat_lists: bool = False) -> bytes:
+    """Human-readable, diff-friendly JSON (sorted keys, indented, final newline). `flat_lists` writes each list of
+    plain values (numbers, null, booleans) on one line: a run's per-step curves take a third of the bytes."""
+    text = json.dumps(obj, indent=2, sort_keys=True)
+    if flat_lists:
+        text = _FLAT_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+    return (text + "\n").encode()
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"[longcat-lab] wrote {summary['path']}")
     if args.results:
         path = args.results / f"{args.name}.json"
-        atomic_write_bytes(path, json_bytes({k: v for k, v in summary.items() if k != "path"}))
+        atomic_write_bytes(path, json_bytes({k: v for k, v in summary.items() if k != "path"}, flat_lists=True))
         print(f"[longcat-lab] wrote {path}")
 
 

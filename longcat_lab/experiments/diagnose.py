@@ -21,7 +21,8 @@ AROUND = ("loss", "grad_norm", "router_entropy", "step_max_hidden", "bias_spread
 EARLY = 20  # the first steps, where the controller overshoots before it settles (docs/design.md §3.6)
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the `window - 1` before it (None skipped; nan where all are None)."""
     out = []
     for i in range(len(values)):
         part = [v for v in values[max(0, i - window + 1) : i + 1] if v is not None]
@@ -33,7 +34,7 @@ def fork_step(curve: list[float], twin: list[float], gap: float = FORK_GAP, wind
     """The first step (1-based) from which the `window`-step running means of the two curves stay more than `gap`
     apart to the end of the shorter one; None when they end closer than that."""
     n = min(len(curve), len(twin))
-    a, b = _smooth(curve[:n], window), _smooth(twin[:n], window)
+    a, b = running_mean(curve[:n], window), running_mean(twin[:n], window)
     fork = None
     for i in range(n - 1, -1, -1):
         if not abs(a[i] - b[i]) > gap:
@@ -161,4 +162,5 @@ __all__ = [
     "early_overshoot",
     "fork_step",
     "outlier_runs",
+    "running_mean",
 ]

@@ -29,7 +29,7 @@ from longcat_lab._util import atomic_write_bytes, check_choice, check_int, json_
 from longcat_lab.experiments.diagnose import basin_study, outlier_runs
 from longcat_lab.experiments.reuse import PLAN, RESULT, adopt_twins, check_reusable
 from longcat_lab.experiments.stats import RESOLVED
-from longcat_lab.experiments.summary import max_hidden, run_metrics, summarise, validation_se
+from longcat_lab.experiments.summary import max_hidden, mean_validation_se, run_metrics, summarise, validation_se
 from longcat_lab.experiments.sweeps import METRIC_DIRECTION, Sweep, get, margin
 from longcat_lab.model import presets
 from longcat_lab.model.accounting import activated_params, flops_per_token
@@ -186,13 +186,8 @@ def execute(run: Run) -> dict:
     seq_len = tc.eval_seq_len or tc.stages[0].seq_len
     metrics = run_metrics(result.rows(), max_hidden(result.model, result.dataset, seq_len))
     metrics["val_loss_se"] = validation_se(result.model, result.dataset, seq_len, tc.eval_windows)
-    atomic_write_bytes(run.dir / RESULT, json_bytes(metrics))
+    atomic_write_bytes(run.dir / RESULT, json_bytes(metrics, flat_lists=True))
     return metrics
-
-
-def _mean_of(results: dict[str, dict[int, dict]], key: str) -> float | None:
-    values = [m[key] for by in results.values() for m in by.values() if m.get(key) is not None]
-    return sum(values) / len(values) if values else None
 
 
 def run_sweep(
@@ -269,17 +264,14 @@ def run_sweep(
         "twin_runs": twins,
         "runs": {v: {str(k): m for k, m in by.items()} for v, by in results.items()},
         "rows": summarise(results, sweep.baseline, sweep.metrics, METRIC_DIRECTION, margin),
-        "val_loss_se": _mean_of(results, "val_loss_se"),
+        "val_loss_se": mean_validation_se(results),
         "outlier_runs": outlier_runs(results, sweep.baseline),
     }
-    # How often each variant ends in the slow basin: its flagged runs out of its seeds, with an interval, and
-    # whether the early overshoot predicts the end loss (the controller sweep over 20+ seeds answers this per mode).
-    summary["outlier_share"] = {
-        v: [sum(o["variant"] == v for o in summary["outlier_runs"]), len(by)] for v, by in results.items()
-    }
+    # How often each variant ends in the slow basin, with an interval, and whether the early overshoot predicts
+    # the end loss (the controller sweep over 20+ seeds answers this per mode).
     summary["basin"] = basin_study(results)
     summary["path"] = str(folder / "summary.json")
-    atomic_write_bytes(folder / "summary.json", json_bytes(summary))
+    atomic_write_bytes(folder / "summary.json", json_bytes(summary, flat_lists=True))
     return summary
 
 
@@ -302,7 +294,7 @@ def run_growing(
         n = min(max_seeds, n + seed_step)
     summary["seed_rounds"] = rounds
     summary["max_seeds"] = max_seeds
-    atomic_write_bytes(Path(summary["path"]), json_bytes(summary))
+    atomic_write_bytes(Path(summary["path"]), json_bytes(summary, flat_lists=True))
     return summary
 
 

@@ -107,6 +107,11 @@ def validation_se(model, dataset, seq_len: int, windows: int) -> float:
     return math.sqrt(var) / len(dataset.val)
 
 
+def mean_validation_se(results: dict[str, dict[int, dict]]) -> float | None:
+    """The validation set's own sampling error (`validation_se`), averaged over a sweep's runs."""
+    return _mean([m["val_loss_se"] for by in results.values() for m in by.values() if m.get("val_loss_se") is not None])
+
+
 def run_metrics(rows: list[dict], hidden_peaks: list[float] | None = None) -> dict:
     """The metrics of one finished run from its metrics rows (module docstring)."""
     train = [r for r in rows if r.get("kind") == "train"]
@@ -123,14 +128,12 @@ def run_metrics(rows: list[dict], hidden_peaks: list[float] | None = None) -> di
         "ffn_experts_per_token": _mean(_tail(ffn, 0.25)),
         "target_ffn_experts": target,
         "load_imbalance": _mean(_tail([r.get("load_imbalance") for r in train], 0.25)),
-        "loss_curve": [r["loss"] for r in train],
         "curves": {k: [_round(r.get(k)) for r in train] for k in CURVES},
     }
     if target is not None and all(v is not None for v in ffn) and ffn:
         out["budget_error"] = _mean([abs(v - target) for v in _tail(ffn, 0.5)])
         # As an optimizer step: a grown run's rows start where its half-depth run stopped.
         out["settle_step"] = train[settle_step(ffn, target) - 1]["step"]
-        out["ffn_curve"] = ffn
     n_params = start.get("num_params")
     norms = _tail([r.get("grad_norm") for r in train], 0.5)
     if n_params and norms:
@@ -191,8 +194,7 @@ def restate(summary: dict, metrics: tuple[str, ...] | None = None, directions: d
         r["seeds"] = [str(s) for s in r["seeds"]]
         r["outliers"] = [str(s) for s in r["outliers"]]
     flagged = outlier_runs(runs, summary["baseline"])
-    share = {v: [sum(o["variant"] == v for o in flagged), len(by)] for v, by in runs.items()}
-    return {**summary, "rows": rows, "outlier_runs": flagged, "outlier_share": share, "basin": basin_study(runs)}
+    return {**summary, "rows": rows, "outlier_runs": flagged, "basin": basin_study(runs)}
 
 
 def headline_metric(summary: dict) -> str:
@@ -263,9 +265,6 @@ def format_summary(summary: dict) -> str:
             rho = "-" if b["overshoot_rho"] is None else f"{b['overshoot_rho']:+.2f}"
             lo, hi = b["interval"]
             lines.append(f"  {v:20s} {b['outliers']}/{b['runs']} [{lo:.2f}, {hi:.2f}]  rho {rho}")
-    elif summary.get("outlier_share"):
-        share = ", ".join(f"{v} {k}/{n}" for v, (k, n) in summary["outlier_share"].items())
-        lines.append(f"outlier runs per variant (end val_loss, median/MAD rule): {share}")
     return "\n".join(lines)
 
 
@@ -274,6 +273,7 @@ __all__ = [
     "format_summary",
     "headline_metric",
     "max_hidden",
+    "mean_validation_se",
     "validation_se",
     "restate",
     "run_metrics",

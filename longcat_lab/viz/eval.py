@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from longcat_lab.eval.published import published_scores
+from longcat_lab.experiments.diagnose import running_mean
 from longcat_lab.experiments.summary import headline_metric
 
 PUBLISHED_CAVEAT = "published scores of the 560B LongCat-Flash-Chat and peers, not measured here"
@@ -123,14 +124,6 @@ def sweep_curves_figure(summary: dict, curve: str = "loss") -> go.Figure:
     return fig
 
 
-def _running_mean(values: list, window: int) -> list:
-    out = []
-    for i in range(len(values)):
-        part = [v for v in values[max(0, i - window + 1) : i + 1] if v is not None]
-        out.append(sum(part) / len(part) if part else None)
-    return out
-
-
 def sweep_panel(summary: dict, smooth: int = 10) -> go.Figure:
     """A sweep in one figure: its headline metric per seed and variant (each seed's line joins its variants, the
     means as crosses) beside every run's training loss per step (a `smooth`-step running mean; outlier runs thick)."""
@@ -143,7 +136,7 @@ def sweep_panel(summary: dict, smooth: int = 10) -> go.Figure:
         fig.add_trace(t.update(showlegend=False), row=1, col=1)
     for t in curves.data:
         name = t.name if "outlier" in t.name else t.legendgroup  # the colour key names the variant
-        fig.add_trace(t.update(y=_running_mean(list(t.y), smooth), name=name), row=1, col=2)
+        fig.add_trace(t.update(y=running_mean(list(t.y), smooth), name=name), row=1, col=2)
     fig.update_xaxes(title_text="step", row=1, col=2)
     fig.update_layout(
         title=f"sweep {summary['sweep']!r}: {summary['seeds']} paired seeds, preset {summary['preset']} (measured)",
