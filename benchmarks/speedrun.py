@@ -11,10 +11,16 @@ pairing); the candidate is better only when the paired 95% t-interval of (candid
 Recipes are sweep overrides (`--set` pairs and `lr_scale=X`, `experiments.runner.configs`): `--candidate
 lr_scale=2` tries twice the preset's learning rate.
 
+A recipe that ends at a lower loss in the same time is the other way to win: with `--steps` equal for both recipes
+the runs take the same time per step, and the paired difference of the final mean bits per byte is judged by the
+same rule.
+
 The target should be one the main job's small preset reaches today; it has to be measured first (a run of this
-script with `--target-bpb 0` prints each seed's final bits per byte). Times are wall-clock on one thread: on a
-shared machine they are indicative only, and the figures go to benchmarks/RESULTS.md with command, date, commit and
-machine.
+script with `--target-bpb 0` prints each seed's final bits per byte). Times are the trainer's own clock on one
+thread; `--jobs 2` trains a seed's two recipes at once, side by side under the same load, one core each. Run folders
+stay in `--out`, and a finished run is read back, not retrained: an interrupted speedrun resumes, and a second target
+can be judged on the same runs. The result (with command, date, commit and machine) goes to OUT/speedrun.json and,
+with `--results`, to a committed copy; the figures go to benchmarks/RESULTS.md.
 
 Run: `.venv/bin/python benchmarks/speedrun.py --preset small --target-bpb 2.3 --seeds 8 --candidate lr_scale=2`
      `.venv/bin/python benchmarks/speedrun.py --smoke` (tiny preset, 4 steps, 2 seeds: checks the machinery)
@@ -23,33 +29,68 @@ Run: `.venv/bin/python benchmarks/speedrun.py --preset small --target-bpb 2.3 --
 from __future__ import annotations
 
 import argparse
-import json
+import concurrent.futures as cf
+import multiprocessing
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
+from longcat_lab._util import atomic_write_bytes, json_bytes, provenance
 from longcat_lab.experiments.runner import SEED0, configs
 from longcat_lab.experiments.stats import compare
 from longcat_lab.train import train
 
 
-def time_to_target(rows: list[dict], target: float) -> tuple[float | None, float | None]:
-    """(seconds at the first evaluation with mean bits per byte <= target or None, the last mean bits per byte)."""
+def _mean_bpb(row: dict) -> float:
+    return sum(row["bits_per_byte"].values()) / len(row["bits_per_byte"])
+
+
+def time_to_target(rows: list[dict], target: float) -> float | None:
+    """Seconds at the first evaluation whose mean bits per byte is at or below `target` (None: never)."""
     seconds = {r["step"]: r["time_s"] for r in rows if r.get("kind") == "train"}
-    last = None
-    for r in rows:
-        if r.get("kind") != "eval_bpb":
-            continue
-        last = sum(r["bits_per_byte"].values()) / len(r["bits_per_byte"])
-        if last <= target:
-            return seconds.get(r["step"]), last
-    return None, last
+    hit = next((r for r in rows if r.get("kind") == "eval_bpb" and _mean_bpb(r) <= target), None)
+    return None if hit is None else seconds.get(hit["step"])
 
 
-def run_recipe(preset: str, steps: int, sets: tuple[str, ...], seed: int, eval_every: int, out: Path) -> list[dict]:
+def final_bpb(rows: list[dict]) -> float | None:
+    """The mean bits per byte of the run's last evaluation."""
+    evals = [r for r in rows if r.get("kind") == "eval_bpb"]
+    return _mean_bpb(evals[-1]) if evals else None
+
+
+def run_recipe(preset: str, steps: int | None, sets: tuple[str, ...], seed: int, eval_every: int, out: Path) -> list:
+    """One run's metrics rows; a finished run in `out` is read back (resume trains nothing), a killed one resumes."""
     mc, tc = configs(preset, steps, (*sets, f"eval_every={eval_every}", "ckpt_every=0"), SEED0 + seed)
-    return train(mc, tc, out, progress=False).rows()
+    return train(mc, tc, out, resume=True, progress=False).rows()
+
+
+def task_changes(preset: str, steps: int | None, recipes: dict[str, tuple[str, ...]], eval_every: int) -> list[str]:
+    """What the recipes' overrides change of the fixed task (data, tokenizer, validation windows, evaluation
+    cadence): the names that differ between the recipes; empty when they measure the same thing."""
+    tasks = []
+    for sets in recipes.values():
+        mc, tc = configs(preset, steps, (*sets, f"eval_every={eval_every}"), SEED0)
+        seq_len = tc.eval_seq_len or tc.stages[0].seq_len
+        tasks.append(
+            {"data": tc.data, "eval_windows": tc.eval_windows, "eval_seq_len": seq_len, "eval_every": tc.eval_every}
+        )
+    return [k for k in tasks[0] if any(t[k] != tasks[0][k] for t in tasks[1:])]
+
+
+def judge(name: str, candidate: list, baseline: list, unit: str) -> dict | None:
+    """The paired rule on the seeds where both recipes have a value; prints one line."""
+    pairs = [(c, b) for c, b in zip(candidate, baseline) if c is not None and b is not None]
+    if len(pairs) < 2:
+        print(f"{name}: fewer than 2 seeds have a value for both recipes ({len(pairs)}): no verdict")
+        return None
+    row = compare([c for c, _ in pairs], [b for _, b in pairs], "lower")
+    lo, hi = row["t_interval"]
+    mde = f" (MDE {row['mde']:.4g} {unit})" if row["verdict"] == "unresolved" else ""
+    print(
+        f"{name}, candidate - baseline: {row['mean']:+.4g} {unit} (median {row['median']:+.4g}, 95% "
+        f"[{lo:+.4g}, {hi:+.4g}], n={row['n']}): {row['verdict']}{mde}"
+    )
+    return row
 
 
 def main() -> None:
@@ -59,8 +100,11 @@ def main() -> None:
     p.add_argument("--target-bpb", type=float, help="mean bits per byte to reach (required unless --smoke)")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--baseline", nargs="*", default=[], help="the baseline recipe's overrides (default: none)")
     p.add_argument("--candidate", nargs="*", default=[], help="the candidate recipe's overrides")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="2: a seed's two recipes at once")
     p.add_argument("--out", type=Path, help="run folders (default: a temporary folder)")
+    p.add_argument("--results", type=Path, help="also write the result to this JSON file (the committed copy)")
     p.add_argument("--smoke", action="store_true", help="tiny preset, 4 steps, 2 seeds, a target every run reaches")
     args = p.parse_args()
     if args.smoke:
@@ -69,33 +113,47 @@ def main() -> None:
         args.candidate = args.candidate or ["lr_scale=2"]
     if args.target_bpb is None:
         p.error("--target-bpb is required (measure it first: --target-bpb 0 prints each run's final bits per byte)")
-    torch.set_num_threads(1)
+    recipes = {"baseline": tuple(args.baseline), "candidate": tuple(args.candidate)}
+    changed = task_changes(args.preset, args.steps, recipes, args.eval_every)
+    if changed:
+        p.error(f"the recipes differ in the fixed task ({', '.join(changed)}): only the training recipe may differ")
     out = args.out or Path(tempfile.mkdtemp(prefix="speedrun-"))
-    steps = args.steps
-    recipes = {"baseline": (), "candidate": tuple(args.candidate)}
     times: dict[str, list] = {name: [] for name in recipes}
-    for k in range(args.seeds):
-        for name, sets in recipes.items():
-            rows = run_recipe(args.preset, steps, sets, k, args.eval_every, out / name / f"seed{k}")
-            seconds, last = time_to_target(rows, args.target_bpb)
-            times[name].append(seconds)
-            shown = "not reached" if seconds is None else f"{seconds:.1f} s"
-            print(f"seed {k} {name:9s} {shown:>12s}  (last mean bits per byte {last:.4f})")
-    paired = [(c, b) for c, b in zip(times["candidate"], times["baseline"]) if c is not None and b is not None]
-    result = {"preset": args.preset, "target_bpb": args.target_bpb, "candidate": args.candidate, "times": times}
-    if len(paired) >= 2:
-        row = compare([c for c, _ in paired], [b for _, b in paired], "lower")
-        result["comparison"] = row
-        lo, hi = row["t_interval"]
-        mde = f" (MDE {row['mde']:.1f} s)" if row["verdict"] == "unresolved" else ""
-        print(
-            f"candidate - baseline: {row['mean']:+.1f} s (median {row['median']:+.1f}, 95% [{lo:+.1f}, {hi:+.1f}], "
-            f"n={row['n']}): {row['verdict']}{mde}"
-        )
-    else:
-        print(f"fewer than 2 seeds reached the target with both recipes ({len(paired)}): no verdict")
-    (out / "speedrun.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {out / 'speedrun.json'}")
+    final: dict[str, list] = {name: [] for name in recipes}
+    ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
+    with cf.ProcessPoolExecutor(args.jobs, ctx) as pool:
+        # Every run at once, in seed order: with --jobs 2 a seed's two recipes train side by side.
+        futures = {
+            (k, name): pool.submit(
+                run_recipe, args.preset, args.steps, sets, k, args.eval_every, out / name / f"seed{k}"
+            )
+            for k in range(args.seeds)
+            for name, sets in recipes.items()
+        }
+        for (k, name), future in futures.items():
+            rows = future.result()
+            times[name].append(time_to_target(rows, args.target_bpb))
+            final[name].append(final_bpb(rows))
+            shown = "not reached" if times[name][-1] is None else f"{times[name][-1]:.1f} s"
+            print(f"seed {k} {name:9s} {shown:>12s}  (final mean bits per byte {final[name][-1]:.4f})", flush=True)
+    result = {
+        "command": " ".join(["python benchmarks/speedrun.py", *sys.argv[1:]]),
+        **provenance(),
+        "preset": args.preset,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "target_bpb": args.target_bpb,
+        "baseline": args.baseline,
+        "candidate": args.candidate,
+        "times": times,
+        "final_bpb": final,
+        "time_to_target": judge("seconds to the target", times["candidate"], times["baseline"], "s"),
+        "final_bits_per_byte": judge("final mean bits per byte", final["candidate"], final["baseline"], "bits"),
+    }
+    for path in (out / "speedrun.json", args.results):
+        if path is not None:
+            atomic_write_bytes(path, json_bytes(result, flat_lists=True))
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -28,14 +28,28 @@ def _rows():
     return train[:2] + bpb[:1] + train[2:] + bpb[1:]
 
 
-def test_time_to_target():
+def _speedrun():
     spec = importlib.util.spec_from_file_location("speedrun", SPEEDRUN)
     speedrun = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speedrun)
+    return speedrun
+
+
+def test_time_to_target():
+    speedrun = _speedrun()
     rows = _rows()
-    assert speedrun.time_to_target(rows, 2.8) == (4.0, pytest.approx(2.8))  # step 2's mean (3.0 + 2.6) / 2
-    assert speedrun.time_to_target(rows, 2.5) == (8.0, pytest.approx(2.2))
-    assert speedrun.time_to_target(rows, 1.0) == (None, pytest.approx(2.2))
+    assert speedrun.time_to_target(rows, 2.8) == 4.0  # step 2's mean (3.0 + 2.6) / 2 reaches it
+    assert speedrun.time_to_target(rows, 2.5) == 8.0
+    assert speedrun.time_to_target(rows, 1.0) is None
+    assert speedrun.final_bpb(rows) == pytest.approx(2.2)
+
+
+def test_a_recipe_may_not_change_the_task():
+    speedrun = _speedrun()
+    same = {"baseline": ("bias_controller=paper",), "candidate": ("lr_scale=2", "rg_every=50", "batch_size=8")}
+    assert speedrun.task_changes("tiny", 4, same, 2) == []
+    other = {"baseline": (), "candidate": ("eval_windows=4", "max_bytes_per_domain=20000")}
+    assert speedrun.task_changes("tiny", 4, other, 2) == ["data", "eval_windows"]
 
 
 def test_report_card():
