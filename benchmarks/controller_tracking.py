@@ -31,8 +31,6 @@ from longcat_lab.train.control import BiasController, ControllerConfig
 from longcat_lab.train.losses import LossConfig, aux_losses
 from longcat_lab.train.metrics import balance_grad_ratio, tracking_summary
 
-DEFAULTS = ControllerConfig()
-
 
 def grid(quick: bool) -> list[tuple[str, dict]]:
     """(mode, overrides) rows for the synthetic plant: the defaults of each mode first, then other gains."""

@@ -339,6 +339,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "ckpt_every": 100,
         "rg_every": 0,
         "data": {"max_bytes_per_domain": 1_000_000, "tokenizer_sample_bytes": 200_000},
+        # The study reproduces the paper's ablations under the paper's own controller, Eq. 2 (the trainer's default
+        # is "pid"); the `controller` sweep sets each mode explicitly.
+        "controller": {"bias_controller": "paper"},
     },
     "small": {"stages": (400, 3e-3, 128)},
     "base": {
@@ -362,7 +365,7 @@ def train_preset(name: str, **overrides) -> TrainConfig:
       thread.
     - ablation: one run of the ablation study (docs/design.md §3.6); 400 steps of 16 x 64 tokens at the LR its
       `lr` sweep chose, and 64 validation windows per domain, so the validation set's own sampling error is small
-      against the effects.
+      against the effects; the paper's controller (Eq. 2), whose ablations these are.
     - small: the main job; 2 stages, about ten minutes on two CPU cores (benchmarks/RESULTS.md "The main job").
     - base: one GPU; bf16, longer sequences."""
     if name not in _PRESETS:

@@ -85,7 +85,8 @@ def test_paper_mode_is_eq2_then_mean_centred():
     counts = [[6, 4, 2, 0, 5, 3], [1, 1, 1, 1, 8, 8]]
     set_counts(model, counts)
     mu, K, N, target = 0.5, 2, 4, 1.0
-    report = BiasController(ControllerConfig(bias_update_rate=mu, target_ffn_experts=target), model).step()
+    cfg = ControllerConfig(bias_controller="paper", bias_update_rate=mu, target_ffn_experts=target)
+    report = BiasController(cfg, model).step()
     for block, c in zip(model.moe_blocks(), counts):
         T = sum(c) / K
         raw = [mu * (target / (K * N) - c[i] / (K * T)) for i in range(N)] + [0.0, 0.0]  # zero experts fixed

@@ -335,7 +335,7 @@ def test_overrides_resolve_across_configs():
     assert tc2.controller.bias_controller == "pid" and tc2.controller.target_ffn_experts == 2.0
     assert tc2.controller.pid_gains == (1.0, 2.0, 3.0) and tc2.controller.bias_update_rate == 0.5
     assert tc2.losses.balance_loss_coef == 0.0 and tc2.data.domains == ("python", "reasoning")
-    assert mc.moe_topk == 2 and tc.controller.bias_controller == "paper"  # the originals are untouched
+    assert mc.moe_topk == 2 and tc.controller.bias_controller == "pid"  # the originals are untouched
     assert apply_overrides(mc, tc, ["target_ffn_experts=none"])[1].controller.target_ffn_experts is None
     owners = settable_fields()
     assert all(len(v) == 1 for v in owners.values()), "a field name in two configs needs section.field"
