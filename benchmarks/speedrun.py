@@ -4,8 +4,9 @@ a candidate, judged by the sweep verdict rule (docs/design.md §3.6).
 The task is fixed: the preset's built-in data (its domains and byte caps, data seed 0), the trainer's frozen
 validation windows (`data.eval_windows`, the same for every run), bits per byte averaged over domains, evaluated
 every `--eval-every` steps. A run's time to target is the trainer's `time_s` (one torch thread, evaluations
-included) at the first evaluation whose mean bits per byte is at or below `--target-bpb`; a run that never gets
-there within `--steps` counts as not reached. Seed k of both recipes uses train seed 1000 + k (the sweeps'
+included) at which its mean bits per byte reaches `--target-bpb`, the evaluated curve taken as linear between
+evaluations (the first evaluation at or below the target and the one before it); a run that never gets there within
+`--steps` counts as not reached. Seed k of both recipes uses train seed 1000 + k (the sweeps'
 pairing); the candidate is better only when the paired 95% t-interval of (candidate - baseline) seconds excludes 0.
 
 Recipes are sweep overrides (`--set` pairs and `lr_scale=X`, `experiments.runner.configs`): `--candidate
@@ -46,10 +47,20 @@ def _mean_bpb(row: dict) -> float:
 
 
 def time_to_target(rows: list[dict], target: float) -> float | None:
-    """Seconds at the first evaluation whose mean bits per byte is at or below `target` (None: never)."""
+    """Seconds at which mean bits per byte reaches `target` (None: never), on the evaluated curve taken as linear
+    between evaluations, so that the answer is not rounded up to the next evaluation."""
     seconds = {r["step"]: r["time_s"] for r in rows if r.get("kind") == "train"}
-    hit = next((r for r in rows if r.get("kind") == "eval_bpb" and _mean_bpb(r) <= target), None)
-    return None if hit is None else seconds.get(hit["step"])
+    before = None  # (seconds, mean bits per byte) of the previous evaluation
+    for r in rows:
+        if r.get("kind") != "eval_bpb" or r["step"] not in seconds:
+            continue
+        now = (seconds[r["step"]], _mean_bpb(r))
+        if now[1] <= target:
+            if before is None or before[1] <= now[1]:
+                return now[0]
+            return before[0] + (before[1] - target) / (before[1] - now[1]) * (now[0] - before[0])
+        before = now
+    return None
 
 
 def final_bpb(rows: list[dict]) -> float | None:

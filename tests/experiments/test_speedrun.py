@@ -39,7 +39,9 @@ def test_time_to_target():
     speedrun = _speedrun()
     rows = _rows()
     assert speedrun.time_to_target(rows, 2.8) == 4.0  # step 2's mean (3.0 + 2.6) / 2 reaches it
-    assert speedrun.time_to_target(rows, 2.5) == 8.0
+    # Between step 2 (2.8 at 4 s) and step 4 (2.2 at 8 s) the curve is taken as linear: 2.5 is half-way, at 6 s.
+    assert speedrun.time_to_target(rows, 2.5) == pytest.approx(6.0)
+    assert speedrun.time_to_target(rows, 2.2) == pytest.approx(8.0)
     assert speedrun.time_to_target(rows, 1.0) is None
     assert speedrun.final_bpb(rows) == pytest.approx(2.2)
 
