@@ -142,6 +142,9 @@ class MixtureSampler:
                 f"sampler state covers domains {sorted(state.get('rows_drawn', {}))}, this data has "
                 f"{sorted(self.domains)}"
             )
+        for d, n in state["rows_drawn"].items():
+            if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+                raise ValueError(f"sampler state rows_drawn[{d!r}]={n!r} is not allowed: it must be an integer >= 0")
         self.generator.set_state(state["generator"])
         self.rows_drawn = dict(state["rows_drawn"])
 

@@ -41,20 +41,21 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
+# `\Z`, not `$`: `$` also matches before a final newline, and a key read from a file may end in one.
 # Fused expert tensors in our state dict: layers.{l}.mlp.experts.{gate_up_proj [N, 2F, D], down_proj [N, D, F]}.
-FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+FUSED_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)\Z")
 # Per-expert hub keys: model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight. The expert index is read as an
 # int, so only ASCII digits, and few enough that int() takes them (a key in a file may hold anything).
 HUB_EXPERT_KEY = re.compile(
-    r"^model\.layers\.(\d+)\.mlp\.experts\.([0-9]{1,9})\.(gate_proj|up_proj|down_proj)\.weight$"
+    r"^model\.layers\.(\d+)\.mlp\.experts\.([0-9]{1,9})\.(gate_proj|up_proj|down_proj)\.weight\Z"
 )
-HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+HUB_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)\Z")
 # Multi-token-prediction weights (docs/design.md §1.5): transformers ignores them on load; vLLM and SGLang read them for
 # speculative decoding; we read them when the config has the MTP module (num_nextn_predict_layers) and skip them
 # otherwise. Three module names differ between the release and our model.
 IGNORED_HUB_PREFIX = "model.mtp."
 MTP_HUB_NAMES = {"enorm": "enorm.m", "hnorm": "hnorm.m", "mlp": "transformer_layer.mlp"}
-HUB_MTP_RENAMED = re.compile(r"^model\.mtp\.layers\.(\d+)\.(enorm\.m|hnorm\.m|transformer_layer\.mlp)\.(.+)$")
+HUB_MTP_RENAMED = re.compile(r"^model\.mtp\.layers\.(\d+)\.(enorm\.m|hnorm\.m|transformer_layer\.mlp)\.(.+)\Z")
 
 
 # State dicts -----------------------------------------------------------------------------------------------------

@@ -163,6 +163,12 @@ def test_mixture_sampler_is_seeded_resumable_and_follows_weights(dataset):
     nxt = a.batch(mix, 4, 32)
     a.load_state_dict(state)
     assert torch.equal(a.batch(mix, 4, 32)[0], nxt[0])
+    before = a.state_dict()
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=r"rows_drawn\['python'\]=.* is not allowed"):
+            a.load_state_dict({**state, "rows_drawn": {**state["rows_drawn"], "python": bad}})
+    after = a.state_dict()  # a refused state changes nothing
+    assert after["rows_drawn"] == before["rows_drawn"] and torch.equal(after["generator"], before["generator"])
     c = data.MixtureSampler(dataset.train, seed=0)
     c.batch(mix, 3000, 8)
     assert c.rows_drawn["python"] == 0

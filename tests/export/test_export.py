@@ -338,6 +338,10 @@ def test_clear_errors_for_bad_folders(tmp_path):
     rewrite(folder, tensors={k: v for k, v in tensors.items() if k != "model.layers.0.mlp.experts.3.down_proj.weight"})
     with pytest.raises(ValueError, match=r"layer 0 has down_proj for experts \[0, 1, 2\] but not for \[3\]"):
         load_hf(folder)
+    key = "model.layers.0.mlp.experts.3.down_proj.weight"
+    rewrite(folder, tensors={**{k: v for k, v in tensors.items() if k != key}, key + "\n": tensors[key]})
+    with pytest.raises(ValueError, match=r"but not for \[3\]"):  # a final newline makes it another key
+        load_hf(folder)
     rewrite(folder, tensors={k: v for k, v in tensors.items() if k != "model.norm.weight"})
     with pytest.raises(ValueError, match="missing tensor.*model.norm.weight"):
         load_hf(folder)
