@@ -4,9 +4,8 @@
   each of the 27 difficulty cells, with ids `{domain}-9xxxxx` that `longcat-lab synth` never writes for fewer than
   900000 records; `check_heldout` refuses tasks that share an id or a reference dialogue with fine-tuning records.
 - `evaluate_agents(agents, tasks, k)`: every agent plays every task k times (`agent.play`); per agent, pass^1..k
-  overall, per cell and per level of each axis (`pass_table`), the stop reasons, the failures by category
-  (`failure_category`, read off the episodes), partial credit (`partial_credit`: how far short of a pass an
-  episode fell) and a few transcripts.
+  overall, per cell and per level of each axis (`pass_table`), the stop reasons, and what `eval.episodes` reads off
+  each episode (its failure category, the errors it got back, partial credit), with a few transcripts.
 - `evaluate_agentic_checkpoint(ckpt, base=...)`: the fine-tuned model, the pre-trained model, the
   random-valid-call baseline and the expert (the ceiling) on the same tasks, plus arithmetic exact match of each
   model with and without the calculator; written as `agentic.json` in the checkpoint folder. The models' tool
@@ -33,27 +32,17 @@ from longcat_lab.agent.loop import DEFAULT_MAX_TURNS, Agent, Episode, cell_name,
 from longcat_lab.agent.policies import ExpertAgent, ModelAgent, RandomValidAgent, sft_window
 from longcat_lab.data.sft import load_records
 from longcat_lab.eval.copying import copy_score, format_copying
+from longcat_lab.eval.episodes import CATEGORIES, error_kinds, failure_category, partial_credit
 from longcat_lab.eval.recipe import sft_recipe
 from longcat_lab.eval.suite import one_thread
 from longcat_lab.inference.structured import ToolCallDecoder
-from longcat_lab.synth.agents import AXES, ENVIRONMENTS, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
+from longcat_lab.synth.agents import AXES, LEVELS, ExpertSolver, TaskDesigner, pass_hat_k
 from longcat_lab.synth.env import Task
 
 AGENTIC_FILE = "agentic.json"
 HELDOUT_SEED = 1  # the designer seed of evaluation tasks; `longcat-lab synth` defaults to seed 0
 HELDOUT_OFFSET = 900_000  # evaluation task ids start here, so they never equal a fine-tuning record's id
 CELLS = [f"{i}-{t}-{u}" for i in LEVELS for t in LEVELS for u in LEVELS]
-CATEGORIES = (
-    "passed",
-    "context full",
-    "turn limit",
-    "never called a tool",
-    "only malformed calls",
-    "calls refused",
-    "wrong end state",
-    "facts not told",
-)
-
 AGENT_ORDER = ("fine-tuned", "pre-trained", "random-valid", "expert")  # how tables list them (JSON sorts keys)
 STRUCTURED = ("on", "off", "both")
 FREE = " (free)"  # the suffix of a model agent that decodes its calls unconstrained when both ways are evaluated
@@ -115,75 +104,6 @@ def pass_table(outcomes: dict[str, list[bool]], cells: dict[str, str], k: int) -
         "overall": curve(list(outcomes)),
         "cells": {c: curve(ts) for c, ts in by_cell.items() if ts},
         "axes": axes,
-    }
-
-
-def failure_category(episode: Episode) -> str:
-    """The first of CATEGORIES that describes the episode (read off its counts and the verifier's reasons)."""
-    if episode.passed:
-        return "passed"
-    if episode.stop_reason != "user_stop":
-        return "context full" if episode.stop_reason == "context_full" else "turn limit"
-    if not episode.tool_calls:
-        return "only malformed calls" if episode.malformed else "never called a tool"
-    if any("end state" in r for r in episode.reasons):
-        return "calls refused" if episode.tool_errors else "wrong end state"
-    return "facts not told"
-
-
-# How an error message starts -> its kind; the first match wins (messages from chat.parse and tools.Registry).
-ERROR_KINDS = (
-    ("invalid JSON", "malformed: invalid JSON"),
-    ("unknown tool", "malformed: unknown tool"),
-    ("must be a JSON object", "malformed: arguments not an object"),
-    ("expected a JSON object", "malformed: not a call object"),
-    ("must be a non-empty string", "malformed: no tool name"),
-    ("not closed", "malformed: unclosed block"),
-    ("stray", "malformed: stray close marker"),
-    ("is not verified", "refused: identity not verified"),
-    ("does not match", "refused: wrong PIN or postcode"),
-    ("not allowed", "refused: outside the policy's limits"),
-    ("is outside", "refused: outside the policy's limits"),
-    ("cannot be", "refused: outside the policy's limits"),
-    ("only processing", "refused: outside the policy's limits"),
-    ("no ", "refused: no such record"),
-)
-
-
-def error_kinds(episode: Episode) -> Counter:
-    """The errors the agent got back in one episode, by kind (ERROR_KINDS; a schema violation or anything else is
-    "refused: schema" or "other")."""
-    out: Counter = Counter()
-    for m in episode.messages:
-        text = m.get("content") or ""
-        if m.get("role") != "tool" or not text.startswith("Error: "):
-            continue
-        detail = text.split(": ", 2)[-1] if not m.get("malformed") else text
-        kind = next((k for key, k in ERROR_KINDS if key in detail), None)
-        if kind is None:
-            kind = "refused: schema" if not m.get("malformed") and "'" in detail else "other"
-        out[kind] += 1
-    return out
-
-
-def partial_credit(task: Task, episode: Episode) -> dict[str, float]:
-    """How far one episode got, step by step, for models that pass nothing yet: the share of its call blocks that
-    parsed into a call of an offered tool (`valid_calls`; 0 without any block), whether its first write call (a
-    tool that changes the database) names the reference's first write tool (`right_write_tool`) and also has its
-    arguments (`right_write_arguments`), whether the database ended as the reference leaves it (`right_end_state`,
-    the verifier's check), and the assistant turns used (`turns`)."""
-    writes = ENVIRONMENTS[task.domain].write_tools
-    calls = [c.get("function", c) for m in episode.messages for c in m.get("tool_calls") or []]
-    first = next((c for c in calls if c["name"] in writes), None)
-    reference = next((a for a in task.actions if a["name"] in writes), None)
-    blocks = episode.tool_calls + episode.malformed
-    right_tool = first is not None and reference is not None and first["name"] == reference["name"]
-    return {
-        "valid_calls": episode.tool_calls / blocks if blocks else 0.0,
-        "right_write_tool": float(right_tool),
-        "right_write_arguments": float(right_tool and first["arguments"] == reference["arguments"]),
-        "right_end_state": float(not any(r.startswith("end state differs") for r in episode.reasons)),
-        "turns": float(episode.turns),
     }
 
 
@@ -389,9 +309,7 @@ def format_agentic(result: dict[str, Any]) -> str:
 
 __all__ = [
     "AGENTIC_FILE",
-    "CATEGORIES",
     "CELLS",
-    "ERROR_KINDS",
     "HELDOUT_OFFSET",
     "HELDOUT_SEED",
     "STRUCTURED",
@@ -400,12 +318,9 @@ __all__ = [
     "check_heldout",
     "evaluate_agentic_checkpoint",
     "evaluate_agents",
-    "error_kinds",
-    "failure_category",
     "format_agentic",
     "heldout_tasks",
     "model_factory",
-    "partial_credit",
     "pass_table",
     "source_of",
 ]

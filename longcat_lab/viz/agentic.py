@@ -128,7 +128,7 @@ def axis_levels_figure(result: dict[str, Any], k: int = 1) -> go.Figure:
 
 
 def failure_figure(result: dict[str, Any]) -> go.Figure:
-    """Episodes by outcome category (`eval.agentic.failure_category`), stacked per agent."""
+    """Episodes by outcome category (`eval.episodes.failure_category`), stacked per agent."""
     agents = result.get("agents", result)
     names = list(agents)
     categories = [c for c in CATEGORY_COLOURS if any(c in a["categories"] for a in agents.values())]
@@ -155,7 +155,7 @@ CREDIT_STEPS = {
 
 
 def partial_credit_figure(result: dict[str, Any]) -> go.Figure:
-    """How far each agent's episodes got, step by step (`eval.agentic.partial_credit`): the share of episodes (of
+    """How far each agent's episodes got, step by step (`eval.episodes.partial_credit`): the share of episodes (of
     call blocks, for valid calls) that reached each step, one group of bars per agent."""
     agents = {n: a for n, a in result.get("agents", result).items() if "partial_credit" in a}
     fig = go.Figure()

@@ -15,14 +15,12 @@ from longcat_lab.eval.agentic import (
     HELDOUT_OFFSET,
     baseline_agents,
     check_heldout,
-    error_kinds,
     evaluate_agents,
-    failure_category,
     format_agentic,
     heldout_tasks,
-    partial_credit,
     pass_table,
 )
+from longcat_lab.eval.episodes import error_kinds, failure_category, partial_credit
 from longcat_lab.synth import ExpertSolver
 from longcat_lab.synth.dialogues import generate
 from longcat_lab.tools import calculate
