@@ -36,8 +36,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this sweep's summary (what it records as `command`)."""
+    growing = args.max_seeds is not None and args.max_seeds > args.seeds
+    return " ".join(
+        [f"longcat-lab sweep {args.name} --seeds {args.seeds}"]
+        + ([f"--max-seeds {args.max_seeds} --seed-step {args.seed_step}"] if growing else [])
+        + [f"--preset {args.preset}"]
+        + ([f"--steps {args.steps}"] if args.steps else [])
+        + (["--allow-drift"] if args.allow_drift else [])
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     common = dict(
+        command=command_line(args),
         jobs=args.jobs,
         steps=args.steps,
         preset=args.preset,
@@ -56,4 +69,4 @@ def run(args: argparse.Namespace) -> None:
         print(f"[longcat-lab] wrote {path}")
 
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "command_line", "run"]

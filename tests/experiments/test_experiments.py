@@ -10,6 +10,8 @@ import json
 import pytest
 
 from longcat_lab._util import json_bytes
+from longcat_lab.cli import parser
+from longcat_lab.cli.sweep import command_line
 from longcat_lab.experiments import reuse, runner, stats
 from longcat_lab.experiments.summary import format_summary, settle_step
 from longcat_lab.experiments.sweeps import SWEEPS, Sweep
@@ -179,3 +181,12 @@ def test_a_half_finished_sweep_resumes_and_a_finished_one_is_skipped(tmp_path, o
     assert {v: (b["outliers"], b["runs"]) for v, b in summary["basin"].items()} == {"on": (0, 2), "off": (0, 2)}
     again = runner.run_sweep(sweep, tmp_path, seeds=2, steps=steps, preset="tiny", progress=False, on_drift="report")
     assert again["skipped_finished_runs"] == 4 and again["rows"] == summary["rows"]
+
+
+def test_a_sweep_records_the_command_that_reproduces_it():
+    args = parser().parse_args(["sweep", "zero_experts", "--max-seeds", "24", "--allow-drift", "--jobs", "2"])
+    assert command_line(args) == (
+        "longcat-lab sweep zero_experts --seeds 8 --max-seeds 24 --seed-step 4 --preset ablation --allow-drift"
+    )
+    args = parser().parse_args(["sweep", "z_loss", "--seeds", "3", "--preset", "tiny", "--steps", "4"])
+    assert command_line(args) == "longcat-lab sweep z_loss --seeds 3 --preset tiny --steps 4"
