@@ -174,8 +174,9 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=FREE_ON_RESUME)
     # Stop after this many steps of the schedule (with a checkpoint), as if interrupted; 0 = run to the end.
     stop_after: int = field(default=0, metadata=FREE_ON_RESUME)
-    # R_g (docs/design.md §2.3) costs about one extra backward, so it is measured every this many steps (0 = never).
-    rg_every: int = field(default=10, metadata=FREE_ON_RESUME)
+    # R_g (docs/design.md §2.3) costs about one extra backward, so it is measured every this many steps (0 = never);
+    # every 10 was a visible share of the main job's time (benchmarks/RESULTS.md "speedrun").
+    rg_every: int = field(default=50, metadata=FREE_ON_RESUME)
     # Re-run a step from the same state every this many steps and compare loss and gradients bit for bit (0 = off).
     sdc_check_every: int = field(default=0, metadata=FREE_ON_RESUME)
     # Non-finite loss or gradient: skip the step; this many in a row stop training.
@@ -339,9 +340,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "ckpt_every": 100,
         "rg_every": 0,
         "data": {"max_bytes_per_domain": 1_000_000, "tokenizer_sample_bytes": 200_000},
-        # The study reproduces the paper's ablations under the paper's own controller, Eq. 2 (the trainer's default
-        # is "pid"); the `controller` sweep sets each mode explicitly.
-        "controller": {"bias_controller": "paper"},
+        "controller": {"bias_controller": "paper"},  # the paper's ablations under its own Eq. 2 (design.md §2.1)
     },
     "small": {"stages": (400, 3e-3, 128)},
     "base": {
