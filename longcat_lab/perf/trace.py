@@ -155,6 +155,22 @@ def overlap_stats(spans: list[Span], schedule: str) -> dict[str, float]:
     return out
 
 
+def work_under_exchange(spans: list[Span], schedule: str) -> list[list[str]]:
+    """For each token dispatch in the first profiled step of `schedule`, in order: the compute parts the main thread
+    ran after launching it and before waiting for it. This is program order, so unlike the hidden time it does not
+    depend on how busy the machine is: empty for the sequential schedule, the dense branch for the overlapped one."""
+    lo, hi = step_windows(spans, schedule)[0]
+    main = [s for s in spans if lo <= s.start < hi and s.lane in ("compute", "launch", "wait")]
+    out = []
+    for i, launch in enumerate(main):
+        if launch.name != "dispatch.launch":
+            continue
+        wait = next((s for s in main[i + 1 :] if s.name == "dispatch.wait"), None)
+        end = wait.start if wait is not None else hi
+        out.append([s.name for s in main[i + 1 :] if s.lane == "compute" and s.start >= launch.end and s.end <= end])
+    return out
+
+
 def stats_table(traces: list[list[Span]], schedules: tuple[str, ...] = ("sequential", "overlapped")) -> list[dict]:
     """One row per (schedule, rank) of `overlap_stats`, in milliseconds, for printing or a DataFrame."""
     rows = []
@@ -172,4 +188,4 @@ def stats_table(traces: list[list[Span]], schedules: tuple[str, ...] = ("sequent
     return rows
 
 
-__all__ = ["Span", "load_trace", "overlap_stats", "step_windows", "stats_table", "LANES"]
+__all__ = ["Span", "load_trace", "overlap_stats", "step_windows", "stats_table", "work_under_exchange", "LANES"]

@@ -8,7 +8,15 @@ import json
 
 import pytest
 
-from longcat_lab.perf.trace import COMPUTE_PARTS, LAUNCH_PARTS, WAIT_PARTS, load_trace, overlap_stats, stats_table
+from longcat_lab.perf.trace import (
+    COMPUTE_PARTS,
+    LAUNCH_PARTS,
+    WAIT_PARTS,
+    load_trace,
+    overlap_stats,
+    stats_table,
+    work_under_exchange,
+)
 from longcat_lab.viz.perf import PART_COLORS, timeline_figure
 
 
@@ -58,6 +66,25 @@ def test_overlap_stats_on_a_known_trace(tmp_path):
         overlap_stats(spans, "tbo")
     with pytest.raises(ValueError, match="path="):
         load_trace(tmp_path / "missing.json")
+
+
+def test_work_under_exchange_reads_program_order(tmp_path):
+    events = [
+        _event("ep.step.overlapped", 0, 100, 1),
+        _event("ep.dispatch.launch", 0, 5, 1),
+        _event("ep.ffn0", 5, 20, 1),
+        _event("ep.attn1", 25, 20, 1),
+        _event("ep.dispatch.wait", 45, 5, 1),
+        _event("ep.experts", 50, 10, 1),
+        _event("ep.step.sequential", 200, 100, 1),
+        _event("ep.dispatch.launch", 200, 5, 1),
+        _event("ep.dispatch.wait", 205, 30, 1),
+        _event("ep.ffn0", 235, 20, 1),
+    ]
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
+    spans = load_trace(tmp_path / "t.json")
+    assert work_under_exchange(spans, "overlapped") == [["ffn0", "attn1"]]
+    assert work_under_exchange(spans, "sequential") == [[]]
 
 
 def test_timeline_of_a_known_trace(tmp_path):
