@@ -3,7 +3,7 @@ launcher of `longcat-lab train --nproc`), on two gloo ranks with one thread each
 
 One spawn of two ranks trains four runs in turn: data parallel, data + expert parallel, and two resumes that change
 the layout (a data-parallel checkpoint and a single-process checkpoint, continued with the experts sharded). One
-process trains the reference with the same global batch. Then: 2 ranks give the reference's losses within 1e-5 over
+process trains the reference with the same global batch. Then: 2 ranks give the reference's losses within 3e-5 over
 20 steps, every rank ends with the same expert bias, metrics are written once, sharded checkpoints resume on one
 process and convert to a single-process checkpoint and a Hugging Face export. The slow test kills a rank with
 SIGKILL under torchrun and checks that the restarted group logs the uninterrupted run's losses.
@@ -34,7 +34,9 @@ from longcat_lab.train.distributed import consolidate, train_ranks
 
 CONFIG = presets.tiny()
 STEPS = 20
-TOL = 1e-5
+# Ranks sum gradients in another order than one process, so fp32 losses part by about 1e-6 a step: 1.1e-5 at step 20
+# with the pid controller (the default). A rank out of step (its own bias or batch) is caught by the bias check too.
+TOL = 3e-5
 
 
 @pytest.fixture(scope="module")
