@@ -23,7 +23,8 @@ stay in `--out`, and a finished run is read back, not retrained: an interrupted 
 can be judged on the same runs. The result (with command, date, commit and machine) goes to OUT/speedrun.json and,
 with `--results`, to a committed copy; the figures go to benchmarks/RESULTS.md.
 
-Run: `.venv/bin/python benchmarks/speedrun.py --preset small --target-bpb 2.3 --seeds 8 --candidate lr_scale=2`
+Run: `.venv/bin/python benchmarks/speedrun.py --preset small --seeds 4 --jobs 2 --target-bpb 1.76 --baseline
+     bias_controller=paper rg_every=10 --candidate bias_controller=pid rg_every=50 --out runs/speedrun`
      `.venv/bin/python benchmarks/speedrun.py --smoke` (tiny preset, 4 steps, 2 seeds: checks the machinery)
 """
 
