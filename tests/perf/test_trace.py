@@ -69,18 +69,13 @@ def test_overlap_stats_on_a_known_trace(tmp_path):
 
 
 def test_work_under_exchange_reads_program_order(tmp_path):
-    events = [
-        _event("ep.step.overlapped", 0, 100, 1),
-        _event("ep.dispatch.launch", 0, 5, 1),
-        _event("ep.ffn0", 5, 20, 1),
-        _event("ep.attn1", 25, 20, 1),
-        _event("ep.dispatch.wait", 45, 5, 1),
-        _event("ep.experts", 50, 10, 1),
-        _event("ep.step.sequential", 200, 100, 1),
-        _event("ep.dispatch.launch", 200, 5, 1),
-        _event("ep.dispatch.wait", 205, 30, 1),
-        _event("ep.ffn0", 235, 20, 1),
-    ]
+    # (part, start, duration) on the main thread: an overlapped step that computes between launch and wait, then a
+    # sequential one that waits at once.
+    overlapped = [("step.overlapped", 0, 100), ("dispatch.launch", 0, 5), ("ffn0", 5, 20), ("attn1", 25, 20)]
+    overlapped += [("dispatch.wait", 45, 5), ("experts", 50, 10)]
+    sequential = [("step.sequential", 200, 100), ("dispatch.launch", 200, 5), ("dispatch.wait", 205, 30)]
+    sequential += [("ffn0", 235, 20)]
+    events = [_event(f"ep.{part}", ts, dur, 1) for part, ts, dur in overlapped + sequential]
     (tmp_path / "t.json").write_text(json.dumps({"traceEvents": events}))
     spans = load_trace(tmp_path / "t.json")
     assert work_under_exchange(spans, "overlapped") == [["ffn0", "attn1"]]
