@@ -37,10 +37,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from longcat_lab import checkpoint
 from longcat_lab._util import atomic_write_bytes, json_bytes, provenance
 from longcat_lab.experiments.runner import SEED0, configs
 from longcat_lab.experiments.stats import compare
 from longcat_lab.train import train
+from longcat_lab.train.resume import config_diffs
+from longcat_lab.train.telemetry import read_metrics
 
 
 def _mean_bpb(row: dict) -> float:
@@ -70,10 +73,23 @@ def final_bpb(rows: list[dict]) -> float | None:
     return _mean_bpb(evals[-1]) if evals else None
 
 
+def finished_rows(out: Path, model_config, train_config) -> list | None:
+    """The metrics rows of a finished run in `out`, read from its metrics.jsonl without building data or model:
+    its newest checkpoint verifies, was written with exactly these configs, and its last step was evaluated. None
+    otherwise (no run, a killed one, or other configs, which `train` then resumes or refuses)."""
+    ckpt, _ = checkpoint.newest_verified(out) if out.is_dir() else (None, [])
+    if ckpt is None or config_diffs(ckpt, model_config, train_config, strict=True):
+        return None
+    rows = read_metrics(out)
+    last = train_config.total_steps
+    return rows if any(r.get("kind") == "eval_bpb" and r.get("step") == last for r in rows) else None
+
+
 def run_recipe(preset: str, steps: int | None, sets: tuple[str, ...], seed: int, eval_every: int, out: Path) -> list:
-    """One run's metrics rows; a finished run in `out` is read back (resume trains nothing), a killed one resumes."""
+    """One run's metrics rows; a finished run in `out` is read back, a killed one resumes."""
     mc, tc = configs(preset, steps, (*sets, f"eval_every={eval_every}", "ckpt_every=0"), SEED0 + seed)
-    return train(mc, tc, out, resume=True, progress=False).rows()
+    rows = finished_rows(out, mc, tc)
+    return rows if rows is not None else train(mc, tc, out, resume=True, progress=False).rows()
 
 
 def task_changes(preset: str, steps: int | None, recipes: dict[str, tuple[str, ...]], eval_every: int) -> list[str]:

@@ -66,12 +66,16 @@ def _config_diff(saved: Any, now: Any, free: frozenset[str], prefix: str = "") -
     return [] if a == b else [f"{prefix[:-1]}: {a} -> {b}"]
 
 
-def config_diffs(ckpt: str | os.PathLike, model_config: ModelConfig, train_config: TrainConfig) -> list[str]:
-    """The differences between checkpoint `ckpt`'s configs and these. Both files are read through their dataclass,
-    so a field added since the checkpoint was written holds its default there and only real differences count."""
+def config_diffs(
+    ckpt: str | os.PathLike, model_config: ModelConfig, train_config: TrainConfig, strict: bool = False
+) -> list[str]:
+    """The differences between checkpoint `ckpt`'s configs and these, without the fields a resume may change
+    (`strict`: with them, to ask whether a finished run is the run these configs describe). Both files are read
+    through their dataclass, so a field added since the checkpoint was written holds its default there and only
+    real differences count."""
     saved_cfg = read_train_config(ckpt, type(train_config)).to_dict()
     saved_model = checkpoint.read_model_config(ckpt).to_dict()
-    free = resume_free_fields(type(train_config))
+    free = frozenset() if strict else resume_free_fields(type(train_config))
     return _config_diff(saved_cfg, train_config.to_dict(), free) + [
         f"model.{d}" for d in _config_diff(saved_model, model_config.to_dict(), frozenset())
     ]

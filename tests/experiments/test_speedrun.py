@@ -61,3 +61,17 @@ def test_report_card():
     assert "time 8 s in this run, 400 tokens" in text
     assert "55 tokens/s" in text and "MFU 0.250" in text  # medians of four steps
     assert "FFN experts per token 1.900 (last quarter) against the target 2.000" in text
+
+
+def test_a_finished_run_is_read_back_not_trained(tmp_path):
+    speedrun = _speedrun()
+    out = tmp_path / "seed0"
+    rows = speedrun.run_recipe("tiny", 2, (), 0, 2, out)
+    metrics = (out / "metrics.jsonl").read_bytes()
+    assert speedrun.run_recipe("tiny", 2, (), 0, 2, out) == rows
+    assert (out / "metrics.jsonl").read_bytes() == metrics  # no new start row: nothing was built or trained
+    # A run with other configs is not this recipe's run, even where they differ only in a field a resume may change.
+    mc, tc = speedrun.configs("tiny", 2, ("rg_every=1", "eval_every=2", "ckpt_every=0"), speedrun.SEED0)
+    assert speedrun.finished_rows(out, mc, tc) is None
+    # A run that has not reached its last step is not finished.
+    assert speedrun.finished_rows(tmp_path / "none", mc, tc) is None
