@@ -56,9 +56,8 @@ def _budget_error(run: dict) -> list[float | None]:
 
 
 def _curves(run: dict | None) -> dict:
-    """A run's per-step curves; runs summarised before `curves` existed keep the loss as `loss_curve`."""
-    run = run or {}
-    return run.get("curves") or {"loss": run.get("loss_curve"), "ffn_experts_per_token": run.get("ffn_curve")}
+    """A run's per-step curves (`experiments.summary.CURVES`); none for a missing twin."""
+    return (run or {}).get("curves") or {}
 
 
 def diagnose(run: dict, twin: dict | None, window: int = WINDOW) -> dict:

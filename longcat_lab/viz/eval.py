@@ -99,7 +99,7 @@ def sweep_curves_figure(summary: dict, curve: str = "loss") -> go.Figure:
     fig = go.Figure()
     for i, v in enumerate(variants):
         for seed, run in sorted(summary["runs"][v].items(), key=lambda kv: int(kv[0])):
-            ys = (run.get("curves") or {}).get(curve) or (run.get("loss_curve") if curve == "loss" else None)
+            ys = (run.get("curves") or {}).get(curve)
             if not ys:
                 continue
             odd = (v, str(seed)) in flagged
