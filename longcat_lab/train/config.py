@@ -1,7 +1,7 @@
 """How a model is trained: `StageConfig` (one stage of the multi-stage schedule), `TrainConfig` (everything else,
 with the nested `DataConfig`, `ControllerConfig` and `LossConfig`), `SFTConfig` (a TrainConfig plus the dialogues
-of a fine-tuning run), `default_stages`, `train_preset(name)` for "tiny", "mini", "ablation", "small" and "base", and
-the schedule itself (`stage_at`, `lr_at`, `every`). Plain data and arithmetic: nothing here touches a model.
+of a fine-tuning run), `default_stages` and `train_preset(name)` for "tiny", "mini", "ablation", "small" and "base".
+The schedule these stages describe is `train.schedule`. Plain data: nothing here touches a model.
 docs/design.md §3 explains the recipe these defaults follow.
 
 A field that a resume may change (it changes when or what is logged or saved, or how the run executes, not the
@@ -11,8 +11,6 @@ math) carries `metadata=FREE_ON_RESUME`; `resume_free_fields` lists them.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,33 +370,3 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     preset = dict(_PRESETS[name])
     cfg = TrainConfig(stages=default_stages(*preset.pop("stages")), **preset)
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
-
-
-# Schedule --------------------------------------------------------------------------------------------------------
-def stage_at(stages: Sequence[StageConfig], step: int) -> tuple[int, int]:
-    """(stage index, step within the stage) for the 0-based optimizer step `step`."""
-    start = 0
-    for i, s in enumerate(stages):
-        if step < start + s.steps:
-            return i, step - start
-        start += s.steps
-    return len(stages) - 1, stages[-1].steps - 1
-
-
-def every(n: int, step: int) -> bool:
-    """Whether the 1-based optimizer step `step` is one of an every-`n`-steps schedule (`n=0`: never)."""
-    return bool(n) and step % n == 0
-
-
-def lr_at(stages: Sequence[StageConfig], step: int) -> float:
-    """LR of the 0-based optimizer step `step`: within a stage, linear warmup from the previous stage's final LR
-    (0 before the first stage) to the stage's lr, then cosine down to end_lr_ratio * lr at the stage's last step."""
-    i, j = stage_at(stages, step)
-    s = stages[i]
-    prev_end = 0.0 if i == 0 else stages[i - 1].lr * stages[i - 1].end_lr_ratio
-    if j < s.warmup:
-        return prev_end + (s.lr - prev_end) * (j + 1) / s.warmup
-    span = s.steps - s.warmup - 1
-    progress = (j - s.warmup) / span if span > 0 else 1.0
-    end = s.lr * s.end_lr_ratio
-    return end + (s.lr - end) * 0.5 * (1.0 + math.cos(math.pi * progress))

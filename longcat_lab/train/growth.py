@@ -21,7 +21,8 @@ import torch
 from longcat_lab import checkpoint
 from longcat_lab._util import is_number
 from longcat_lab.model.model import LongCatLM
-from longcat_lab.train.config import TrainConfig, lr_at
+from longcat_lab.train.config import TrainConfig
+from longcat_lab.train.schedule import lr_at
 
 KINDS = ("embedding", "hidden", "unembedding")
 # Where torch has a fused AdamW kernel that `adamw` uses.

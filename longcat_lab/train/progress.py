@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from longcat_lab.model.model import LongCatLM
-from longcat_lab.train.config import StageConfig, lr_at
+from longcat_lab.train.config import StageConfig
+from longcat_lab.train.schedule import lr_at
 
 COUNTERS = ("skipped_total", "consecutive_skips", "sdc_mismatches", "tokens_seen")
 

@@ -41,7 +41,7 @@ from longcat_lab.data import MixtureSampler, load_dataset
 from longcat_lab.model.config import ModelConfig
 from longcat_lab.model.model import LongCatLM
 from longcat_lab.train import evaluation, growth, metrics, speed
-from longcat_lab.train.config import TrainConfig, every, lr_at, stage_at
+from longcat_lab.train.config import TrainConfig
 from longcat_lab.train.control import BiasController
 from longcat_lab.train.lock import RunLock, RunLockedError
 from longcat_lab.train.parallelism import Parallelism, SingleProcess
@@ -49,6 +49,7 @@ from longcat_lab.train.progress import Progress, RouterCounts
 from longcat_lab.train.results import TrainingError, TrainResult
 from longcat_lab.train.resume import config_diffs, newest_good_checkpoint, read_trainer_state
 from longcat_lab.train.runtime import check_positions, check_runtime, check_token_streams, run_trainer
+from longcat_lab.train.schedule import every, lr_at, stage_at
 from longcat_lab.train.step import StepResult, forward_backward, sdc_check, step_loss_keys
 from longcat_lab.train.telemetry import ProgressBar
 

@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from longcat_lab.data import check_mixture
-from longcat_lab.train.config import TrainConfig, lr_at
+from longcat_lab.train.config import TrainConfig
+from longcat_lab.train.schedule import lr_at
 from longcat_lab.viz.common import figure_bundle
 
 

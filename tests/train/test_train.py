@@ -32,9 +32,9 @@ from longcat_lab.train import (
     train,
     train_preset,
 )
-from longcat_lab.train.config import lr_at
 from longcat_lab.train.overrides import settable_fields
 from longcat_lab.train.runtime import check_token_streams
+from longcat_lab.train.schedule import lr_at
 from longcat_lab.train.step import StepResult
 from longcat_lab.train.trainer import Trainer
 
