@@ -27,8 +27,9 @@ from longcat_lab.synth.agents import ExpertSolver
 from longcat_lab.synth.env import Task
 
 # Tokens a constrained call under way may take past a reply's budget to reach its closing marker: a call is a few
-# dozen tokens, and one cut in half does not parse.
-CALL_ALLOWANCE = 128
+# dozen tokens, and one cut in half does not parse. A degenerate one writes a string to its bound
+# (`structured.MAX_STRING` characters, as many tokens at worst) and then closes.
+CALL_ALLOWANCE = 320
 
 
 class ContextFull(RuntimeError):

@@ -30,6 +30,23 @@ from longcat_lab.chat.template import END_OF_TURN, TOOL_CALL_CLOSE, TOOL_CALL_OP
 # The JSON exactly as `chat.tool_call_block` renders it (json.dumps' separators, no other whitespace): the form the
 # model was fine-tuned on, and no room for a model to spend its token budget on spaces.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Bounds that a call's values get where their tool's schema sets none, so that every constrained call ends within a
+# known length: a degenerate model otherwise writes one string (or integer) for ever and is cut off by its token
+# budget, which leaves a call that does not parse. The calculator's expression (at most 200 characters) is the
+# longest value our tools take.
+MAX_STRING = 256
+MAX_ITEMS = 32
+MAX_INTEGER = 10**15 - 1
+# Keys whose value is one schema, a list of schemas, or a {name: schema} mapping.
+_ONE, _LIST, _MAP = (
+    ("items", "additionalProperties", "not"),
+    ("anyOf", "oneOf", "allOf", "prefixItems"),
+    (
+        "properties",
+        "$defs",
+        "definitions",
+    ),
+)
 # Compiled grammars kept per decoder (the least recently used goes first): a server's clients choose the schemas.
 MAX_GRAMMARS = 64
 
@@ -61,14 +78,48 @@ def _names(tools: Sequence[dict[str, Any]]) -> list[str]:
     return [f["name"] for f in _functions(tools)]
 
 
+def bounded(schema: Any) -> Any:
+    """A copy of JSON schema `schema` in which every string, array and integer without a bound of its own gets one
+    (at most MAX_STRING characters, MAX_ITEMS items, |value| <= MAX_INTEGER), nested schemas included."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = bounded(out[key])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded(s) for s in out[key]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: bounded(s) for name, s in out[key].items()}
+    types = out.get("type")
+    kinds = set(types) if isinstance(types, list) else {types}
+    if "enum" in out or "const" in out:
+        return out
+    if "string" in kinds:
+        out.setdefault("maxLength", MAX_STRING)
+    if "array" in kinds:
+        out.setdefault("maxItems", MAX_ITEMS)
+    if "integer" in kinds:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -MAX_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = MAX_INTEGER
+    return out
+
+
 def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The JSON schema of one call to one of `tools`: an object whose first key `name` is a tool's name and whose
-    `arguments` satisfy that tool's `parameters` (default: any object)."""
+    `arguments` satisfy that tool's `parameters` (default: any object), `bounded` so that the call ends."""
     return {
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+                "properties": {
+                    "name": {"const": f["name"]},
+                    "arguments": bounded(f.get("parameters") or {"type": "object"}),
+                },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
@@ -238,6 +289,7 @@ __all__ = [
     "ReplyConstraint",
     "ToolCallConstraint",
     "ToolCallDecoder",
+    "bounded",
     "call_schema",
     "row_hook",
 ]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from longcat_lab.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_assistant
 from longcat_lab.data.tokenizer import train_tokenizer
 from longcat_lab.inference.generate import generate, stream
-from longcat_lab.inference.structured import ToolCallDecoder, call_schema
+from longcat_lab.inference.structured import MAX_INTEGER, MAX_ITEMS, MAX_STRING, ToolCallDecoder, bounded, call_schema
 from longcat_lab.inference.text import token_stream
 from longcat_lab.synth.agents import ENVIRONMENTS, ExpertSolver, TaskDesigner
 from longcat_lab.testing import random_model
@@ -127,6 +127,56 @@ def test_real_tool_schemas_give_a_valid_prefix_and_take_every_expert_call():
                     assert c.allowed()[t], (body, tok.decode([t]))
                     c.advance(t)
                 assert not c.in_call and c.error is None
+
+
+@pytest.mark.parametrize("favourite", ["}", "9"])
+def test_a_call_that_repeats_one_character_still_ends(favourite):
+    # The real tools' schemas bound no string or integer; a model that always picks `favourite` where the grammar
+    # lets it (a string character, a digit) once wrote `"order_id": "U40}}}}...` until its budget cut the call off.
+    # `bounded` ends every such value, so the call closes, parses and validates.
+    tok, d = tokenizer(), decoder()
+    (pick,) = tok.encode(favourite).ids
+    for domain in ("bank", "shop"):
+        tools = domain_tools(domain)
+        for tool in tools:
+            c = d.constraint(tools)
+            c.advance(d.open_id)
+            ids = []
+            prefix = tok.encode('\n{"name": "' + tool["function"]["name"] + '", "arguments": ').ids
+            for t in prefix:  # the call to this tool, then the adversary
+                c.advance(t)
+            ids += prefix
+            while c.in_call:
+                assert len(ids) < 2000, tok.decode(ids[-40:])
+                allowed = c.allowed()
+                t = pick if allowed[pick] else int(allowed.nonzero()[0, 0])
+                c.advance(t)
+                ids.append(t)
+            text = tok.decode(ids, skip_special_tokens=False)
+            parsed = parse_assistant(TOOL_CALL_OPEN + text, tools)
+            assert c.error is None and parsed.ok and len(parsed.tool_calls) == 1, (text, parsed.errors)
+            jsonschema.validate(parsed.tool_calls[0]["arguments"], tool["function"]["parameters"])
+
+
+def test_bounded_adds_bounds_only_where_a_schema_has_none():
+    schema = {
+        "type": "object",
+        "properties": {
+            "s": {"type": "string"},
+            "short": {"type": "string", "maxLength": 4},
+            "n": {"type": ["integer", "null"], "maximum": 7},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "kind": {"enum": ["a", "b"]},
+            "either": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+    }
+    out = bounded(schema)
+    p = out["properties"]
+    assert p["s"]["maxLength"] == MAX_STRING and p["short"]["maxLength"] == 4
+    assert p["n"]["maximum"] == 7 and p["n"]["minimum"] == -MAX_INTEGER
+    assert p["tags"]["maxItems"] == MAX_ITEMS and p["tags"]["items"]["maxLength"] == MAX_STRING
+    assert p["kind"] == {"enum": ["a", "b"]} and p["either"]["anyOf"][0]["maxLength"] == MAX_STRING
+    assert "maxLength" not in schema["properties"]["s"]  # a copy: the tool's own schema is unchanged
 
 
 def test_outside_a_call_the_tokens_are_the_unconstrained_ones():
