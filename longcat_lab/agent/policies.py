@@ -61,20 +61,21 @@ def generate_reply(
     `max_new_tokens`. The prompt and the reply share `window` positions (default: the model's
     max_position_embeddings); a longer prompt keeps its last tokens. `on_text` receives the text as it grows. A
     fresh `constraint` (`ToolCallDecoder.constraint(tools)`) decodes the reply's tool calls under their schemas, and
-    a call under way when `max_new_tokens` runs out may take up to CALL_ALLOWANCE more tokens to close (within the
-    window), so the budget does not cut a constrained call in half; no call starts past the budget. With
-    `whole_prompt` a prompt that would lose its start raises `ContextFull` instead (an agent's)."""
+    a call under way when `max_new_tokens` runs out may take up to CALL_ALLOWANCE more tokens to close, for which
+    the prompt keeps room in the window; no call starts past the budget. With `whole_prompt` a prompt that would
+    lose its start raises `ContextFull` instead (an agent's)."""
     window = window or model.config.max_position_embeddings
     check_int("window", window, 2)
     max_new_tokens = min(max_new_tokens, window // 2)
+    # The room a reply keeps: its budget and, under a constraint, the allowance to close a call, so that a call is
+    # never cut off by the window; the prompt keeps at least half the window.
+    allowance = min(CALL_ALLOWANCE, window // 2 - max_new_tokens) if constraint is not None else 0
+    room = max_new_tokens + allowance
     ids = prompt_ids(tokenizer, prompt)
-    if whole_prompt and len(ids) + max_new_tokens > window:
-        raise ContextFull(
-            f"the prompt and the reply need {len(ids) + max_new_tokens} positions; the window has {window}"
-        )
-    ids = ids[-(window - max_new_tokens) :]
+    if whole_prompt and len(ids) + room > window:
+        raise ContextFull(f"the prompt and the reply need {len(ids) + room} positions; the window has {window}")
+    ids = ids[-(window - room) :]
     close, reopen = tokenizer.token_to_id(TOOL_CALL_CLOSE), tokenizer.token_to_id(TOOL_CALL_OPEN)
-    allowance = min(CALL_ALLOWANCE, window - len(ids) - max_new_tokens) if constraint is not None else 0
 
     def ends(kept: list[int], token: int) -> bool:
         # Calls end a reply (the template puts only `</longcat_s>` after them), unless another call follows.

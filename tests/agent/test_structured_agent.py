@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from longcat_lab.agent import ModelAgent, generate_reply, play
+from longcat_lab.agent.policies import CALL_ALLOWANCE, ContextFull, prompt_ids
 from longcat_lab.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_assistant, render
 from longcat_lab.cli import main
 from longcat_lab.inference.structured import ToolCallDecoder
@@ -83,6 +84,24 @@ def test_the_token_budget_lets_a_constrained_call_close():
         assert reply.count(TOOL_CALL_OPEN) == reply.count(TOOL_CALL_CLOSE) and parsed.ok, reply
         closed += len(parsed.tool_calls)
     assert closed >= 2  # every call here is longer than the budget of 8 tokens
+
+
+def test_the_window_keeps_room_for_a_call_to_close():
+    """A prompt that leaves room for the budget but not for closing a call: an agent (whole prompt) stops as context
+    full under a constraint and goes on without one; a chat keeps fewer of the prompt's tokens instead."""
+    model, tok = caller(), tokenizer()
+    decoder = ToolCallDecoder(tok, model.config.vocab_size)
+    prompt = render(MESSAGES, TOOLS)
+    n = len(prompt_ids(tok, prompt))
+    window = n + 8 + CALL_ALLOWANCE  # room for the prompt, the budget of 8 tokens and the allowance
+    free = generate_reply(model, tok, prompt, 8, window=n + 8, whole_prompt=True)  # room for the budget alone
+    assert isinstance(free, str)
+    with pytest.raises(ContextFull, match="positions; the window has"):
+        generate_reply(model, tok, prompt, 8, window=n + 8, whole_prompt=True, constraint=decoder.constraint(TOOLS))
+    reply = generate_reply(
+        model, tok, prompt, 8, window=window, whole_prompt=True, constraint=decoder.constraint(TOOLS)
+    )
+    assert reply.count(TOOL_CALL_OPEN) == reply.count(TOOL_CALL_CLOSE) and parse_assistant(reply, TOOLS).ok, reply
 
 
 def test_switched_off_a_reply_is_the_unconstrained_one():
