@@ -139,6 +139,11 @@ class ToolCallConstraint:
         self.matcher = grammar.matcher
         self.in_call = False
         self.error: str | None = None
+        # Tokens advanced so far, and the count past which a call under way closes the shortest way (`mask`); the
+        # agent sets it to its reply's budget (`agent.generate_reply`), None never closes early.
+        self.tokens = 0
+        self.close_after: int | None = None
+        self._in_string = self._escaped = False  # where the call's JSON text stands
 
     def allowed(self) -> torch.Tensor:
         """The tokens the grammar allows next, as a bool tensor [vocab] (all of them outside a call)."""
@@ -147,24 +152,50 @@ class ToolCallConstraint:
         return _allowed(self.matcher, self.grammar.vocab_size)
 
     def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
-        """`logits_V` itself outside a call; inside one, a copy with -inf at every token the grammar forbids."""
+        """`logits_V` itself outside a call; inside one, a copy with -inf at every token the grammar forbids (past
+        `close_after`, at every token but the `closing` one)."""
         if not self.in_call:
             return logits_V
-        return torch.where(self.allowed().to(logits_V.device), logits_V, float("-inf"))
+        allowed = self.allowed()
+        if self.close_after is not None and self.tokens >= self.close_after:
+            allowed = self.closing(allowed)
+        return torch.where(allowed.to(logits_V.device), logits_V, float("-inf"))
+
+    def closing(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The shortest way out of a call: only the first closing token the grammar allows (inside a string its
+        closing quote; outside one the closing marker, the newline before it, `}`, `]`, `,`, then `"`, which starts
+        a required key or an empty string), or the grammar's own mask where none is allowed (a key's name, an enum,
+        a digit). A call then ends in a few tokens: a string closes at once, each required key still missing gets
+        the shortest value. `bounded` makes it end in any case."""
+        for token in self.grammar.closers[self._in_string]:
+            if allowed[token]:
+                only = torch.zeros_like(allowed)
+                only[token] = True
+                return only
+        return allowed
 
     def advance(self, token: int) -> None:
         """Move past the sampled `token`."""
+        self.tokens += 1
         if not self.in_call:
             if token == self.grammar.open_id:
                 # A fresh copy of the compiled matcher per call (microseconds): `reset` keeps an error state.
                 self.matcher = self.grammar.matcher.deep_copy()
                 self.in_call = True
+                self._in_string = self._escaped = False
             return
         if not self.matcher.consume_token(token):
             self.error = self.matcher.get_error()
             self.in_call = False
         elif self.matcher.is_stopped():
             self.in_call = False
+        for ch in self.grammar.texts[token]:  # a quote not escaped opens or closes a JSON string
+            if self._escaped:
+                self._escaped = False
+            elif ch == "\\" and self._in_string:
+                self._escaped = True
+            elif ch == '"':
+                self._in_string = not self._in_string
 
 
 class ReplyConstraint:
@@ -210,8 +241,15 @@ class _CallGrammar:
     """The compiled call grammar for one set of tools: the open marker's newline, the call's JSON, a newline and the
     closing marker token (the layout `chat.tool_call_block` renders)."""
 
-    def __init__(self, guidance, vocab_size: int, open_id: int, close_id: int, tools: Sequence[dict[str, Any]]):
-        self.vocab_size, self.open_id = vocab_size, open_id
+    def __init__(self, decoder: ToolCallDecoder, tools: Sequence[dict[str, Any]]):
+        guidance, vocab_size, close_id = decoder.guidance, decoder.vocab_size, decoder.close_id
+        self.vocab_size, self.open_id, self.texts = vocab_size, decoder.open_id, decoder.texts
+        # The closing tokens by preference, inside a JSON string (True) and outside one (`ToolCallConstraint.closing`).
+        ids = {ch: decoder.texts.index(ch) for ch in '"}],\n' if ch in decoder.texts}
+        self.closers = {
+            True: [ids[c] for c in '"' if c in ids],
+            False: [close_id] + [ids[c] for c in '\n}],"' if c in ids],
+        }
         lark = f'start: "\\n" call "\\n" <[{close_id}]>\ncall: %json {json.dumps(call_schema(tools))}\n'
         self.matcher = llguidance.LLMatcher(guidance, lark, log_level=0)
         if self.matcher.is_error():
@@ -237,6 +275,10 @@ class ToolCallDecoder:
         self.open_id, self.close_id = ids[TOOL_CALL_OPEN], ids[TOOL_CALL_CLOSE]
         self.end_id = ids[END_OF_TURN]
         self.guidance = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size, eos_token=self.end_id)
+        # Each token's text, for where a call's JSON stands (ids past the tokenizer's are never allowed in a call).
+        self.texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(size)] + [""] * (
+            vocab_size - size
+        )
         self._grammars: OrderedDict[str, Any] = OrderedDict()
 
     def _compiled(self, key: str, build: Callable[[], Any]) -> Any:
@@ -250,7 +292,7 @@ class ToolCallDecoder:
 
     def constraint(self, tools: Sequence[dict[str, Any]]) -> ToolCallConstraint:
         key = json.dumps(["call", tools], sort_keys=True, default=str)
-        build = lambda: _CallGrammar(self.guidance, self.vocab_size, self.open_id, self.close_id, tools)  # noqa: E731
+        build = lambda: _CallGrammar(self, tools)  # noqa: E731
         return ToolCallConstraint(self._compiled(key, build))
 
     def reply_constraint(

@@ -158,6 +158,36 @@ def test_a_call_that_repeats_one_character_still_ends(favourite):
             jsonschema.validate(parsed.tool_calls[0]["arguments"], tool["function"]["parameters"])
 
 
+def test_past_close_after_a_call_closes_the_shortest_way():
+    # An agent's reply budget runs out in the middle of a call, in a string or between keys: from there the call
+    # takes the shortest way out (a string closes at once, a required key still missing gets its shortest value),
+    # whatever the model prefers (random logits here), and parses and validates.
+    tok, d = tokenizer(), decoder()
+    g = torch.Generator().manual_seed(0)
+    for domain in ("bank", "shop"):
+        tools = domain_tools(domain)
+        for tool in tools:
+            f = tool["function"]
+            first = next(iter(f["parameters"]["properties"]))
+            for cut in ('", "arguments": {', f'", "arguments": {{"{first}": "U4', f'", "arguments": {{"{first}'):
+                c = d.constraint(tools)
+                c.advance(d.open_id)
+                prefix = tok.encode('\n{"name": "' + f["name"] + cut).ids
+                if not all(c.allowed()[t] and (c.advance(t) or True) for t in prefix):
+                    continue  # this cut is not a prefix of a valid call to this tool (an integer first argument)
+                c.close_after = c.tokens
+                ids = list(prefix)
+                while c.in_call:
+                    assert len(ids) - len(prefix) <= 40, tok.decode(ids)
+                    t = int(c.mask(torch.randn(512, generator=g)).argmax())
+                    c.advance(t)
+                    ids.append(t)
+                text = tok.decode(ids, skip_special_tokens=False)
+                parsed = parse_assistant(TOOL_CALL_OPEN + text, tools)
+                assert c.error is None and parsed.ok and len(parsed.tool_calls) == 1, (text, parsed.errors)
+                jsonschema.validate(parsed.tool_calls[0]["arguments"], f["parameters"])
+
+
 def test_bounded_adds_bounds_only_where_a_schema_has_none():
     schema = {
         "type": "object",
