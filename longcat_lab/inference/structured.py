@@ -6,7 +6,9 @@ engines do with a grammar library; everywhere else its logits are untouched.
 `tokenizer.json` and, token by token, gives the set of tokens that keep the text a prefix of the grammar. A
 `ToolCallDecoder` holds the tokenizer and one compiled grammar per set of offered tools; each sequence being decoded
 gets its own `ToolCallConstraint` (`decoder.constraint(tools)`), which the decoding loop calls twice per token:
-`mask(logits_V)` before sampling and `advance(token)` after (`inference.generate.stream`'s `constraints`).
+`mask(logits_V)` before sampling and `advance(token)` after (`inference.generate.stream`'s `constraints`). Every
+call ends: the tools' schemas are `bounded` (strings, arrays and integers get a length where they have none), and
+past `close_after` tokens a call under way takes the shortest way to its closing marker (`closing`).
 
 Structured outputs (the server's `response_format` and `tool_choice`, docs/design.md §7.2) constrain a whole reply
 instead: `decoder.reply_constraint(schema, tools)` gives a `ReplyConstraint` whose grammar holds from the first token,
@@ -38,15 +40,9 @@ MAX_STRING = 256
 MAX_ITEMS = 32
 MAX_INTEGER = 10**15 - 1
 # Keys whose value is one schema, a list of schemas, or a {name: schema} mapping.
-_ONE, _LIST, _MAP = (
-    ("items", "additionalProperties", "not"),
-    ("anyOf", "oneOf", "allOf", "prefixItems"),
-    (
-        "properties",
-        "$defs",
-        "definitions",
-    ),
-)
+_ONE = ("items", "additionalProperties", "not")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+_MAP = ("properties", "$defs", "definitions")
 # Compiled grammars kept per decoder (the least recently used goes first): a server's clients choose the schemas.
 MAX_GRAMMARS = 64
 
