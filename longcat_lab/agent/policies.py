@@ -28,7 +28,7 @@ from longcat_lab.synth.env import Task
 
 # Tokens a constrained call under way may take past a reply's budget to reach its closing marker, which it takes the
 # shortest way (a string closes at once, each required key still missing gets its shortest value): a call cut in
-# half does not parse. Every call to our tools closes so within 40 tokens from any point (tests/inference).
+# half does not parse. Every call to our tools closes so within 40 tokens where tests/inference cuts it off.
 CALL_ALLOWANCE = 64
 
 
