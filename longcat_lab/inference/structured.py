@@ -239,13 +239,8 @@ class _CallGrammar:
 
     def __init__(self, decoder: ToolCallDecoder, tools: Sequence[dict[str, Any]]):
         guidance, vocab_size, close_id = decoder.guidance, decoder.vocab_size, decoder.close_id
-        self.vocab_size, self.open_id, self.texts = vocab_size, decoder.open_id, decoder.texts
-        # The closing tokens by preference, inside a JSON string (True) and outside one (`ToolCallConstraint.closing`).
-        ids = {ch: decoder.texts.index(ch) for ch in '"}],\n' if ch in decoder.texts}
-        self.closers = {
-            True: [ids[c] for c in '"' if c in ids],
-            False: [close_id] + [ids[c] for c in '\n}],"' if c in ids],
-        }
+        self.vocab_size, self.open_id = vocab_size, decoder.open_id
+        self.texts, self.closers = decoder.texts, decoder.closers
         lark = f'start: "\\n" call "\\n" <[{close_id}]>\ncall: %json {json.dumps(call_schema(tools))}\n'
         self.matcher = llguidance.LLMatcher(guidance, lark, log_level=0)
         if self.matcher.is_error():
@@ -275,6 +270,12 @@ class ToolCallDecoder:
         self.texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(size)] + [""] * (
             vocab_size - size
         )
+        # The closing tokens by preference, inside a JSON string (True) and outside one (`ToolCallConstraint.closing`).
+        ids = {ch: self.texts.index(ch) for ch in '"}],\n' if ch in self.texts}
+        self.closers = {
+            True: [ids[c] for c in '"' if c in ids],
+            False: [self.close_id] + [ids[c] for c in '\n}],"' if c in ids],
+        }
         self._grammars: OrderedDict[str, Any] = OrderedDict()
 
     def _compiled(self, key: str, build: Callable[[], Any]) -> Any:
